@@ -1,0 +1,1 @@
+"""Applications built on guidekit: the command line, the Gradio demo, batch generation, benchmarks."""

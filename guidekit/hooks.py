@@ -1,0 +1,308 @@
+"""The sampler-hook interface every guidekit method plugs into.
+
+A guided call runs this loop (the pipeline files keep it visible)::
+
+    hooks.begin(state)
+    latents = hooks.init_latents(state, latents)
+    for each step:
+        state.update(...)            # step index, timestep, model input, alphas/sigmas
+        hooks.step_begin(state)
+        model forward(s)             # uncond/cond batches as the guidance slot asks
+        pred = hooks.guide(state, pred_cond, pred_uncond)   # exactly one guidance hook
+        pred = hooks.correct(state, pred)                   # corrections, in the order given
+        latents = scheduler.step(pred, ...)
+        hooks.step_end(state)
+    hooks.end(state)                 # always, also when the call raises
+
+`SamplerState` carries what hooks need and converts between the eps, v and x0 parameterisations of
+the schedulers people use with Stable Diffusion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "SamplerHook",
+    "SamplerState",
+    "HookChain",
+    "HookConflictError",
+    "SUPPORTED_SCHEDULERS",
+]
+
+
+class HookConflictError(ValueError):
+    """Two hooks that cannot run in the same call."""
+
+
+# Schedulers whose alphas/sigmas SamplerState knows how to read.
+# "vp": x_t = alpha_t x0 + sigma_t eps with alpha_t^2 = alphas_cumprod[t] (model input = latents).
+# "ve": latents = x0 + s eps, model input = latents / sqrt(s^2 + 1) (Karras-style sigma schedulers).
+# "dpm": latents = alpha_t x0 + sigma_t eps with alpha_t, sigma_t from scheduler.sigmas[step].
+SUPPORTED_SCHEDULERS = {
+    "DDIMScheduler": "vp",
+    "PNDMScheduler": "vp",
+    "DDPMScheduler": "vp",
+    "EulerDiscreteScheduler": "ve",
+    "EulerAncestralDiscreteScheduler": "ve",
+    "LMSDiscreteScheduler": "ve",
+    "DPMSolverMultistepScheduler": "dpm",
+}
+
+
+def scheduler_family(scheduler: Any) -> Optional[str]:
+    """How a scheduler parameterises x_t, or None when guidekit cannot read it."""
+    return SUPPORTED_SCHEDULERS.get(type(scheduler).__name__)
+
+
+@dataclass
+class SamplerState:
+    """What every hook sees at one point of one sampling call.
+
+    Args:
+        num_steps (`int`): number of denoising steps of this call.
+        scheduler: the pipeline's scheduler (after `set_timesteps`).
+        prediction_type (`str`): the model's output: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        guidance_scale (`float`): the resolved guidance scale of the call.
+        generator: the call's generator (or list of generators), for hooks that draw noise.
+        step_index (`int`): index of the current step, 0-based; -1 before the loop.
+        timestep: the current timestep.
+        latents (`torch.Tensor`): the scheduler's current sample.
+        model_input (`torch.Tensor`): what the model saw for this step (scaled by the scheduler).
+        extras (`dict`): free room for hooks that need to share per-call data (e.g. the pipeline).
+    """
+
+    num_steps: int
+    scheduler: Any
+    prediction_type: str = "epsilon"
+    guidance_scale: float = 7.5
+    generator: Any = None
+    step_index: int = -1
+    timestep: Any = None
+    latents: Optional[torch.Tensor] = None
+    model_input: Optional[torch.Tensor] = None
+    extras: dict = field(default_factory=dict)
+
+    def update(self, step_index: int, timestep: Any, latents: torch.Tensor, model_input: torch.Tensor) -> None:
+        self.step_index = step_index
+        self.timestep = timestep
+        self.latents = latents
+        self.model_input = model_input
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the steps already done before the current one, in [0, 1)."""
+        return self.step_index / max(self.num_steps, 1)
+
+    # ------------------------------------------------------------------ alphas and sigmas
+
+    def alpha_sigma(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) in float64 such that model_input = alpha_t x0 + sigma_t eps.
+
+        For sigma schedulers (Euler, LMS) the model input is the scaled latents, so the VP form holds
+        for it with alpha = 1/sqrt(s^2+1) and sigma = s/sqrt(s^2+1).
+        """
+        family = scheduler_family(self.scheduler)
+        if family is None:
+            raise ValueError(
+                f"scheduler: {type(self.scheduler).__name__} is not supported for x0 conversions; "
+                f"accepted: {', '.join(sorted(SUPPORTED_SCHEDULERS))} (or use space='model')"
+            )
+        if family == "vp":
+            t = int(self.timestep)
+            alpha_bar = self.scheduler.alphas_cumprod[t].to(torch.float64)
+            return alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
+        s = self._current_sigma()
+        alpha = 1.0 / torch.sqrt(s * s + 1.0)
+        return alpha, s * alpha
+
+    def _current_sigma(self) -> torch.Tensor:
+        sched = self.scheduler
+        index = getattr(sched, "step_index", None)
+        if index is None:
+            index = sched.index_for_timestep(self.timestep) if hasattr(sched, "index_for_timestep") else self.step_index
+        return sched.sigmas[index].to(torch.float64)
+
+    # ------------------------------------------------------------------ conversions
+
+    def to_x0(self, pred: torch.Tensor, model_input: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Model prediction (eps, v or x0) -> predicted clean sample, in float64."""
+        x = (self.model_input if model_input is None else model_input).to(torch.float64)
+        pred = pred.to(torch.float64)
+        alpha, sigma = (v.to(x.device) for v in self.alpha_sigma())
+        if self.prediction_type == "epsilon":
+            return (x - sigma * pred) / alpha
+        if self.prediction_type == "v_prediction":
+            return alpha * x - sigma * pred
+        if self.prediction_type == "sample":
+            return pred
+        raise ValueError(
+            f"prediction_type: {self.prediction_type!r} is not supported; accepted: 'epsilon', 'v_prediction', 'sample'"
+        )
+
+    def from_x0(self, x0: torch.Tensor, model_input: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Predicted clean sample -> the model's prediction type, in float64 (inverse of `to_x0`)."""
+        x = (self.model_input if model_input is None else model_input).to(torch.float64)
+        x0 = x0.to(torch.float64)
+        alpha, sigma = (v.to(x.device) for v in self.alpha_sigma())
+        if self.prediction_type == "epsilon":
+            return (x - alpha * x0) / sigma
+        if self.prediction_type == "v_prediction":
+            return (alpha * x - x0) / sigma
+        if self.prediction_type == "sample":
+            return x0
+        raise ValueError(
+            f"prediction_type: {self.prediction_type!r} is not supported; accepted: 'epsilon', 'v_prediction', 'sample'"
+        )
+
+
+class SamplerHook:
+    """Base class of every guidekit hook; every point is a no-op by default.
+
+    Subclasses that fill the guidance slot set ``slot = "guidance"`` and implement `guide`.
+    A hook that keeps state across steps resets it in `begin`, which runs at the start of every call.
+    """
+
+    #: ``"guidance"`` for hooks that combine the conditional and unconditional predictions.
+    slot: Optional[str] = None
+    #: Attention layers (names) whose processors this hook replaces; two hooks may not share one.
+    attention_layers: Optional[frozenset] = None
+
+    def validate(self, state: SamplerState) -> None:
+        """Raise a ValueError when this hook cannot run with this pipeline/scheduler."""
+
+    def begin(self, state: SamplerState) -> None:
+        pass
+
+    def init_latents(self, state: SamplerState, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def step_begin(self, state: SamplerState) -> None:
+        pass
+
+    def needs_uncond(self, state: SamplerState) -> bool:
+        """Guidance hooks: whether this step needs the unconditional prediction."""
+        return False
+
+    def guide(self, state: SamplerState, pred_cond: torch.Tensor, pred_uncond: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def correct(self, state: SamplerState, pred: torch.Tensor) -> torch.Tensor:
+        return pred
+
+    def step_end(self, state: SamplerState) -> None:
+        pass
+
+    def end(self, state: SamplerState) -> None:
+        pass
+
+    # The guidance scale this hook asks for, or None to take the call's.
+    guidance_scale: Optional[float] = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class HookChain:
+    """An ordered, checked set of hooks for one call: one guidance hook plus the others in order.
+
+    Args:
+        hooks: the user's hooks, in the order they should run.
+        default_guidance: the guidance hook used when `hooks` has none (CFG).
+    """
+
+    def __init__(self, hooks: Iterable[SamplerHook], default_guidance: SamplerHook):
+        hooks = list(hooks)
+        for hook in hooks:
+            if not isinstance(hook, SamplerHook):
+                raise ValueError(
+                    f"hooks: {hook!r} is not a guidekit SamplerHook; accepted: instances such as guidekit.CFG(), guidekit.APG()"
+                )
+        guidance = [h for h in hooks if h.slot == "guidance"]
+        if len(guidance) > 1:
+            raise HookConflictError(
+                f"hooks: {guidance[0]!r} and {guidance[1]!r} both fill the guidance slot; pass exactly one guidance hook"
+            )
+        for i, a in enumerate(hooks):
+            for b in hooks[i + 1 :]:
+                if a is b:
+                    raise HookConflictError(f"hooks: {a!r} is passed twice; pass each hook once")
+                if a.attention_layers and b.attention_layers and a.attention_layers & b.attention_layers:
+                    shared = sorted(a.attention_layers & b.attention_layers)
+                    raise HookConflictError(
+                        f"hooks: {a!r} and {b!r} both replace the attention processors of {shared[:3]}"
+                        f"{' ...' if len(shared) > 3 else ''}; give them disjoint layers"
+                    )
+        self.guidance: SamplerHook = guidance[0] if guidance else default_guidance
+        self.others: list[SamplerHook] = [h for h in hooks if h.slot != "guidance"]
+        self.all: list[SamplerHook] = [self.guidance] + self.others
+
+    def validate(self, state: SamplerState) -> None:
+        for hook in self.all:
+            hook.validate(state)
+
+    def begin(self, state: SamplerState) -> None:
+        for hook in self.all:
+            hook.begin(state)
+
+    def init_latents(self, state: SamplerState, latents: torch.Tensor) -> torch.Tensor:
+        for hook in self.all:
+            latents = hook.init_latents(state, latents)
+        return latents
+
+    def step_begin(self, state: SamplerState) -> None:
+        for hook in self.all:
+            hook.step_begin(state)
+
+    def needs_uncond(self, state: SamplerState) -> bool:
+        return self.guidance.needs_uncond(state)
+
+    def guide(self, state: SamplerState, pred_cond: torch.Tensor, pred_uncond: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.guidance.guide(state, pred_cond, pred_uncond)
+
+    def correct(self, state: SamplerState, pred: torch.Tensor) -> torch.Tensor:
+        for hook in self.others:
+            pred = hook.correct(state, pred)
+        return pred
+
+    def step_end(self, state: SamplerState) -> None:
+        for hook in self.all:
+            hook.step_end(state)
+
+    def end(self, state: SamplerState) -> None:
+        """Run every hook's `end`, even if one of them raises (restores what `begin` installed)."""
+        error: Optional[BaseException] = None
+        for hook in reversed(self.all):
+            try:
+                hook.end(state)
+            except BaseException as exc:  # keep tearing down the others, re-raise the first
+                error = error or exc
+        if error is not None:
+            raise error
+
+
+def resolve_guidance_scale(call_scale: Optional[float], hooks: Sequence[SamplerHook], default: float = 7.5) -> float:
+    """The call's guidance scale: the call's, else the guidance hook's, else `default`.
+
+    A guidance hook whose own scale contradicts an explicitly passed call scale is an error.
+    """
+    hook_scales = [(h, h.guidance_scale) for h in hooks if h.slot == "guidance" and h.guidance_scale is not None]
+    if call_scale is not None:
+        call_scale = float(call_scale)
+        for hook, scale in hook_scales:
+            if float(scale) != call_scale:
+                raise ValueError(
+                    f"guidance_scale: the call passes {call_scale} but {hook!r} was built with guidance_scale={scale}; "
+                    "pass the scale in one place (or the same value in both)"
+                )
+        scale = call_scale
+    elif hook_scales:
+        scale = float(hook_scales[0][1])
+    else:
+        scale = float(default)
+    if not scale >= 0 or scale != scale or scale == float("inf"):
+        raise ValueError(f"guidance_scale: {scale} is not accepted; accepted: a finite number >= 0 (1 disables guidance)")
+    return scale

@@ -1,0 +1,23 @@
+"""Tiny random diffusers components, built offline, for tests, examples and benchmarks.
+
+Every builder saves the components with `save_pretrained` and loads them back with `from_pretrained`,
+so the code path users hit with real checkpoints is the one exercised.
+"""
+
+from .tiny import (
+    make_tiny_sd,
+    make_tiny_sdxl,
+    make_mid_unet,
+    tiny_sd_pipeline,
+    tiny_sdxl_pipeline,
+)
+from .tokenizer import build_clip_tokenizer
+
+__all__ = [
+    "build_clip_tokenizer",
+    "make_tiny_sd",
+    "make_tiny_sdxl",
+    "make_mid_unet",
+    "tiny_sd_pipeline",
+    "tiny_sdxl_pipeline",
+]
