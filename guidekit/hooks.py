@@ -67,6 +67,7 @@ class SamplerState:
         scheduler: the pipeline's scheduler (after `set_timesteps`).
         prediction_type (`str`): the model's output: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
         guidance_scale (`float`): the resolved guidance scale of the call.
+        guidance_rescale (`float`): the call's `guidance_rescale` (CFG rescale φ).
         generator: the call's generator (or list of generators), for hooks that draw noise.
         step_index (`int`): index of the current step, 0-based; -1 before the loop.
         timestep: the current timestep.
@@ -79,6 +80,7 @@ class SamplerState:
     scheduler: Any
     prediction_type: str = "epsilon"
     guidance_scale: float = 7.5
+    guidance_rescale: float = 0.0
     generator: Any = None
     step_index: int = -1
     timestep: Any = None
@@ -86,7 +88,7 @@ class SamplerState:
     model_input: Optional[torch.Tensor] = None
     extras: dict = field(default_factory=dict)
 
-    def update(self, step_index: int, timestep: Any, latents: torch.Tensor, model_input: torch.Tensor) -> None:
+    def update(self, step_index: int, timestep: Any, latents: torch.Tensor, model_input: Optional[torch.Tensor]) -> None:
         self.step_index = step_index
         self.timestep = timestep
         self.latents = latents

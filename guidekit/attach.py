@@ -1,0 +1,40 @@
+"""`attach`: a hooked copy of a stock diffusers pipeline, sharing its components."""
+
+from __future__ import annotations
+
+from .hooks import HookChain, SamplerHook
+from .guidance.cfg import CFG
+
+
+def _hooked_classes():
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from guidekit.pipelines import GuidedStableDiffusionPipeline, GuidedStableDiffusionXLPipeline
+
+    # Most specific first: a hooked pipeline is also an instance of its stock parent.
+    return [
+        (GuidedStableDiffusionXLPipeline, GuidedStableDiffusionXLPipeline),
+        (GuidedStableDiffusionPipeline, GuidedStableDiffusionPipeline),
+        (StableDiffusionXLPipeline, GuidedStableDiffusionXLPipeline),
+        (StableDiffusionPipeline, GuidedStableDiffusionPipeline),
+    ]
+
+
+def attach(pipe, *hooks: SamplerHook):
+    """Return a pipeline that runs `hooks` on every call, built from `pipe` without changing it.
+
+    The new pipeline shares `pipe`'s components (no copy of the weights), as diffusers' `from_pipe` does;
+    `pipe` itself keeps its class and its behaviour. A call may still pass `hooks=[...]` to override.
+
+    Example:
+        >>> pipe = StableDiffusionPipeline.from_pretrained(model_id)
+        >>> apg_pipe = guidekit.attach(pipe, guidekit.APG())
+    """
+    HookChain(hooks, default_guidance=CFG())  # check the combination now, not at the first call
+    for stock, hooked in _hooked_classes():
+        if isinstance(pipe, stock):
+            new = hooked.from_pipe(pipe)
+            new.attached_hooks = tuple(hooks)
+            return new
+    accepted = ", ".join(sorted({s.__name__ for s, _ in _hooked_classes()}))
+    raise ValueError(f"pipe: {type(pipe).__name__} is not supported by attach; accepted: {accepted} (and subclasses)")

@@ -1,0 +1,78 @@
+"""Adaptive projected guidance (Sadat, Hilliges, Weber, ICLR 2025, arXiv 2410.02416): the math core.
+
+Plain functions on tensors, no diffusers import, so any host (diffusers pipelines, a diffusers guider,
+a ComfyUI node) can reuse them and tests can check them against Algorithm 1 on fixed tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["project", "apg_step", "math_dtype"]
+
+
+def math_dtype(device: torch.device) -> torch.dtype:
+    """float64 where the device has it (the projection loses precision in half types); float32 on MPS."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    """L2 norm per sample over all non-batch dims, keeping dims for broadcasting."""
+    return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
+
+
+def project(v: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split `v` into the parts parallel and orthogonal to `onto`, per sample (Algorithm 1, `project`).
+
+    A zero `onto` has no direction: then the parallel part is zero and `v` is all orthogonal.
+    """
+    norm = _norm(onto)
+    unit = torch.where(norm > 0, onto / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(onto))
+    parallel = (v * unit).flatten(1).sum(dim=1).view_as(norm) * unit
+    return parallel, v - parallel
+
+
+def apg_step(
+    pred_cond: torch.Tensor,
+    pred_uncond: torch.Tensor,
+    guidance_scale: float,
+    eta: float = 0.0,
+    norm_threshold: Optional[float] = 15.0,
+    momentum: float = -0.5,
+    running: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One step of Algorithm 1 of the APG paper, in the paper's convention.
+
+    Δ = P_c − P_u; with momentum β ≠ 0: m ← Δ + β·m, Δ ← m; rescale Δ to norm at most r;
+    split Δ into Δ∥ + Δ⊥ along P_c; u = Δ⊥ + η·Δ∥; return P_c + (w − 1)·u.
+
+    Args:
+        pred_cond (`torch.Tensor`): conditional prediction P_c, shape (B, ...).
+        pred_uncond (`torch.Tensor`): unconditional prediction P_u, same shape.
+        guidance_scale (`float`): w; 1 returns P_c.
+        eta (`float`, defaults to `0.0`): weight η of the component of Δ parallel to P_c.
+        norm_threshold (`float` or `None`, defaults to `15.0`): radius r; `None` turns rescaling off.
+        momentum (`float`, defaults to `-0.5`): β of the reverse momentum; 0 turns it off.
+        running (`torch.Tensor`, *optional*): the running average m from the previous step (None at the first).
+
+    Returns:
+        The guided prediction (dtype of `pred_cond`) and the new running average (None without momentum).
+    """
+    dtype = math_dtype(pred_cond.device)
+    cond = pred_cond.to(dtype)
+    delta = cond - pred_uncond.to(dtype)
+    if momentum != 0:
+        running = delta if running is None else delta + momentum * running.to(dtype)
+        delta = running
+    else:
+        running = None
+    if norm_threshold is not None:
+        norm = _norm(delta)
+        factor = torch.clamp(norm_threshold / torch.clamp(norm, min=torch.finfo(dtype).tiny), max=1.0)
+        delta = delta * factor
+    parallel, orthogonal = project(delta, cond)
+    update = orthogonal + eta * parallel
+    guided = cond + (guidance_scale - 1.0) * update
+    return guided.to(pred_cond.dtype), running

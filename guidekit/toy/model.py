@@ -1,0 +1,99 @@
+"""Architecture of the embedded toy text-to-image model (a standard StableDiffusionPipeline layout)."""
+
+from __future__ import annotations
+
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ..testing.tokenizer import DEFAULT_WORDS, build_clip_tokenizer
+from .world import COLOURS, SHAPES, TEXTURES
+
+__all__ = [
+    "TOKENIZER_WORDS",
+    "MAX_LENGTH",
+    "SCHEDULER_KWARGS",
+    "build_tokenizer",
+    "build_vae",
+    "build_text_encoder",
+    "build_unet",
+    "build_train_scheduler",
+    "build_scheduler",
+]
+
+#: Every word of the caption grammar is a single token; other words are spelled out in pieces.
+TOKENIZER_WORDS = tuple(dict.fromkeys(tuple(DEFAULT_WORDS) + COLOURS + SHAPES + TEXTURES + ("a", "on", "background")))
+MAX_LENGTH = 32  # captions are 9-10 tokens with <bos>/<eos>; free text is truncated here
+
+#: The noise schedule: SD's scaled-linear betas rescaled to zero terminal SNR, v-prediction.
+SCHEDULER_KWARGS = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="v_prediction",
+    rescale_betas_zero_snr=True,
+    timestep_spacing="trailing",
+    clip_sample=False,
+)
+
+
+def build_tokenizer():
+    return build_clip_tokenizer(TOKENIZER_WORDS, model_max_length=MAX_LENGTH)
+
+
+def build_vae() -> AutoencoderKL:
+    """x4 downsampling (three blocks), 4 latent channels: 64x64x3 -> 16x16x4."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=64,
+        mid_block_add_attention=False,
+    )
+
+
+def build_text_encoder(tokenizer) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=64,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet() -> UNet2DConditionModel:
+    """A small UNet on 16x16x4 latents with cross-attention (attn2) at 16x16 and 8x8."""
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=32,
+        norm_num_groups=16,
+        transformer_layers_per_block=1,
+    )
+
+
+def build_train_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(**SCHEDULER_KWARGS)
+
+
+def build_scheduler() -> DDIMScheduler:
+    """The sampling scheduler shipped with the pipeline."""
+    return DDIMScheduler(**SCHEDULER_KWARGS, set_alpha_to_one=True, steps_offset=0)
