@@ -182,6 +182,14 @@ def ddim_invert(
     """
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type: {prediction_type!r} is not supported; accepted: {', '.join(PREDICTION_TYPES)}")
+    for i, t in enumerate(levels.timesteps):
+        a, _ = ddim_step_coefficients(levels.alpha_bar[i], levels.alpha_bar_prev[i], prediction_type)
+        if not torch.isfinite(a) or a == 0:
+            raise ValueError(
+                f"prediction_type: the DDIM step at timestep {t} maps every sample to the same output with "
+                f"prediction_type={prediction_type!r} (ᾱ_prev={float(levels.alpha_bar_prev[i]):.6g}), so it cannot "
+                "be inverted; accepted: a schedule with set_alpha_to_one=False or an epsilon / v_prediction model"
+            )
     x = latents
     trajectory = [x]
     for i in reversed(range(len(levels.timesteps))):

@@ -1,0 +1,125 @@
+"""Exact DDIM inversion: checked against diffusers' own DDIMScheduler.step and the DDIM equations."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from guidekit.inversion import ddim_invert, ddim_levels, ddim_step, predicted_x0
+
+torch.set_num_threads(1)
+
+
+def _scheduler(prediction_type, steps, set_alpha_to_one=False):
+    s = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=set_alpha_to_one,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    s.set_timesteps(steps)
+    return s
+
+
+def _constant_predictor(shape, timesteps, seed=0):
+    """A model whose output depends on t only (never on x_t), with float64 outputs."""
+    g = torch.Generator().manual_seed(seed)
+    table = {int(t): torch.randn(shape, generator=g, dtype=torch.float64) for t in timesteps}
+    calls = []
+
+    def model(x, t):
+        calls.append(int(t))
+        return table[int(t)]
+
+    return model, table, calls
+
+
+@pytest.mark.parametrize(
+    "prediction_type,set_alpha_to_one",
+    [("epsilon", False), ("epsilon", True), ("v_prediction", False), ("v_prediction", True), ("sample", False)],
+)
+def test_invert_then_denoise_is_exact_for_x_independent_model(prediction_type, set_alpha_to_one):
+    steps = 10
+    sched = _scheduler(prediction_type, steps, set_alpha_to_one)
+    z0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    model, table, calls = _constant_predictor(z0.shape, sched.timesteps)
+
+    inv = ddim_invert(model, z0, ddim_levels(sched), prediction_type)
+    assert len(inv.trajectory) == steps + 1
+    assert torch.equal(inv.trajectory[0], z0)
+    # pairing: the first inversion step uses the last denoising timestep, the last one the first
+    assert calls == [int(t) for t in reversed(sched.timesteps)]
+
+    # denoise with diffusers' scheduler (an independent implementation of the forward step; it computes
+    # its coefficients from float32 alphas, hence float32-level agreement)
+    x = inv.latents
+    for i, t in enumerate(sched.timesteps):
+        assert torch.allclose(x, inv.trajectory[-1 - i], atol=1e-5, rtol=0)
+        x = sched.step(table[int(t)], t, x).prev_sample
+    assert torch.allclose(x, z0, atol=1e-5, rtol=0)
+
+    # and in float64 with the DDIM equation x_p = sqrt(ab_p) x0_hat + sqrt(1 - ab_p) eps_hat
+    ac = sched.alphas_cumprod.to(torch.float64)
+    final = torch.tensor(float(sched.final_alpha_cumprod), dtype=torch.float64)
+    x = inv.latents
+    for t in [int(t) for t in sched.timesteps]:
+        ab_t = ac[t]
+        ab_p = ac[t - 1000 // steps] if t - 1000 // steps >= 0 else final
+        pred = table[t]
+        if prediction_type == "epsilon":
+            x0, eps = (x - (1 - ab_t).sqrt() * pred) / ab_t.sqrt(), pred
+        elif prediction_type == "v_prediction":
+            x0, eps = ab_t.sqrt() * x - (1 - ab_t).sqrt() * pred, ab_t.sqrt() * pred + (1 - ab_t).sqrt() * x
+        else:
+            x0, eps = pred, (x - ab_t.sqrt() * pred) / (1 - ab_t).sqrt()
+        x = ab_p.sqrt() * x0 + (1 - ab_p).sqrt() * eps
+    assert torch.allclose(x, z0, atol=1e-10, rtol=0)
+
+
+def test_non_invertible_schedule_is_an_error():
+    sched = _scheduler("sample", 3, set_alpha_to_one=True)
+    with pytest.raises(ValueError, match="prediction_type.*cannot\\s+be inverted|cannot be inverted"):
+        ddim_invert(lambda x, t: x, torch.zeros(1, 4, 2, 2), ddim_levels(sched), "sample")
+
+
+def test_inverse_step_matches_ddim_inversion_equation():
+    # Classic eps-DDIM inversion (Song et al.; Mokady et al.):
+    # x_t = sqrt(ab_t) * (x_p - sqrt(1 - ab_p) eps) / sqrt(ab_p) + sqrt(1 - ab_t) eps,
+    # with eps = model(x_p, t) and p the level denoising step t lands on.
+    sched = _scheduler("epsilon", 5)
+    z0 = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    eps = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    inv = ddim_invert(lambda x, t: eps * (1 + x.abs().mean()), z0, ddim_levels(sched))
+
+    ac = sched.alphas_cumprod.to(torch.float64)
+    stride = 1000 // 5
+    x = z0
+    for t in reversed([int(t) for t in sched.timesteps]):
+        ab_p = ac[t - stride] if t - stride >= 0 else torch.tensor(float(sched.final_alpha_cumprod), dtype=torch.float64)
+        ab_t = ac[t]
+        e = eps * (1 + x.abs().mean())
+        x = ab_t.sqrt() * (x - (1 - ab_p).sqrt() * e) / ab_p.sqrt() + (1 - ab_t).sqrt() * e
+    assert torch.allclose(inv.latents, x, atol=1e-12)
+
+
+def test_forward_step_and_x0_match_scheduler():
+    sched = _scheduler("v_prediction", 4)
+    lv = ddim_levels(sched)
+    x = torch.randn(1, 4, 4, 4, dtype=torch.float64)
+    v = torch.randn(1, 4, 4, 4, dtype=torch.float64)
+    t = sched.timesteps[1]
+    ref = sched.step(v, t, x)
+    assert torch.allclose(ddim_step(x, v, lv.alpha_bar[1], lv.alpha_bar_prev[1], "v_prediction"), ref.prev_sample, atol=1e-12)
+    assert torch.allclose(predicted_x0(x, v, lv.alpha_bar[1], "v_prediction"), ref.pred_original_sample, atol=1e-12)
+
+
+def test_bad_prediction_type():
+    sched = _scheduler("epsilon", 2)
+    with pytest.raises(ValueError, match="prediction_type.*'flow'.*epsilon"):
+        ddim_invert(lambda x, t: x, torch.zeros(1, 4, 2, 2), ddim_levels(sched), "flow")
