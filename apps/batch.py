@@ -1,0 +1,423 @@
+"""Scripted batch generation: a job file in, one PNG per image and a manifest out.
+
+Examples::
+
+    # Eight APG images and eight CFG images of the example jobs, with the embedded model
+    guidekit batch assets/examples/jobs.jsonl --out runs/example
+
+    # The same run on every GPU of a machine (or several machines): accelerate splits the images
+    accelerate launch -m guidekit.apps.batch assets/examples/jobs.jsonl --out runs/example --model ID_OR_PATH
+
+    # Rerunning any of these skips finished images and redoes unfinished ones.
+
+Layout of --out::
+
+    DIR/<name>-<key>-s<seed>.png   one finished image (written to a temporary file, then renamed)
+    DIR/manifest.jsonl             one row per finished image, merged at the end of each run
+    DIR/.parts/*.jsonl             rows written while a run is going on (merged into manifest.jsonl)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from .jobs import GUIDANCE, Job, JobError, generate, job_key, read_jobs, resolve, to_pil
+
+MANIFEST = "manifest.jsonl"
+PARTS = ".parts"
+
+
+#----------------------------------------------------------------------------
+# Model loading and identity.
+
+def load_model(model: Optional[str]):
+    """Load the pipeline the run uses (the shared loader of `guidekit generate`)."""
+    from .jobs import load_pipeline
+
+    return load_pipeline(model)
+
+
+def model_identity(pipe, requested: Optional[str]) -> dict:
+    """Model id, revision (hub snapshot commit) or a content hash of a local folder, and the pipeline class."""
+    path = getattr(pipe, "name_or_path", None) or getattr(pipe.config, "_name_or_path", None) or requested
+    ident = {"id": requested or path, "path": str(path) if path else None, "class": type(pipe).__name__,
+             "revision": None, "sha256": None}
+    if path and os.path.isdir(path):
+        p = Path(path)
+        # A hub snapshot folder is named by its commit: .../models--org--name/snapshots/<commit>
+        if p.parent.name == "snapshots" and len(p.name) == 40:
+            ident["revision"] = p.name
+        ident["sha256"] = _folder_hash(p)
+    return ident
+
+
+def _folder_hash(folder: Path, full_limit: int = 256 * 2**20) -> str:
+    """SHA-256 over a model folder: file names and contents for folders up to 256 MiB, otherwise names,
+    sizes and the first/last MiB of each file (prefixed "partial:") so that large checkpoints hash fast."""
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith("."))
+    total = sum(f.stat().st_size for f in files)
+    h = hashlib.sha256()
+    partial = total > full_limit
+    for f in files:
+        h.update(str(f.relative_to(folder)).encode() + b"\0")
+        size = f.stat().st_size
+        h.update(str(size).encode() + b"\0")
+        with open(f, "rb") as fh:
+            if partial and size > 2 * 2**20:
+                h.update(fh.read(2**20))
+                fh.seek(size - 2**20)
+                h.update(fh.read(2**20))
+            else:
+                for block in iter(lambda: fh.read(2**20), b""):
+                    h.update(block)
+    return ("partial:" if partial else "") + h.hexdigest()
+
+
+#----------------------------------------------------------------------------
+# Work items and files.
+
+@dataclass
+class Item:
+    job: Job
+    params: dict  # resolved
+    key: str
+    seed: int
+
+    @property
+    def file(self) -> str:
+        prefix = self.job.params["name"] or _slug(self.params["prompt"])
+        return f"{prefix}-{self.key}-s{self.seed}.png"
+
+
+def _slug(text: str, n: int = 32) -> str:
+    out = "".join(c if c.isalnum() else "-" for c in text.lower())
+    out = "-".join(filter(None, out.split("-")))
+    return (out[:n].rstrip("-")) or "image"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def a1111_parameters(params: dict, seed: int, model: dict) -> str:
+    """The `parameters` PNG text chunk in the format most image tools read (A1111 style)."""
+    line = (f"Steps: {params['steps']}, Sampler: {model.get('scheduler', 'default')}, "
+            f"CFG scale: {params['guidance_scale']}, Seed: {seed}, Size: {params['width']}x{params['height']}, "
+            f"Model: {model.get('id')}, Guidance: {params['guidance']}")
+    extra = GUIDANCE[params["guidance"]].params
+    if extra:
+        line += ", " + ", ".join(f"{k}: {params[k]}" for k in extra)
+    neg = f"\nNegative prompt: {params['negative_prompt']}" if params.get("negative_prompt") else ""
+    return f"{params['prompt']}{neg}\n{line}"
+
+
+def png_bytes(image, text: dict) -> bytes:
+    import io
+
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for k, v in text.items():
+        info.add_itxt(k, v)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def write_tmp(path: Path, data: bytes) -> Path:
+    """Write `data` to a hidden temporary file beside `path` and fsync it; rename it with `os.replace`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return tmp
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write then rename: `path` appears only complete, or not at all."""
+    os.replace(write_tmp(path, data), path)
+
+
+def append_row(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def merge_manifest(out: Path) -> int:
+    """Merge manifest.jsonl and every .parts/*.jsonl into one manifest.jsonl (atomically): one row per
+    existing image, the latest row wins. Returns the number of rows. Safe to run again after a crash."""
+    rows: dict[str, list[dict]] = {}
+    parts = sorted((out / PARTS).glob("*.jsonl"), key=lambda f: f.stat().st_mtime_ns)
+    sources = [out / MANIFEST] + parts
+    for src in sources:
+        if not src.exists():
+            continue
+        for line in src.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a row cut off by a crash: its image was not renamed into place either
+            if isinstance(row, dict) and "file" in row:
+                rows.setdefault(row["file"], []).append(row)
+    kept = []
+    for name, candidates in sorted(rows.items()):
+        path = out / name
+        if not path.exists():
+            continue
+        if len(candidates) > 1:  # an image redone after a crash: keep the row that describes the file
+            digest = _sha256(path.read_bytes())
+            candidates = [r for r in candidates if r.get("sha256") == digest] or candidates
+        kept.append(candidates[-1])
+    data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode()
+    write_atomic(out / MANIFEST, data)
+    for src in parts:
+        src.unlink(missing_ok=True)
+    return len(kept)
+
+
+#----------------------------------------------------------------------------
+# The run.
+
+def _say(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _hang_for_tests(done: int) -> None:
+    """Test aid: GUIDEKIT_BATCH_HANG_BEFORE_RENAME=N blocks forever before renaming the image after N
+    finished ones, so a test can kill a run at a known point without timing."""
+    at = os.environ.get("GUIDEKIT_BATCH_HANG_BEFORE_RENAME")
+    if at is not None and done == int(at):
+        _say(f"[test] hanging before rename after {done} image(s)")
+        sys.stderr.flush()
+        while True:
+            time.sleep(3600)
+
+
+def run_batch(jobs_file, out, model=None, strict=False, batch_size=1, dtype="auto", pipe=None) -> int:
+    """Run a job file; returns the exit status (0 all done, 1 some image failed, 2 bad input with --strict)."""
+    import torch
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    import guidekit
+
+    state = PartialState(cpu=_cpu_only())
+    main = state.is_main_process
+    out = Path(out)
+
+    jobs, errors = read_jobs(jobs_file)
+    if main:
+        for line, msg in errors:
+            _say(f"{jobs_file}: skipped {msg}" if not strict else f"{jobs_file}: {msg}")
+    if errors and strict:
+        if main:
+            _say(f"--strict: {len(errors)} bad line(s); nothing was generated")
+        return 2
+    if not jobs:
+        if main:
+            _say(f"{jobs_file}: no job to run")
+        return 0 if not errors else 1
+
+    if pipe is None:
+        pipe = load_model(model)
+    device = state.device
+    torch_dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32,
+                   "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    if pipe.dtype != torch_dtype:
+        pipe = pipe.to(dtype=torch_dtype)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    ident = model_identity(pipe, model)
+    ident["scheduler"] = type(pipe.scheduler).__name__
+
+    # Expand jobs into one item per image; a job the model cannot run is a bad line too.
+    items: list[Item] = []
+    seen: set[str] = set()
+    bad_after_load = 0
+    for job in jobs:
+        try:
+            params = resolve(job.params, pipe, where=f"line {job.line}: ")
+        except JobError as e:
+            bad_after_load += 1
+            if main:
+                _say(f"{jobs_file}: {'' if strict else 'skipped '}{e}")
+            if strict:
+                return 2
+            continue
+        key = job_key(params, ident["id"] or "")
+        for seed in job.seeds:
+            item = Item(job, params, key, seed)
+            if item.file in seen:
+                if main:
+                    _say(f"{jobs_file}: line {job.line}: seed {seed} repeats an earlier job; generated once")
+                continue
+            seen.add(item.file)
+            items.append(item)
+
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / PARTS).mkdir(exist_ok=True)
+        for stale in out.glob(".*.tmp"):  # unfinished images of a killed run
+            stale.unlink(missing_ok=True)
+        merge_manifest(out)  # rows a killed run left in .parts
+    state.wait_for_everyone()
+
+    pending = [it for it in items if not (out / it.file).exists()]
+    skipped = len(items) - len(pending)
+    part = out / PARTS / f"rank{state.process_index}-{os.getpid()}-{time.time_ns()}.jsonl"
+
+    new = failed = 0
+    t_start = time.perf_counter()
+    with state.split_between_processes(pending) as mine:
+        bar = tqdm(total=len(mine), unit="img", desc=f"[{state.process_index}] generating" if state.num_processes > 1
+                   else "generating", position=state.process_index, dynamic_ncols=True, file=sys.stderr)
+        for chunk in _chunks(mine, batch_size):
+            params = chunk[0].params
+            t0 = time.perf_counter()
+            try:
+                images, nsfw = generate(pipe, params, [it.seed for it in chunk])
+            except Exception as e:  # one failed call must not lose the others
+                failed += len(chunk)
+                _say(f"line {chunk[0].job.line}: seeds {[it.seed for it in chunk]} failed: {type(e).__name__}: {e}")
+                if not isinstance(e, (ValueError, JobError)):
+                    traceback.print_exc()
+                if strict:
+                    break
+                bar.update(len(chunk))
+                continue
+            dt = time.perf_counter() - t0
+            for i, (it, image) in enumerate(zip(chunk, to_pil(images))):
+                meta = {"prompt": params["prompt"], "params": params, "seed": it.seed, "model": ident,
+                        "guidekit_version": guidekit.__version__}
+                data = png_bytes(image, {"parameters": a1111_parameters(params, it.seed, ident),
+                                         "guidekit": json.dumps(meta, sort_keys=True)})
+                row = {
+                    "file": it.file,
+                    "sha256": _sha256(data),
+                    "line": it.job.line,
+                    "job": it.job.raw,
+                    "params": params,
+                    "seed": it.seed,
+                    "model": ident,
+                    "guidekit_version": guidekit.__version__,
+                    "versions": _versions(),
+                    "device": str(device),
+                    "dtype": str(torch_dtype).replace("torch.", ""),
+                    "process": state.process_index,
+                    "num_processes": state.num_processes,
+                    "timings": {"call_seconds": round(dt, 4), "images_in_call": len(chunk),
+                                "seconds_per_image": round(dt / len(chunk), 4)},
+                    "nsfw": bool(nsfw[i]) if nsfw is not None else None,
+                    "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                }
+                # Image bytes, then the row, are durable before the image appears under its name;
+                # a row without an image is dropped at merge, a leftover .tmp is deleted by the next run.
+                tmp = write_tmp(out / it.file, data)
+                append_row(part, row)
+                _hang_for_tests(new)
+                os.replace(tmp, out / it.file)
+                new += 1
+            bar.update(len(chunk))
+        bar.close()
+    elapsed = time.perf_counter() - t_start
+
+    counts = [new, failed]
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        gathered = gather_object([counts])
+        new, failed = (sum(c[0] for c in gathered), sum(c[1] for c in gathered))
+    state.wait_for_everyone()
+    if main:
+        rows = merge_manifest(out)
+        bad = len(errors) + bad_after_load
+        rate = f", {new / elapsed:.2f} images/s" if new and elapsed > 0 else ""
+        _say(f"done: {new} generated, {skipped} already finished, {failed} failed, {bad} bad line(s) skipped; "
+             f"{elapsed:.1f} s{rate}; {state.num_processes} process(es)")
+        _say(f"manifest: {out / MANIFEST} ({rows} images)")
+    return 1 if failed else 0
+
+
+def _cpu_only() -> bool:
+    """Whether this machine has no accelerator: accelerate then runs launched processes as MULTI_CPU (gloo)."""
+    import torch
+
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    accel = getattr(torch, "accelerator", None)
+    if accel is not None and hasattr(accel, "is_available"):
+        return not accel.is_available()
+    return not torch.cuda.is_available()
+
+
+def _chunks(items, size):
+    """Consecutive items of the same job, at most `size` per call."""
+    chunk: list = []
+    for it in items:
+        if chunk and (len(chunk) == size or it.key != chunk[0].key):
+            yield chunk
+            chunk = []
+        chunk.append(it)
+    if chunk:
+        yield chunk
+
+
+def _versions() -> dict:
+    import diffusers
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+#----------------------------------------------------------------------------
+# Command line.
+
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.argument("jobs", metavar="JOBS", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out", metavar="DIR", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: PNGs and manifest.jsonl. Finished images there are never overwritten.")
+@click.option("--model", metavar="ID_OR_PATH", default=None,
+              help="Hub id or local folder of a Stable Diffusion 1.x/2.x model; default: the embedded toy model.")
+@click.option("--strict", is_flag=True, help="Stop at the first bad job line or failed image instead of skipping it.")
+@click.option("--batch-size", metavar="INT", type=click.IntRange(min=1, max=64), default=1,
+              help="Images per pipeline call (seeds of one job). Images do not depend on it.")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
+              help="Model dtype; auto is fp16 on CUDA and fp32 elsewhere.")
+def batch(jobs, out, model, strict, batch_size, dtype):
+    """Generate every image of a JSONL/CSV job file into DIR, resumably.
+
+    \b
+    JOBS: one job per line, e.g.
+      {"prompt": "a red circle on a blue background", "seeds": "0-7", "guidance": "apg", "guidance_scale": 12}
+    Fields: prompt, negative_prompt, name, seed | seeds, steps, width, height, guidance (cfg|apg),
+    guidance_scale, guidance_rescale (cfg), eta, norm_threshold, momentum, space, start, stop (apg).
+
+    \b
+    Examples:
+      guidekit batch assets/examples/jobs.jsonl --out runs/example
+      accelerate launch -m guidekit.apps.batch assets/examples/jobs.jsonl --out runs/example
+    """
+    try:
+        code = run_batch(jobs, out, model=model, strict=strict, batch_size=batch_size, dtype=dtype)
+    except JobError as e:
+        raise click.UsageError(str(e)) from None
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    batch()

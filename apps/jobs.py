@@ -1,0 +1,444 @@
+"""The job schema shared by `guidekit batch` and the demo: fields, bounds, parsing, and one guided call.
+
+A job is one line of a JSONL file (or one row of a CSV file with a header)::
+
+    {"prompt": "a red circle on a blue background", "seeds": "0-7", "guidance": "apg", "guidance_scale": 12}
+
+Field names are part of the public interface (scripts depend on them). Each guidance method adds its
+own parameters, named as its hook's arguments; a later method adds one entry to `GUIDANCE`.
+Nothing is clamped: a value out of bounds is an error that names the field, the value and the range.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+__all__ = [
+    "Param",
+    "Guidance",
+    "GUIDANCE",
+    "COMMON",
+    "Job",
+    "JobError",
+    "parse_seeds",
+    "parse_job",
+    "read_jobs",
+    "resolve",
+    "generate",
+    "job_key",
+    "fields_doc",
+]
+
+
+class JobError(ValueError):
+    """A job that cannot run as written; the message names the field, the value and what is accepted."""
+
+
+#----------------------------------------------------------------------------
+# Field declarations: one source for validation, the demo's sliders and the docs.
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: type  # int, float or str
+    default: Any
+    help: str
+    min: Optional[float] = None
+    max: Optional[float] = None
+    choices: Optional[tuple] = None
+    multiple_of: Optional[int] = None
+
+    def bounds_text(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        what = {int: "an integer", float: "a number", str: "a string"}[self.kind]
+        if self.min is not None and self.max is not None:
+            what += f" in [{self.min}, {self.max}]"
+        elif self.min is not None:
+            what += f" >= {self.min}"
+        elif self.max is not None:
+            what += f" <= {self.max}"
+        if self.multiple_of:
+            what += f", a multiple of {self.multiple_of}"
+        return what
+
+    def check(self, value: Any, where: str = "") -> Any:
+        """Return `value` converted to this field's type, or raise JobError. Strings from CSV are parsed."""
+        label = f"{where}{self.name}"
+        v = value
+        if self.kind is str:
+            if not isinstance(v, str):
+                raise JobError(f"{label}: expected {self.bounds_text()}, got {value!r}")
+        elif self.kind is int:
+            if isinstance(v, str):
+                try:
+                    v = int(v.strip())
+                except ValueError:
+                    raise JobError(f"{label}: expected {self.bounds_text()}, got {value!r}") from None
+            elif isinstance(v, float) and v.is_integer():
+                v = int(v)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise JobError(f"{label}: expected {self.bounds_text()}, got {value!r}")
+        elif self.kind is float:
+            if isinstance(v, str):
+                try:
+                    v = float(v.strip())
+                except ValueError:
+                    raise JobError(f"{label}: expected {self.bounds_text()}, got {value!r}") from None
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise JobError(f"{label}: expected {self.bounds_text()}, got {value!r}")
+            v = float(v)
+        if self.choices and v not in self.choices:
+            raise JobError(f"{label}: expected {self.bounds_text()}, got {value!r}")
+        if self.min is not None and v < self.min or self.max is not None and v > self.max:
+            raise JobError(f"{label}: expected {self.bounds_text()}, got {value!r}")
+        if self.multiple_of and v % self.multiple_of:
+            raise JobError(f"{label}: expected {self.bounds_text()}, got {value!r}")
+        return v
+
+
+MAX_SEED = 2**63 - 1
+
+COMMON: dict[str, Param] = {p.name: p for p in [
+    Param("prompt", str, None, "What to draw (required)."),
+    Param("negative_prompt", str, "", "What to steer away from; empty means the unconditional prompt."),
+    Param("name", str, None, "Optional file-name prefix for this job's images (letters, digits, . _ -)."),
+    Param("steps", int, 25, "Number of denoising steps.", min=1, max=1000),
+    Param("width", int, None, "Image width in pixels; default: the model's native size.", min=8, max=4096, multiple_of=8),
+    Param("height", int, None, "Image height in pixels; default: the model's native size.", min=8, max=4096, multiple_of=8),
+    Param("guidance", str, "cfg", "Guidance method.", choices=("cfg", "apg")),
+    Param("guidance_scale", float, 7.5,
+          "Guidance scale w; 1 turns guidance off. CFG oversaturates at high w, APG is built to stay clean there.",
+          min=0.0, max=100.0),
+]}
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """One guidance method: its own parameters (named as its hook's arguments) and how to build its hook."""
+
+    name: str
+    params: dict
+    build: Callable[[dict], list]  # resolved params -> hooks for the pipeline call
+    call_kwargs: Callable[[dict], dict] = lambda p: {}  # resolved params -> extra stock pipeline arguments
+
+
+def _cfg_hooks(p: dict) -> list:
+    return []  # the pipeline's built-in CFG path (identical to stock diffusers)
+
+
+def _cfg_kwargs(p: dict) -> dict:
+    return {"guidance_rescale": p["guidance_rescale"]}
+
+
+def _apg_hooks(p: dict) -> list:
+    try:
+        from guidekit import APG
+    except ImportError as e:  # pragma: no cover - only before the APG hook exists
+        raise JobError(f"guidance: 'apg' is not available in this guidekit build ({e})") from None
+    return [APG(eta=p["eta"], norm_threshold=p["norm_threshold"], momentum=p["momentum"],
+                space=p["space"], start=p["start"], stop=p["stop"])]
+
+
+GUIDANCE: dict[str, Guidance] = {
+    "cfg": Guidance("cfg", {p.name: p for p in [
+        Param("guidance_rescale", float, 0.0,
+              "CFG rescale phi (Lin et al. 2023); 0 is plain CFG, 0.7 is the paper's value.", min=0.0, max=1.0),
+    ]}, _cfg_hooks, _cfg_kwargs),
+    "apg": Guidance("apg", {p.name: p for p in [
+        Param("eta", float, 0.0,
+              "Weight of the guidance component parallel to the prediction, the part that oversaturates. "
+              "Paper default 0 (drop it); 1 keeps it as CFG does.", min=0.0, max=1.0),
+        Param("norm_threshold", float, 15.0,
+              "Radius r: the guidance update is rescaled to L2 norm at most r (per image). "
+              "Paper default 15 (SDXL); 0 turns rescaling off.", min=0.0, max=1000.0),
+        Param("momentum", float, -0.5,
+              "Reverse momentum beta on the guidance update; paper default -0.5, 0 turns it off.",
+              min=-0.99, max=0.99),
+        Param("space", str, "x0", "Where APG acts: the denoised prediction x0 (paper) or the raw model output.",
+              choices=("x0", "model")),
+        Param("start", float, 0.0, "Fraction of the steps after which APG starts.", min=0.0, max=1.0),
+        Param("stop", float, 1.0, "Fraction of the steps after which APG stops.", min=0.0, max=1.0),
+    ]}, _apg_hooks),
+}
+
+SEED_FIELDS = ("seed", "seeds")
+
+
+def all_fields() -> list[str]:
+    names = list(COMMON) + list(SEED_FIELDS)
+    for g in GUIDANCE.values():
+        names += [n for n in g.params if n not in names]
+    return names
+
+
+def fields_doc() -> str:
+    """A Markdown table of every job field (used for the docs)."""
+    rows = ["| field | type / accepted | default | meaning |", "|---|---|---|---|"]
+    for p in COMMON.values():
+        rows.append(f"| `{p.name}` | {p.bounds_text()} | {p.default!r} | {p.help} |")
+    rows.append('| `seed` / `seeds` | an int, or a range "0-7", a list "1,5,9" or a JSON list | 0 | One image per seed. |')
+    for g in GUIDANCE.values():
+        for p in g.params.values():
+            rows.append(f"| `{p.name}` ({g.name}) | {p.bounds_text()} | {p.default!r} | {p.help} |")
+    return "\n".join(rows)
+
+
+#----------------------------------------------------------------------------
+# Seeds.
+
+_SEED_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def parse_seeds(value: Any, where: str = "") -> list[int]:
+    """Seeds from an int, "0-7" (inclusive), "1,3,8-9", or a list of ints. Duplicates are an error."""
+    label = f"{where}seeds"
+    accepted = 'an int, a range like "0-7", a list like "1,3,8-9", or a JSON list of ints, each in [0, 2**63-1]'
+    out: list[int] = []
+    if isinstance(value, bool):
+        raise JobError(f"{label}: expected {accepted}, got {value!r}")
+    if isinstance(value, int):
+        out = [value]
+    elif isinstance(value, list):
+        if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise JobError(f"{label}: expected {accepted}, got {value!r}")
+        out = list(value)
+    elif isinstance(value, str):
+        parts = value.split(",")
+        for part in parts:
+            m = _SEED_ITEM.match(part)
+            if not m:
+                raise JobError(f"{label}: expected {accepted}, got {value!r}")
+            lo = int(m.group(1))
+            hi = int(m.group(2)) if m.group(2) is not None else lo
+            if hi < lo:
+                raise JobError(f"{label}: range {part.strip()!r} ends before it starts; expected {accepted}")
+            if hi - lo >= 1_000_000:
+                raise JobError(f"{label}: range {part.strip()!r} has more than 1,000,000 seeds")
+            out.extend(range(lo, hi + 1))
+    else:
+        raise JobError(f"{label}: expected {accepted}, got {value!r}")
+    for s in out:
+        if not 0 <= s <= MAX_SEED:
+            raise JobError(f"{label}: seed {s} out of range; expected {accepted}")
+    if len(set(out)) != len(out):
+        dup = sorted({s for s in out if out.count(s) > 1})
+        raise JobError(f"{label}: seed(s) {dup} listed twice in {value!r}; each seed gives one image")
+    return out
+
+
+#----------------------------------------------------------------------------
+# Jobs.
+
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass
+class Job:
+    """One validated job: `params` holds every field with defaults filled (width/height may be None)."""
+
+    line: int
+    raw: dict
+    params: dict
+    seeds: list[int] = field(default_factory=list)
+
+
+def parse_job(raw: Any, line: int = 0) -> Job:
+    """Validate one job (a dict from JSON or CSV). Raises JobError naming the line and the field."""
+    where = f"line {line}: " if line else ""
+    if not isinstance(raw, dict):
+        raise JobError(f"{where}expected a JSON object like {{\"prompt\": \"...\"}}, got {type(raw).__name__}")
+    known = set(all_fields())
+    unknown = [k for k in raw if k not in known]
+    if unknown:
+        raise JobError(f"{where}unknown field(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(all_fields())}")
+    if raw.get("prompt") in (None, ""):
+        raise JobError(f"{where}prompt: required, a non-empty string")
+    if "seed" in raw and "seeds" in raw:
+        raise JobError(f"{where}seed and seeds: give one of them, not both")
+
+    params: dict[str, Any] = {}
+    for p in COMMON.values():
+        v = raw.get(p.name)
+        params[p.name] = p.default if v is None else p.check(v, where)
+    if params["name"] is not None and not _NAME.match(params["name"]):
+        raise JobError(f"{where}name: expected 1-64 letters, digits, '.', '_' or '-', got {params['name']!r}")
+    method = GUIDANCE[params["guidance"]]
+    for g in GUIDANCE.values():
+        for p in g.params.values():
+            v = raw.get(p.name)
+            if g is method:
+                params[p.name] = p.default if v is None else p.check(v, where)
+            elif v is not None and p.name not in method.params:
+                raise JobError(f"{where}{p.name}: only applies to guidance {g.name!r}, but this job has "
+                               f"guidance {method.name!r}; remove it or set \"guidance\": \"{g.name}\"")
+    if params["guidance"] == "apg" and params["start"] >= params["stop"]:
+        raise JobError(f"{where}start/stop: start ({params['start']}) must be below stop ({params['stop']})")
+
+    seed_value = raw.get("seeds", raw.get("seed", 0))
+    if isinstance(seed_value, str) and "seed" in raw:
+        seed_value = seed_value.strip()
+        if not seed_value.isdigit():
+            raise JobError(f"{where}seed: expected an integer in [0, 2**63-1], got {raw['seed']!r} "
+                           "(use \"seeds\" for a range)")
+        seed_value = int(seed_value)
+    elif "seed" in raw and not isinstance(seed_value, int):
+        raise JobError(f"{where}seed: expected an integer in [0, 2**63-1], got {raw['seed']!r}")
+    seeds = parse_seeds(seed_value, where)
+    return Job(line=line, raw=dict(raw), params=params, seeds=seeds)
+
+
+def _csv_rows(text: str):
+    reader = csv.DictReader(io.StringIO(text))
+    if reader.fieldnames is None:
+        return
+    for i, row in enumerate(reader, start=2):  # line 1 is the header
+        yield i, {k.strip(): v for k, v in row.items() if k is not None and v not in (None, "")}, None
+
+
+def _jsonl_rows(text: str):
+    for i, line in enumerate(text.splitlines(), start=1):
+        s = line.strip()
+        if not s or s.startswith("#") or s.startswith("//"):
+            continue
+        try:
+            yield i, json.loads(s), None
+        except json.JSONDecodeError as e:
+            yield i, None, f"line {i}: not valid JSON ({e.msg} at column {e.colno})"
+
+
+def read_jobs(path: str | Path) -> tuple[list[Job], list[tuple[int, str]]]:
+    """Parse a JSONL (default) or CSV (`.csv`) job file. Returns (jobs, [(line, error message), ...])."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise JobError(f"JOBS: file {str(path)!r} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise JobError(f"JOBS: {str(path)!r} is not UTF-8 text ({e})") from None
+    rows = _csv_rows(text) if path.suffix.lower() == ".csv" else _jsonl_rows(text)
+    jobs, errors = [], []
+    for line, raw, err in rows:
+        if err is not None:
+            errors.append((line, err))
+            continue
+        try:
+            jobs.append(parse_job(raw, line))
+        except JobError as e:
+            errors.append((line, str(e)))
+    return jobs, errors
+
+
+#----------------------------------------------------------------------------
+# Running one call.
+
+def vae_factor(pipe) -> int:
+    return int(getattr(pipe, "vae_scale_factor", 8))
+
+
+def default_size(pipe) -> int:
+    return int(pipe.unet.config.sample_size) * vae_factor(pipe)
+
+
+def resolve(params: dict, pipe, where: str = "") -> dict:
+    """Fill the model-dependent defaults (width, height) and check sizes against the VAE factor."""
+    out = dict(params)
+    f = vae_factor(pipe)
+    for key in ("width", "height"):
+        if out[key] is None:
+            out[key] = default_size(pipe)
+        elif out[key] % f:
+            raise JobError(f"{where}{key}: {out[key]} is not divisible by the model's VAE factor {f}; "
+                           f"use a multiple of {f}")
+    return out
+
+
+def job_key(params: dict, model_id: str) -> str:
+    """A short content hash of the resolved parameters and the model: it names a job's files."""
+    blob = json.dumps({"params": params, "model": model_id}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def generate(pipe, params: dict, seeds: Iterable[int], generator_device: str = "cpu"):
+    """One pipeline call: an image per seed, each from its own `torch.Generator` (so an image never depends
+    on batch size, order or process count). Returns float numpy images (N, H, W, 3) in [0, 1]."""
+    import torch
+
+    seeds = list(seeds)
+    method = GUIDANCE[params["guidance"]]
+    gens = [torch.Generator(device=generator_device).manual_seed(int(s)) for s in seeds]
+    n = len(seeds)
+    kwargs = dict(
+        prompt=[params["prompt"]] * n,
+        negative_prompt=[params["negative_prompt"]] * n if params.get("negative_prompt") else None,
+        num_inference_steps=params["steps"],
+        width=params["width"],
+        height=params["height"],
+        guidance_scale=params["guidance_scale"],
+        generator=gens,
+        output_type="np",
+    )
+    kwargs.update(method.call_kwargs(params))
+    hooks = method.build(params)
+    if hooks:
+        kwargs["hooks"] = hooks
+    out = pipe(**kwargs)
+    return out.images, getattr(out, "nsfw_content_detected", None)
+
+
+def to_pil(images):
+    """Float images in [0, 1] -> 8-bit PIL images (the rounding diffusers uses)."""
+    import numpy as np
+    from PIL import Image
+
+    arr = (np.asarray(images) * 255.0).round().clip(0, 255).astype("uint8")
+    return [Image.fromarray(a) for a in arr]
+
+
+#----------------------------------------------------------------------------
+# Model loading.
+
+def load_pipeline(model: Optional[str] = None):
+    """Load `model` (hub id or folder; default: the embedded toy model) with guidekit's hooked pipeline.
+
+    Delegates to `guidekit.apps.generate.load_pipeline`, the loader every app shares, when it exists.
+    """
+    try:
+        from .generate import load_pipeline as shared
+    except ImportError:
+        shared = None
+    if shared is not None:
+        return shared(model)
+    return _fallback_load(model)  # pragma: no cover - until `guidekit generate` exists
+
+
+def _fallback_load(model: Optional[str]):  # pragma: no cover - temporary
+    import logging
+
+    try:
+        from guidekit.pipelines import GuidedStableDiffusionPipeline as cls
+    except ImportError:
+        from diffusers import StableDiffusionPipeline as cls
+    if model is None:
+        try:
+            from guidekit.toy import default_model_path
+
+            path = Path(default_model_path())
+            if (path / "model_index.json").exists():
+                model = str(path)
+        except Exception:
+            pass
+    if model is None:
+        from guidekit.testing import tiny_sd_pipeline
+
+        logging.getLogger("guidekit").warning("no embedded model: using a tiny random model (noise images)")
+        return tiny_sd_pipeline(cls=cls)
+    return cls.from_pretrained(model)
