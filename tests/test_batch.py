@@ -1,0 +1,234 @@
+"""`guidekit batch`: job parsing, bad lines, resume after a kill, batch-size and process-count independence."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import torch  # noqa: E402
+
+from guidekit.apps import batch as batch_mod  # noqa: E402
+from guidekit.apps.jobs import JobError, fields_doc, parse_job, parse_seeds, read_jobs  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from guidekit.testing import make_tiny_sd
+
+    folder = tmp_path_factory.mktemp("tiny-sd") / "model"
+    make_tiny_sd(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_model):
+    from guidekit.apps.jobs import load_pipeline
+
+    return load_pipeline(str(tiny_model))
+
+
+def write_jobs(path: Path, *lines) -> Path:
+    path.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
+    return path
+
+
+def manifest(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def pixels(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def subprocess_env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("GUIDEKIT_BATCH_HANG_BEFORE_RENAME", None)
+    return env
+
+
+#----------------------------------------------------------------------------
+# Parsing.
+
+def test_seed_ranges():
+    assert parse_seeds("0-7") == list(range(8))
+    assert parse_seeds("1,3,8-9") == [1, 3, 8, 9]
+    assert parse_seeds(5) == [5]
+    assert parse_seeds([2, 4]) == [2, 4]
+    for bad in ("7-0", "a-b", "", "1,,2", -1, 1.5, True, [], "1,1"):
+        with pytest.raises(JobError, match="seeds"):
+            parse_seeds(bad)
+
+
+def test_job_defaults_and_errors():
+    job = parse_job({"prompt": "a red circle", "seeds": "0-2", "guidance": "apg"}, line=3)
+    assert job.seeds == [0, 1, 2]
+    assert job.params["eta"] == 0.0 and job.params["momentum"] == -0.5 and job.params["norm_threshold"] == 15.0
+    bad = [
+        ({"seeds": "0-1"}, "line 4: prompt: required"),
+        ({"prompt": "x", "steps": 0}, r"line 4: steps: expected an integer in \[1, 1000\], got 0"),
+        ({"prompt": "x", "width": 100}, "width: .*multiple of 8, got 100"),
+        ({"prompt": "x", "guidance": "pag"}, "guidance: expected one of 'cfg', 'apg', got 'pag'"),
+        ({"prompt": "x", "guidance_scale": float("nan")}, "guidance_scale"),
+        ({"prompt": "x", "eta": 0.5}, "eta: only applies to guidance 'apg'"),
+        ({"prompt": "x", "guidance": "apg", "momentum": 1.5}, "momentum"),
+        ({"prompt": "x", "guidance-scale": 3}, "unknown field.*'guidance-scale'.*accepted: prompt"),
+        ({"prompt": "x", "seed": 1, "seeds": "0-1"}, "seed and seeds"),
+        ({"prompt": "x", "seed": "0-3"}, "seed: expected an integer"),
+        ({"prompt": "x", "name": "../etc"}, "name: expected"),
+    ]
+    for raw, message in bad:
+        with pytest.raises(JobError, match=message):
+            parse_job(raw, line=4)
+    assert "`norm_threshold` (apg)" in fields_doc()
+
+
+def test_csv_jobs(tmp_path):
+    f = tmp_path / "jobs.csv"
+    f.write_text("prompt,seeds,steps,guidance,guidance_scale,eta\n"
+                 "a red circle,0-1,4,apg,9,0.1\n"
+                 "a blue square,2,,cfg,5,\n"
+                 "bad,0,many,cfg,5,\n")
+    jobs, errors = read_jobs(f)
+    assert [j.seeds for j in jobs] == [[0, 1], [2]]
+    assert jobs[0].params["eta"] == 0.1 and jobs[1].params["steps"] == 25
+    assert errors == [(4, "line 4: steps: expected an integer in [1, 1000], got 'many'")]
+
+
+def test_example_jobs_file_is_valid():
+    jobs, errors = read_jobs(REPO / "assets" / "examples" / "jobs.jsonl")
+    assert errors == [] and len(jobs) >= 3
+
+
+#----------------------------------------------------------------------------
+# Runs in this process.
+
+def test_bad_lines_skipped_and_strict(tmp_path, tiny_pipe, tiny_model, capsys):
+    jobs = write_jobs(tmp_path / "jobs.jsonl",
+                      {"prompt": "a red circle", "seeds": "0-1", "steps": 2},
+                      '{"prompt": "broken", ',
+                      {"prompt": "a red circle", "steps": 2, "width": 36},  # not a multiple of 8
+                      {"prompt": "a blue square", "seed": 3, "steps": 2, "guidance": "apg", "guidance_scale": 9})
+    out = tmp_path / "strict"
+    assert batch_mod.run_batch(jobs, out, model=str(tiny_model), strict=True, pipe=tiny_pipe) == 2
+    assert not out.exists() or not list(out.glob("*.png"))
+    err = capsys.readouterr().err
+    assert "line 2: not valid JSON" in err and "line 3: width: expected" in err
+
+    out = tmp_path / "lenient"
+    assert batch_mod.run_batch(jobs, out, model=str(tiny_model), pipe=tiny_pipe) == 0
+    err = capsys.readouterr().err
+    assert "skipped line 2: not valid JSON" in err and "skipped line 3: width" in err
+    assert "3 generated" in err and "2 bad line(s) skipped" in err
+    rows = manifest(out)
+    assert sorted((r["line"], r["seed"]) for r in rows) == [(1, 0), (1, 1), (4, 3)]
+    for r in rows:
+        data = (out / r["file"]).read_bytes()
+        assert r["sha256"] == batch_mod._sha256(data)
+        assert r["model"]["sha256"] and r["guidekit_version"] and r["timings"]["seconds_per_image"] >= 0
+        assert r["params"]["width"] == r["params"]["height"] == 32  # resolved from the model
+    apg_row = next(r for r in rows if r["line"] == 4)
+    assert apg_row["params"]["guidance"] == "apg" and apg_row["params"]["momentum"] == -0.5
+    from PIL import Image
+
+    text = Image.open(out / apg_row["file"]).text
+    assert json.loads(text["guidekit"])["params"] == apg_row["params"]
+    assert "Seed: 3" in text["parameters"] and "a blue square" in text["parameters"]
+
+
+def test_same_seed_same_image_across_batch_sizes(tmp_path, tiny_pipe, tiny_model):
+    line = {"prompt": "a red circle", "seeds": "0-3", "steps": 3, "guidance": "apg", "guidance_scale": 9}
+    jobs = write_jobs(tmp_path / "jobs.jsonl", line)
+    one = tmp_path / "bs1"
+    four = tmp_path / "bs3"
+    single = tmp_path / "single"
+    batch_mod.run_batch(jobs, one, model=str(tiny_model), batch_size=1, pipe=tiny_pipe)
+    batch_mod.run_batch(jobs, four, model=str(tiny_model), batch_size=3, pipe=tiny_pipe)
+    # seed 2 alone, in a job of its own
+    batch_mod.run_batch(write_jobs(tmp_path / "one.jsonl", dict(line, seeds="2")), single,
+                        model=str(tiny_model), pipe=tiny_pipe)
+    files = sorted(p.name for p in one.glob("*.png"))
+    assert len(files) == 4 and files == sorted(p.name for p in four.glob("*.png"))
+    for name in files:
+        assert np.abs(pixels(one / name) - pixels(four / name)).max() <= 1, name
+    (only,) = single.glob("*.png")
+    assert np.abs(pixels(one / only.name) - pixels(only)).max() <= 1
+    # different seeds give different images
+    assert np.abs(pixels(one / files[0]) - pixels(one / files[1])).max() > 1
+
+
+#----------------------------------------------------------------------------
+# Runs in subprocesses: a killed run, and accelerate with two processes.
+
+def test_resume_after_kill(tmp_path, tiny_pipe, tiny_model):
+    jobs = write_jobs(tmp_path / "jobs.jsonl",
+                      {"prompt": "a red circle", "seeds": "0-2", "steps": 2},
+                      {"prompt": "a green triangle", "seeds": "5-6", "steps": 2, "guidance": "apg"})
+    out = tmp_path / "out"
+    env = subprocess_env()
+    env["GUIDEKIT_BATCH_HANG_BEFORE_RENAME"] = "2"  # block (forever) while the third image is unrenamed
+    proc = subprocess.Popen([sys.executable, "-m", "guidekit.apps.batch", str(jobs), "--out", str(out),
+                             "--model", str(tiny_model)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # wait for the run to reach the hang point (no timing involved)
+            if "[test] hanging before rename" in line:
+                break
+        else:
+            pytest.fail(f"batch run ended before the hang point: rc={proc.wait()}")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        proc.stderr.close()
+
+    done_before = sorted(p.name for p in out.glob("*.png"))
+    assert len(done_before) == 2
+    assert len(list(out.glob(".*.tmp"))) == 1  # the killed image exists only as a hidden temporary file
+    stamps = {n: (out / n).stat().st_mtime_ns for n in done_before}
+
+    assert batch_mod.run_batch(jobs, out, model=str(tiny_model), pipe=tiny_pipe) == 0
+    rows = manifest(out)
+    assert sorted((r["line"], r["seed"]) for r in rows) == [(1, 0), (1, 1), (1, 2), (2, 5), (2, 6)]
+    assert len({r["file"] for r in rows}) == 5 == len(list(out.glob("*.png")))
+    assert not list(out.glob(".*.tmp")) and not list((out / ".parts").glob("*"))
+    assert {n: (out / n).stat().st_mtime_ns for n in done_before} == stamps  # finished images untouched
+    for r in rows:
+        assert batch_mod._sha256((out / r["file"]).read_bytes()) == r["sha256"]
+
+    # A third run does nothing.
+    assert batch_mod.run_batch(jobs, out, model=str(tiny_model), pipe=tiny_pipe) == 0
+    assert manifest(out) == rows
+
+
+def test_two_processes_match_one(tmp_path, tiny_pipe, tiny_model):
+    if shutil.which("accelerate") is None:
+        pytest.skip("the accelerate command is not on PATH")
+    jobs = write_jobs(tmp_path / "jobs.jsonl",
+                      {"prompt": "a red circle", "seeds": "0-2", "steps": 2},
+                      {"prompt": "a red circle", "seeds": "0-1", "steps": 2, "guidance": "apg", "guidance_scale": 12})
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert batch_mod.run_batch(jobs, one, model=str(tiny_model), pipe=tiny_pipe) == 0
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "guidekit.apps.batch", str(jobs), "--out", str(two), "--model", str(tiny_model)]
+    res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "5 generated" in res.stderr and "2 process(es)" in res.stderr
+    rows1, rows2 = manifest(one), manifest(two)
+    assert {r["process"] for r in rows2} == {0, 1}
+    assert sorted((r["file"], r["sha256"]) for r in rows1) == sorted((r["file"], r["sha256"]) for r in rows2)
+    assert not list((two / ".parts").glob("*"))
