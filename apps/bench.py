@@ -1,0 +1,201 @@
+"""`guidekit bench`: what guidekit's hooks cost against the stock diffusers pipeline, on this machine.
+
+Each round runs every case in a fresh process (so one case's memory cannot leak into another's) for
+three timed calls, the cases are interleaved round by round with a rotating order, and the table reports medians and ratios against stock measured in the
+same run. Wall time is the pipeline call alone (after a one-step warm-up call in the same process); peak
+memory is the process's peak resident set during that call, sampled every millisecond.
+
+    guidekit bench                     # tiny SD pipeline + a ~110M-parameter UNet, 4 rounds x 3 calls
+    guidekit bench --models tiny --rounds 3 --json bench.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import click
+
+CASES = ("stock", "cfg", "apg")
+MODELS = ("tiny", "mid")
+
+
+# ----------------------------------------------------------------------------- worker (one measurement)
+
+
+def _build_model(kind: str, folder: Path) -> None:
+    """Write the benchmark checkpoint: the tiny SD pipeline, or the same with a ~110M-parameter UNet."""
+    from diffusers import StableDiffusionPipeline
+
+    from guidekit.testing import make_mid_unet, make_tiny_sd
+
+    make_tiny_sd(folder)
+    if kind == "mid":
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+        pipe.unet = make_mid_unet()
+        pipe.register_modules(unet=pipe.unet)
+        pipe.save_pretrained(str(folder))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples the resident set size in a thread while the block runs."""
+
+    def __enter__(self):
+        self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def measure(case: str, folder: str, steps: int, size: int, calls: int = 3, seed: int = 0) -> list[dict]:
+    """`calls` timed calls of `case` on the checkpoint in `folder`: wall seconds and peak RSS (MiB) of each."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    import guidekit
+    from guidekit.pipelines import GuidedStableDiffusionPipeline
+
+    torch.set_num_threads(int(os.environ.get("GUIDEKIT_BENCH_THREADS", "1")))
+    cls = StableDiffusionPipeline if case == "stock" else GuidedStableDiffusionPipeline
+    pipe = cls.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(height=size, width=size, guidance_scale=7.5, output_type="np")
+    if case != "stock":
+        kwargs["hooks"] = [guidekit.CFG()] if case == "cfg" else [guidekit.APG()]
+
+    def call(n):
+        return pipe("a red circle on a blue background", num_inference_steps=n,
+                    generator=torch.Generator().manual_seed(seed), **kwargs)
+
+    call(1)  # warm-up: lazy initialisations are not what we measure
+    results = []
+    for _ in range(calls):
+        with PeakRSS() as mem:
+            start = time.perf_counter()
+            call(steps)
+            wall = time.perf_counter() - start
+        results.append({"case": case, "wall_s": wall, "peak_mib": mem.peak / 2**20})
+    return results
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _run_worker(case, folder, steps, size):
+    cmd = [sys.executable, "-m", "guidekit.apps.bench", "--worker", case, str(folder), str(steps), str(size)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if out.returncode != 0:
+        raise click.ClickException(f"benchmark worker {case} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    """Median wall time and peak memory per case, and their ratios to stock."""
+    rows = []
+    for case in CASES:
+        runs = [r for r in results if r["case"] == case]
+        rows.append({
+            "case": case,
+            "wall_s": statistics.median(r["wall_s"] for r in runs),
+            "peak_mib": statistics.median(r["peak_mib"] for r in runs),
+            "runs": len(runs),
+        })
+    base = rows[0]
+    for row in rows:
+        row["wall_ratio"] = row["wall_s"] / base["wall_s"]
+        row["mem_ratio"] = row["peak_mib"] / base["peak_mib"]
+    return rows
+
+
+def format_table(tables: dict[str, list[dict]]) -> str:
+    lines = ["| model | pipeline | wall (s, median) | wall vs stock | peak RSS (MiB) | memory vs stock | runs |",
+             "|---|---|---|---|---|---|---|"]
+    label = {"stock": "stock diffusers", "cfg": "guidekit CFG()", "apg": "guidekit APG()"}
+    for model, rows in tables.items():
+        for row in rows:
+            lines.append(f"| {model} | {label.get(row['case'], row['case'])} | {row['wall_s']:.3f} | "
+                         f"{row['wall_ratio']:.3f}x | {row['peak_mib']:.0f} | {row['mem_ratio']:.3f}x | {row['runs']} |")
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--models", default="tiny,mid", help="Comma-separated: tiny (tiny SD), mid (~110M-parameter UNet).")
+@click.option("--rounds", type=click.IntRange(1, 50), default=4, help="Interleaved rounds (one process per case each).")
+@click.option("--steps", type=click.IntRange(1, 200), default=20, help="Denoising steps per timed call.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the raw runs and the summary as JSON.")
+@click.option("--uam/--no-uam", default=True, help="Add the UAM rows (inversion and editing) when UAM is installed.")
+def bench(models, rounds, steps, json_out, uam):
+    """Time and memory of hooked pipelines (CFG, APG) against stock diffusers, as a table."""
+    chosen = [m.strip() for m in models.split(",") if m.strip()]
+    for m in chosen:
+        if m not in MODELS:
+            raise click.BadParameter(f"{m!r}; accepted: {', '.join(MODELS)}", param_hint="--models")
+    sizes = {"tiny": 32, "mid": 64}
+    tables, raw = {}, {}
+    with tempfile.TemporaryDirectory(prefix="guidekit-bench-") as tmp:
+        for model in chosen:
+            folder = Path(tmp) / model
+            _build_model(model, folder)
+            results = []
+            with click.progressbar(length=rounds * len(CASES), label=f"bench {model}") as bar:
+                for r in range(rounds):
+                    order = CASES[r % len(CASES):] + CASES[: r % len(CASES)]  # rotate who goes first
+                    for case in order:
+                        results.extend(_run_worker(case, folder, steps, sizes[model]))
+                        bar.update(1)
+            tables[model] = summarise(results)
+            raw[model] = results
+    click.echo(format_table(tables))
+    extra = []
+    if uam:
+        try:
+            from guidekit.apps.bench_uam import uam_rows
+        except ImportError:
+            uam_rows = None
+        if uam_rows is not None:
+            extra = uam_rows()
+            click.echo("")
+            click.echo("| UAM case | wall vs baseline | detail |")
+            click.echo("|---|---|---|")
+            for row in extra:
+                detail = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("case", "wall_ratio"))
+                click.echo(f"| {row['case']} | {row['wall_ratio']:.3f}x | {detail} |")
+    if json_out:
+        json_out.write_text(json.dumps({"summary": tables, "runs": raw, "uam": extra}, indent=2))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--worker":
+        case, folder, steps, size = argv[1], argv[2], int(argv[3]), int(argv[4])
+        print(json.dumps(measure(case, folder, steps, size)))
+        return
+    bench(argv)
+
+
+if __name__ == "__main__":
+    main()
