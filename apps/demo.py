@@ -1,0 +1,494 @@
+"""The guidekit web demo: CFG vs APG side by side, a guidance-scale sweep, and UAM reconstruct/edit.
+
+Start it with::
+
+    guidekit demo                       # the embedded toy model, offline, on CPU
+    guidekit demo --model ID_OR_PATH --host 0.0.0.0 --port 7860
+
+One model is loaded once and shared by every request; requests run one at a time through Gradio's
+queue, and each request is bounded (steps, size, number of images) so none can exhaust the machine.
+Inputs are checked on the server as well as by the sliders: a bad value is a message in the page,
+never a stack trace. The demo serves no file outside its own assets and never runs remote code.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from .jobs import COMMON, GUIDANCE, JobError, generate, parse_job, resolve, to_pil, vae_factor
+
+log = logging.getLogger("guidekit.demo")
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+EXAMPLE_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+EXAMPLE_PROMPTS = [
+    "a red circle on a blue background",
+    "a yellow square on a green background",
+    "a white triangle on a black background",
+]
+
+
+#----------------------------------------------------------------------------
+# Limits of one request.
+
+@dataclass(frozen=True)
+class Limits:
+    max_steps: int = 50
+    max_size: int = 512
+    max_sweep: int = 6  # guidance scales per sweep: 2 x max_sweep images per request
+    max_scale: float = 30.0
+    queue_size: int = 16
+
+    def check(self, params: dict, images: int = 2) -> None:
+        if params["steps"] > self.max_steps:
+            raise JobError(f"steps: {params['steps']} is over this demo's limit; accepted: 1 to {self.max_steps} "
+                           "(start the demo with --max-steps to change it)")
+        for key in ("width", "height"):
+            if params[key] > self.max_size:
+                raise JobError(f"{key}: {params[key]} is over this demo's limit; accepted: up to {self.max_size} "
+                               "pixels (start the demo with --max-size to change it)")
+        if params["guidance_scale"] > self.max_scale:
+            raise JobError(f"guidance_scale: {params['guidance_scale']} is over this demo's limit; "
+                           f"accepted: 0 to {self.max_scale}")
+
+
+def _ui_errors(fn):
+    """Turn every error into a message in the page (gr.Error); the traceback goes to the server log only."""
+    import gradio as gr
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except ValueError as e:  # JobError and the library's argument errors: the message says it all
+            raise gr.Error(str(e), print_exception=False) from None
+        except Exception as e:  # noqa: BLE001 - a demo must answer, not crash
+            log.exception("request failed")
+            raise gr.Error(f"generation failed: {type(e).__name__}: {e}", print_exception=False) from None
+
+    return wrapper
+
+
+#----------------------------------------------------------------------------
+# The work behind each button (plain functions: testable without a browser).
+
+class DemoBackend:
+    """Holds the one shared pipeline and runs requests on it."""
+
+    def __init__(self, pipe, model_name: str = "", limits: Limits = Limits()):
+        self.pipe = pipe
+        self.model_name = model_name
+        self.limits = limits
+        self.factor = math.lcm(8, vae_factor(pipe))  # sizes: multiples of 8 (the job schema) and of the VAE
+        self.default_size = int(pipe.unet.config.sample_size) * vae_factor(pipe)
+        self._uam = None
+
+    # -- parameters
+
+    def params(self, guidance: str, prompt, negative_prompt, seed, steps, width, height, guidance_scale,
+               **extra) -> dict:
+        raw = {"prompt": prompt, "negative_prompt": negative_prompt or None, "seed": _as_int(seed, "seed"),
+               "steps": steps, "width": width, "height": height, "guidance": guidance,
+               "guidance_scale": guidance_scale}
+        raw.update({k: v for k, v in extra.items() if k in GUIDANCE[guidance].params})
+        job = parse_job({k: v for k, v in raw.items() if v is not None})
+        params = resolve(job.params, self.pipe)
+        self.limits.check(params)
+        return params
+
+    # -- Generate
+
+    def compare(self, prompt, negative_prompt, seed, steps, width, height, guidance_scale, eta, norm_threshold,
+                momentum):
+        """The same seed with CFG and with APG: (cfg image, apg image, Markdown summary)."""
+        from guidekit.metrics import clipped_fraction, mean_saturation
+
+        common = (prompt, negative_prompt, seed, steps, width, height, guidance_scale)
+        cfg = self.params("cfg", *common)
+        apg = self.params("apg", *common, eta=eta, norm_threshold=norm_threshold, momentum=momentum)
+        seed = _as_int(seed, "seed")
+        results = []
+        for params in (cfg, apg):
+            t0 = time.perf_counter()
+            images, _ = generate(self.pipe, params, [seed])
+            results.append((images, time.perf_counter() - t0))
+        rows = ["| | saturation | clipped | time |", "|---|---|---|---|"]
+        for name, (images, dt) in zip(("CFG", "APG"), results):
+            rows.append(f"| **{name}** | {mean_saturation(images):.3f} | {clipped_fraction(images):.3f} | {dt:.1f} s |")
+        summary = (f"Seed {seed}, guidance scale {cfg['guidance_scale']:g}, {cfg['steps']} steps, "
+                   f"{cfg['width']}x{cfg['height']}.\n\n" + "\n".join(rows))
+        return to_pil(results[0][0])[0], to_pil(results[1][0])[0], summary
+
+    # -- Sweep
+
+    def sweep(self, prompt, negative_prompt, seed, steps, width, height, scales, eta, norm_threshold, momentum):
+        """A grid: one row for CFG, one for APG, one column per guidance scale. (grid image, table rows)."""
+        from guidekit.metrics import mean_saturation
+
+        values = parse_scales(scales, self.limits)
+        seed = _as_int(seed, "seed")
+        cells, table = {}, []
+        for scale in values:
+            common = (prompt, negative_prompt, seed, steps, width, height, scale)
+            for name, params in (("CFG", self.params("cfg", *common)),
+                                 ("APG", self.params("apg", *common, eta=eta, norm_threshold=norm_threshold,
+                                                     momentum=momentum))):
+                images, _ = generate(self.pipe, params, [seed])
+                sat = mean_saturation(images)
+                cells[name, scale] = (to_pil(images)[0], sat)
+            table.append([scale, round(cells["CFG", scale][1], 4), round(cells["APG", scale][1], 4)])
+        return compose_grid(cells, values), table
+
+    # -- Reconstruct / Edit (UAM)
+
+    def uam(self):
+        if self._uam is None:
+            from diffusers import StableDiffusionXLPipeline
+
+            from guidekit.pipelines import UAMStableDiffusionPipeline, UAMStableDiffusionXLPipeline
+
+            cls = UAMStableDiffusionXLPipeline if isinstance(self.pipe, StableDiffusionXLPipeline) else \
+                UAMStableDiffusionPipeline
+            self._uam = cls.from_pipe(self.pipe)  # the same modules: no second copy of the model
+            self._uam.set_progress_bar_config(disable=True)
+        return self._uam
+
+    def reconstruct_edit(self, image, source_prompt, target_prompt, seed, steps, size, guidance_scale):
+        """(original, reconstruction, edit, mask, Markdown metrics)."""
+        import torch
+
+        if image is None:
+            raise JobError("image: upload an image or pick an example")
+        if not target_prompt:
+            raise JobError("target prompt: required for the edit (what the image should become)")
+        params = self.params("cfg", source_prompt or "an image", None, seed, steps, size, size, guidance_scale)
+        original = image.convert("RGB").resize((params["width"], params["height"]))
+        uam = self.uam()
+        gen = lambda: torch.Generator("cpu").manual_seed(_as_int(seed, "seed"))  # noqa: E731
+        rec = uam.reconstruct(original, prompt=source_prompt or "", guidance_scale=1.0, uniform=True,
+                              num_inference_steps=params["steps"], generator=gen())
+        edit = uam.edit(original, source_prompt or "", target_prompt, guidance_scale=params["guidance_scale"],
+                        num_inference_steps=params["steps"], generator=gen())
+        m = rec.metrics[0] if getattr(rec, "metrics", None) else {}
+        metrics = " · ".join(f"{k.upper()} {v:.4g}" for k, v in m.items() if isinstance(v, (int, float)))
+        mask = edit.masks[0] if getattr(edit, "masks", None) is not None and len(edit.masks) else None
+        return original, _first_image(rec.images), _first_image(edit.images), _mask_image(mask), \
+            f"Reconstruction: {metrics or 'no metrics'}"
+
+
+def _as_int(value, name):
+    if value is None or value == "":
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise JobError(f"{name}: expected an integer >= 0, got {value!r}")
+
+
+def parse_scales(text, limits: Limits) -> list[float]:
+    """'1, 3, 7.5' -> [1.0, 3.0, 7.5], each in [0, max_scale], at most `max_sweep` of them."""
+    accepted = f"a comma-separated list of 1 to {limits.max_sweep} numbers in [0, {limits.max_scale}]"
+    if isinstance(text, (int, float)):
+        text = str(text)
+    if not isinstance(text, str) or not text.strip():
+        raise JobError(f"guidance scales: expected {accepted}, got {text!r}")
+    try:
+        values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        raise JobError(f"guidance scales: expected {accepted}, got {text!r}") from None
+    if not 1 <= len(values) <= limits.max_sweep or any(not 0 <= v <= limits.max_scale for v in values):
+        raise JobError(f"guidance scales: expected {accepted}, got {text!r}")
+    return values
+
+
+def compose_grid(cells: dict, scales: list[float]):
+    """One labelled picture: rows CFG / APG, a column per scale, saturation under each image."""
+    from PIL import Image, ImageDraw
+
+    first = next(iter(cells.values()))[0]
+    w, h = first.size
+    tile = max(96, min(256, w))  # small models get upscaled so the labels stay readable
+    th = round(tile * h / w)
+    left, top, cap = 44, 20, 16
+    grid = Image.new("RGB", (left + tile * len(scales), top + 2 * (th + cap)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, scale in enumerate(scales):
+        draw.text((left + c * tile + 4, 4), f"w = {scale:g}", fill="black")
+        for r, name in enumerate(("CFG", "APG")):
+            img, sat = cells[name, scale]
+            y = top + r * (th + cap)
+            grid.paste(img.resize((tile, th), Image.NEAREST), (left + c * tile, y))
+            draw.text((left + c * tile + 4, y + th + 2), f"sat {sat:.2f}", fill="black")
+    for r, name in enumerate(("CFG", "APG")):
+        draw.text((6, top + r * (th + cap) + th // 2 - 6), name, fill="black")
+    return grid
+
+
+def _first_image(images):
+    if images is None:
+        return None
+    img = images[0]
+    if hasattr(img, "save"):
+        return img
+    return to_pil([img])[0]
+
+
+def _mask_image(mask):
+    if mask is None:
+        return None
+    import numpy as np
+    from PIL import Image
+
+    if hasattr(mask, "detach"):
+        mask = mask.detach().float().cpu().numpy()
+    arr = np.squeeze(np.asarray(mask, dtype=np.float32))
+    if arr.ndim == 3:
+        arr = arr.mean(axis=0) if arr.shape[0] < arr.shape[-1] else arr.mean(axis=-1)
+    return Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype("uint8"), mode="L")
+
+
+def uam_available() -> bool:
+    try:
+        from guidekit.pipelines import UAMStableDiffusionPipeline  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def example_images() -> list[str]:
+    """Images shipped in assets/ (the only files the demo serves besides its own outputs)."""
+    folder = ASSETS / "examples"
+    if not folder.is_dir():
+        return []
+    return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in EXAMPLE_IMAGE_SUFFIXES)
+
+
+#----------------------------------------------------------------------------
+# The page.
+
+def _named(base):
+    """A Gradio number/slider whose server-side bound check names the field (Gradio's own message does not)."""
+    import gradio as gr
+    from gradio.components.number import Number
+
+    class Named(base):
+        is_template = True  # rendered by the frontend as the base component
+
+        def preprocess(self, payload):
+            if payload is None:
+                return super().preprocess(payload)
+            if isinstance(payload, bool) or not isinstance(payload, (int, float)):
+                raise gr.Error(f"{self.label}: expected a number from {_num(self.minimum)} to {_num(self.maximum)}, "
+                               f"got {payload!r}", print_exception=False)
+            try:
+                Number.raise_if_out_of_bounds(payload, self.minimum, self.maximum)
+            except gr.Error:
+                raise gr.Error(f"{self.label}: {payload} is out of range; accepted: {_num(self.minimum)} to "
+                               f"{_num(self.maximum)}", print_exception=False) from None
+            return super().preprocess(payload)
+
+    Named.__name__ = Named.__qualname__ = f"Named{base.__name__}"
+    return Named
+
+
+def _num(x) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+@functools.lru_cache(maxsize=None)
+def _component(kind: str):
+    import gradio as gr
+
+    return _named(getattr(gr, kind))
+
+
+def Slider(*args, **kwargs):  # noqa: N802 - gr.Slider with a field-naming bound check
+    return _component("Slider")(*args, **kwargs)
+
+
+def Number(*args, **kwargs):  # noqa: N802 - gr.Number with a field-naming bound check
+    return _component("Number")(*args, **kwargs)
+
+
+def _slider(param, label=None, **kw):
+    return Slider(minimum=param.min, maximum=param.max, value=param.default, label=label or param.name,
+                     info=param.help, **kw)
+
+
+def _sampling_controls(backend: DemoBackend, tab: str):
+    """Negative prompt, seed, steps, width, height: the same controls in each tab."""
+    import gradio as gr
+
+    lim, f = backend.limits, backend.factor
+    size_min = f * 4 if f * 4 <= backend.default_size else f
+    negative = gr.Textbox(label="Negative prompt", placeholder="optional", elem_id=f"{tab}-negative")
+    seed = Number(label="Seed", value=0, precision=0, minimum=0, maximum=2**31 - 1,
+                     info="Same seed, same start noise: CFG and APG start from the same point.", elem_id=f"{tab}-seed")
+    steps = Slider(1, lim.max_steps, value=min(25, lim.max_steps), step=1, label="Steps",
+                      info=f"Denoising steps (this demo allows up to {lim.max_steps}).", elem_id=f"{tab}-steps")
+    with gr.Row():
+        width = Slider(size_min, lim.max_size, value=min(backend.default_size, lim.max_size), step=f, label="Width",
+                          info=f"Pixels, a multiple of {f}; the model's native size is {backend.default_size}.")
+        height = Slider(size_min, lim.max_size, value=min(backend.default_size, lim.max_size), step=f,
+                           label="Height", info=f"Pixels, a multiple of {f}.")
+    return negative, seed, steps, width, height
+
+
+def _apg_controls():
+    import gradio as gr
+
+    p = GUIDANCE["apg"].params
+    with gr.Accordion("APG parameters", open=True):
+        eta = _slider(p["eta"], "eta (parallel weight)", step=0.05)
+        norm = _slider(p["norm_threshold"], "norm_threshold r", step=0.5)
+        momentum = _slider(p["momentum"], "momentum beta", step=0.05)
+    return eta, norm, momentum
+
+
+def build_demo(pipe, model_name: str = "", limits: Limits = Limits()):
+    """The Gradio Blocks app around one loaded pipeline."""
+    import gradio as gr
+
+    pipe.set_progress_bar_config(disable=True)
+    backend = DemoBackend(pipe, model_name, limits)
+    scale_param = COMMON["guidance_scale"]
+    note = ""
+    if model_name == "tiny-random":
+        note = ("\n\n> No embedded model was found, so this demo runs a tiny model with **random weights**: "
+                "its images are noise, but every control works. Start it with `--model` for real images.")
+    queue = dict(concurrency_limit=1, concurrency_id="model")  # one shared model: one request at a time
+
+    with gr.Blocks(title="guidekit demo", analytics_enabled=False) as demo:
+        gr.Markdown(f"# guidekit\nTraining-free guidance for diffusers. Model: `{model_name or 'custom'}`.{note}")
+        with gr.Tab("Generate"):
+            gr.Markdown("The same seed with classifier-free guidance (CFG) and adaptive projected guidance "
+                        "(APG). Raise the guidance scale: CFG oversaturates, APG stays clean.")
+            with gr.Row():
+                with gr.Column(scale=2):
+                    prompt = gr.Textbox(label="Prompt", value=EXAMPLE_PROMPTS[0], lines=2, elem_id="gen-prompt")
+                    negative, seed, steps, width, height = _sampling_controls(backend, "gen")
+                    scale = Slider(1.0, limits.max_scale, value=10.0, step=0.5, label="Guidance scale w",
+                                      info=scale_param.help + " Stock default 7.5.", elem_id="gen-scale")
+                    eta, norm, momentum = _apg_controls()
+                    button = gr.Button("Generate", variant="primary", elem_id="gen-button")
+                with gr.Column(scale=3):
+                    with gr.Row():
+                        cfg_img = gr.Image(label="CFG", type="pil", format="png", interactive=False,
+                                           elem_id="gen-cfg")
+                        apg_img = gr.Image(label="APG", type="pil", format="png", interactive=False,
+                                           elem_id="gen-apg")
+                    summary = gr.Markdown(elem_id="gen-summary")
+            gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[prompt], label="Prompts")
+            button.click(_ui_errors(backend.compare),
+                         [prompt, negative, seed, steps, width, height, scale, eta, norm, momentum],
+                         [cfg_img, apg_img, summary], api_name="generate", **queue)
+
+        with gr.Tab("Sweep"):
+            gr.Markdown("One prompt and seed over several guidance scales: a row for CFG, a row for APG, "
+                        "with the mean saturation under each image.")
+            with gr.Row():
+                with gr.Column(scale=2):
+                    s_prompt = gr.Textbox(label="Prompt", value=EXAMPLE_PROMPTS[0], lines=2, elem_id="sweep-prompt")
+                    s_neg, s_seed, s_steps, s_width, s_height = _sampling_controls(backend, "sweep")
+                    s_scales = gr.Textbox(label="Guidance scales", value="1, 4, 8, 15",
+                                          info=f"Comma-separated, up to {limits.max_sweep} values in "
+                                               f"[0, {limits.max_scale}].", elem_id="sweep-scales")
+                    s_eta, s_norm, s_momentum = _apg_controls()
+                    s_button = gr.Button("Run sweep", variant="primary", elem_id="sweep-button")
+                with gr.Column(scale=3):
+                    grid = gr.Image(label="CFG (top) vs APG (bottom)", type="pil", format="png",
+                                    interactive=False, elem_id="sweep-grid")
+                    table = gr.Dataframe(headers=["guidance scale", "CFG saturation", "APG saturation"],
+                                         interactive=False, elem_id="sweep-table")
+            s_button.click(_ui_errors(backend.sweep),
+                           [s_prompt, s_neg, s_seed, s_steps, s_width, s_height, s_scales, s_eta, s_norm, s_momentum],
+                           [grid, table], api_name="sweep", **queue)
+
+        if uam_available():
+            _uam_tab(backend, queue)
+    demo.queue(max_size=limits.queue_size)
+    return demo
+
+
+def _uam_tab(backend: DemoBackend, queue: dict):
+    import gradio as gr
+
+    lim, f = backend.limits, backend.factor
+    with gr.Tab("Reconstruct / Edit"):
+        gr.Markdown("Uniform attention maps (UAM): invert a real image, rebuild it almost exactly, and edit it "
+                    "with a prompt; the mask shows where the edit acted.")
+        with gr.Row():
+            with gr.Column(scale=2):
+                image = gr.Image(label="Image", type="pil", sources=["upload"], elem_id="uam-image")
+                examples = example_images()
+                if examples:
+                    gr.Examples([[p] for p in examples], inputs=[image], label="Example images")
+                source = gr.Textbox(label="Source prompt", info="Describes the image as it is.",
+                                    value=EXAMPLE_PROMPTS[0])
+                target = gr.Textbox(label="Target prompt", info="Describes the image after the edit.",
+                                    value=EXAMPLE_PROMPTS[0].replace("red", "yellow"))
+                seed = Number(label="Seed", value=0, precision=0, minimum=0, maximum=2**31 - 1)
+                steps = Slider(1, lim.max_steps, value=min(50, lim.max_steps), step=1, label="Steps",
+                                  info="DDIM steps of the inversion and of the rebuild (UAM paper: 50).")
+                size = Slider(f * 4 if f * 4 <= backend.default_size else f, lim.max_size,
+                                 value=min(backend.default_size, lim.max_size), step=f, label="Size",
+                                 info=f"The image is resized to this square size (a multiple of {f}).")
+                scale = Slider(1.0, lim.max_scale, value=7.5, step=0.5, label="Edit guidance scale",
+                                  info="CFG scale of the edit; the reconstruction uses 1 (no guidance).")
+                button = gr.Button("Reconstruct and edit", variant="primary", elem_id="uam-button")
+            with gr.Column(scale=3):
+                with gr.Row():
+                    outs = [gr.Image(label=name, type="pil", format="png", interactive=False)
+                            for name in ("Original", "Reconstruction", "Edit", "Mask")]
+                metrics = gr.Markdown()
+        button.click(_ui_errors(backend.reconstruct_edit), [image, source, target, seed, steps, size, scale],
+                     [*outs, metrics], api_name="reconstruct_edit", **queue)
+
+
+def launch(demo, host: str = "127.0.0.1", port: Optional[int] = None, **kwargs):
+    """Launch with the demo's file policy: only the shipped assets besides Gradio's own cache."""
+    return demo.launch(server_name=host, server_port=port, show_error=True, allowed_paths=[str(ASSETS / "examples")],
+                       max_file_size="20mb", footer_links=["api"], **kwargs)
+
+
+#----------------------------------------------------------------------------
+# Command line.
+
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option("--model", metavar="ID_OR_PATH", default=None,
+              help="Hub id or local folder of a Stable Diffusion model; default: the embedded toy model.")
+@click.option("--host", default="127.0.0.1", metavar="ADDR", help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", default=7860, metavar="INT", type=click.IntRange(1, 65535), help="Port to listen on.")
+@click.option("--max-steps", default=Limits.max_steps, metavar="INT", type=click.IntRange(1, 1000),
+              help="Most denoising steps one request may ask for.")
+@click.option("--max-size", default=Limits.max_size, metavar="INT", type=click.IntRange(8, 4096),
+              help="Largest width/height one request may ask for, in pixels.")
+def demo(model, host, port, max_steps, max_size):
+    """Start the web demo: CFG vs APG, a guidance-scale sweep, and UAM reconstruct/edit when available.
+
+    \b
+    Examples:
+      guidekit demo
+      guidekit demo --model runwayml/stable-diffusion-v1-5 --host 0.0.0.0 --port 7860
+    """
+    from .jobs import load_pipeline
+
+    pipe, name = load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    app = build_demo(pipe, name, Limits(max_steps=max_steps, max_size=max_size))
+    launch(app, host=host, port=port)
+
+
+if __name__ == "__main__":
+    demo()
