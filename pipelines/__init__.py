@@ -2,5 +2,7 @@
 
 from .guided_sd import GuidedStableDiffusionPipeline
 from .guided_sdxl import GuidedStableDiffusionXLPipeline
+from .uam_sd import UAMStableDiffusionPipeline
+from .uam_sdxl import UAMStableDiffusionXLPipeline
 
 __all__ = ["GuidedStableDiffusionPipeline", "GuidedStableDiffusionXLPipeline"]

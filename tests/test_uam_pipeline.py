@@ -1,0 +1,189 @@
+"""UAM pipelines (SD 1.x and SDXL) on tiny random components: API, consistency, restoration, bad input."""
+
+import math
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from guidekit.attention import UniformCrossAttnProcessor
+from guidekit.guidance import APG
+from guidekit.hooks import SamplerHook
+from guidekit.pipelines import UAMStableDiffusionPipeline, UAMStableDiffusionXLPipeline
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_sd_dir):
+    pipe = UAMStableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def image():
+    return torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _same_processors(pipe, before):
+    now = pipe.unet.attn_processors
+    return set(now) == set(before) and all(now[k] is v for k, v in before.items())
+
+
+def test_invert_returns_latents_and_whole_trajectory(sd, image):
+    inv = sd.invert(image, num_inference_steps=3)
+    assert inv.latents.shape == (1, 4, 16, 16)
+    assert len(inv.trajectory) == 4 and torch.equal(inv.trajectory[-1], inv.latents)
+    z0 = sd.vae.encode(image * 2 - 1).latent_dist.mean * sd.vae.config.scaling_factor
+    assert torch.allclose(inv.trajectory[0], z0, atol=1e-6)
+    assert inv.timesteps == [int(t) for t in sd._uam_scheduler(3).timesteps]
+    plain = sd.invert(image, prompt="a red circle", guidance_scale=7.5, uniform=False, num_inference_steps=3)
+    assert not torch.allclose(plain.latents, inv.latents, atol=1e-4)
+
+
+def test_reconstruct_metrics(sd, image):
+    rec = sd.reconstruct(image, num_inference_steps=3, output_type="pt")
+    assert rec.images.shape == (1, 3, 32, 32)
+    (m,) = rec.metrics
+    assert {"psnr", "ssim", "mse"} <= set(m)
+    mse = float(((rec.images.double() - image.double()) ** 2).mean())
+    assert math.isclose(m["mse"], mse, rel_tol=1e-5)
+    assert math.isclose(m["psnr"], 10 * math.log10(1 / mse), rel_tol=1e-4)
+    assert -1 <= m["ssim"] <= 1
+    if "lpips" not in m:
+        assert rec.notes and "LPIPS" in rec.notes[0]
+    pil = sd.reconstruct(image, num_inference_steps=2).images
+    assert isinstance(pil[0], PIL.Image.Image)
+
+
+def test_edit_outputs_and_restores_processors(sd, image):
+    before = dict(sd.unet.attn_processors)
+    out = sd.edit(image, "a red circle", "a blue circle", num_inference_steps=4, start_step=1, recon_t=1000, output_type="np")
+    assert out.images.shape == (1, 32, 32, 3) and out.source_images.shape == (1, 32, 32, 3)
+    assert out.masks.shape == (1, 32, 32) and 0 <= out.masks.min() and out.masks.max() <= 1
+    assert _same_processors(sd, before)
+    plain = sd.edit(image, "a red circle", "a blue circle", num_inference_steps=4, start_step=1, adaptive_mask=False, output_type="np")
+    assert plain.masks is None
+
+    class Explode(SamplerHook):
+        def step_end(self, state):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        sd.edit(image, "a red circle", "a blue circle", num_inference_steps=3, start_step=0, hooks=[Explode()])
+    assert _same_processors(sd, before)
+
+
+def test_edit_keeps_users_own_processors(sd, image):
+    from guidekit.attention import attention_layers
+
+    mine = {n: UniformCrossAttnProcessor() for n in attention_layers(sd.unet, "cross")}
+    original = dict(sd.unet.attn_processors)
+    sd.unet.set_attn_processor({**original, **mine})
+    try:
+        before = dict(sd.unet.attn_processors)
+        sd.edit(image, "a", "b", num_inference_steps=2, start_step=0, output_type="pt")
+        assert _same_processors(sd, before)
+    finally:
+        sd.unet.set_attn_processor(original)
+
+
+def test_null_source_branch_retraces_null_prompt_reconstruction(sd, image):
+    # source_conditioning="null": the source branch predicts u + w (u − u) = u, reads its own keys/values
+    # under MasaCtrl and, without the mask, is exactly a null-prompt DDIM reconstruction at w = 1
+    out = sd.edit(image, "a red circle", "a blue circle", num_inference_steps=3, start_step=0, adaptive_mask=False, output_type="pt")
+    rec = sd.reconstruct(image, prompt="", guidance_scale=1.0, uniform=False, num_inference_steps=3, output_type="pt")
+    assert torch.allclose(out.source_images, rec.images, atol=1e-4)
+
+
+def test_apg_composes_in_guidance_slot(sd, image):
+    kw = dict(num_inference_steps=3, start_step=0, recon_t=1000, output_type="pt")
+    cfg = sd.edit(image, "a red circle", "a blue circle", guidance_scale=7.5, **kw).images
+    # APG with eta=1, no rescaling and no momentum is CFG (Sadat et al., Alg. 1)
+    same = sd.edit(image, "a red circle", "a blue circle", hooks=[APG(7.5, eta=1.0, norm_threshold=None, momentum=0.0)], **kw).images
+    assert torch.allclose(cfg, same, atol=1e-4)
+    apg = sd.edit(image, "a red circle", "a blue circle", hooks=[APG(7.5, norm_threshold=0.5)], **kw).images
+    assert not torch.allclose(cfg, apg, atol=1e-4)
+
+
+def test_v_prediction_and_from_pipe(tiny_sd_v_dir, image):
+    from diffusers import StableDiffusionPipeline
+
+    stock = StableDiffusionPipeline.from_pretrained(tiny_sd_v_dir)
+    pipe = UAMStableDiffusionPipeline.from_pipe(stock)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe._prediction_type == "v_prediction"
+    rec = pipe.reconstruct(image, num_inference_steps=2, output_type="pt")
+    assert np.isfinite(rec.metrics[0]["psnr"])
+    out = pipe.edit(image, "a", "b", num_inference_steps=2, start_step=0, recon_t=1000, output_type="pt")
+    assert torch.isfinite(out.images).all()
+
+
+def test_sdxl_reconstruct_and_edit(tiny_sdxl_dir):
+    pipe = UAMStableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    pipe.set_progress_bar_config(disable=True)
+    before = dict(pipe.unet.attn_processors)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    rec = pipe.reconstruct(images, num_inference_steps=2, output_type="pt")
+    assert len(rec.metrics) == 2
+    out = pipe.edit(images, ["a red circle", "a cat"], ["a blue circle", "a dog"], num_inference_steps=3, start_step=0, recon_t=1000, output_type="np")
+    assert out.images.shape == (2, 32, 32, 3) and out.masks.shape == (2, 32, 32)
+    assert _same_processors(pipe, before)
+    assert pipe._default_start_layer() == 0  # tiny UNet: 3 self-attention layers, "the last 6" = all
+
+
+def test_default_start_layer_rule(sd):
+    # "the last 6 self-attention layers": SD 1.x has 16 -> 10 (the paper), SDXL has 70 -> 64
+    from guidekit.attention import attention_layers
+
+    n = len(attention_layers(sd.unet, "self"))
+    assert sd._default_start_layer() == max(n - 6, 0)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_size_not_divisible_by_vae_factor(sd):
+    with pytest.raises(ValueError, match="image: size 33x32 is not divisible by the VAE factor 2"):
+        sd.invert(torch.rand(1, 3, 32, 33), num_inference_steps=1)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (PIL.Image.new("L", (32, 32)), "PIL mode 'L'"),
+        (PIL.Image.new("RGBA", (32, 32)), "PIL mode 'RGBA'"),
+        (np.zeros((32, 32), dtype=np.uint8), "array of shape"),
+        (torch.rand(1, 1, 32, 32), "tensor of shape"),
+        ([], "empty list"),
+        (np.zeros((0, 32, 3), dtype=np.uint8), "empty image"),
+        (torch.rand(1, 3, 32, 32) * 3, "outside \\[0, 1\\]"),
+    ],
+)
+def test_non_rgb_or_empty_image(sd, bad, match):
+    with pytest.raises(ValueError, match="image: .*" + match if not match.startswith("image") else match):
+        sd.reconstruct(bad, num_inference_steps=1)
+
+
+def test_prompt_lists_of_different_length(sd, image):
+    with pytest.raises(ValueError, match="source_prompt/target_prompt: 2 and 3 prompts"):
+        sd.edit(image, ["a", "b"], ["c", "d", "e"], num_inference_steps=2, start_step=0)
+
+
+@pytest.mark.parametrize("q", [0.0, 1.0, 1.2, -0.5])
+def test_quantile_outside_open_interval(sd, image, q):
+    with pytest.raises(ValueError, match="quantile: .* accepted: a number in the open interval \\(0, 1\\)"):
+        sd.edit(image, "a", "b", num_inference_steps=2, start_step=0, quantile=q)
+
+
+def test_start_step_beyond_steps(sd, image):
+    with pytest.raises(ValueError, match="start_step: 4 is not accepted with num_inference_steps=3; accepted: an integer in \\[0, 3\\]"):
+        sd.edit(image, "a", "b", num_inference_steps=3)
+    with pytest.raises(ValueError, match="start_layer: 99"):
+        sd.edit(image, "a", "b", num_inference_steps=3, start_step=0, start_layer=99)
+    with pytest.raises(ValueError, match="num_inference_steps: 0"):
+        sd.invert(image, num_inference_steps=0)
+    with pytest.raises(ValueError, match="threshold_rule"):
+        sd.edit(image, "a", "b", num_inference_steps=3, start_step=0, threshold_rule="half")
