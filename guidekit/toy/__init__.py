@@ -1,1 +1,56 @@
-"""The embedded toy world and model."""
+"""The embedded toy world and model: a tiny text-to-image Stable Diffusion shipped in ``guidekit.assets``.
+
+>>> from diffusers import StableDiffusionPipeline
+>>> import guidekit.toy
+>>> pipe = StableDiffusionPipeline.from_pretrained(guidekit.toy.default_model_path())
+>>> image = pipe("a red circle on a blue background", guidance_scale=guidekit.toy.DEFAULT_GUIDANCE_SCALE,
+...              num_inference_steps=25).images[0]
+
+The world (``guidekit.toy.world``) and the judge (``guidekit.toy.judge``) need only numpy; the model code
+imports torch and diffusers lazily.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .world import COLOURS, SHAPES, TEXTURES, caption, generate, generate_batch, parse_caption
+
+__all__ = [
+    "COLOURS",
+    "SHAPES",
+    "TEXTURES",
+    "MODEL_NAME",
+    "DEFAULT_GUIDANCE_SCALE",
+    "DEFAULT_STEPS",
+    "caption",
+    "parse_caption",
+    "generate",
+    "generate_batch",
+    "default_model_path",
+]
+
+#: Folder name of the embedded model inside ``guidekit.assets``.
+MODEL_NAME = "toy-sd"
+#: Guidance scale at which the model card's accuracies were measured (CFG); see assets/toy-sd/README.md.
+DEFAULT_GUIDANCE_SCALE = 5.0
+#: DDIM steps used by the evaluation.
+DEFAULT_STEPS = 25
+
+
+def default_model_path() -> Path:
+    """Folder of the embedded model: ``guidekit/assets/toy-sd`` installed, ``<repo>/assets/toy-sd`` in a checkout."""
+    try:
+        from importlib.resources import files
+
+        path = Path(str(files("guidekit.assets") / MODEL_NAME))
+        if path.is_dir():
+            return path
+    except (ModuleNotFoundError, TypeError):
+        pass
+    import guidekit
+
+    path = Path(guidekit.__file__).resolve().parent.parent / "assets" / MODEL_NAME
+    if not path.is_dir():
+        raise FileNotFoundError(f"the embedded model {MODEL_NAME!r} is not installed (looked in guidekit.assets and {path})")
+    return path
