@@ -56,8 +56,8 @@ class Limits:
                 raise JobError(f"{key}: {params[key]} is over this demo's limit; accepted: up to {self.max_size} "
                                "pixels (start the demo with --max-size to change it)")
         if params["guidance_scale"] > self.max_scale:
-            raise JobError(f"guidance_scale: {params['guidance_scale']} is over this demo's limit; "
-                           f"accepted: 0 to {self.max_scale}")
+            raise JobError(f"guidance_scale: {_num(params['guidance_scale'])} is over this demo's limit; "
+                           f"accepted: 0 to {_num(self.max_scale)}")
 
 
 def _ui_errors(fn):
@@ -177,8 +177,9 @@ class DemoBackend:
         gen = lambda: torch.Generator("cpu").manual_seed(_as_int(seed, "seed"))  # noqa: E731
         rec = uam.reconstruct(original, prompt=source_prompt or "", guidance_scale=1.0, uniform=True,
                               num_inference_steps=params["steps"], generator=gen())
+        # MasaCtrl's mutual self-attention starts at step 4 (the paper's value), or at the last step of short runs
         edit = uam.edit(original, source_prompt or "", target_prompt, guidance_scale=params["guidance_scale"],
-                        num_inference_steps=params["steps"], generator=gen())
+                        num_inference_steps=params["steps"], start_step=min(4, params["steps"]), generator=gen())
         m = rec.metrics[0] if getattr(rec, "metrics", None) else {}
         metrics = " · ".join(f"{k.upper()} {v:.4g}" for k, v in m.items() if isinstance(v, (int, float)))
         mask = edit.masks[0] if getattr(edit, "masks", None) is not None and len(edit.masks) else None

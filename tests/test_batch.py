@@ -26,19 +26,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from guidekit.testing import make_tiny_sd
-
-    folder = tmp_path_factory.mktemp("tiny-sd") / "model"
-    make_tiny_sd(folder)
-    return folder
+def tiny_model(tiny_sd_dir):
+    return tiny_sd_dir  # conftest.py: a tiny random SD 1.x checkpoint saved once per session
 
 
 @pytest.fixture(scope="module")
 def tiny_pipe(tiny_model):
     from guidekit.apps.jobs import load_pipeline
 
-    return load_pipeline(str(tiny_model))
+    return load_pipeline(str(tiny_model))[0]
 
 
 def write_jobs(path: Path, *lines) -> Path:

@@ -1,0 +1,195 @@
+"""The web demo: its API through gradio_client, its input bounds, and a real headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+CHROMIUM = os.environ.get("GUIDEKIT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd_dir):
+    from guidekit.apps.jobs import load_pipeline
+
+    return load_pipeline(str(tiny_sd_dir))[0]
+
+
+@pytest.fixture(scope="module")
+def backend(pipe):
+    from guidekit.apps.demo import DemoBackend, Limits
+
+    return DemoBackend(pipe, "tiny", Limits(max_steps=8, max_size=64))
+
+
+@pytest.fixture(scope="module")
+def server(pipe):
+    from guidekit.apps.demo import Limits, build_demo, launch
+
+    app = build_demo(pipe, "tiny-random", Limits(max_steps=8, max_size=64))
+    _, url, _ = launch(app, port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield url
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server, verbose=False)
+
+
+#----------------------------------------------------------------------------
+# Without a server.
+
+def test_bounds_are_messages(backend):
+    from guidekit.apps.jobs import JobError
+
+    ok = dict(prompt="a red circle", negative_prompt="", seed=0, steps=2, width=32, height=32, guidance_scale=9,
+              eta=0.0, norm_threshold=15.0, momentum=-0.5)
+    cases = [
+        (dict(steps=9), "steps: 9 is over this demo's limit; accepted: 1 to 8"),
+        (dict(width=128), "width: 128 is over this demo's limit; accepted: up to 64"),
+        (dict(height=36), "height: expected .*multiple of 8, got 36"),
+        (dict(prompt=""), "prompt: required"),
+        (dict(guidance_scale=31), "guidance_scale: 31 is over this demo's limit"),
+        (dict(eta=2.0), r"eta: expected a number in \[0.0, 1.0\], got 2.0"),
+        (dict(seed=1.5), "seed: expected an integer"),
+    ]
+    for change, message in cases:
+        with pytest.raises(JobError, match=message):
+            backend.compare(**{**ok, **change})
+    with pytest.raises(JobError, match="guidance scales: expected a comma-separated list of 1 to 6"):
+        backend.sweep("x", "", 0, 2, 32, 32, "1, 2, 3, 4, 5, 6, 7", 0.0, 15.0, -0.5)
+    with pytest.raises(JobError, match="guidance scales"):
+        backend.sweep("x", "", 0, 2, 32, 32, "1, lots", 0.0, 15.0, -0.5)
+
+
+def test_compare_same_seed(backend):
+    cfg, apg, summary = backend.compare("a red circle", "", 3, 2, 32, 32, 1.0, 0.0, 15.0, -0.5)
+    assert cfg.size == apg.size == (32, 32)
+    # guidance scale 1 turns guidance off: both methods give the same image for the same seed
+    import numpy as np
+
+    assert np.array_equal(np.asarray(cfg), np.asarray(apg))
+    assert "saturation" in summary and "| **APG** |" in summary
+
+
+def test_uam_tab_present_only_with_uam(pipe, monkeypatch):
+    import guidekit.apps.demo as demo_mod
+
+    monkeypatch.setattr(demo_mod, "uam_available", lambda: False)
+    app = demo_mod.build_demo(pipe, "tiny")
+    assert "/reconstruct_edit" not in {d.api_name and "/" + d.api_name for d in app.fns.values()}
+
+
+#----------------------------------------------------------------------------
+# Through the API.
+
+def test_api_generate_and_sweep(client):
+    from PIL import Image
+
+    cfg, apg, summary = client.predict("a red circle", "", 3, 2, 32, 32, 12, 0.0, 15, -0.5, api_name="/generate")
+    assert Image.open(cfg).size == Image.open(apg).size == (32, 32)
+    assert "| **CFG** |" in summary and "| **APG** |" in summary
+
+    grid, table = client.predict("a red circle", "", 3, 2, 32, 32, "1, 9", 0.0, 15, -0.5, api_name="/sweep")
+    assert Image.open(grid).size[0] > 2 * 32
+    assert [row[0] for row in table["data"]] == [1.0, 9.0]
+
+
+def test_api_bounds(client):
+    from gradio_client.exceptions import AppError
+
+    good = ["a red circle", "", 3, 2, 32, 32, 12, 0.0, 15, -0.5]
+    cases = [
+        ({3: 5000}, "Steps: 5000 is out of range; accepted: 1 to 8"),
+        ({4: 4096}, "Width: 4096 is out of range; accepted: 32 to 64"),
+        ({3: "many"}, "Steps: expected a number from 1 to 8, got 'many'"),
+        ({0: ""}, "prompt: required"),
+        ({2: -1}, "Seed: -1 is out of range"),
+    ]
+    for change, message in cases:
+        args = [change.get(i, v) for i, v in enumerate(good)]
+        with pytest.raises(AppError) as info:
+            client.predict(*args, api_name="/generate")
+        assert message in str(info.value)
+        assert "Traceback" not in str(info.value)
+
+
+def test_api_reconstruct_edit(client):
+    from guidekit.apps.demo import uam_available
+
+    if not uam_available():
+        pytest.skip("UAM pipeline not in this build")
+    from gradio_client import handle_file
+    from PIL import Image
+
+    img = Image.new("RGB", (48, 40), (200, 30, 30))
+    path = Path(os.environ.get("PYTEST_TMP", "/tmp")) / f"guidekit-demo-{os.getpid()}.png"
+    img.save(path)
+    try:
+        out = client.predict(handle_file(str(path)), "a red image", "a blue image", 0, 2, 32, 5.0,
+                             api_name="/reconstruct_edit")
+    finally:
+        path.unlink(missing_ok=True)
+    original, rec, edit, mask, metrics = out
+    assert Image.open(original).size == Image.open(rec).size == Image.open(edit).size == (32, 32)
+    assert "PSNR" in metrics
+
+
+#----------------------------------------------------------------------------
+# In a real browser.
+
+def _browser_missing() -> str | None:
+    if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright Python package is not installed (pip install playwright)"
+    return None
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(_browser_missing() is not None, reason=str(_browser_missing()))
+def test_browser_generate(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    executable = CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(server, wait_until="domcontentloaded", timeout=60_000)
+            prompt = page.locator("#gen-prompt textarea")
+            prompt.fill("a blue square on a red background", timeout=60_000)
+            page.locator("#gen-steps input[type=number]").fill("2")
+            page.locator("#gen-steps input[type=number]").press("Enter")
+            page.locator("#gen-button").click()
+            for side in ("cfg", "apg"):
+                expect(page.locator(f"#gen-{side} img")).to_be_visible(timeout=60_000)
+            expect(page.locator("#gen-summary")).to_contain_text("saturation", timeout=60_000)
+            shot = os.environ.get("GUIDEKIT_DEMO_SCREENSHOT")
+            page.screenshot(path=shot or str(tmp_path / "demo.png"), full_page=True)
+        finally:
+            browser.close()
