@@ -6,4 +6,12 @@ from .hooks import HookChain, HookConflictError, SamplerHook, SamplerState
 
 __version__ = "0.1.0"
 
-__all__ = ["APG", "CFG", "HookChain", "HookConflictError", "SamplerHook", "SamplerState", "attach", "__version__"]
+__all__ = ["APG", "APGGuider", "CFG", "HookChain", "HookConflictError", "SamplerHook", "SamplerState", "attach", "__version__"]
+
+
+def __getattr__(name):
+    if name == "APGGuider":  # a diffusers Modular guider; imported on first use
+        from .guidance.diffusers_guider import APGGuider
+
+        return APGGuider
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
