@@ -278,6 +278,10 @@ def example_images() -> list[str]:
 #----------------------------------------------------------------------------
 # The page.
 
+# Small models make small images: show them large, with crisp pixels.
+OUTPUT_IMAGE = dict(height=320, elem_classes=["gk-out"])
+CSS = ".gk-out img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
+
 def _named(base):
     """A Gradio number/slider whose server-side bound check names the field (Gradio's own message does not)."""
     import gradio as gr
@@ -323,8 +327,9 @@ def Number(*args, **kwargs):  # noqa: N802 - gr.Number with a field-naming bound
 
 
 def _slider(param, label=None, **kw):
-    return Slider(minimum=param.min, maximum=param.max, value=param.default, label=label or param.name,
-                     info=param.help, **kw)
+    kw.setdefault("minimum", param.min)
+    kw.setdefault("maximum", param.max)
+    return Slider(value=param.default, label=label or param.name, info=param.help, **kw)
 
 
 def _sampling_controls(backend: DemoBackend, tab: str):
@@ -352,7 +357,7 @@ def _apg_controls():
     p = GUIDANCE["apg"].params
     with gr.Accordion("APG parameters", open=True):
         eta = _slider(p["eta"], "eta (parallel weight)", step=0.05)
-        norm = _slider(p["norm_threshold"], "norm_threshold r", step=0.5)
+        norm = _slider(p["norm_threshold"], "norm_threshold r", step=0.5, maximum=100.0)
         momentum = _slider(p["momentum"], "momentum beta", step=0.05)
     return eta, norm, momentum
 
@@ -386,9 +391,9 @@ def build_demo(pipe, model_name: str = "", limits: Limits = Limits()):
                 with gr.Column(scale=3):
                     with gr.Row():
                         cfg_img = gr.Image(label="CFG", type="pil", format="png", interactive=False,
-                                           elem_id="gen-cfg")
+                                           elem_id="gen-cfg", **OUTPUT_IMAGE)
                         apg_img = gr.Image(label="APG", type="pil", format="png", interactive=False,
-                                           elem_id="gen-apg")
+                                           elem_id="gen-apg", **OUTPUT_IMAGE)
                     summary = gr.Markdown(elem_id="gen-summary")
             gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[prompt], label="Prompts")
             button.click(_ui_errors(backend.compare),
@@ -409,7 +414,7 @@ def build_demo(pipe, model_name: str = "", limits: Limits = Limits()):
                     s_button = gr.Button("Run sweep", variant="primary", elem_id="sweep-button")
                 with gr.Column(scale=3):
                     grid = gr.Image(label="CFG (top) vs APG (bottom)", type="pil", format="png",
-                                    interactive=False, elem_id="sweep-grid")
+                                    interactive=False, elem_id="sweep-grid", elem_classes=["gk-out"])
                     table = gr.Dataframe(headers=["guidance scale", "CFG saturation", "APG saturation"],
                                          interactive=False, elem_id="sweep-table")
             s_button.click(_ui_errors(backend.sweep),
@@ -450,7 +455,7 @@ def _uam_tab(backend: DemoBackend, queue: dict):
                 button = gr.Button("Reconstruct and edit", variant="primary", elem_id="uam-button")
             with gr.Column(scale=3):
                 with gr.Row():
-                    outs = [gr.Image(label=name, type="pil", format="png", interactive=False)
+                    outs = [gr.Image(label=name, type="pil", format="png", interactive=False, **OUTPUT_IMAGE)
                             for name in ("Original", "Reconstruction", "Edit", "Mask")]
                 metrics = gr.Markdown()
         button.click(_ui_errors(backend.reconstruct_edit), [image, source, target, seed, steps, size, scale],
@@ -460,7 +465,7 @@ def _uam_tab(backend: DemoBackend, queue: dict):
 def launch(demo, host: str = "127.0.0.1", port: Optional[int] = None, **kwargs):
     """Launch with the demo's file policy: only the shipped assets besides Gradio's own cache."""
     return demo.launch(server_name=host, server_port=port, show_error=True, allowed_paths=[str(ASSETS / "examples")],
-                       max_file_size="20mb", footer_links=["api"], **kwargs)
+                       max_file_size="20mb", footer_links=["api"], css=CSS, **kwargs)
 
 
 #----------------------------------------------------------------------------

@@ -144,7 +144,8 @@ def _apg_hooks(p: dict) -> list:
         from guidekit import APG
     except ImportError as e:  # pragma: no cover - only before the APG hook exists
         raise JobError(f"guidance: 'apg' is not available in this guidekit build ({e})") from None
-    return [APG(eta=p["eta"], norm_threshold=p["norm_threshold"], momentum=p["momentum"],
+    # norm_threshold 0 in a job means "no rescaling", which the hook spells None
+    return [APG(eta=p["eta"], norm_threshold=p["norm_threshold"] or None, momentum=p["momentum"],
                 space=p["space"], start=p["start"], stop=p["stop"])]
 
 
@@ -408,16 +409,18 @@ def to_pil(images):
 
 def load_pipeline(model: Optional[str] = None):
     """Load `model` (hub id or folder; default: the embedded toy model) with guidekit's hooked pipeline.
-
-    Delegates to `guidekit.apps.generate.load_pipeline`, the loader every app shares, when it exists.
-    """
+    Returns (pipeline, model name). Delegates to `guidekit.apps.generate.load_pipeline`, the loader every
+    app shares."""
     try:
         from .generate import load_pipeline as shared
     except ImportError:
         shared = None
-    if shared is not None:
-        return shared(model)
-    return _fallback_load(model)  # pragma: no cover - until `guidekit generate` exists
+    if shared is None:
+        return _fallback_load(model), model or "tiny-random"  # pragma: no cover - before `guidekit generate`
+    result = shared(model)
+    if isinstance(result, tuple):
+        return result[0], str(result[1])
+    return result, model or "default"
 
 
 def _fallback_load(model: Optional[str]):  # pragma: no cover - temporary

@@ -92,6 +92,9 @@ def test_compare_same_seed(backend):
 
     assert np.array_equal(np.asarray(cfg), np.asarray(apg))
     assert "saturation" in summary and "| **APG** |" in summary
+    # norm_threshold 0 means no rescaling; momentum 0 no momentum
+    cfg, apg, _ = backend.compare("a red circle", "", 3, 2, 32, 32, 9.0, 0.0, 0.0, 0.0)
+    assert not np.array_equal(np.asarray(cfg), np.asarray(apg))
 
 
 def test_uam_tab_present_only_with_uam(pipe, monkeypatch):
