@@ -15,6 +15,7 @@ and only adds SDXL's prompt conditioning.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -193,20 +194,35 @@ class UAMPipelineMixin:
 
     # ------------------------------------------------------------------ VAE
 
+    @contextmanager
+    def _vae_precision(self):
+        """Run a half-precision VAE that asks for it (`force_upcast`, SDXL's VAE) in float32, then put it back."""
+        vae = self.vae
+        dtype = vae.dtype
+        upcast = dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            yield vae
+        finally:
+            if upcast:
+                vae.to(dtype)
+
     def _encode_image(self, image01: torch.Tensor) -> torch.Tensor:
         """z_0: the mean of the VAE posterior (deterministic), scaled as the UNet expects."""
-        vae = self.vae
-        x = (image01 * 2 - 1).to(self._execution_device, vae.dtype)
-        latents = vae.encode(x).latent_dist.mean
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * vae.config.scaling_factor
+        with self._vae_precision() as vae:
+            x = (image01 * 2 - 1).to(self._execution_device, vae.dtype)
+            latents = vae.encode(x).latent_dist.mean
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
+            latents = (latents - shift) * vae.config.scaling_factor
+        return latents.to(self.unet.dtype)
 
     def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → RGB in [0, 1], float32 (B, 3, H, W)."""
-        vae = self.vae
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        z = latents.to(vae.dtype) / vae.config.scaling_factor + shift
-        image = vae.decode(z, return_dict=False)[0]
+        with self._vae_precision() as vae:
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
+            z = latents.to(vae.dtype) / vae.config.scaling_factor + shift
+            image = vae.decode(z, return_dict=False)[0]
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
     def _to_output(self, image01: torch.Tensor, output_type: str):
