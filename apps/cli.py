@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 
 import click
 
@@ -30,6 +31,11 @@ class LazyGroup(click.Group):
         if importlib.util.find_spec(module) is None:
             return None
         return getattr(importlib.import_module(module), attr)
+
+
+# transformers warns at import time about optional image backends the CLI never uses; keep the
+# terminal for guidekit's own output unless the user asked for transformers' messages.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
