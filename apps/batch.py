@@ -233,7 +233,7 @@ def run_batch(jobs_file, out, model=None, strict=False, batch_size=1, dtype="aut
         return 0 if not errors else 1
 
     if pipe is None:
-        pipe = load_model(model)
+        pipe, model = load_model(model)
     device = state.device
     torch_dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32,
                    "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
@@ -301,7 +301,9 @@ def run_batch(jobs_file, out, model=None, strict=False, batch_size=1, dtype="aut
                 continue
             dt = time.perf_counter() - t0
             for i, (it, image) in enumerate(zip(chunk, to_pil(images))):
-                meta = {"prompt": params["prompt"], "params": params, "seed": it.seed, "model": ident,
+                # No local path or timing in the PNG: the same image is the same file on any process or machine.
+                meta = {"prompt": params["prompt"], "params": params, "seed": it.seed,
+                        "model": {k: v for k, v in ident.items() if k != "path"},
                         "guidekit_version": guidekit.__version__}
                 data = png_bytes(image, {"parameters": a1111_parameters(params, it.seed, ident),
                                          "guidekit": json.dumps(meta, sort_keys=True)})
