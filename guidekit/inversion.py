@@ -33,7 +33,7 @@ The math runs in float64; latents come back in the input's dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Sequence
+from typing import Callable, List
 
 import torch
 

@@ -133,9 +133,9 @@ class UAMPipelineMixin:
     ``{"encoder_hidden_states": ..., "added_cond_kwargs": ... or None}``.
     """
 
-    #: MasaCtrl's start_layer for SD 1.x (16 self-attention layers): the last 6, in the decoder's two
-    #: highest-resolution blocks. Other UNets use the same rule, "the last 6 self-attention layers".
-    masactrl_last_layers: int = 6
+    #: MasaCtrl's default start_layer by number of self-attention layers: SD 1.x/2.x (16) → 10, the paper's;
+    #: SDXL (70) → 64 (see `edit`). Other UNets start at the same fraction as SD 1.x, round(n · 10 / 16).
+    masactrl_start_layers = {16: 10, 70: 64}
 
     # ------------------------------------------------------------------ inputs
 
@@ -384,7 +384,8 @@ class UAMPipelineMixin:
     # ------------------------------------------------------------------ editing
 
     def _default_start_layer(self) -> int:
-        return max(len(attention_layers(self.unet, "self")) - self.masactrl_last_layers, 0)
+        n = len(attention_layers(self.unet, "self"))
+        return self.masactrl_start_layers.get(n, (n * 10 + 8) // 16)  # n · 10/16, rounded half up
 
     @torch.no_grad()
     def edit(
@@ -430,10 +431,12 @@ class UAMPipelineMixin:
             start_step (`int`, defaults to `4`): first step with mutual self-attention (MasaCtrl, the paper),
                 in [0, num_inference_steps]; equal to num_inference_steps turns it off.
             start_layer (`int`, *optional*): first self-attention layer (call order: down, mid, up) with
-                mutual self-attention. None: the last 6 layers — 10 on SD 1.x (the paper/MasaCtrl default) and
-                64 of 70 on SDXL (the decoder's highest-resolution attention block, one of the values
-                MasaCtrl's SDXL examples use; the same "last 6 high-resolution decoder layers" that 10 means
-                on SD 1.x, so the layout is shared while the low-resolution layers follow the target prompt).
+                mutual self-attention. None: 10 of 16 on SD 1.x/2.x (the paper/MasaCtrl default) and 64 of 70
+                on SDXL — the decoder's highest-resolution attention block, one of the values MasaCtrl's SDXL
+                examples use, and like 10 on SD 1.x "the last 6 layers, where the decoder paints fine
+                detail": the source's appearance is shared there while the lower-resolution layers follow
+                the target prompt (44, the same fraction as 10/16, also copies SDXL's 30 mid-resolution
+                decoder layers and resists the edit more). Other UNets: round(n · 10 / 16).
             adaptive_mask (`bool`, defaults to `True`): run the auxiliary branch and the mask; False is plain
                 DDIM inversion + MasaCtrl (the paper's baseline row), 4 instead of 5 UNet rows per step.
             quantile (`float`, defaults to `0.5`): q_max in (0, 1); the official run script and README use 0.5

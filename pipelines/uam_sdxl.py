@@ -1,8 +1,8 @@
 """Uniform Attention Maps for Stable Diffusion XL: the same inversion, reconstruction and editing loops as
 `pipelines/uam_sd.py` (`UAMPipelineMixin`), with SDXL's two text encoders and added time conditioning.
 
-MasaCtrl layer choice on SDXL: `start_layer=None` means the last 6 of the 70 self-attention layers (64),
-i.e. the decoder's highest-resolution attention block — see `UAMPipelineMixin.edit`.
+MasaCtrl layer choice on SDXL: `start_layer=None` means layer 64 of 70, i.e. the last 6 self-attention layers,
+the decoder's highest-resolution attention block — see `UAMPipelineMixin.edit` for why.
 """
 
 from __future__ import annotations

@@ -131,15 +131,16 @@ def test_sdxl_reconstruct_and_edit(tiny_sdxl_dir):
     out = pipe.edit(images, ["a red circle", "a cat"], ["a blue circle", "a dog"], num_inference_steps=3, start_step=0, recon_t=1000, output_type="np")
     assert out.images.shape == (2, 32, 32, 3) and out.masks.shape == (2, 32, 32)
     assert _same_processors(pipe, before)
-    assert pipe._default_start_layer() == 0  # tiny UNet: 3 self-attention layers, "the last 6" = all
+    assert pipe._default_start_layer() == 3  # tiny UNet: 4 self-attention layers
 
 
 def test_default_start_layer_rule(sd):
-    # "the last 6 self-attention layers": SD 1.x has 16 -> 10 (the paper), SDXL has 70 -> 64
+    # SD 1.x (16 self-attention layers) -> 10 (the paper), SDXL (70) -> 64, others round(n * 10 / 16)
     from guidekit.attention import attention_layers
 
     n = len(attention_layers(sd.unet, "self"))
-    assert sd._default_start_layer() == max(n - 6, 0)
+    assert n == 4 and sd._default_start_layer() == 3  # 4 * 10 / 16 = 2.5, rounded up
+    assert sd.masactrl_start_layers == {16: 10, 70: 64}
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -7,7 +7,7 @@ call raises; the processors the user had — the same objects — are put back.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 from ..checks import check_window
 from ..hooks import SamplerHook, SamplerState
