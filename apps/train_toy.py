@@ -25,6 +25,7 @@ import click
 @click.option("--seed", type=int, default=0)
 @click.option("--vae-steps", type=click.IntRange(1), default=1500)
 @click.option("--vae-batch", type=click.IntRange(1), default=8)
+@click.option("--vae-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3)
 @click.option("--unet-steps", type=click.IntRange(1), default=4000)
 @click.option("--batch", type=click.IntRange(1), default=32)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4)
@@ -34,9 +35,11 @@ import click
 @click.option("--workers", type=click.IntRange(0), default=0, help="Data-generation worker processes.")
 @click.option("--stop-after", type=click.FloatRange(min=0), default=None,
               help="Checkpoint and stop after this many seconds (resume later).")
+@click.option("--export-partial", is_flag=True,
+              help="With --stop-after: still write the (unfinished) EMA weights to --out.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def train_toy(out, ckpt_dir, device, seed, vae_steps, vae_batch, unet_steps, batch, lr, checkpoint_every, threads,
-              workers, stop_after, no_progress):
+def train_toy(out, ckpt_dir, device, seed, vae_steps, vae_batch, vae_lr, unet_steps, batch, lr, checkpoint_every, threads,
+              workers, stop_after, export_partial, no_progress):
     """Train the embedded toy model (VAE, then UNet + text encoder) and write a diffusers pipeline folder."""
     import torch
 
@@ -45,14 +48,15 @@ def train_toy(out, ckpt_dir, device, seed, vae_steps, vae_batch, unet_steps, bat
     torch.set_num_threads(threads)
     if device == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("cuda was asked for but torch sees no CUDA device", param_hint="--device")
-    config = TrainConfig(seed=seed, vae_steps=vae_steps, vae_batch=vae_batch, unet_steps=unet_steps, batch=batch,
+    config = TrainConfig(seed=seed, vae_steps=vae_steps, vae_batch=vae_batch, vae_lr=vae_lr, unet_steps=unet_steps, batch=batch,
                          lr=lr, checkpoint_every=checkpoint_every)
     t0 = time.perf_counter()
     summary = train(out, ckpt_dir, config, device=device, workers=workers, progress=not no_progress,
-                    stop_after=stop_after)
+                    stop_after=stop_after, export_partial=export_partial)
     summary["wall_s_this_run"] = round(time.perf_counter() - t0, 1)
     if not summary.get("finished"):
-        click.echo(f"stopped at phase {summary['phase']} step {summary['step']}; run the same command to resume")
+        click.echo(json.dumps(summary, indent=2, default=str))
+        click.echo("stopped early; run the same command to resume")
     else:
         click.echo(json.dumps(summary, indent=2))
         click.echo(f"wrote {os.path.abspath(out)}")

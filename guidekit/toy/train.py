@@ -122,6 +122,7 @@ def vae_psnr(vae, n: int = 256, seed_offset: int = 0, device="cpu", batch: int =
 
 
 def _log(log_path: Path, record: dict):
+    record["process_cpu_s"] = round(time.process_time(), 2)  # this process's CPU time (not its workers')
     with open(log_path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
 
@@ -139,10 +140,13 @@ def train(
     workers: int = 0,
     progress: bool = True,
     stop_after: Optional[float] = None,
+    export_partial: bool = False,
 ) -> dict:
     """Train (or resume) and write the pipeline folder to ``out``; returns the training summary.
 
-    ``stop_after`` (seconds) checkpoints and returns early, for sessions that cannot finish in one go.
+    ``stop_after`` (seconds) checkpoints and returns early, for sessions that cannot finish in one go;
+    with ``export_partial`` a run stopped in the UNet phase still writes its EMA weights to ``out`` (marked
+    unfinished in training.json).
     """
     from tqdm.auto import tqdm
 
@@ -157,6 +161,8 @@ def train(
     vae = build_vae().to(device)
     text_encoder = build_text_encoder(tokenizer).to(device)
     unet = build_unet().to(device)
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
     state = {"phase": "vae", "step": 0, "elapsed": {"vae": 0.0, "unet": 0.0}, "losses": {}, "metrics": {}}
     vae_opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -335,6 +341,14 @@ def train(
                 save_checkpoint()
                 if out_of_time() and step + 1 < config.unet_steps:
                     bar.close()
+                    if export_partial:
+                        with torch.no_grad():
+                            for p, e in zip(params, ema):
+                                p.copy_(e)
+                        summary = export_pipeline(out, vae, text_encoder, tokenizer, unet, config, state, device)
+                        summary["finished"] = False
+                        (Path(out) / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+                        return summary
                     return {"finished": False, **state}
         bar.close()
         state["phase"] = "done"
@@ -365,7 +379,8 @@ def export_pipeline(out, vae, text_encoder, tokenizer, unet, config, state, devi
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out), safe_serialization=True)
     summary = {
-        "finished": True,
+        "finished": state.get("phase") == "done",
+        "stopped_at_step": {"phase": state.get("phase"), "step": state.get("step")},
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "config": asdict(config),
