@@ -53,6 +53,14 @@ def model_identity(pipe, requested: Optional[str]) -> dict:
     path = getattr(pipe, "name_or_path", None) or getattr(pipe.config, "_name_or_path", None) or requested
     ident = {"id": requested or path, "path": str(path) if path else None, "class": type(pipe).__name__,
              "revision": None, "sha256": None}
+    if path and not os.path.isdir(path) and str(path).count("/") == 1:
+        try:  # a hub id: its snapshot folder in the local cache (never the network) names the revision
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(str(path), local_files_only=True)
+            ident["path"] = path
+        except Exception:  # noqa: BLE001 - identity is best effort; the id is still recorded
+            pass
     if path and os.path.isdir(path):
         p = Path(path)
         # A hub snapshot folder is named by its commit: .../models--org--name/snapshots/<commit>

@@ -28,11 +28,10 @@ from .jobs import COMMON, GUIDANCE, JobError, generate, parse_job, resolve, to_p
 log = logging.getLogger("guidekit.demo")
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-EXAMPLE_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 EXAMPLE_PROMPTS = [
     "a red circle on a blue background",
     "a yellow square on a green background",
-    "a white triangle on a black background",
+    "a green triangle on a cyan background",
 ]
 
 
@@ -217,22 +216,29 @@ def compose_grid(cells: dict, scales: list[float]):
     """One labelled picture: rows CFG / APG, a column per scale, saturation under each image."""
     from PIL import Image, ImageDraw
 
+    from PIL import ImageFont
+
     first = next(iter(cells.values()))[0]
     w, h = first.size
-    tile = max(96, min(256, w))  # small models get upscaled so the labels stay readable
+    tile = max(128, min(256, w))  # small models get upscaled so the labels stay readable
     th = round(tile * h / w)
-    left, top, cap = 44, 20, 16
-    grid = Image.new("RGB", (left + tile * len(scales), top + 2 * (th + cap)), "white")
+    gap, left, top, cap = 6, 48, 24, 22
+    try:
+        font = ImageFont.load_default(size=15)
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    grid = Image.new("RGB", (left + (tile + gap) * len(scales), top + 2 * (th + cap)), "white")
     draw = ImageDraw.Draw(grid)
     for c, scale in enumerate(scales):
-        draw.text((left + c * tile + 4, 4), f"w = {scale:g}", fill="black")
+        x = left + c * (tile + gap)
+        draw.text((x + 4, 4), f"w = {scale:g}", fill="black", font=font)
         for r, name in enumerate(("CFG", "APG")):
             img, sat = cells[name, scale]
             y = top + r * (th + cap)
-            grid.paste(img.resize((tile, th), Image.NEAREST), (left + c * tile, y))
-            draw.text((left + c * tile + 4, y + th + 2), f"sat {sat:.2f}", fill="black")
+            grid.paste(img.resize((tile, th), Image.NEAREST), (x, y))
+            draw.text((x + 4, y + th + 2), f"saturation {sat:.2f}", fill="black", font=font)
     for r, name in enumerate(("CFG", "APG")):
-        draw.text((6, top + r * (th + cap) + th // 2 - 6), name, fill="black")
+        draw.text((6, top + r * (th + cap) + th // 2 - 8), name, fill="black", font=font)
     return grid
 
 
@@ -267,12 +273,19 @@ def uam_available() -> bool:
     return True
 
 
-def example_images() -> list[str]:
-    """Images shipped in assets/ (the only files the demo serves besides its own outputs)."""
+# Example edits: (image in assets/examples, source prompt, target prompt).
+EXAMPLE_EDITS = [
+    ("yellow-circle-on-red.png", "a yellow circle on a red background", "a yellow square on a red background"),
+    ("green-triangle-on-yellow.png", "a green triangle on a yellow background", "a blue triangle on a yellow background"),
+    ("blue-square-on-magenta.png", "a blue square on a magenta background", "a blue square on a cyan background"),
+]
+
+
+def example_edits() -> list[list[str]]:
+    """Example rows for the Reconstruct / Edit tab: images shipped in assets/examples (the only files the
+    demo serves besides its own outputs) with their prompts."""
     folder = ASSETS / "examples"
-    if not folder.is_dir():
-        return []
-    return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in EXAMPLE_IMAGE_SUFFIXES)
+    return [[str(folder / name), src, tgt] for name, src, tgt in EXAMPLE_EDITS if (folder / name).is_file()]
 
 
 #----------------------------------------------------------------------------
@@ -437,13 +450,13 @@ def _uam_tab(backend: DemoBackend, queue: dict):
         with gr.Row():
             with gr.Column(scale=2):
                 image = gr.Image(label="Image", type="pil", sources=["upload"], elem_id="uam-image")
-                examples = example_images()
-                if examples:
-                    gr.Examples([[p] for p in examples], inputs=[image], label="Example images")
+                edits = example_edits()
                 source = gr.Textbox(label="Source prompt", info="Describes the image as it is.",
-                                    value=EXAMPLE_PROMPTS[0])
+                                    value=edits[0][1] if edits else "")
                 target = gr.Textbox(label="Target prompt", info="Describes the image after the edit.",
-                                    value=EXAMPLE_PROMPTS[0].replace("red", "yellow"))
+                                    value=edits[0][2] if edits else "")
+                if edits:
+                    gr.Examples(edits, inputs=[image, source, target], label="Examples")
                 seed = Number(label="Seed", value=0, precision=0, minimum=0, maximum=2**31 - 1)
                 steps = Slider(1, lim.max_steps, value=min(50, lim.max_steps), step=1, label="Steps",
                                   info="DDIM steps of the inversion and of the rebuild (UAM paper: 50).")
