@@ -286,6 +286,8 @@ def run_batch(jobs_file, out, model=None, strict=False, batch_size=1, dtype="aut
 
     pending = [it for it in items if not (out / it.file).exists()]
     skipped = len(items) - len(pending)
+    # Every process must split the same list: no image is renamed into place before all have looked.
+    state.wait_for_everyone()
     part = out / PARTS / f"rank{state.process_index}-{os.getpid()}-{time.time_ns()}.jsonl"
 
     new = failed = 0
