@@ -358,9 +358,9 @@ def _sampling_controls(backend: DemoBackend, tab: str):
                       info=f"Denoising steps (this demo allows up to {lim.max_steps}).", elem_id=f"{tab}-steps")
     with gr.Row():
         width = Slider(size_min, lim.max_size, value=min(backend.default_size, lim.max_size), step=f, label="Width",
-                          info=f"Pixels, a multiple of {f}; the model's native size is {backend.default_size}.")
+                          info=f"Multiple of {f}; native {backend.default_size}.")
         height = Slider(size_min, lim.max_size, value=min(backend.default_size, lim.max_size), step=f,
-                           label="Height", info=f"Pixels, a multiple of {f}.")
+                           label="Height", info=f"Multiple of {f}; native {backend.default_size}.")
     return negative, seed, steps, width, height
 
 
