@@ -37,19 +37,33 @@ def _pipeline(model: str, folder: Path):
     return pipe
 
 
-def _alternate(a: Callable[[], object], b: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Median wall seconds of `a` and of `b`, run alternately after one warm-up each."""
+def _alternate(a: Callable[[], object], b: Callable[[], object], repeats: int) -> dict:
+    """Median wall and process-CPU seconds of `a` and of `b`, run alternately after one warm-up each.
+
+    CPU time is reported next to wall time because on a shared machine wall time mostly measures the
+    neighbours; on an idle machine with one thread the two agree.
+    """
     a()
     b()
-    times_a, times_b = [], []
+    times = {"a_wall": [], "a_cpu": [], "b_wall": [], "b_cpu": []}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        a()
-        times_a.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        b()
-        times_b.append(time.perf_counter() - t0)
-    return statistics.median(times_a), statistics.median(times_b)
+        for key, fn in (("a", a), ("b", b)):
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            times[f"{key}_wall"].append(time.perf_counter() - w0)
+            times[f"{key}_cpu"].append(time.process_time() - c0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _row(case: str, t: dict, common: dict) -> dict:
+    return {
+        "case": case,
+        "wall_ratio": t["a_wall"] / t["b_wall"],
+        "cpu_ratio": round(t["a_cpu"] / t["b_cpu"], 4),
+        "uam_s": round(t["a_wall"], 4),
+        "baseline_s": round(t["b_wall"], 4),
+        **common,
+    }
 
 
 def uam_rows(model: str = "mid", steps: int = 10, repeats: int = 3, size: int = 64, seed: int = 0) -> List[dict]:
@@ -69,31 +83,19 @@ def uam_rows(model: str = "mid", steps: int = 10, repeats: int = 3, size: int = 
         pipe = _pipeline(model, Path(tmp) / "sd")
         image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
-        uam_inv, std_inv = _alternate(
+        inversion = _alternate(
             lambda: pipe.invert(image, "", 1.0, uniform=True, num_inference_steps=steps),
             lambda: pipe.invert(image, "", 1.0, uniform=False, num_inference_steps=steps),
             repeats,
         )
         edit = dict(num_inference_steps=steps, start_step=min(4, steps), recon_t=500, output_type="pt")
-        uam_edit, masa_edit = _alternate(
+        editing = _alternate(
             lambda: pipe.edit(image, "a red circle", "a blue circle", adaptive_mask=True, **edit),
             lambda: pipe.edit(image, "a red circle", "a blue circle", adaptive_mask=False, **edit),
             repeats,
         )
     common = {"model": model, "steps": steps, "size": size, "repeats": repeats, "threads": torch.get_num_threads()}
     return [
-        {
-            "case": "UAM inversion vs standard-attention inversion",
-            "wall_ratio": uam_inv / std_inv,
-            "uam_s": round(uam_inv, 4),
-            "baseline_s": round(std_inv, 4),
-            **common,
-        },
-        {
-            "case": "UAM editing vs plain MasaCtrl editing",
-            "wall_ratio": uam_edit / masa_edit,
-            "uam_s": round(uam_edit, 4),
-            "baseline_s": round(masa_edit, 4),
-            **common,
-        },
+        _row("UAM inversion vs standard-attention inversion", inversion, common),
+        _row("UAM editing vs plain MasaCtrl editing", editing, common),
     ]
