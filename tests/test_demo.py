@@ -160,6 +160,19 @@ def test_api_reconstruct_edit(client):
     assert "PSNR" in metrics
 
 
+def test_serves_no_file_outside_assets(server):
+    import httpx
+
+    from guidekit.apps.demo import ASSETS, EXAMPLE_EDITS
+
+    repo_file = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    for path in (repo_file, Path(__file__).resolve(), Path("/etc/passwd")):
+        assert httpx.get(f"{server}gradio_api/file={path}").status_code in (403, 404), path
+    example = ASSETS / "examples" / EXAMPLE_EDITS[0][0]
+    if example.exists():
+        assert httpx.get(f"{server}gradio_api/file={example}").status_code == 200
+
+
 #----------------------------------------------------------------------------
 # In a real browser.
 
