@@ -493,7 +493,9 @@ def launch(demo, host: str = "127.0.0.1", port: Optional[int] = None, **kwargs):
               help="Most denoising steps one request may ask for.")
 @click.option("--max-size", default=Limits.max_size, metavar="INT", type=click.IntRange(8, 4096),
               help="Largest width/height one request may ask for, in pixels.")
-def demo(model, host, port, max_steps, max_size):
+@click.option("--device", default=None, metavar="DEVICE",
+              help="Torch device, e.g. cuda or cpu; default: cuda when available, else cpu.")
+def demo(model, host, port, max_steps, max_size, device):
     """Start the web demo: CFG vs APG, a guidance-scale sweep, and UAM reconstruct/edit when available.
 
     \b
@@ -503,7 +505,13 @@ def demo(model, host, port, max_steps, max_size):
     """
     from .jobs import load_pipeline
 
+    import torch
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe, name = load_pipeline(model)
+    if device.type == "cuda":
+        pipe = pipe.to(dtype=torch.float16)
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     app = build_demo(pipe, name, Limits(max_steps=max_steps, max_size=max_size))
     launch(app, host=host, port=port)
