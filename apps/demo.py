@@ -295,48 +295,49 @@ def example_edits() -> list[list[str]]:
 OUTPUT_IMAGE = dict(height=320, elem_classes=["gk-out"])
 CSS = ".gk-out img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
-def _named(base):
-    """A Gradio number/slider whose server-side bound check names the field (Gradio's own message does not)."""
-    import gradio as gr
-    from gradio.components.number import Number
-
-    class Named(base):
-        is_template = True  # rendered by the frontend as the base component
-
-        def preprocess(self, payload):
-            if payload is None:
-                return super().preprocess(payload)
-            if isinstance(payload, bool) or not isinstance(payload, (int, float)):
-                raise gr.Error(f"{self.label}: expected a number from {_num(self.minimum)} to {_num(self.maximum)}, "
-                               f"got {payload!r}", print_exception=False)
-            try:
-                Number.raise_if_out_of_bounds(payload, self.minimum, self.maximum)
-            except gr.Error:
-                raise gr.Error(f"{self.label}: {payload} is out of range; accepted: {_num(self.minimum)} to "
-                               f"{_num(self.maximum)}", print_exception=False) from None
-            return super().preprocess(payload)
-
-    Named.__name__ = Named.__qualname__ = f"Named{base.__name__}"
-    return Named
-
-
 def _num(x) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
-@functools.lru_cache(maxsize=None)
-def _component(kind: str):
-    import gradio as gr
+def _name_bound_errors(component):
+    """Make a Gradio number/slider's server-side bound check name the field (Gradio's message does not).
 
-    return _named(getattr(gr, kind))
+    The instance's `preprocess` is wrapped rather than subclassed: Gradio writes a .pyi stub next to the
+    source file of every component subclass, and the demo writes no file into its package.
+    """
+    import gradio as gr
+    from gradio.components.number import Number as _Number
+
+    plain = component.preprocess
+
+    def preprocess(payload):
+        if payload is None:
+            return plain(payload)
+        lo, hi = component.minimum, component.maximum
+        if isinstance(payload, bool) or not isinstance(payload, (int, float)):
+            raise gr.Error(f"{component.label}: expected a number from {_num(lo)} to {_num(hi)}, got {payload!r}",
+                           print_exception=False)
+        try:
+            _Number.raise_if_out_of_bounds(payload, lo, hi)
+        except gr.Error:
+            raise gr.Error(f"{component.label}: {payload} is out of range; accepted: {_num(lo)} to {_num(hi)}",
+                           print_exception=False) from None
+        return plain(payload)
+
+    component.preprocess = preprocess
+    return component
 
 
 def Slider(*args, **kwargs):  # noqa: N802 - gr.Slider with a field-naming bound check
-    return _component("Slider")(*args, **kwargs)
+    import gradio as gr
+
+    return _name_bound_errors(gr.Slider(*args, **kwargs))
 
 
 def Number(*args, **kwargs):  # noqa: N802 - gr.Number with a field-naming bound check
-    return _component("Number")(*args, **kwargs)
+    import gradio as gr
+
+    return _name_bound_errors(gr.Number(*args, **kwargs))
 
 
 def _slider(param, label=None, **kw):
