@@ -170,6 +170,8 @@ class SamplerHook:
 
     #: ``"guidance"`` for hooks that combine the conditional and unconditional predictions.
     slot: Optional[str] = None
+    #: Guidance hooks: the scale this hook asks for, or None to take the pipeline call's.
+    guidance_scale: Optional[float] = None
     #: Attention layers (names) whose processors this hook replaces; two hooks may not share one.
     attention_layers: Optional[frozenset] = None
 
@@ -200,9 +202,6 @@ class SamplerHook:
 
     def end(self, state: SamplerState) -> None:
         pass
-
-    # The guidance scale this hook asks for, or None to take the call's.
-    guidance_scale: Optional[float] = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
