@@ -95,7 +95,8 @@ class DemoBackend:
     # -- parameters
 
     def params(self, guidance: str, prompt, negative_prompt, seed, steps, width, height, guidance_scale,
-               **extra) -> dict:
+               **extra) -> tuple[dict, int]:
+        """Validated, resolved parameters of one call and its seed (messages name the field)."""
         raw = {"prompt": prompt, "negative_prompt": negative_prompt or None, "seed": _as_int(seed, "seed"),
                "steps": steps, "width": width, "height": height, "guidance": guidance,
                "guidance_scale": guidance_scale}
@@ -103,7 +104,7 @@ class DemoBackend:
         job = parse_job({k: v for k, v in raw.items() if v is not None})
         params = resolve(job.params, self.pipe)
         self.limits.check(params)
-        return params
+        return params, job.seeds[0]
 
     # -- Generate
 
@@ -113,9 +114,8 @@ class DemoBackend:
         from guidekit.metrics import clipped_fraction, mean_saturation
 
         common = (prompt, negative_prompt, seed, steps, width, height, guidance_scale)
-        cfg = self.params("cfg", *common)
-        apg = self.params("apg", *common, eta=eta, norm_threshold=norm_threshold, momentum=momentum)
-        seed = _as_int(seed, "seed")
+        cfg, seed = self.params("cfg", *common)
+        apg, _ = self.params("apg", *common, eta=eta, norm_threshold=norm_threshold, momentum=momentum)
         results = []
         for params in (cfg, apg):
             t0 = time.perf_counter()
@@ -135,16 +135,17 @@ class DemoBackend:
         from guidekit.metrics import mean_saturation
 
         values = parse_scales(scales, self.limits)
-        seed = _as_int(seed, "seed")
-        cells, table = {}, []
-        for scale in values:
+        calls = []
+        for scale in values:  # check every call before running any
             common = (prompt, negative_prompt, seed, steps, width, height, scale)
-            for name, params in (("CFG", self.params("cfg", *common)),
-                                 ("APG", self.params("apg", *common, eta=eta, norm_threshold=norm_threshold,
-                                                     momentum=momentum))):
-                images, _ = generate(self.pipe, params, [seed])
-                sat = mean_saturation(images)
-                cells[name, scale] = (to_pil(images)[0], sat)
+            calls.append((scale, "CFG", *self.params("cfg", *common)))
+            calls.append((scale, "APG", *self.params("apg", *common, eta=eta, norm_threshold=norm_threshold,
+                                                      momentum=momentum)))
+        cells, table = {}, []
+        for scale, name, params, seed_ in calls:
+            images, _ = generate(self.pipe, params, [seed_])
+            cells[name, scale] = (to_pil(images)[0], mean_saturation(images))
+        for scale in values:
             table.append([scale, round(cells["CFG", scale][1], 4), round(cells["APG", scale][1], 4)])
         return compose_grid(cells, values), table
 
@@ -170,10 +171,11 @@ class DemoBackend:
             raise JobError("image: upload an image or pick an example")
         if not target_prompt:
             raise JobError("target prompt: required for the edit (what the image should become)")
-        params = self.params("cfg", source_prompt or "an image", None, seed, steps, size, size, guidance_scale)
+        params, seed = self.params("cfg", source_prompt or "an image", None, seed, steps, size, size,
+                                   guidance_scale)
         original = image.convert("RGB").resize((params["width"], params["height"]))
         uam = self.uam()
-        gen = lambda: torch.Generator("cpu").manual_seed(_as_int(seed, "seed"))  # noqa: E731
+        gen = lambda: torch.Generator("cpu").manual_seed(seed)  # noqa: E731
         rec = uam.reconstruct(original, prompt=source_prompt or "", guidance_scale=1.0, uniform=True,
                               num_inference_steps=params["steps"], generator=gen())
         # MasaCtrl's mutual self-attention starts at step 4 (the paper's value), or at the last step of short runs

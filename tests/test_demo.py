@@ -92,6 +92,10 @@ def test_compare_same_seed(backend):
 
     assert np.array_equal(np.asarray(cfg), np.asarray(apg))
     assert "saturation" in summary and "| **APG** |" in summary
+    # an empty seed field means seed 0
+    empty, _, summary = backend.compare("a red circle", "", None, 2, 32, 32, 1.0, 0.0, 15.0, -0.5)
+    zero, _, _ = backend.compare("a red circle", "", 0, 2, 32, 32, 1.0, 0.0, 15.0, -0.5)
+    assert summary.startswith("Seed 0,") and np.array_equal(np.asarray(empty), np.asarray(zero))
     # norm_threshold 0 means no rescaling; momentum 0 no momentum
     cfg, apg, _ = backend.compare("a red circle", "", 3, 2, 32, 32, 9.0, 0.0, 0.0, 0.0)
     assert not np.array_equal(np.asarray(cfg), np.asarray(apg))
