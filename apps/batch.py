@@ -35,6 +35,8 @@ import click
 from .jobs import GUIDANCE, Job, JobError, generate, job_key, read_jobs, resolve, to_pil
 
 MANIFEST = "manifest.jsonl"
+# tqdm's default turns slow rates into s/img; always show images/s, and the time left (ETA).
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]"
 PARTS = ".parts"
 
 
@@ -294,7 +296,8 @@ def run_batch(jobs_file, out, model=None, strict=False, batch_size=1, dtype="aut
     t_start = time.perf_counter()
     with state.split_between_processes(pending) as mine:
         bar = tqdm(total=len(mine), unit="img", desc=f"[{state.process_index}] generating" if state.num_processes > 1
-                   else "generating", position=state.process_index, dynamic_ncols=True, file=sys.stderr)
+                   else "generating", position=state.process_index, dynamic_ncols=True, file=sys.stderr,
+                   bar_format=BAR_FORMAT)
         for chunk in _chunks(mine, batch_size):
             params = chunk[0].params
             t0 = time.perf_counter()
