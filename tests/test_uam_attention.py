@@ -177,3 +177,25 @@ def test_uniform_hook_in_guided_pipeline_restores(tiny_sd_dir):
     assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
     with pytest.raises(ValueError, match="layers"):
         UniformAttention(layers="self")
+
+
+def test_uniform_hook_chosen_layers_and_steps(tiny_sd_dir):
+    from guidekit.pipelines import GuidedStableDiffusionPipeline
+
+    pipe = GuidedStableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    pipe.set_progress_bar_config(disable=True)
+    first = attention_layers(pipe.unet, "cross")[:1]
+    uam = UniformAttention(layers=first, start=0.5, stop=1.0)
+    seen = []
+
+    class Probe(SamplerHook):
+        def step_begin(self, state):
+            procs = pipe.unet.attn_processors
+            swapped = sorted(n for n, p in procs.items() if isinstance(p, SwitchedUniformProcessor))
+            seen.append((state.step_index, uam.control.enabled, swapped))
+
+    pipe("a red circle", num_inference_steps=4, height=16, width=16, output_type="latent", hooks=[uam, Probe()])
+    assert [s[1] for s in seen] == [False, False, True, True]
+    assert all(s[2] == first for s in seen)
+    with pytest.raises(ValueError, match="layers"):
+        pipe("a", num_inference_steps=1, height=16, width=16, hooks=[UniformAttention(layers=["nope.processor"])])
