@@ -452,7 +452,7 @@ def _uam_tab(backend: DemoBackend, queue: dict):
                     "with a prompt; the mask shows where the edit acted.")
         with gr.Row():
             with gr.Column(scale=2):
-                image = gr.Image(label="Image", type="pil", sources=["upload"], elem_id="uam-image")
+                image = gr.Image(label="Image", type="pil", sources=["upload"], elem_id="uam-image", height=256)
                 edits = example_edits()
                 source = gr.Textbox(label="Source prompt", info="Describes the image as it is.",
                                     value=edits[0][1] if edits else "")
