@@ -115,6 +115,12 @@ def _check_steps(num_inference_steps) -> int:
     return num_inference_steps
 
 
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}: {value!r} is not accepted; accepted: True or False")
+    return bool(value)
+
+
 def _prompt_list(name: str, prompt, batch: int) -> List[str]:
     if isinstance(prompt, str):
         return [prompt] * batch
@@ -299,6 +305,7 @@ class UAMPipelineMixin:
         z0 = self._encode_image(image01)
         prompts = _prompt_list("prompt", prompt, z0.shape[0])
         scale = check_number("guidance_scale", guidance_scale, 0.0)
+        uniform = _check_bool("uniform", uniform)
         _check_steps(num_inference_steps)
         scheduler = self._uam_scheduler(num_inference_steps)
         height, width = image01.shape[-2:]
@@ -468,6 +475,8 @@ class UAMPipelineMixin:
         check_choice("threshold_rule", threshold_rule, THRESHOLD_RULES)
         check_choice("dilate_target", dilate_target, DILATE_TARGETS)
         check_choice("source_conditioning", source_conditioning, ("null", "prompt"))
+        adaptive_mask = _check_bool("adaptive_mask", adaptive_mask)
+        blend_source = _check_bool("blend_source", blend_source)
         steps = _check_steps(num_inference_steps)
         schedule = quantile_schedule(quantile, steps)
         if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step <= steps:
