@@ -3,8 +3,8 @@
 Each pixel is assigned to the nearest of the 12 palette entries (6 colours and their darker texture
 shades).  The background colour is the most common colour on the image border (shapes never touch it),
 the shape is the largest group of pixels of another colour, its kind is read from how much of its bounding
-box it fills (square ~1, circle ~0.79, triangle ~0.5), and the texture from the fraction of background
-pixels drawn in the dark shade and how that fraction varies between rows (stripes are horizontal).
+box's corners it fills (square: all four, triangle: the bottom two, circle: none), and the texture from the
+fraction of background pixels drawn in the dark shade (stripes: half, dots: about a fifth, none: zero).
 """
 
 from __future__ import annotations
@@ -44,6 +44,23 @@ def _to_uint8(image) -> np.ndarray:
     return arr
 
 
+def _shape_of(box: np.ndarray, fill: float) -> str:
+    """Square: all four corners of the bounding box filled; triangle (apex up): the two bottom ones only;
+    circle: none. Corner regions are a fifth of the box's side. Other patterns fall back to the fill ratio."""
+    h, w = box.shape
+    ch, cw = max(1, round(0.2 * h)), max(1, round(0.2 * w))
+    tl, tr = box[:ch, :cw].mean(), box[:ch, -cw:].mean()
+    bl, br = box[-ch:, :cw].mean(), box[-ch:, -cw:].mean()
+    top, bottom = (tl + tr) / 2, (bl + br) / 2
+    if top > 0.5 and bottom > 0.5:
+        return "square"
+    if bottom > 0.5 and top < 0.25:
+        return "triangle"
+    if max(tl, tr, bl, br) < 0.25:
+        return "circle"
+    return "square" if fill > 0.89 else "circle" if fill > 0.64 else "triangle"
+
+
 def judge(image) -> Judgement:
     """Read (shape colour, background colour, shape, texture) off one RGB image (uint8, or float in [0, 1])."""
     arr = _to_uint8(image).astype(np.float64)
@@ -67,7 +84,7 @@ def judge(image) -> Judgement:
         if len(rows) and len(cols):
             box = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
             fill = float(box.sum() / box.size)
-            shape = "square" if fill > 0.89 else "circle" if fill > 0.64 else "triangle"
+            shape = _shape_of(box, fill)
     # texture: only background-coloured pixels away from the shape count
     shape_zone = other.copy()
     for axis in (0, 1):  # grow the non-background region by 2 pixels to drop anti-aliased edges
@@ -82,9 +99,8 @@ def judge(image) -> Judgement:
         row_n = bgpix.sum(1)
         ok = row_n >= 4
         row_frac = dark_bg.sum(1)[ok] / row_n[ok]
-        # stripes: rows are all dark or all light; dots: no row is more than ~half dark
-        full_rows = float(((row_frac > 0.8) | (row_frac < 0.2)).mean()) if ok.any() else 0.0
-        texture = "striped" if full_rows > 0.7 and dark_fraction > 0.25 else "dotted"
+        # stripes cover half of the background, dots about a fifth
+        texture = "striped" if dark_fraction > 0.35 else "dotted"
     return Judgement(colour, COLOURS[bg], shape, texture, fill, dark_fraction)
 
 
