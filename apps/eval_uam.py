@@ -204,7 +204,7 @@ def eval_uam(model, num_images, seed, steps, guidance_scale, batch_size, json_ou
     """UAM reconstruction and editing numbers on procedurally generated toy-world images."""
     import torch
 
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    torch.set_num_threads(1)  # a shared machine: one thread per process
     result = evaluate(model, num_images, seed, steps, guidance_scale, batch_size, log=click.echo)
     table = to_markdown(result)
     click.echo(table)
