@@ -86,6 +86,7 @@ class DemoBackend:
 
     def __init__(self, pipe, model_name: str = "", limits: Limits = Limits()):
         self.pipe = pipe
+        self.pipe.set_progress_bar_config(disable=True)
         self.model_name = model_name
         self.limits = limits
         self.factor = math.lcm(8, vae_factor(pipe))  # sizes: multiples of 8 (the job schema) and of the VAE
@@ -359,11 +360,11 @@ def _sampling_controls(backend: DemoBackend, tab: str):
                      info="Same seed, same start noise: CFG and APG start from the same point.", elem_id=f"{tab}-seed")
     steps = Slider(1, lim.max_steps, value=min(25, lim.max_steps), step=1, label="Steps",
                       info=f"Denoising steps (this demo allows up to {lim.max_steps}).", elem_id=f"{tab}-steps")
-    with gr.Row():
-        width = Slider(size_min, lim.max_size, value=min(backend.default_size, lim.max_size), step=f, label="Width",
-                          info=f"Multiple of {f}; native {backend.default_size}.")
-        height = Slider(size_min, lim.max_size, value=min(backend.default_size, lim.max_size), step=f,
-                           label="Height", info=f"Multiple of {f}; native {backend.default_size}.")
+    size_info = f"Pixels, a multiple of {f}; the model's native size is {backend.default_size}."
+    width = Slider(size_min, lim.max_size, value=min(backend.default_size, lim.max_size), step=f, label="Width",
+                   info=size_info, elem_id=f"{tab}-width")
+    height = Slider(size_min, lim.max_size, value=min(backend.default_size, lim.max_size), step=f, label="Height",
+                    info=size_info, elem_id=f"{tab}-height")
     return negative, seed, steps, width, height
 
 
@@ -376,6 +377,17 @@ def _apg_controls():
         norm = _slider(p["norm_threshold"], "norm_threshold r", step=0.5, maximum=100.0)
         momentum = _slider(p["momentum"], "momentum beta", step=0.05)
     return eta, norm, momentum
+
+
+def _model_label(model_name: str) -> str:
+    try:
+        from guidekit.toy import default_model_path
+
+        if model_name and Path(model_name).resolve() == Path(default_model_path()).resolve():
+            return "the embedded toy model (64x64 coloured shapes)"
+    except (ImportError, OSError, AttributeError):
+        pass
+    return f"`{model_name or 'custom'}`"
 
 
 def build_demo(pipe, model_name: str = "", limits: Limits = Limits()):
@@ -392,10 +404,10 @@ def build_demo(pipe, model_name: str = "", limits: Limits = Limits()):
     queue = dict(concurrency_limit=1, concurrency_id="model")  # one shared model: one request at a time
 
     with gr.Blocks(title="guidekit demo", analytics_enabled=False) as demo:
-        gr.Markdown(f"# guidekit\nTraining-free guidance for diffusers. Model: `{model_name or 'custom'}`.{note}")
+        gr.Markdown(f"# guidekit\nTraining-free guidance for diffusers. Model: {_model_label(model_name)}.{note}")
         with gr.Tab("Generate"):
             gr.Markdown("The same seed with classifier-free guidance (CFG) and adaptive projected guidance "
-                        "(APG). Raise the guidance scale: CFG oversaturates, APG stays clean.")
+                        "(APG). At high guidance scales CFG tends to oversaturate; APG is designed not to.")
             with gr.Row():
                 with gr.Column(scale=2):
                     prompt = gr.Textbox(label="Prompt", value=EXAMPLE_PROMPTS[0], lines=2, elem_id="gen-prompt")
