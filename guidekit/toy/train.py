@@ -41,12 +41,12 @@ _UNET_BASE = 2 * 10**7
 class TrainConfig:
     seed: int = 0
     # VAE phase
-    vae_steps: int = 1500
+    vae_steps: int = 2500
     vae_batch: int = 8
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     # UNet + text-encoder phase
-    unet_steps: int = 4000
+    unet_steps: int = 4500
     batch: int = 32
     lr: float = 5e-4
     warmup: int = 100
