@@ -63,6 +63,8 @@ def model_identity(pipe, requested: Optional[str]) -> dict:
             ident["path"] = path
         except Exception:  # noqa: BLE001 - identity is best effort; the id is still recorded
             pass
+    if path and _is_embedded(path):
+        ident["id"] = "guidekit-toy-sd"  # the same id (and file names) wherever the package is installed
     if path and os.path.isdir(path):
         p = Path(path)
         # A hub snapshot folder is named by its commit: .../models--org--name/snapshots/<commit>
@@ -70,6 +72,15 @@ def model_identity(pipe, requested: Optional[str]) -> dict:
             ident["revision"] = p.name
         ident["sha256"] = _folder_hash(p)
     return ident
+
+
+def _is_embedded(path) -> bool:
+    try:
+        from guidekit.toy import default_model_path
+
+        return Path(path).resolve() == Path(default_model_path()).resolve()
+    except (ImportError, OSError, AttributeError):
+        return False
 
 
 def _folder_hash(folder: Path, full_limit: int = 256 * 2**20) -> str:
