@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,8 @@ def test_resume_after_kill(tmp_path, tiny_pipe, tiny_model):
     env["GUIDEKIT_BATCH_HANG_BEFORE_RENAME"] = "2"  # block (forever) while the third image is unrenamed
     proc = subprocess.Popen([sys.executable, "-m", "guidekit.apps.batch", str(jobs), "--out", str(out),
                              "--model", str(tiny_model)], env=env, stderr=subprocess.PIPE, text=True)
+    guard = threading.Timer(300, proc.kill)  # never wait forever if the run goes wrong
+    guard.start()
     try:
         for line in proc.stderr:  # wait for the run to reach the hang point (no timing involved)
             if "[test] hanging before rename" in line:
@@ -186,6 +189,7 @@ def test_resume_after_kill(tmp_path, tiny_pipe, tiny_model):
         else:
             pytest.fail(f"batch run ended before the hang point: rc={proc.wait()}")
     finally:
+        guard.cancel()
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         proc.stderr.close()
