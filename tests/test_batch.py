@@ -106,9 +106,11 @@ def test_csv_jobs(tmp_path):
     assert errors == [(4, "line 4: steps: expected an integer in [1, 1000], got 'many'")]
 
 
-def test_example_jobs_file_is_valid():
+def test_example_jobs_files_are_valid():
     jobs, errors = read_jobs(REPO / "assets" / "examples" / "jobs.jsonl")
     assert errors == [] and len(jobs) >= 3
+    jobs, errors = read_jobs(REPO / "assets" / "examples" / "jobs.csv")
+    assert errors == [] and [j.params["guidance"] for j in jobs] == ["cfg", "apg"]
 
 
 #----------------------------------------------------------------------------
