@@ -409,39 +409,9 @@ def to_pil(images):
 
 def load_pipeline(model: Optional[str] = None):
     """Load `model` (hub id or folder; default: the embedded toy model) with guidekit's hooked pipeline.
-    Returns (pipeline, model name). Delegates to `guidekit.apps.generate.load_pipeline`, the loader every
-    app shares."""
-    try:
-        from .generate import load_pipeline as shared
-    except ImportError:
-        shared = None
-    if shared is None:
-        return _fallback_load(model), model or "tiny-random"  # pragma: no cover - before `guidekit generate`
-    result = shared(model)
-    if isinstance(result, tuple):
-        return result[0], str(result[1])
-    return result, model or "default"
 
+    Returns (pipeline, model name): the loader `guidekit generate` uses, shared by every app.
+    """
+    from .generate import load_pipeline as shared
 
-def _fallback_load(model: Optional[str]):  # pragma: no cover - temporary
-    import logging
-
-    try:
-        from guidekit.pipelines import GuidedStableDiffusionPipeline as cls
-    except ImportError:
-        from diffusers import StableDiffusionPipeline as cls
-    if model is None:
-        try:
-            from guidekit.toy import default_model_path
-
-            path = Path(default_model_path())
-            if (path / "model_index.json").exists():
-                model = str(path)
-        except Exception:
-            pass
-    if model is None:
-        from guidekit.testing import tiny_sd_pipeline
-
-        logging.getLogger("guidekit").warning("no embedded model: using a tiny random model (noise images)")
-        return tiny_sd_pipeline(cls=cls)
-    return cls.from_pretrained(model)
+    return shared(model)

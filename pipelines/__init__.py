@@ -5,4 +5,9 @@ from .guided_sdxl import GuidedStableDiffusionXLPipeline
 from .uam_sd import UAMStableDiffusionPipeline
 from .uam_sdxl import UAMStableDiffusionXLPipeline
 
-__all__ = ["GuidedStableDiffusionPipeline", "GuidedStableDiffusionXLPipeline"]
+__all__ = [
+    "GuidedStableDiffusionPipeline",
+    "GuidedStableDiffusionXLPipeline",
+    "UAMStableDiffusionPipeline",
+    "UAMStableDiffusionXLPipeline",
+]
