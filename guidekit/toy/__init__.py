@@ -33,7 +33,7 @@ __all__ = [
 #: Folder name of the embedded model inside ``guidekit.assets``.
 MODEL_NAME = "toy-sd"
 #: Guidance scale at which the model card's accuracies were measured (CFG); see assets/toy-sd/README.md.
-DEFAULT_GUIDANCE_SCALE = 5.0
+DEFAULT_GUIDANCE_SCALE = 3.0
 #: DDIM steps used by the evaluation.
 DEFAULT_STEPS = 25
 
