@@ -37,7 +37,25 @@ SCHEDULER_KWARGS = dict(
 )
 
 
-def build_tokenizer():
+def build_tokenizer(fresh: bool = False):
+    """The toy model's tokenizer: the embedded model's own when it is installed, else a newly built one.
+
+    `build_clip_tokenizer` learns its BPE merges with the `tokenizers` trainer, which breaks ties between
+    equally frequent pairs in hash order: two builds in one process can give different token ids. So that
+    training is reproducible, training reuses the shipped tokenizer (built once by `build_clip_tokenizer`
+    with `TOKENIZER_WORDS`); ``fresh=True`` (or no embedded model) builds a new one.
+    """
+    if not fresh:
+        try:
+            from transformers import CLIPTokenizer
+
+            from . import default_model_path
+
+            folder = default_model_path() / "tokenizer"
+            if (folder / "tokenizer_config.json").exists():
+                return CLIPTokenizer.from_pretrained(str(folder))
+        except FileNotFoundError:
+            pass
     return build_clip_tokenizer(TOKENIZER_WORDS, model_max_length=MAX_LENGTH)
 
 

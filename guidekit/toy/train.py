@@ -58,6 +58,8 @@ class TrainConfig:
     # bookkeeping
     checkpoint_every: int = 250
     log_every: int = 25
+    psnr_images: int = 256  # held-out images for the VAE's PSNR after its phase
+    scale_images: int = 1024  # training images that set the latent scaling factor
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -223,7 +225,7 @@ def train(
             for g in vae_opt.param_groups:
                 g["lr"] = config.vae_lr * _lr_factor(step, config.vae_steps, 50, 0.05)
             post = vae.encode(x).latent_dist
-            z = post.sample(generator=None)
+            z = post.sample(generator=_step_generator(config.seed, 1, step))
             rec = vae.decode(z).sample
             mse = F.mse_loss(rec, x)
             kl = post.kl().mean() / x[0].numel()
@@ -256,16 +258,17 @@ def train(
                     return {"finished": False, **state}
         bar.close()
         vae.eval()
-        psnr = vae_psnr(vae, n=256, device=device)
+        psnr = vae_psnr(vae, n=config.psnr_images, device=device)
         # latent scale: unit variance of the training latents
         with torch.no_grad():
-            images, _, _ = world.generate_batch(range(_UNET_BASE - 1024, _UNET_BASE))
+            n = config.scale_images
+            images, _, _ = world.generate_batch(range(_UNET_BASE - n, _UNET_BASE))
             lat = torch.cat([vae.encode(images_to_tensor(images[i:i + 128]).to(device)).latent_dist.mode()
-                             for i in range(0, 1024, 128)])
+                             for i in range(0, n, 128)])
             scale = float(1.0 / lat.float().std())
         vae.register_to_config(scaling_factor=scale)
         state.update(phase="unet", step=0, scaling_factor=scale)
-        state["metrics"]["vae_psnr_heldout_256"] = psnr
+        state["metrics"][f"vae_psnr_heldout_{config.psnr_images}"] = psnr
         _log(log_path, {"phase": "vae", "done": True, "psnr": psnr, "scaling_factor": scale})
         print(f"VAE: held-out PSNR {psnr:.2f} dB, latent scaling factor {scale:.4f}")
         save_checkpoint()
