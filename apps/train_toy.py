@@ -29,6 +29,9 @@ import click
 @click.option("--unet-steps", type=click.IntRange(1), default=4500)
 @click.option("--batch", type=click.IntRange(1), default=32)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4)
+@click.option("--decoder-steps", type=click.IntRange(0), default=1500,
+              help="Decoder fine-tuning steps after the UNet (encoder frozen); 0 skips them.")
+@click.option("--decoder-lr", type=click.FloatRange(min=0, min_open=True), default=3e-4)
 @click.option("--checkpoint-every", type=click.IntRange(1), default=250)
 @click.option("--threads", type=click.IntRange(1), default=1,
               help="torch CPU threads (keep 1 on a shared CPU).")
@@ -38,7 +41,7 @@ import click
 @click.option("--export-partial", is_flag=True,
               help="With --stop-after: still write the (unfinished) EMA weights to --out.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def train_toy(out, ckpt_dir, device, seed, vae_steps, vae_batch, vae_lr, unet_steps, batch, lr, checkpoint_every, threads,
+def train_toy(out, ckpt_dir, device, seed, vae_steps, vae_batch, vae_lr, unet_steps, batch, lr, decoder_steps, decoder_lr, checkpoint_every, threads,
               workers, stop_after, export_partial, no_progress):
     """Train the embedded toy model (VAE, then UNet + text encoder) and write a diffusers pipeline folder."""
     import torch
@@ -49,7 +52,7 @@ def train_toy(out, ckpt_dir, device, seed, vae_steps, vae_batch, vae_lr, unet_st
     if device == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("cuda was asked for but torch sees no CUDA device", param_hint="--device")
     config = TrainConfig(seed=seed, vae_steps=vae_steps, vae_batch=vae_batch, vae_lr=vae_lr, unet_steps=unet_steps, batch=batch,
-                         lr=lr, checkpoint_every=checkpoint_every)
+                         lr=lr, decoder_steps=decoder_steps, decoder_lr=decoder_lr, checkpoint_every=checkpoint_every)
     t0 = time.perf_counter()
     summary = train(out, ckpt_dir, config, device=device, workers=workers, progress=not no_progress,
                     stop_after=stop_after, export_partial=export_partial)

@@ -127,7 +127,7 @@ def test_training_is_seeded_and_resumes_exactly(tmp_path):
     from guidekit.toy.train import TrainConfig, train
 
     cfg = TrainConfig(vae_steps=4, vae_batch=2, unet_steps=4, batch=4, warmup=2, checkpoint_every=2, log_every=2,
-                      psnr_images=4, scale_images=8)
+                      decoder_steps=4, psnr_images=4, scale_images=8)
     straight = train(tmp_path / "a", tmp_path / "ck-a", cfg, progress=False)
     assert straight["finished"]
     first = train(tmp_path / "b", tmp_path / "ck-b", cfg, progress=False, stop_after=0)

@@ -35,6 +35,7 @@ __all__ = ["TrainConfig", "train", "HELD_OUT_LIMIT", "vae_psnr", "images_to_tens
 HELD_OUT_LIMIT = 10**6
 _VAE_BASE = 10**7
 _UNET_BASE = 2 * 10**7
+_DECODER_BASE = 3 * 10**7
 
 
 @dataclass
@@ -55,6 +56,9 @@ class TrainConfig:
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
     grad_clip: float = 1.0
+    # decoder fine-tuning (encoder frozen, so the UNet's latents do not change)
+    decoder_steps: int = 1500
+    decoder_lr: float = 3e-4
     # bookkeeping
     checkpoint_every: int = 250
     log_every: int = 25
@@ -170,6 +174,10 @@ def train(
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
     ema = [p.detach().clone() for p in params]
+    dec_params = list(vae.decoder.parameters()) + (
+        list(vae.post_quant_conv.parameters()) if getattr(vae, "post_quant_conv", None) is not None else []
+    )
+    dec_opt = torch.optim.AdamW(dec_params, lr=config.decoder_lr, weight_decay=0.0)
 
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -183,6 +191,8 @@ def train(
         text_encoder.load_state_dict(ck["text_encoder"])
         vae_opt.load_state_dict(ck["vae_opt"])
         opt.load_state_dict(ck["opt"])
+        if "dec_opt" in ck:
+            dec_opt.load_state_dict(ck["dec_opt"])
         for e, v in zip(ema, ck["ema"]):
             e.copy_(v)
         state = ck["state"]
@@ -200,6 +210,7 @@ def train(
                 "text_encoder": text_encoder.state_dict(),
                 "vae_opt": vae_opt.state_dict(),
                 "opt": opt.state_dict(),
+                "dec_opt": dec_opt.state_dict(),
                 "ema": ema,
                 "state": state,
             },
@@ -354,7 +365,60 @@ def train(
                         return summary
                     return {"finished": False, **state}
         bar.close()
-        state["phase"] = "done"
+        state.update(phase="decoder" if config.decoder_steps > 0 else "done", step=0)
+        save_checkpoint()
+
+    # ---------------- phase 3: decoder fine-tuning ----------------
+    if state["phase"] == "decoder":
+        vae.requires_grad_(False)
+        for p in dec_params:
+            p.requires_grad_(True)
+        vae.train()
+        start = state["step"]
+        bar = tqdm(total=config.decoder_steps, initial=start, desc="decoder", disable=not progress)
+        t_last = time.perf_counter()
+        state["elapsed"].setdefault("decoder", 0.0)
+        running = []
+        for step, x, _ in _loader(_DECODER_BASE, config.vae_batch, start, config.decoder_steps, workers):
+            x = x.to(device, non_blocking=True)
+            for g in dec_opt.param_groups:
+                g["lr"] = config.decoder_lr * _lr_factor(step, config.decoder_steps, 50, 0.05)
+            with torch.no_grad():
+                z = vae.encode(x).latent_dist.mode()
+            rec = vae.decode(z).sample
+            mse = F.mse_loss(rec, x)
+            loss = mse + 0.1 * F.l1_loss(rec, x)
+            dec_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(dec_params, config.grad_clip)
+            dec_opt.step()
+            running.append(mse.item())
+            state["step"] = step + 1
+            bar.update(1)
+            last = step + 1 == config.decoder_steps
+            if (step + 1) % config.log_every == 0 or last or (step + 1) % config.checkpoint_every == 0:
+                now = time.perf_counter()
+                state["elapsed"]["decoder"] += now - t_last
+                t_last = now
+            if (step + 1) % config.log_every == 0 or last:
+                rec_mse = float(np.mean(running))
+                running = []
+                state["losses"]["decoder_mse"] = rec_mse
+                bar.set_postfix(mse=f"{rec_mse:.5f}")
+                _log(log_path, {"phase": "decoder", "step": step + 1, "mse": rec_mse,
+                                "elapsed_s": round(state["elapsed"]["decoder"], 2)})
+            if (step + 1) % config.checkpoint_every == 0 or last:
+                save_checkpoint()
+                if out_of_time() and not last:
+                    bar.close()
+                    return {"finished": False, **state}
+        bar.close()
+        vae.eval().requires_grad_(False)
+        psnr = vae_psnr(vae, n=config.psnr_images, device=device)
+        state["metrics"][f"vae_psnr_heldout_{config.psnr_images}_after_decoder"] = psnr
+        _log(log_path, {"phase": "decoder", "done": True, "psnr": psnr})
+        print(f"decoder fine-tuning: held-out PSNR {psnr:.2f} dB")
+        state.update(phase="done", step=0)
         save_checkpoint()
 
     # ---------------- export ----------------
@@ -389,6 +453,7 @@ def export_pipeline(out, vae, text_encoder, tokenizer, unet, config, state, devi
         "config": asdict(config),
         "vae_steps": config.vae_steps,
         "unet_steps": config.unet_steps,
+        "decoder_steps": config.decoder_steps,
         "elapsed_s": {k: round(v, 1) for k, v in state["elapsed"].items()},
         "final_losses": state["losses"],
         "metrics": state["metrics"],
