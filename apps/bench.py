@@ -2,8 +2,10 @@
 
 Each round runs every case in a fresh process (so one case's memory cannot leak into another's) for
 three timed calls, the cases are interleaved round by round with a rotating order, and the table reports medians and ratios against stock measured in the
-same run. Wall time is the pipeline call alone (after a one-step warm-up call in the same process); peak
-memory is the process's peak resident set during that call, sampled every millisecond.
+same run. Wall time is the pipeline call alone (after a one-step warm-up call in the same process); CPU
+time is the calling thread's (torch runs on one thread here), which other processes on a shared machine
+disturb far less than wall time; peak memory is the process's peak resident set during the call,
+sampled every millisecond.
 
     guidekit bench                     # tiny SD pipeline + a ~110M-parameter UNet, 4 rounds x 3 calls
     guidekit bench --models tiny --rounds 3 --json bench.json
@@ -94,10 +96,10 @@ def measure(case: str, folder: str, steps: int, size: int, calls: int = 3, seed:
     results = []
     for _ in range(calls):
         with PeakRSS() as mem:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.thread_time()
             call(steps)
-            wall = time.perf_counter() - start
-        results.append({"case": case, "wall_s": wall, "peak_mib": mem.peak / 2**20})
+            wall, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
+        results.append({"case": case, "wall_s": wall, "cpu_s": cpu, "peak_mib": mem.peak / 2**20})
     return results
 
 
@@ -120,24 +122,28 @@ def summarise(results: list[dict]) -> list[dict]:
         rows.append({
             "case": case,
             "wall_s": statistics.median(r["wall_s"] for r in runs),
+            "cpu_s": statistics.median(r["cpu_s"] for r in runs),
             "peak_mib": statistics.median(r["peak_mib"] for r in runs),
             "runs": len(runs),
         })
     base = rows[0]
     for row in rows:
         row["wall_ratio"] = row["wall_s"] / base["wall_s"]
+        row["cpu_ratio"] = row["cpu_s"] / base["cpu_s"]
         row["mem_ratio"] = row["peak_mib"] / base["peak_mib"]
     return rows
 
 
 def format_table(tables: dict[str, list[dict]]) -> str:
-    lines = ["| model | pipeline | wall (s, median) | wall vs stock | peak RSS (MiB) | memory vs stock | runs |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | pipeline | wall (s, median) | wall vs stock | CPU (s, median) | CPU vs stock "
+             "| peak RSS (MiB) | memory vs stock | runs |",
+             "|---|---|---|---|---|---|---|---|---|"]
     label = {"stock": "stock diffusers", "cfg": "guidekit CFG()", "apg": "guidekit APG()"}
     for model, rows in tables.items():
         for row in rows:
             lines.append(f"| {model} | {label.get(row['case'], row['case'])} | {row['wall_s']:.3f} | "
-                         f"{row['wall_ratio']:.3f}x | {row['peak_mib']:.0f} | {row['mem_ratio']:.3f}x | {row['runs']} |")
+                         f"{row['wall_ratio']:.3f}x | {row['cpu_s']:.3f} | {row['cpu_ratio']:.3f}x | "
+                         f"{row['peak_mib']:.0f} | {row['mem_ratio']:.3f}x | {row['runs']} |")
     return "\n".join(lines)
 
 
