@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "batch": "guidekit.apps.batch:batch",
     "train-toy": "guidekit.apps.train_toy:train_toy",
     "eval-toy": "guidekit.apps.eval_toy:eval_toy",
+    "eval-uam": "guidekit.apps.eval_uam:eval_uam",
 }
 
 

@@ -188,7 +188,8 @@ class GuidedStableDiffusionPipeline(HookedPipelineMixin, StableDiffusionPipeline
                     chain.step_end(state)
 
                     if callback_on_step_end is not None:
-                        callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                        step_locals = locals()  # (a comprehension would see its own locals)
+                        callback_kwargs = {k: step_locals[k] for k in callback_on_step_end_tensor_inputs}
                         callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                         latents = callback_outputs.pop("latents", latents)
                         prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)

@@ -115,3 +115,20 @@ def test_unsupported_scheduler_in_x0_space_is_an_error_at_call(tiny_sd_dir):
     with pytest.raises(ValueError, match="scheduler: APG\\(space='x0'\\) needs x0 conversions"):
         images(pipe, hooks=[guidekit.APG()])
     assert np.isfinite(images(pipe, hooks=[guidekit.APG(space="model")])).all()
+
+
+def test_callback_on_step_end_sees_and_changes_latents_as_in_stock(sd):
+    stock, hooked = sd
+    seen = {"stock": [], "hooked": []}
+
+    def callback(name):
+        def fn(pipe, i, t, kwargs):
+            seen[name].append(float(kwargs["latents"].abs().mean()))
+            return {"latents": kwargs["latents"] * 0.9}  # a change the rest of the loop must use
+
+        return fn
+
+    a = images(stock, callback_on_step_end=callback("stock"), callback_on_step_end_tensor_inputs=["latents"])
+    b = images(hooked, callback_on_step_end=callback("hooked"), callback_on_step_end_tensor_inputs=["latents"])
+    assert np.abs(a - b).max() <= 1e-5
+    assert seen["stock"] == pytest.approx(seen["hooked"]) and len(seen["hooked"]) == KW["num_inference_steps"]
