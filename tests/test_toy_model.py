@@ -87,7 +87,10 @@ def test_shipped_pipeline_loads_offline_and_matches_its_card(pipe):
     assert meta["prediction_type"] == sc.prediction_type
     assert int(meta["resolution"]) == 64 == pipe.unet.config.sample_size * pipe.vae_scale_factor
     training = json.loads((MODEL / "training.json").read_text())
-    assert int(meta["unet_steps"]) == training["unet_steps"] and int(meta["vae_steps"]) == training["vae_steps"]
+    for key in ("vae_steps", "unet_steps", "decoder_steps"):
+        assert int(meta[key]) == training[key] == training["config"][key], key
+    psnr = training["metrics"]["vae_psnr_heldout_256_after_decoder"]
+    assert psnr >= 35.0 and f"{psnr:.2f} dB" in text
     assert f"{training['final_losses']['unet']:.4f}" in text
 
 
