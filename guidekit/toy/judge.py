@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from .world import COLOURS, DARK_FACTOR, PALETTE, SHAPES, parse_caption
+from .world import COLOURS, DARK_FACTOR, PALETTE, parse_caption
 
 __all__ = ["Judgement", "judge", "judge_batch", "score"]
 
@@ -96,9 +96,6 @@ def judge(image) -> Judgement:
     dark_fraction = float(dark_bg.sum() / n) if n else 0.0
     texture = None
     if dark_fraction > 0.06:
-        row_n = bgpix.sum(1)
-        ok = row_n >= 4
-        row_frac = dark_bg.sum(1)[ok] / row_n[ok]
         # stripes cover half of the background, dots about a fifth
         texture = "striped" if dark_fraction > 0.35 else "dotted"
     return Judgement(colour, COLOURS[bg], shape, texture, fill, dark_fraction)
