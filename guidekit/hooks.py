@@ -87,6 +87,7 @@ class SamplerState:
     latents: Optional[torch.Tensor] = None
     model_input: Optional[torch.Tensor] = None
     extras: dict = field(default_factory=dict)
+    _alpha_sigma_cache: Optional[tuple] = field(default=None, repr=False, compare=False)
 
     def update(self, step_index: int, timestep: Any, latents: torch.Tensor, model_input: Optional[torch.Tensor]) -> None:
         self.step_index = step_index
@@ -105,8 +106,21 @@ class SamplerState:
         """(alpha_t, sigma_t) in float64 such that model_input = alpha_t x0 + sigma_t eps.
 
         For sigma schedulers (Euler, LMS) the model input is the scaled latents, so the VP form holds
-        for it with alpha = 1/sqrt(s^2+1) and sigma = s/sqrt(s^2+1).
+        for it with alpha = 1/sqrt(s^2+1) and sigma = s/sqrt(s^2+1). Cached per step: a guidance hook
+        converts cond, uncond and the result with the same pair.
         """
+        key = (self.step_index, id(self.scheduler), self._scheduler_index())
+        if self._alpha_sigma_cache is not None and self._alpha_sigma_cache[0] == key:
+            return self._alpha_sigma_cache[1]
+        value = self._compute_alpha_sigma()
+        self._alpha_sigma_cache = (key, value)
+        return value
+
+    def _scheduler_index(self):
+        index = getattr(self.scheduler, "step_index", None)
+        return (index, float(self.timestep) if self.timestep is not None else None)
+
+    def _compute_alpha_sigma(self) -> tuple[torch.Tensor, torch.Tensor]:
         family = scheduler_family(self.scheduler)
         if family is None:
             raise ValueError(

@@ -29,7 +29,7 @@ def project(v: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     A zero `onto` has no direction: then the parallel part is zero and `v` is all orthogonal.
     """
     norm = _norm(onto)
-    unit = torch.where(norm > 0, onto / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(onto))
+    unit = onto / norm.clamp_min(torch.finfo(onto.dtype).tiny)  # a zero `onto` gives a zero unit vector
     parallel = (v * unit).flatten(1).sum(dim=1).view_as(norm) * unit
     return parallel, v - parallel
 
