@@ -88,6 +88,7 @@ class SamplerState:
     model_input: Optional[torch.Tensor] = None
     extras: dict = field(default_factory=dict)
     _alpha_sigma_cache: Optional[tuple] = field(default=None, repr=False, compare=False)
+    _model_input64: Optional[tuple] = field(default=None, repr=False, compare=False)
 
     def update(self, step_index: int, timestep: Any, latents: torch.Tensor, model_input: Optional[torch.Tensor]) -> None:
         self.step_index = step_index
@@ -115,6 +116,18 @@ class SamplerState:
         value = self._compute_alpha_sigma()
         self._alpha_sigma_cache = (key, value)
         return value
+
+    def _input64(self) -> torch.Tensor:
+        # A guidance hook converts cond, uncond and its result against the same model input.
+        if self._model_input64 is None or self._model_input64[0] is not self.model_input:
+            self._model_input64 = (self.model_input, self.model_input.to(torch.float64))
+        return self._model_input64[1]
+
+    def _coefficients(self) -> tuple[float, float]:
+        # Python floats are doubles: scaling a float64 tensor by them stays float64 on any device,
+        # without a host-to-device copy per conversion.
+        alpha, sigma = self.alpha_sigma()
+        return float(alpha), float(sigma)
 
     def _scheduler_index(self):
         index = getattr(self.scheduler, "step_index", None)
@@ -146,9 +159,9 @@ class SamplerState:
 
     def to_x0(self, pred: torch.Tensor, model_input: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Model prediction (eps, v or x0) -> predicted clean sample, in float64."""
-        x = (self.model_input if model_input is None else model_input).to(torch.float64)
+        x = self._input64() if model_input is None else model_input.to(torch.float64)
         pred = pred.to(torch.float64)
-        alpha, sigma = (v.to(x.device) for v in self.alpha_sigma())
+        alpha, sigma = self._coefficients()
         if self.prediction_type == "epsilon":
             return (x - sigma * pred) / alpha
         if self.prediction_type == "v_prediction":
@@ -161,9 +174,9 @@ class SamplerState:
 
     def from_x0(self, x0: torch.Tensor, model_input: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Predicted clean sample -> the model's prediction type, in float64 (inverse of `to_x0`)."""
-        x = (self.model_input if model_input is None else model_input).to(torch.float64)
+        x = self._input64() if model_input is None else model_input.to(torch.float64)
         x0 = x0.to(torch.float64)
-        alpha, sigma = (v.to(x.device) for v in self.alpha_sigma())
+        alpha, sigma = self._coefficients()
         if self.prediction_type == "epsilon":
             return (x - alpha * x0) / sigma
         if self.prediction_type == "v_prediction":
