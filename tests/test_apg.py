@@ -7,6 +7,7 @@ import torch
 import guidekit
 from guidekit.guidance.apg_math import apg_step
 from guidekit.hooks import SamplerState
+from guidekit.testing import guidance_pairs
 
 
 def reference_apg(conds, unconds, w, eta, r, beta):
@@ -37,13 +38,8 @@ def reference_apg(conds, unconds, w, eta, r, beta):
     return outs
 
 
-def random_steps(n_steps=3, batch=3, shape=(4, 6, 6), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    # Per-sample scales so that the samples have very different norms (rescaling hits some, not others).
-    scales = torch.tensor([0.1, 1.0, 8.0][:batch]).view(-1, 1, 1, 1)
-    conds = [torch.randn(batch, *shape, generator=g) * scales for _ in range(n_steps)]
-    unconds = [c + torch.randn(batch, *shape, generator=g) * scales for c in conds]
-    return conds, unconds
+def random_steps(n_steps=3, **kwargs):
+    return guidance_pairs(n_steps=n_steps, **kwargs)
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])

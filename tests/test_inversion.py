@@ -6,23 +6,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
 
 from guidekit.inversion import ddim_invert, ddim_levels, ddim_step, predicted_x0
+from guidekit.testing import sd_ddim_scheduler
 
 torch.set_num_threads(1)
 
 
 def _scheduler(prediction_type, steps, set_alpha_to_one=False):
-    s = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=set_alpha_to_one,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    s = sd_ddim_scheduler(prediction_type, set_alpha_to_one=set_alpha_to_one)
     s.set_timesteps(steps)
     return s
 

@@ -9,15 +9,11 @@ from diffusers.guiders.guider_utils import BaseGuidance
 
 from guidekit.guidance.apg_math import apg_step
 from guidekit.guidance.diffusers_guider import APGGuider
+from guidekit.testing import guidance_pairs
 
 
-def random_steps(n_steps=4, batch=3, shape=(4, 6, 6), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    # Very different per-sample norms, so that the rescaling hits some samples and not others.
-    scales = torch.tensor([0.1, 1.0, 8.0][:batch]).view(-1, 1, 1, 1)
-    conds = [torch.randn(batch, *shape, generator=g) * scales for _ in range(n_steps)]
-    unconds = [c + torch.randn(batch, *shape, generator=g) * scales for c in conds]
-    return conds, unconds
+def random_steps(n_steps=4, **kwargs):
+    return guidance_pairs(n_steps=n_steps, **kwargs)
 
 
 def guide_by_hand(guider, conds, unconds):

@@ -5,9 +5,11 @@ so the code path users hit with real checkpoints is the one exercised.
 """
 
 from .tiny import (
+    guidance_pairs,
     make_tiny_sd,
     make_tiny_sdxl,
     make_mid_unet,
+    sd_ddim_scheduler,
     tiny_sd_pipeline,
     tiny_sdxl_pipeline,
 )
@@ -15,9 +17,11 @@ from .tokenizer import build_clip_tokenizer
 
 __all__ = [
     "build_clip_tokenizer",
+    "guidance_pairs",
     "make_tiny_sd",
     "make_tiny_sdxl",
     "make_mid_unet",
+    "sd_ddim_scheduler",
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
 ]

@@ -20,17 +20,30 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from .tokenizer import build_clip_tokenizer
 
 
-def _scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
-    # Stable Diffusion's own schedule (scaled_linear 0.00085..0.012).
+def sd_ddim_scheduler(prediction_type: str = "epsilon", set_alpha_to_one: bool = False) -> DDIMScheduler:
+    """A DDIM scheduler with Stable Diffusion's own schedule (scaled_linear 0.00085..0.012, no clipping)."""
     return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
         clip_sample=False,
-        set_alpha_to_one=False,
+        set_alpha_to_one=set_alpha_to_one,
         steps_offset=1,
         prediction_type=prediction_type,
     )
+
+
+def guidance_pairs(n_steps: int = 3, batch: int = 3, shape=(4, 6, 6), seed: int = 0):
+    """Fixed (cond, uncond) prediction pairs for `n_steps` steps, for testing guidance math.
+
+    Samples get very different norms (scales 0.1, 1 and 8), so that a norm threshold such as 5 rescales
+    some samples and not others.
+    """
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.tensor([0.1, 1.0, 8.0][:batch]).view(-1, 1, 1, 1)
+    conds = [torch.randn(batch, *shape, generator=g) * scales for _ in range(n_steps)]
+    unconds = [c + torch.randn(batch, *shape, generator=g) * scales for c in conds]
+    return conds, unconds
 
 
 def _vae() -> AutoencoderKL:
@@ -84,7 +97,7 @@ def make_tiny_sd(folder: str | os.PathLike, seed: int = 0, prediction_type: str 
         vae=_vae(),
         text_encoder=_text_encoder(32),
         tokenizer=build_clip_tokenizer(),
-        scheduler=_scheduler(prediction_type),
+        scheduler=sd_ddim_scheduler(prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -120,7 +133,7 @@ def make_tiny_sdxl(folder: str | os.PathLike, seed: int = 0) -> Path:
         text_encoder_2=_text_encoder(32, projection=32),
         tokenizer=build_clip_tokenizer(),
         tokenizer_2=build_clip_tokenizer(),
-        scheduler=_scheduler(),
+        scheduler=sd_ddim_scheduler(),
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return Path(folder)
