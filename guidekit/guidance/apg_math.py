@@ -10,12 +10,9 @@ from typing import Optional
 
 import torch
 
+from ..precision import math_dtype  # re-exported: the one rule lives in guidekit.precision
+
 __all__ = ["project", "apg_step", "math_dtype"]
-
-
-def math_dtype(device: torch.device) -> torch.dtype:
-    """float64 where the device has it (the projection loses precision in half types); float32 on MPS."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
