@@ -9,6 +9,7 @@ import torch
 
 from guidekit.inversion import ddim_invert, ddim_levels, ddim_step, predicted_x0
 from guidekit.testing import sd_ddim_scheduler
+from tolerance import assert_close_to_scale
 
 torch.set_num_threads(1)
 
@@ -49,12 +50,13 @@ def test_invert_then_denoise_is_exact_for_x_independent_model(prediction_type, s
     assert calls == [int(t) for t in reversed(sched.timesteps)]
 
     # denoise with diffusers' scheduler (an independent implementation of the forward step; it computes
-    # its coefficients from float32 alphas, hence float32-level agreement)
+    # its coefficients from float32 alphas, hence float32-level agreement relative to the latents' size:
+    # a "sample" model's inversion grows them to ~160, where float32 rounding is ~1e-5 in absolute terms)
     x = inv.latents
     for i, t in enumerate(sched.timesteps):
-        assert torch.allclose(x, inv.trajectory[-1 - i], atol=1e-5, rtol=0)
+        assert_close_to_scale(x, inv.trajectory[-1 - i], rel=1e-5)
         x = sched.step(table[int(t)], t, x).prev_sample
-    assert torch.allclose(x, z0, atol=1e-5, rtol=0)
+    assert_close_to_scale(x, z0, rel=1e-5)
 
     # and in float64 with the DDIM equation x_p = sqrt(ab_p) x0_hat + sqrt(1 - ab_p) eps_hat
     ac = sched.alphas_cumprod.to(torch.float64)
@@ -71,7 +73,7 @@ def test_invert_then_denoise_is_exact_for_x_independent_model(prediction_type, s
         else:
             x0, eps = pred, (x - ab_t.sqrt() * pred) / (1 - ab_t).sqrt()
         x = ab_p.sqrt() * x0 + (1 - ab_p).sqrt() * eps
-    assert torch.allclose(x, z0, atol=1e-10, rtol=0)
+    assert_close_to_scale(x, z0, rel=1e-10)  # float64 throughout; the trajectory passes through ~160
 
 
 def test_non_invertible_schedule_is_an_error():
@@ -97,18 +99,21 @@ def test_inverse_step_matches_ddim_inversion_equation():
         ab_t = ac[t]
         e = eps * (1 + x.abs().mean())
         x = ab_t.sqrt() * (x - (1 - ab_p).sqrt() * e) / ab_p.sqrt() + (1 - ab_t).sqrt() * e
-    assert torch.allclose(inv.latents, x, atol=1e-12)
+    assert_close_to_scale(inv.latents, x, rel=1e-12)  # float64 on both sides
 
 
 def test_forward_step_and_x0_match_scheduler():
     sched = _scheduler("v_prediction", 4)
     lv = ddim_levels(sched)
-    x = torch.randn(1, 4, 4, 4, dtype=torch.float64)
-    v = torch.randn(1, 4, 4, 4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 4, 4, 4, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 4, 4, 4, generator=g, dtype=torch.float64)
     t = sched.timesteps[1]
     ref = sched.step(v, t, x)
-    assert torch.allclose(ddim_step(x, v, lv.alpha_bar[1], lv.alpha_bar_prev[1], "v_prediction"), ref.prev_sample, atol=1e-12)
-    assert torch.allclose(predicted_x0(x, v, lv.alpha_bar[1], "v_prediction"), ref.pred_original_sample, atol=1e-12)
+    # the scheduler takes its coefficients from float32 alphas (1 − ᾱ and the square roots in float32),
+    # so the two agree to float32 precision of the whole tensor, not element-wise where terms cancel
+    assert_close_to_scale(ddim_step(x, v, lv.alpha_bar[1], lv.alpha_bar_prev[1], "v_prediction"), ref.prev_sample, rel=1e-6)
+    assert_close_to_scale(predicted_x0(x, v, lv.alpha_bar[1], "v_prediction"), ref.pred_original_sample, rel=1e-6)
 
 
 def test_bad_prediction_type():
