@@ -8,6 +8,7 @@ import guidekit
 from guidekit.guidance.apg_math import apg_step
 from guidekit.hooks import SamplerState
 from guidekit.testing import guidance_pairs
+from tolerance import assert_close_to_scale
 
 
 def reference_apg(conds, unconds, w, eta, r, beta):
@@ -67,7 +68,8 @@ def test_apg_is_cfg_with_eta_1_no_rescale_no_momentum():
     for cond, uncond in zip(conds, unconds):
         out, _ = apg_step(cond, uncond, 9.0, eta=1.0, norm_threshold=None, momentum=0.0)
         cfg = uncond + 9.0 * (cond - uncond)
-        torch.testing.assert_close(out, cfg, rtol=1e-5, atol=1e-5)
+        # cfg is float32 arithmetic on values up to ~175: compare at float32 precision of that magnitude
+        assert_close_to_scale(out, cfg, rel=1e-5)
 
 
 def test_zero_norm_inputs_stay_finite():
@@ -122,7 +124,7 @@ def test_model_space_agrees_with_diffusers_original_formulation(eta, r, beta):
     ours = model_space_hook_outputs(conds, unconds, 8.0, eta, r, beta)
     theirs = diffusers_apg(conds, unconds, 7.0, eta, r, beta)
     for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert_close_to_scale(a, b, rel=1e-5)  # diffusers computes in float32, on values up to ~160
 
 
 def test_where_diffusers_differs_at_the_same_scale():
@@ -136,8 +138,9 @@ def test_where_diffusers_differs_at_the_same_scale():
     original = normalized_guidance(c, u, 7.5, None, 0.0, 0.0, use_original_formulation=True)
     default = normalized_guidance(c, u, 7.5, None, 0.0, 0.0, use_original_formulation=False)
     update = (original - c) / 7.5
-    torch.testing.assert_close(original - ours, update, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(default - original, u - c, rtol=1e-4, atol=1e-5)
+    # differences of float32 values up to ~25: float32 precision of that magnitude, not of each element
+    assert_close_to_scale(original - ours, update, rel=1e-5)
+    assert_close_to_scale(default - original, u - c, rel=1e-5)
     assert (original - ours).abs().max() > 1e-2
 
 

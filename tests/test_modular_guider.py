@@ -10,6 +10,7 @@ from diffusers.guiders.guider_utils import BaseGuidance
 from guidekit.guidance.apg_math import apg_step
 from guidekit.guidance.diffusers_guider import APGGuider
 from guidekit.testing import guidance_pairs
+from tolerance import assert_close_to_scale
 
 
 def random_steps(n_steps=4, **kwargs):
@@ -60,7 +61,7 @@ def test_matches_diffusers_normalized_guidance_with_momentum_and_reset(eta):
         outs = guide_by_hand(guider, conds, unconds)
         for out, cond, uncond in zip(outs, conds, unconds):
             expected = normalized_guidance(cond, uncond, w, buffer, eta, r, use_original_formulation=True)
-            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+            assert_close_to_scale(out, expected, rel=1e-5)  # diffusers: float32 math on values up to ~40
     # and the momentum did matter: without it the later steps differ
     plain = [normalized_guidance(c, u, w, None, eta, r, use_original_formulation=True) for c, u in zip(conds, unconds)]
     assert not torch.allclose(outs[-1], plain[-1], rtol=1e-3, atol=1e-3)
@@ -79,7 +80,7 @@ def test_matches_diffusers_apg_guider_through_the_protocol():
     )
     theirs = guide_by_hand(theirs, conds, unconds)
     for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert_close_to_scale(a, b, rel=1e-5)  # float32 math on the diffusers side, values up to ~150
 
 
 def test_cfg_limit_equals_diffusers_cfg():
@@ -87,7 +88,7 @@ def test_cfg_limit_equals_diffusers_cfg():
     ours = guide_by_hand(APGGuider(guidance_scale=7.5, eta=1.0, norm_threshold=None, momentum=0.0), conds, unconds)
     theirs = guide_by_hand(ClassifierFreeGuidance(guidance_scale=7.5), conds, unconds)
     for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert_close_to_scale(a, b, rel=1e-5)  # float32 math on the diffusers side, values up to ~150
 
 
 def test_window_uses_cfg_outside_and_momentum_only_inside():
