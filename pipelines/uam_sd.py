@@ -115,6 +115,23 @@ def _check_steps(num_inference_steps) -> int:
     return num_inference_steps
 
 
+#: MasaCtrl's (and the UAM paper's) first step with mutual self-attention.
+DEFAULT_START_STEP = 4
+
+
+def _check_start_step(start_step, num_inference_steps: int) -> int:
+    """The first MasaCtrl step: None gives the default 4, clamped so that short runs (fewer than 4 steps)
+    work without the caller choosing a value; a value the caller passed must lie in [0, num_inference_steps]."""
+    if start_step is None:
+        return min(DEFAULT_START_STEP, num_inference_steps)
+    if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step <= num_inference_steps:
+        raise ValueError(
+            f"start_step: {start_step!r} is not accepted with num_inference_steps={num_inference_steps}; "
+            f"accepted: an integer in [0, {num_inference_steps}], or None for min(4, num_inference_steps)"
+        )
+    return start_step
+
+
 def _check_bool(name: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name}: {value!r} is not accepted; accepted: True or False")
@@ -402,7 +419,7 @@ class UAMPipelineMixin:
         target_prompt: Union[str, List[str]],
         num_inference_steps: int = 50,
         guidance_scale: Optional[float] = None,
-        start_step: int = 4,
+        start_step: Optional[int] = None,
         start_layer: Optional[int] = None,
         adaptive_mask: bool = True,
         quantile: float = 0.5,
@@ -435,8 +452,9 @@ class UAMPipelineMixin:
             num_inference_steps (`int`, defaults to `50`): DDIM steps.
             guidance_scale (`float`, *optional*): CFG scale of the source and target branches; None takes the
                 guidance hook's, else 7.5 (the paper).
-            start_step (`int`, defaults to `4`): first step with mutual self-attention (MasaCtrl, the paper),
-                in [0, num_inference_steps]; equal to num_inference_steps turns it off.
+            start_step (`int`, *optional*): first step with mutual self-attention, in [0, num_inference_steps];
+                equal to num_inference_steps turns it off. None: MasaCtrl's and the paper's 4, or
+                num_inference_steps when there are fewer steps (a value you pass is checked, not clamped).
             start_layer (`int`, *optional*): first self-attention layer (call order: down, mid, up) with
                 mutual self-attention. None: 10 of 16 on SD 1.x/2.x (the paper/MasaCtrl default) and 64 of 70
                 on SDXL — the decoder's highest-resolution attention block, one of the values MasaCtrl's SDXL
@@ -479,10 +497,7 @@ class UAMPipelineMixin:
         blend_source = _check_bool("blend_source", blend_source)
         steps = _check_steps(num_inference_steps)
         schedule = quantile_schedule(quantile, steps)
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step <= steps:
-            raise ValueError(
-                f"start_step: {start_step!r} is not accepted with num_inference_steps={steps}; accepted: an integer in [0, {steps}]"
-            )
+        start_step = _check_start_step(start_step, steps)
         num_self = len(attention_layers(self.unet, "self"))
         start_layer = self._default_start_layer() if start_layer is None else start_layer
         if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer <= num_self:

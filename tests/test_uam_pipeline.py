@@ -179,9 +179,19 @@ def test_quantile_outside_open_interval(sd, image, q):
         sd.edit(image, "a", "b", num_inference_steps=2, start_step=0, quantile=q)
 
 
+def test_default_start_step_fits_few_steps(sd, image):
+    # the default start_step is MasaCtrl's 4, clamped to num_inference_steps (then mutual self-attention is off)
+    kw = dict(num_inference_steps=3, recon_t=1000, output_type="pt")
+    default = sd.edit(image, "a red circle", "a blue circle", **kw)
+    explicit = sd.edit(image, "a red circle", "a blue circle", start_step=3, **kw)
+    assert torch.equal(default.images, explicit.images)
+    assert torch.isfinite(sd.edit(image, "a", "b", num_inference_steps=1, output_type="pt").images).all()
+
+
 def test_start_step_beyond_steps(sd, image):
+    # a start_step the caller passed is checked, not clamped
     with pytest.raises(ValueError, match="start_step: 4 is not accepted with num_inference_steps=3; accepted: an integer in \\[0, 3\\]"):
-        sd.edit(image, "a", "b", num_inference_steps=3)
+        sd.edit(image, "a", "b", num_inference_steps=3, start_step=4)
     with pytest.raises(ValueError, match="start_layer: 99"):
         sd.edit(image, "a", "b", num_inference_steps=3, start_step=0, start_layer=99)
     with pytest.raises(ValueError, match="num_inference_steps: 0"):
