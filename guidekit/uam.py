@@ -12,7 +12,8 @@ x0-estimates x̂0^src, x̂0^tgt and x̂0^u of the source, target and auxiliary (
 7. x̂0^tgt ← M_keep ⊙ x̂0^u + (1 − M_keep) ⊙ x̂0^tgt
    x̂0^src ← M_edit ⊙ x̂0^u + (1 − M_edit) ⊙ x̂0^src             `blend_x0`
 
-Computed in float64.
+Computed in `guidekit.precision.math_dtype` of the tensors' device (float64; float32 on MPS, which has no
+float64).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .precision import math_dtype
 
 __all__ = [
     "quantile_schedule",
@@ -50,7 +53,9 @@ def _check_quantile(quantile) -> float:
 
 
 def quantile_schedule(quantile: float, num_steps: int) -> torch.Tensor:
-    """q_i = linspace(0, quantile, num_steps)[i]: the quantile level used at denoising step i (float64).
+    """q_i = linspace(0, quantile, num_steps)[i]: the quantile level used at denoising step i.
+
+    A CPU tensor (it is read one level at a time), in the math dtype of the CPU.
 
     Args:
         quantile (`float`): q_max, in (0, 1). The official script uses 0.5, its editor's default is 0.7.
@@ -59,7 +64,7 @@ def quantile_schedule(quantile: float, num_steps: int) -> torch.Tensor:
     q = _check_quantile(quantile)
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps: {num_steps!r} is not accepted; accepted: an integer >= 1")
-    return torch.linspace(0.0, q, num_steps, dtype=torch.float64)
+    return torch.linspace(0.0, q, num_steps, dtype=math_dtype(torch.device("cpu")))
 
 
 def soft_threshold(delta: torch.Tensor, tau) -> torch.Tensor:
@@ -120,7 +125,8 @@ def adaptive_masks(
         raise ValueError(f"dilate_target: {dilate_target!r} is not accepted; accepted: {', '.join(map(repr, DILATE_TARGETS))}")
     if not 0.0 <= float(quantile_level) <= 1.0:
         raise ValueError(f"quantile_level: {quantile_level!r} is not accepted; accepted: a number in [0, 1]")
-    delta = x0_src.to(torch.float64) - x0_tgt.to(torch.float64)
+    dtype = math_dtype(x0_src.device)
+    delta = x0_src.to(dtype) - x0_tgt.to(dtype)
     flat = delta.abs().flatten(1)
     tau = torch.quantile(flat, float(quantile_level), dim=1).view(-1, *([1] * (delta.ndim - 1)))
     m_edit = edit_mask(delta, tau, threshold_rule)
@@ -140,14 +146,15 @@ def blend_x0(
     blend_source: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Alg. 1's x0 blend: the unedited region of the target and the edited region of the source are taken
-    from the uniform-map branch. Returns (x̂0^src, x̂0^tgt) in float64.
+    from the uniform-map branch. Returns (x̂0^src, x̂0^tgt) in the math dtype of the device.
 
     Args:
         blend_source (`bool`, defaults to `True`): also blend the source branch (the README's "red line"
             improvement, in the official code); False leaves x̂0^src unchanged.
     """
-    u = x0_uam.to(torch.float64)
-    src, tgt = x0_src.to(torch.float64), x0_tgt.to(torch.float64)
+    dtype = math_dtype(x0_uam.device)
+    u = x0_uam.to(dtype)
+    src, tgt = x0_src.to(dtype), x0_tgt.to(dtype)
     tgt = m_keep * u + (1.0 - m_keep) * tgt
     if blend_source:
         src = m_edit * u + (1.0 - m_edit) * src

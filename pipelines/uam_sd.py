@@ -15,6 +15,7 @@ and only adds SDXL's prompt conditioning.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -40,6 +41,7 @@ from guidekit.guidance.cfg import CFG
 from guidekit.hooks import HookChain, SamplerHook, SamplerState, resolve_guidance_scale
 from guidekit.inversion import ddim_invert, ddim_levels, ddim_step, predicted_x0
 from guidekit.metrics import fidelity, lpips_note
+from guidekit.precision import math_dtype
 from guidekit.uam import (
     DILATE_TARGETS,
     THRESHOLD_RULES,
@@ -602,7 +604,8 @@ class UAMPipelineMixin:
                         )
                         x0_src, x0_tgt = blend_x0(x0_src, x0_tgt, x0_uam, m_edit, m_keep, blend_source)
                         x0 = torch.cat([x0_src, x0_tgt])
-                        latents = (ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps).to(latents.dtype)
+                        alpha_prev, sigma_prev = _alpha_sigma(ab_prev)
+                        latents = (alpha_prev * x0 + sigma_prev * eps).to(latents.dtype)
                         last_mask = m_edit
                     else:
                         latents = ddim_step(latents, pred, ab_t, ab_prev, prediction_type)
@@ -632,10 +635,10 @@ class UAMPipelineMixin:
 
 
 def _predicted_eps(x_t, pred, alpha_bar_t, prediction_type: str) -> torch.Tensor:
-    """The model's ε estimate at level ᾱ_t, in float64."""
-    ab = torch.as_tensor(alpha_bar_t, dtype=torch.float64)
-    alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
-    x_t, pred = x_t.to(torch.float64), pred.to(torch.float64)
+    """The model's ε estimate at level ᾱ_t, in the math dtype of x_t's device (no float64 on MPS)."""
+    alpha, sigma = _alpha_sigma(alpha_bar_t)
+    dtype = math_dtype(x_t.device)
+    x_t, pred = x_t.to(dtype), pred.to(dtype)
     if prediction_type == "epsilon":
         return pred
     if prediction_type == "v_prediction":
@@ -643,6 +646,12 @@ def _predicted_eps(x_t, pred, alpha_bar_t, prediction_type: str) -> torch.Tensor
     if prediction_type == "sample":
         return (x_t - alpha * pred) / sigma
     raise ValueError(f"prediction_type: {prediction_type!r} is not supported; accepted: 'epsilon', 'v_prediction', 'sample'")
+
+
+def _alpha_sigma(alpha_bar) -> tuple:
+    """(α, σ) = (√ᾱ, √(1 − ᾱ)) as Python floats: exact for a float64 ᾱ, and usable with tensors on any device."""
+    ab = float(alpha_bar)
+    return math.sqrt(ab), math.sqrt(1.0 - ab)
 
 
 def _take(cond: Dict[str, Any], index: torch.Tensor) -> Dict[str, Any]:

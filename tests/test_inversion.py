@@ -120,3 +120,51 @@ def test_bad_prediction_type():
     sched = _scheduler("epsilon", 2)
     with pytest.raises(ValueError, match="prediction_type.*'flow'.*epsilon"):
         ddim_invert(lambda x, t: x, torch.zeros(1, 4, 2, 2), ddim_levels(sched), "flow")
+
+
+def test_epsilon_model_on_zero_terminal_snr_schedule_names_the_cause():
+    # rescale_betas_zero_snr makes ᾱ = 0 at t = 999, which "trailing" spacing samples: an epsilon model's
+    # x0 = (x − σ ε) / α is undefined there. The message must say so and point to what works instead.
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(
+        _scheduler("epsilon", 4).config, rescale_betas_zero_snr=True, timestep_spacing="trailing"
+    )
+    sched.set_timesteps(4)
+    calls = []
+    with pytest.raises(ValueError) as info:
+        ddim_invert(lambda x, t: calls.append(t) or x, torch.zeros(1, 4, 2, 2), ddim_levels(sched), "epsilon")
+    message = str(info.value)
+    assert message.startswith("prediction_type: 'epsilon'")
+    assert "timestep 999" in message and "ᾱ_t = 0" in message and "zero terminal SNR" in message
+    assert "v_prediction" in message and "rescale_betas_zero_snr=False" in message and "timestep_spacing" in message
+    assert "same output" not in message
+    assert calls == []  # refused before any model call
+    # a v-prediction model inverts the same schedule
+    inv = ddim_invert(lambda x, t: torch.zeros_like(x), torch.ones(1, 4, 2, 2), ddim_levels(sched), "v_prediction")
+    assert torch.isfinite(inv.latents).all()
+
+
+def test_sample_model_landing_on_alpha_one_names_the_cause():
+    sched = _scheduler("sample", 3, set_alpha_to_one=True)
+    with pytest.raises(ValueError) as info:
+        ddim_invert(lambda x, t: x, torch.zeros(1, 4, 2, 2), ddim_levels(sched), "sample")
+    message = str(info.value)
+    assert "prediction_type: 'sample'" in message and "σ_prev = 0" in message
+    assert "set_alpha_to_one=False" in message and "epsilon" in message
+
+
+def test_math_follows_the_device_rule(monkeypatch):
+    # MPS has no float64: guidekit.precision.math_dtype says float32 there. Pretend every device is MPS.
+    import guidekit.inversion as inversion
+
+    monkeypatch.setattr(inversion, "math_dtype", lambda device: torch.float32)
+    sched = _scheduler("epsilon", 3)
+    levels = ddim_levels(sched)
+    assert levels.alpha_bar.dtype == levels.alpha_bar_prev.dtype == torch.float32
+    x = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(5))
+    assert predicted_x0(x, x, levels.alpha_bar[0]).dtype == torch.float32
+    a, b = inversion.ddim_step_coefficients(levels.alpha_bar[0], levels.alpha_bar_prev[0])
+    assert a.dtype == b.dtype == torch.float32
+    inv = ddim_invert(lambda x, t: torch.zeros_like(x), x.half(), levels)
+    assert inv.latents.dtype == torch.float16 and torch.isfinite(inv.latents).all()

@@ -96,3 +96,17 @@ def test_mask_window_in_ddpm_timesteps():
     active = [t for t in (981, 401, 399, 201, 199, 21, 1, 0) if mask_active(t, 200)]
     assert active == [199, 21, 1]
     assert [t for t in (401, 399, 1) if mask_active(t, 400)] == [399, 1]
+
+
+def test_mask_math_follows_the_device_rule(monkeypatch):
+    # MPS has no float64: guidekit.precision.math_dtype says float32 there. Pretend every device is MPS.
+    import guidekit.uam as uam
+
+    monkeypatch.setattr(uam, "math_dtype", lambda device: torch.float32)
+    assert quantile_schedule(0.5, 3).dtype == torch.float32
+    g = torch.Generator().manual_seed(3)
+    src, tgt, u = (torch.randn(1, 4, 5, 5, generator=g, dtype=torch.float16) for _ in range(3))
+    m_edit, m_keep = adaptive_masks(src, tgt, 0.5)
+    assert m_edit.dtype == m_keep.dtype == torch.float32
+    new_src, new_tgt = blend_x0(src, tgt, u, m_edit, m_keep)
+    assert new_src.dtype == new_tgt.dtype == torch.float32

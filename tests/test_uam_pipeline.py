@@ -198,3 +198,15 @@ def test_start_step_beyond_steps(sd, image):
         sd.invert(image, num_inference_steps=0)
     with pytest.raises(ValueError, match="threshold_rule"):
         sd.edit(image, "a", "b", num_inference_steps=3, start_step=0, threshold_rule="half")
+
+
+def test_epsilon_model_on_zero_terminal_snr_schedule(sd, image):
+    from diffusers import DDIMScheduler
+
+    original = sd.scheduler
+    sd.scheduler = DDIMScheduler.from_config(original.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    try:
+        with pytest.raises(ValueError, match="prediction_type: 'epsilon' cannot be inverted at timestep 999, where ᾱ_t = 0"):
+            sd.reconstruct(image, num_inference_steps=2)
+    finally:
+        sd.scheduler = original
