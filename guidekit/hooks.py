@@ -20,10 +20,13 @@ the schedulers people use with Stable Diffusion.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
+
+from .precision import math_dtype
 
 __all__ = [
     "SamplerHook",
@@ -31,6 +34,8 @@ __all__ = [
     "HookChain",
     "HookConflictError",
     "SUPPORTED_SCHEDULERS",
+    "as_hook_list",
+    "scheduler_family",
 ]
 
 
@@ -54,8 +59,15 @@ SUPPORTED_SCHEDULERS = {
 
 
 def scheduler_family(scheduler: Any) -> Optional[str]:
-    """How a scheduler parameterises x_t, or None when guidekit cannot read it."""
-    return SUPPORTED_SCHEDULERS.get(type(scheduler).__name__)
+    """How a scheduler parameterises x_t, or None when guidekit cannot read it.
+
+    Read from the class hierarchy, so a user's subclass of a supported scheduler is supported too.
+    """
+    for cls in type(scheduler).__mro__:
+        family = SUPPORTED_SCHEDULERS.get(cls.__name__)
+        if family is not None:
+            return family
+    return None
 
 
 @dataclass
@@ -74,6 +86,12 @@ class SamplerState:
         latents (`torch.Tensor`): the scheduler's current sample.
         model_input (`torch.Tensor`): what the model saw for this step (scaled by the scheduler).
         extras (`dict`): free room for hooks that need to share per-call data (e.g. the pipeline).
+
+    `to_x0` / `from_x0` refer to the current step's model input and its noise level at every hook point,
+    `step_end` included: the noise level is pinned when the step's model input is set, so a sigma
+    scheduler that has already advanced its index (Euler, LMS, DPM-Solver after `scheduler.step`) still
+    converts with the sigma the model saw. Hooks keep per-call state in `state.memory(self)`, so one hook
+    object serves several calls at once.
     """
 
     num_steps: int
@@ -89,12 +107,26 @@ class SamplerState:
     extras: dict = field(default_factory=dict)
     _alpha_sigma_cache: Optional[tuple] = field(default=None, repr=False, compare=False)
     _model_input64: Optional[tuple] = field(default=None, repr=False, compare=False)
+    _sigma_index: Optional[int] = field(default=None, repr=False, compare=False)
+    _memories: dict = field(default_factory=dict, repr=False, compare=False)
 
     def update(self, step_index: int, timestep: Any, latents: torch.Tensor, model_input: Optional[torch.Tensor]) -> None:
         self.step_index = step_index
         self.timestep = timestep
         self.latents = latents
+        self.set_model_input(model_input)
+
+    def set_model_input(self, model_input: Optional[torch.Tensor]) -> None:
+        """Set this step's model input and pin the scheduler index its noise level is read from."""
         self.model_input = model_input
+        self._sigma_index = getattr(self.scheduler, "step_index", None)
+
+    def memory(self, hook: Any) -> dict:
+        """A dict private to `hook` for the duration of this call (momentum buffers, recorded features).
+
+        Per call, not per hook object: two calls that share a hook object never see each other's state.
+        """
+        return self._memories.setdefault(id(hook), {})
 
     @property
     def progress(self) -> float:
@@ -110,7 +142,7 @@ class SamplerState:
         for it with alpha = 1/sqrt(s^2+1) and sigma = s/sqrt(s^2+1). Cached per step: a guidance hook
         converts cond, uncond and the result with the same pair.
         """
-        key = (self.step_index, id(self.scheduler), self._scheduler_index())
+        key = (self.step_index, id(self.scheduler), self._sigma_index, self._timestep_key())
         if self._alpha_sigma_cache is not None and self._alpha_sigma_cache[0] == key:
             return self._alpha_sigma_cache[1]
         value = self._compute_alpha_sigma()
@@ -120,7 +152,8 @@ class SamplerState:
     def _input64(self) -> torch.Tensor:
         # A guidance hook converts cond, uncond and its result against the same model input.
         if self._model_input64 is None or self._model_input64[0] is not self.model_input:
-            self._model_input64 = (self.model_input, self.model_input.to(torch.float64))
+            x = self.model_input
+            self._model_input64 = (x, x.to(math_dtype(x.device)))
         return self._model_input64[1]
 
     def _coefficients(self) -> tuple[float, float]:
@@ -129,9 +162,8 @@ class SamplerState:
         alpha, sigma = self.alpha_sigma()
         return float(alpha), float(sigma)
 
-    def _scheduler_index(self):
-        index = getattr(self.scheduler, "step_index", None)
-        return (index, float(self.timestep) if self.timestep is not None else None)
+    def _timestep_key(self):
+        return float(self.timestep) if self.timestep is not None else None
 
     def _compute_alpha_sigma(self) -> tuple[torch.Tensor, torch.Tensor]:
         family = scheduler_family(self.scheduler)
@@ -150,7 +182,9 @@ class SamplerState:
 
     def _current_sigma(self) -> torch.Tensor:
         sched = self.scheduler
-        index = getattr(sched, "step_index", None)
+        # The index pinned with the model input: after `scheduler.step` the scheduler's own index points
+        # at the next sigma, which does not belong to this step's model input.
+        index = self._sigma_index
         if index is None:
             index = sched.index_for_timestep(self.timestep) if hasattr(sched, "index_for_timestep") else self.step_index
         return sched.sigmas[index].to(torch.float64)
@@ -158,9 +192,9 @@ class SamplerState:
     # ------------------------------------------------------------------ conversions
 
     def to_x0(self, pred: torch.Tensor, model_input: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Model prediction (eps, v or x0) -> predicted clean sample, in float64."""
-        x = self._input64() if model_input is None else model_input.to(torch.float64)
-        pred = pred.to(torch.float64)
+        """Model prediction (eps, v or x0) -> predicted clean sample, in float64 (float32 on MPS)."""
+        x = self._input64() if model_input is None else model_input.to(math_dtype(model_input.device))
+        pred = pred.to(x.dtype)
         alpha, sigma = self._coefficients()
         if self.prediction_type == "epsilon":
             return (x - sigma * pred) / alpha
@@ -173,9 +207,9 @@ class SamplerState:
         )
 
     def from_x0(self, x0: torch.Tensor, model_input: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Predicted clean sample -> the model's prediction type, in float64 (inverse of `to_x0`)."""
-        x = self._input64() if model_input is None else model_input.to(torch.float64)
-        x0 = x0.to(torch.float64)
+        """Predicted clean sample -> the model's prediction type, in float64 (float32 on MPS); inverse of `to_x0`."""
+        x = self._input64() if model_input is None else model_input.to(math_dtype(model_input.device))
+        x0 = x0.to(x.dtype)
         alpha, sigma = self._coefficients()
         if self.prediction_type == "epsilon":
             return (x - alpha * x0) / sigma
@@ -242,8 +276,8 @@ class HookChain:
         default_guidance: the guidance hook used when `hooks` has none (CFG).
     """
 
-    def __init__(self, hooks: Iterable[SamplerHook], default_guidance: SamplerHook):
-        hooks = list(hooks)
+    def __init__(self, hooks: Union[SamplerHook, Iterable[SamplerHook], None], default_guidance: SamplerHook):
+        hooks = as_hook_list(hooks)
         for hook in hooks:
             if not isinstance(hook, SamplerHook):
                 raise ValueError(
@@ -273,8 +307,22 @@ class HookChain:
             hook.validate(state)
 
     def begin(self, state: SamplerState) -> None:
-        for hook in self.all:
-            hook.begin(state)
+        """Run every hook's `begin`; if one raises, end the ones already begun (in reverse) and re-raise.
+
+        So a failed start leaves nothing installed (attention processors, buffers) on the user's model.
+        """
+        begun: list[SamplerHook] = []
+        try:
+            for hook in self.all:
+                hook.begin(state)
+                begun.append(hook)
+        except BaseException:
+            for hook in reversed(begun):
+                try:
+                    hook.end(state)
+                except BaseException:  # the begin error is the one to report
+                    pass
+            raise
 
     def init_latents(self, state: SamplerState, latents: torch.Tensor) -> torch.Tensor:
         for hook in self.all:
@@ -312,10 +360,25 @@ class HookChain:
             raise error
 
 
+def as_hook_list(hooks: Union[SamplerHook, Iterable[SamplerHook], None]) -> list:
+    """`hooks` as a list: None, one hook, or an iterable of hooks (checked in `HookChain`)."""
+    if hooks is None:
+        return []
+    if isinstance(hooks, SamplerHook):
+        return [hooks]
+    if isinstance(hooks, (str, bytes)) or not isinstance(hooks, Iterable):
+        raise ValueError(
+            f"hooks: {hooks!r} is not accepted; accepted: a guidekit SamplerHook such as guidekit.APG(), "
+            "a list of them, or None"
+        )
+    return list(hooks)
+
+
 def resolve_guidance_scale(call_scale: Optional[float], hooks: Sequence[SamplerHook], default: float = 7.5) -> float:
     """The call's guidance scale: the call's, else the guidance hook's, else `default`.
 
-    A guidance hook whose own scale contradicts an explicitly passed call scale is an error.
+    A guidance hook whose own scale contradicts an explicitly passed call scale is an error. Any finite
+    scale is accepted, as in the stock pipelines: at w <= 1 no unconditional pass runs.
     """
     hook_scales = [(h, h.guidance_scale) for h in hooks if h.slot == "guidance" and h.guidance_scale is not None]
     if call_scale is not None:
@@ -331,6 +394,6 @@ def resolve_guidance_scale(call_scale: Optional[float], hooks: Sequence[SamplerH
         scale = float(hook_scales[0][1])
     else:
         scale = float(default)
-    if not scale >= 0 or scale != scale or scale == float("inf"):
-        raise ValueError(f"guidance_scale: {scale} is not accepted; accepted: a finite number >= 0 (1 disables guidance)")
+    if not math.isfinite(scale):
+        raise ValueError(f"guidance_scale: {scale} is not accepted; accepted: a finite number (w <= 1 disables guidance)")
     return scale

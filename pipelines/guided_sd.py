@@ -6,6 +6,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from diffusers import StableDiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
@@ -61,28 +62,35 @@ class GuidedStableDiffusionPipeline(HookedPipelineMixin, StableDiffusionPipeline
         r"""Generate images; the stock arguments mean what they mean in `StableDiffusionPipeline.__call__`.
 
         Args:
-            guidance_scale (`float`, *optional*): the guidance scale w. `None` takes the guidance hook's scale,
-                else 7.5 (the stock default). Must be >= 0; at w <= 1 no unconditional pass runs (as in stock).
-            hooks (`list[SamplerHook]`, *optional*): guidekit hooks for this call, e.g. `[guidekit.APG()]`.
-                At most one guidance hook (CFG when none); the others run in the order given. `None` uses the
-                hooks given to `guidekit.attach`, if any.
+            height (`int`, *optional*), width (`int`, *optional*): the image size; each one not given defaults
+                to the UNet's `sample_size` (height, width for a non-square one) times the VAE factor. A height
+                given alone is used (stock SD replaces it by the default; stock SDXL uses it, as here).
+            guidance_scale (`float`, *optional*, effective default 7.5): the guidance scale w. `None` takes the
+                guidance hook's scale, else 7.5 (the stock default). Any finite value, as in stock; at w <= 1 no
+                unconditional pass runs. A callback may change `pipe._guidance_scale` between steps, as in stock.
+            hooks (`SamplerHook` or `list[SamplerHook]`, *optional*): guidekit hooks for this call, e.g.
+                `[guidekit.APG()]`. At most one guidance hook (CFG when none); the others run in the order given.
+                `None` uses the hooks given to `guidekit.attach`, if any.
         """
-        if kwargs.get("callback") is not None or kwargs.get("callback_steps") is not None:
-            raise ValueError("callback/callback_steps: deprecated and not supported here; use callback_on_step_end")
+        callback = kwargs.pop("callback", None)
+        callback_steps = kwargs.pop("callback_steps", None)
+        self.warn_deprecated_callbacks(callback, callback_steps)
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         chain, state = self.start_hooks(hooks, guidance_scale, guidance_rescale, generator)
 
         # 0. Default height and width to unet
-        if not height or not width:
-            size = self.unet.config.sample_size
-            size = size if isinstance(size, int) else size[0]
-            height, width = height or size * self.vae_scale_factor, width or size * self.vae_scale_factor
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else size
+        height = height or size[0] * self.vae_scale_factor
+        width = width or size[1] * self.vae_scale_factor
 
         # 1. Check inputs
         self.check_inputs(
             prompt,
             height,
             width,
-            None,
+            callback_steps,
             negative_prompt,
             prompt_embeds,
             negative_prompt_embeds,
@@ -118,6 +126,7 @@ class GuidedStableDiffusionPipeline(HookedPipelineMixin, StableDiffusionPipeline
             lora_scale=lora_scale,
             clip_skip=self.clip_skip,
         )
+        self._uncond_encoded = self.do_classifier_free_guidance
         if self.do_classifier_free_guidance:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
         image_embeds = None
@@ -196,6 +205,8 @@ class GuidedStableDiffusionPipeline(HookedPipelineMixin, StableDiffusionPipeline
                         negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
                     if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                         progress_bar.update()
+                        if callback is not None and i % callback_steps == 0:
+                            callback(i // getattr(self.scheduler, "order", 1), t, latents)
         finally:
             chain.end(state)
 

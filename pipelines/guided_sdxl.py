@@ -6,8 +6,10 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from diffusers import StableDiffusionXLPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
+from diffusers.utils.torch_utils import get_module_execution_device
 
 from guidekit.hooks import SamplerHook
 
@@ -70,14 +72,21 @@ class GuidedStableDiffusionXLPipeline(HookedPipelineMixin, StableDiffusionXLPipe
         r"""Generate images; the stock arguments mean what they mean in `StableDiffusionXLPipeline.__call__`.
 
         Args:
-            guidance_scale (`float`, *optional*): the guidance scale w. `None` takes the guidance hook's scale,
-                else 5.0 (the stock default). Must be >= 0; at w <= 1 no unconditional pass runs (as in stock).
-            hooks (`list[SamplerHook]`, *optional*): guidekit hooks for this call, e.g. `[guidekit.APG()]`.
-                At most one guidance hook (CFG when none); the others run in the order given. `None` uses the
-                hooks given to `guidekit.attach`, if any.
+            guidance_scale (`float`, *optional*, effective default 5.0): the guidance scale w. `None` takes the
+                guidance hook's scale, else 5.0 (the stock default). Any finite value, as in stock; at w <= 1 no
+                unconditional pass runs. A callback may change `pipe._guidance_scale` between steps, as in stock.
+            hooks (`SamplerHook` or `list[SamplerHook]`, *optional*): guidekit hooks for this call, e.g.
+                `[guidekit.APG()]`. At most one guidance hook (CFG when none); the others run in the order given.
+                `None` uses the hooks given to `guidekit.attach`, if any.
+
+        On steps where the guidance hook skips the unconditional pass, every row gets the positive
+        micro-conditioning (`original_size`, ...), never the negative one.
         """
-        if kwargs.get("callback") is not None or kwargs.get("callback_steps") is not None:
-            raise ValueError("callback/callback_steps: deprecated and not supported here; use callback_on_step_end")
+        callback = kwargs.pop("callback", None)
+        callback_steps = kwargs.pop("callback_steps", None)
+        self.warn_deprecated_callbacks(callback, callback_steps)
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         chain, state = self.start_hooks(hooks, guidance_scale, guidance_rescale, generator)
 
         # 0. Default height and width to unet
@@ -92,7 +101,7 @@ class GuidedStableDiffusionXLPipeline(HookedPipelineMixin, StableDiffusionXLPipe
             prompt_2,
             height,
             width,
-            None,
+            callback_steps,
             negative_prompt,
             negative_prompt_2,
             prompt_embeds,
@@ -178,6 +187,9 @@ class GuidedStableDiffusionXLPipeline(HookedPipelineMixin, StableDiffusionXLPipe
             )
         else:
             negative_add_time_ids = add_time_ids
+        # Cond-only steps use these rows: the stock layout below interleaves [neg, pos] per sample.
+        cond_time_ids = add_time_ids.to(device).repeat(batch_size * num_images_per_prompt, 1)
+        self._uncond_encoded = self.do_classifier_free_guidance
         if self.do_classifier_free_guidance:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds], dim=0)
             add_text_embeds = torch.cat([negative_pooled_prompt_embeds, add_text_embeds], dim=0)
@@ -212,7 +224,8 @@ class GuidedStableDiffusionXLPipeline(HookedPipelineMixin, StableDiffusionXLPipe
 
         def denoise(model_input: torch.Tensor, t: torch.Tensor, with_uncond: bool) -> torch.Tensor:
             n = model_input.shape[0]
-            added = {"text_embeds": add_text_embeds[-n:], "time_ids": add_time_ids[-n:]}
+            time_ids = add_time_ids if with_uncond or add_time_ids.shape[0] == n else cond_time_ids
+            added = {"text_embeds": add_text_embeds[-n:], "time_ids": time_ids[-n:]}
             if image_embeds is not None:
                 added["image_embeds"] = [e[-n:] for e in image_embeds]
             return self.unet(
@@ -252,6 +265,8 @@ class GuidedStableDiffusionXLPipeline(HookedPipelineMixin, StableDiffusionXLPipe
                         add_time_ids = callback_outputs.pop("add_time_ids", add_time_ids)
                     if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                         progress_bar.update()
+                        if callback is not None and i % callback_steps == 0:
+                            callback(i // getattr(self.scheduler, "order", 1), t, latents)
         finally:
             chain.end(state)
 
@@ -261,6 +276,8 @@ class GuidedStableDiffusionXLPipeline(HookedPipelineMixin, StableDiffusionXLPipe
             if needs_upcasting:
                 self.upcast_vae()
                 latents = latents.to(next(iter(self.vae.post_quant_conv.parameters())).dtype)
+            elif latents.dtype != self.vae.dtype and torch.backends.mps.is_available():
+                self.vae = self.vae.to(latents.dtype)  # as stock: MPS misbehaves with mixed dtypes (pytorch#99272)
             mean = getattr(self.vae.config, "latents_mean", None)
             std = getattr(self.vae.config, "latents_std", None)
             if mean is not None and std is not None:
@@ -269,6 +286,8 @@ class GuidedStableDiffusionXLPipeline(HookedPipelineMixin, StableDiffusionXLPipe
                 latents = latents * std / self.vae.config.scaling_factor + mean
             else:
                 latents = latents / self.vae.config.scaling_factor
+            # Offloaded and device-mapped VAEs run where their hooks put them.
+            latents = latents.to(get_module_execution_device(self.vae))
             image = self.vae.decode(latents, return_dict=False)[0]
             if needs_upcasting:
                 self.vae.to(dtype=torch.float16)

@@ -181,5 +181,6 @@ def test_guidance_scale_resolution():
     assert resolve_guidance_scale(3, [guidekit.APG()]) == 3
     with pytest.raises(ValueError, match="guidance_scale: the call passes 7.5 but APG\\(guidance_scale=12.0"):
         resolve_guidance_scale(7.5, [guidekit.APG(guidance_scale=12)])
-    with pytest.raises(ValueError, match="guidance_scale: -2.0 is not accepted"):
-        resolve_guidance_scale(-2, [])
+    assert resolve_guidance_scale(-2, []) == -2  # as stock: w <= 1 means no guidance
+    with pytest.raises(ValueError, match="guidance_scale: nan is not accepted"):
+        resolve_guidance_scale(float("nan"), [])

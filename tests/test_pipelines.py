@@ -94,8 +94,8 @@ def test_attach_sdxl_and_rejects_other_pipelines(sdxl):
 
 def test_call_errors(sd):
     _, hooked = sd
-    with pytest.raises(ValueError, match="guidance_scale: -1.0 is not accepted"):
-        images(hooked, guidance_scale=-1.0)
+    with pytest.raises(ValueError, match="guidance_scale: inf is not accepted"):
+        images(hooked, guidance_scale=float("inf"))
     with pytest.raises(ValueError, match="guidance_scale: the call passes 7.5 but APG"):
         images(hooked, guidance_scale=7.5, hooks=[guidekit.APG(guidance_scale=12.0)])
     with pytest.raises(ValueError, match="both fill the guidance slot"):

@@ -9,6 +9,7 @@ import torch
 from ..checks import check_choice, check_number, check_window
 from ..hooks import SUPPORTED_SCHEDULERS, SamplerHook, SamplerState, scheduler_family
 from .apg_math import apg_step
+from .cfg import rescale_guided
 
 __all__ = ["APG"]
 
@@ -34,6 +35,12 @@ class APG(SamplerHook):
         start (`float`, defaults to `0.0`): fraction of the steps at which APG starts.
         stop (`float`, defaults to `1.0`): fraction of the steps at which APG stops. Steps outside
             [start, stop) use plain CFG; the momentum buffer is only updated on APG steps.
+        guidance_rescale (`float`, *optional*): φ of the CFG rescale (Lin et al. 2023, Sec. 3.4), applied to
+            APG's final output in the model's own parameterisation (eps/v), toward the std of the
+            conditional prediction, exactly as for CFG and as diffusers' APG guider does. `None` takes the
+            call's `guidance_rescale` (0, off, by default).
+
+    The momentum buffer lives in the call's `SamplerState`, so one `APG` object serves concurrent calls.
     """
 
     slot = "guidance"
@@ -47,6 +54,7 @@ class APG(SamplerHook):
         space: str = "x0",
         start: float = 0.0,
         stop: float = 1.0,
+        guidance_rescale: Optional[float] = None,
     ):
         self.guidance_scale = check_number("guidance_scale", guidance_scale, 0.0, allow_none=True)
         self.eta = check_number("eta", eta, 0.0, 1.0)
@@ -54,7 +62,7 @@ class APG(SamplerHook):
         self.momentum = check_number("momentum", momentum, -1.0, 1.0, low_open=True, high_open=True)
         self.space = check_choice("space", space, ("x0", "model"))
         self.start, self.stop = check_window(start, stop)
-        self._running: Optional[torch.Tensor] = None
+        self.guidance_rescale = check_number("guidance_rescale", guidance_rescale, 0.0, 1.0, allow_none=True)
 
     def validate(self, state: SamplerState) -> None:
         if self.space == "x0" and scheduler_family(state.scheduler) is None:
@@ -63,9 +71,6 @@ class APG(SamplerHook):
                 f"{type(state.scheduler).__name__}; accepted: {', '.join(sorted(SUPPORTED_SCHEDULERS))}, "
                 "or APG(space='model')"
             )
-
-    def begin(self, state: SamplerState) -> None:
-        self._running = None  # a new call starts a new momentum average
 
     def is_active(self, state: SamplerState) -> bool:
         return self.start <= state.progress < self.stop
@@ -77,27 +82,35 @@ class APG(SamplerHook):
         if pred_uncond is None:
             return pred_cond
         if not self.is_active(state):
-            return pred_uncond + state.guidance_scale * (pred_cond - pred_uncond)
-        if self.space == "model":
-            guided, self._running = self._step(state, pred_cond, pred_uncond)
-            return guided
-        x0_cond, x0_uncond = state.to_x0(pred_cond), state.to_x0(pred_uncond)
-        x0_guided, self._running = self._step(state, x0_cond, x0_uncond)
-        return state.from_x0(x0_guided).to(pred_cond.dtype)
+            guided = pred_uncond + state.guidance_scale * (pred_cond - pred_uncond)
+        elif self.space == "model":
+            guided = self._step(state, pred_cond, pred_uncond)
+        else:
+            x0_guided = self._step(state, state.to_x0(pred_cond), state.to_x0(pred_uncond))
+            guided = state.from_x0(x0_guided).to(pred_cond.dtype)
+        phi = state.guidance_rescale if self.guidance_rescale is None else self.guidance_rescale
+        if phi > 0.0:
+            guided = rescale_guided(guided, pred_cond, phi)
+        return guided
 
-    def _step(self, state, cond, uncond):
-        return apg_step(
+    def _step(self, state: SamplerState, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        # A new call has an empty memory, so it starts a new momentum average.
+        memory = state.memory(self)
+        guided, memory["running"] = apg_step(
             cond,
             uncond,
             state.guidance_scale,
             eta=self.eta,
             norm_threshold=self.norm_threshold,
             momentum=self.momentum,
-            running=self._running,
+            running=memory.get("running"),
         )
+        return guided
 
     def __repr__(self) -> str:
         return (
             f"APG(guidance_scale={self.guidance_scale}, eta={self.eta}, norm_threshold={self.norm_threshold}, "
-            f"momentum={self.momentum}, space={self.space!r}, start={self.start}, stop={self.stop})"
+            f"momentum={self.momentum}, space={self.space!r}, start={self.start}, stop={self.stop}"
+            + (f", guidance_rescale={self.guidance_rescale}" if self.guidance_rescale is not None else "")
+            + ")"
         )
