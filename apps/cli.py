@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
+import re
 
 import click
 
@@ -18,6 +20,55 @@ SUBCOMMANDS = {
     "eval-toy": "guidekit.apps.eval_toy:eval_toy",
     "eval-uam": "guidekit.apps.eval_uam:eval_uam",
 }
+
+
+#----------------------------------------------------------------------------
+# Option types shared by the subcommands (this module stays light: click only).
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan, inf and -inf.
+
+    `float()` accepts all three, and click's range checks let nan through (every comparison with nan is
+    false), so a plain FloatRange hands them to the model, which fails much later with a traceback.
+    """
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number; accepted: {self._accepted()}", param, ctx)
+        return super().convert(number, param, ctx)
+
+    def _accepted(self) -> str:
+        if self.min is None and self.max is None:
+            return "a finite number"
+        return f"a finite number {self._describe_range()}"
+
+
+class ImageSize(click.ParamType):
+    """`N` or `WxH` in pixels -> (width, height), each within guidekit's shared bound (MAX_IMAGE_SIDE).
+
+    The model's VAE factor is checked once the model is loaded; the bound is checked here, before anything
+    is loaded or allocated.
+    """
+
+    name = "N|WxH"
+
+    def convert(self, value, param, ctx):
+        from guidekit.checks import check_image_size
+
+        if isinstance(value, tuple):
+            return value
+        match = re.fullmatch(r"(\d+)(?:x(\d+))?", str(value).strip().lower())
+        if not match:
+            self.fail(f"{value!r}; accepted: N or WxH, e.g. 64 or 768x512", param, ctx)
+        width = int(match.group(1))
+        height = int(match.group(2) or width)
+        try:
+            return check_image_size(width, height, multiple_of=1)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
 
 
 class LazyGroup(click.Group):

@@ -29,6 +29,8 @@ from typing import Optional
 import click
 import numpy as np
 
+from .cli import FiniteFloatRange
+
 __all__ = ["eval_uam", "evaluate", "edit_targets"]
 
 
@@ -103,11 +105,12 @@ def evaluate(
 
     from guidekit.metrics import masked_psnr
     from guidekit.pipelines import UAMStableDiffusionPipeline
-    from guidekit.toy import default_model_path
     from guidekit.toy.judge import judge
     from guidekit.toy.world import generate, render
 
-    path = str(model or default_model_path())
+    from .generate import default_model
+
+    path = str(model or default_model()[0])  # a clear error when the embedded model is not installed
     pipe = UAMStableDiffusionPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
     samples = [generate(seed + i) for i in range(num_images)]
@@ -220,10 +223,10 @@ def to_markdown(result: dict) -> str:
 @click.option("--num-images", type=click.IntRange(1, 10000), default=32, metavar="INT", help="Toy-world images.")
 @click.option("--seed", type=click.IntRange(0), default=1000, metavar="INT", help="Seed of the first image.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=50, metavar="INT", help="DDIM steps.")
-@click.option("--guidance", "guidance_scale", type=click.FloatRange(0, 100), default=7.5, metavar="FLOAT",
+@click.option("--guidance", "guidance_scale", type=FiniteFloatRange(0, 100), default=7.5, metavar="FLOAT",
               help="w of the plain-inversion baseline (b) and of the editing branches.")
 @click.option("--batch-size", type=click.IntRange(1, 256), default=8, metavar="INT", help="Images per call.")
-@click.option("--quantile", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, metavar="FLOAT",
+@click.option("--quantile", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), default=0.5, metavar="FLOAT",
               help="q_max of the edit mask's quantile schedule.")
 @click.option("--recon-t", type=click.IntRange(0, 1000), default=200, metavar="INT",
               help="The edit mask acts while the timestep is below this.")

@@ -8,7 +8,6 @@ Examples:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -17,40 +16,93 @@ from typing import Optional
 
 import click
 
-# Models whose folders hold these files are loaded with the matching hooked pipeline.
-_SDXL_MARKERS = ("text_encoder_2", "tokenizer_2")
+from guidekit.checks import MAX_IMAGE_SIDE
+
+from .cli import FiniteFloatRange, ImageSize
 
 
 class ModelLoadError(click.ClickException):
     """A model that cannot be loaded, with what was tried and what to do."""
 
 
-def default_model() -> tuple[str, Optional[float]]:
-    """The embedded toy model's folder and default guidance scale, or ("tiny-random", None) without it."""
+def _embedded_model_path() -> Optional[Path]:
+    """Where the embedded toy model belongs (it may be missing there), or None without `guidekit.toy`."""
     try:
         from guidekit import toy
 
-        path = Path(toy.default_model_path())
-        if (path / "model_index.json").exists():
-            return str(path), float(getattr(toy, "DEFAULT_GUIDANCE_SCALE", 7.5))
+        return Path(toy.default_model_path())
     except (ImportError, AttributeError, FileNotFoundError):
-        pass
-    return "tiny-random", None
+        return None
 
 
-def _is_sdxl(model: str) -> bool:
-    index = Path(model) / "model_index.json"
-    if index.exists():
-        config = json.loads(index.read_text())
-        return any(key in config for key in _SDXL_MARKERS)
-    return "xl" in model.lower()
+def default_model() -> tuple[str, float]:
+    """The embedded toy model's folder and default guidance scale.
+
+    Raises `ModelLoadError` when the model is not installed: a stand-in model would only draw noise, and
+    the user would not know why.
+    """
+    path = _embedded_model_path()
+    if path is None or not (path / "model_index.json").is_file():
+        missing = f"{path / 'model_index.json'} is missing" if path else "guidekit.toy is not installed"
+        raise ModelLoadError(
+            f"the embedded model is not installed ({missing}); reinstall guidekit, whose package ships it, "
+            "or pass --model ID_OR_PATH with a diffusers SD 1.x/2.x/SDXL folder or hub id"
+        )
+    from guidekit import toy
+
+    return str(path), float(getattr(toy, "DEFAULT_GUIDANCE_SCALE", 7.5))
+
+
+def _is_embedded(model: str) -> bool:
+    path = _embedded_model_path()
+    try:
+        return path is not None and Path(model).expanduser().resolve() == path.resolve()
+    except OSError:
+        return False
+
+
+def pipeline_class(config: dict, model: str):
+    """The hooked pipeline class for a model whose `model_index.json` is `config`, from its `_class_name`.
+
+    Raises `ModelLoadError` for a pipeline that is neither Stable Diffusion 1.x/2.x nor SDXL.
+    """
+    import diffusers
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    import guidekit.pipelines
+    from guidekit.pipelines import GuidedStableDiffusionPipeline, GuidedStableDiffusionXLPipeline
+
+    name = config.get("_class_name")
+    cls = None
+    if isinstance(name, str):  # a stock diffusers pipeline, or one of guidekit's (saved by save_pretrained)
+        cls = getattr(diffusers, name, None) or getattr(guidekit.pipelines, name, None)
+    if isinstance(cls, type) and issubclass(cls, StableDiffusionXLPipeline):
+        return GuidedStableDiffusionXLPipeline
+    if isinstance(cls, type) and issubclass(cls, StableDiffusionPipeline):
+        return GuidedStableDiffusionPipeline
+    raise ModelLoadError(
+        f"--model: {model} is a {name or 'pipeline without _class_name'} (model_index.json); accepted: a "
+        "StableDiffusionPipeline (SD 1.x/2.x) or StableDiffusionXLPipeline (SDXL) checkpoint"
+    )
+
+
+def _read_model_index(source: str, model: str, hint: str) -> dict:
+    """`model_index.json` of a local folder, or of a hub id through the Hugging Face cache (or network)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(DiffusionPipeline.load_config(source))
+    except Exception as exc:  # huggingface_hub raises OSError subclasses, ValueError... say which model failed
+        raise ModelLoadError(f"--model: cannot load {model!r}{hint}: {exc}") from exc
 
 
 def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype=None):
     """Load `model` (a diffusers folder or hub id; None: the embedded model) as a hooked pipeline.
 
+    The pipeline kind (SD 1.x/2.x or SDXL) comes from the model's `model_index.json`, never from its name.
     Returns the pipeline and the model's name. Raises `ModelLoadError` with a readable message when the
-    model cannot be loaded (no such folder, no network for a hub id, not an SD/SDXL checkpoint).
+    model cannot be loaded (no such folder, no network for a hub id, not an SD/SDXL checkpoint, the
+    embedded model not installed).
 
     The embedded model is so small that torch's thread pool costs more than it gives (0.9 s for 25 steps
     on one thread, 10-30x that with two threads on a busy two-core machine), so on CPU this sets torch to
@@ -58,37 +110,38 @@ def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype=None):
     """
     import torch
 
-    from guidekit.pipelines import GuidedStableDiffusionPipeline, GuidedStableDiffusionXLPipeline
-    from guidekit.testing import tiny_sd_pipeline
-
     if model is None:
         model, _ = default_model()
-    if model in ("tiny-random", default_model()[0]) and str(device) == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+    if _is_embedded(model) and str(device) == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
-    if model == "tiny-random":
-        pipe = tiny_sd_pipeline(cls=GuidedStableDiffusionPipeline)
-        pipe.set_progress_bar_config(disable=False)
-        return pipe.to(device), model
-    cls = GuidedStableDiffusionXLPipeline if _is_sdxl(model) else GuidedStableDiffusionPipeline
     local = Path(model).expanduser()
     if local.exists() and not (local / "model_index.json").exists():
         raise ModelLoadError(f"--model: {model} is a folder without model_index.json; pass a diffusers pipeline folder")
+    source = str(local) if local.exists() else model
+    hint = "" if local.exists() else " (a hub id needs network access, or the model in the local Hugging Face cache)"
+    cls = pipeline_class(_read_model_index(source, model, hint), model)
     try:
-        pipe = cls.from_pretrained(str(local) if local.exists() else model, torch_dtype=dtype or torch.float32)
+        pipe = cls.from_pretrained(source, dtype=dtype or torch.float32)
     except Exception as exc:  # diffusers raises OSError, ValueError, EnvironmentError... say which model failed
-        hint = "" if local.exists() else " (a hub id needs network access, or the model in the local Hugging Face cache)"
         raise ModelLoadError(f"--model: cannot load {model!r}{hint}: {exc}") from exc
     return pipe.to(device), model
 
 
-def _parse_size(value: Optional[str]) -> Optional[tuple[int, int]]:
-    if value is None:
-        return None
-    match = re.fullmatch(r"(\d+)(?:x(\d+))?", value.strip().lower())
-    if not match:
-        raise click.BadParameter(f"{value!r}; accepted: N or WxH, e.g. 64 or 768x512", param_hint="--size")
-    width = int(match.group(1))
-    height = int(match.group(2) or width)
+def default_size(pipe) -> int:
+    """The model's native image side in pixels."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def check_size(pipe, dims: Optional[tuple[int, int]]) -> tuple[int, int]:
+    """`--size` (or the model's native size) checked against the model's VAE factor and the free memory."""
+    from guidekit.checks import check_image_memory, check_image_size
+
+    width, height = dims or (default_size(pipe),) * 2
+    try:
+        check_image_size(width, height, multiple_of=int(pipe.vae_scale_factor))
+        check_image_memory(pipe, width, height)
+    except ValueError as e:
+        raise click.BadParameter(f"{e} (for this model)", param_hint="'--size'") from None
     return width, height
 
 
@@ -110,17 +163,19 @@ def _default_out(prompt: str, seed: int, guidance: str) -> Path:
 @click.option("--model", default=None, metavar="ID_OR_PATH",
               help="diffusers model folder or hub id. Default: the embedded toy model (offline, CPU).")
 @click.option("--guidance", type=click.Choice(["cfg", "apg"]), default="apg", help="Guidance method.")
-@click.option("--scale", type=click.FloatRange(min=0.0), default=None,
+@click.option("--scale", type=FiniteFloatRange(min=0.0), default=None,
               help="Guidance scale w. Default: the model's default (7.5 for other models).")
-@click.option("--eta", type=click.FloatRange(0.0, 1.0), default=0.0, help="APG: weight of the parallel component (paper: 0).")
-@click.option("--norm-threshold", type=click.FloatRange(min=0.0, min_open=True), default=15.0,
+@click.option("--eta", type=FiniteFloatRange(0.0, 1.0), default=0.0, help="APG: weight of the parallel component (paper: 0).")
+@click.option("--norm-threshold", type=FiniteFloatRange(min=0.0, min_open=True), default=15.0,
               help="APG: radius r of the update rescaling (paper SDXL value: 15).")
 @click.option("--no-rescale", is_flag=True, help="APG: turn the norm rescaling off.")
-@click.option("--momentum", type=click.FloatRange(-1.0, 1.0, min_open=True, max_open=True), default=-0.5,
+@click.option("--momentum", type=FiniteFloatRange(-1.0, 1.0, min_open=True, max_open=True), default=-0.5,
               help="APG: reverse momentum beta (paper: -0.5; 0 turns it off).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=25, help="Denoising steps.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the start noise.")
-@click.option("--size", default=None, metavar="N|WxH", help="Image size in pixels. Default: the model's.")
+@click.option("--size", type=ImageSize(), default=None,
+              help=f"Image size in pixels, at most {MAX_IMAGE_SIDE} per side and a multiple of the model's VAE "
+                   "factor. Default: the model's.")
 @click.option("--negative-prompt", default=None, help="Negative prompt.")
 @click.option("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -137,20 +192,12 @@ def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, mo
     if out.exists() and not overwrite:
         raise click.ClickException(f"--out: {out} exists; pass --overwrite to replace it, or choose another path")
     start = time.perf_counter()
+    model_scale = None
     if model is None:
         model, model_scale = default_model()
-        if model == "tiny-random":
-            click.echo("note: the embedded model is not installed; using a tiny random model (noise images)", err=True)
-    else:
-        model_scale = None
     pipe, name = load_pipeline(model, device=device)
     scale = scale if scale is not None else (model_scale or 7.5)
-    dims = _parse_size(size)
-    if dims is not None:
-        factor = pipe.vae_scale_factor
-        if dims[0] % factor or dims[1] % factor:
-            raise click.BadParameter(f"{size}; width and height must be multiples of {factor} for this model",
-                                     param_hint="--size")
+    width, height = check_size(pipe, size)
     hook = build_hook(guidance, eta, None if no_rescale else norm_threshold, momentum)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     image = pipe(
@@ -158,8 +205,8 @@ def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, mo
         negative_prompt=negative_prompt,
         num_inference_steps=steps,
         guidance_scale=scale,
-        width=dims[0] if dims else None,
-        height=dims[1] if dims else None,
+        width=width,
+        height=height,
         generator=generator,
         hooks=[hook],
     ).images[0]
