@@ -1,26 +1,42 @@
-"""A deterministic judge that reads a toy-world image back into its attributes.
+"""A deterministic judge that reads a toy-world image back into its attributes, and measures its shape's outline.
 
-Each pixel is assigned to the nearest of the 12 palette entries (6 colours and their darker texture
-shades).  The background colour is the most common colour on the image border (shapes never touch it),
-the shape is the largest group of pixels of another colour, its kind is read from how much of its bounding
-box's corners it fills (square: all four, triangle: the bottom two, circle: none), and the texture from the
-fraction of background pixels drawn in the dark shade (stripes: half, dots: about a fifth, none: zero).
+Colours are read by hue, which the world fixes to a band per colour word while saturation and value vary
+(world v2); the v1 world's fixed colours and the images of a model trained on them lie inside the same
+bands.  Each pixel of enough saturation is labelled with the nearest canonical hue (:data:`~.world.HUES`).
+The background colour is the most common label on the image border (shapes never touch it), the shape's
+colour the most common other label.  The shape's mask is then every pixel that is at least half the shape's
+colour when read as a mix of it and one shade of the background (colours estimated from the image itself), as
+in the world's own mask of pixels the shape covers at least half, reduced to its largest connected part.  The shape's kind is read from how much of its bounding box's corners it fills
+(square: all four, triangle: the bottom two, circle: none), the texture from the fraction of background
+pixels drawn in the dark shade (stripes: half, dots: about a fifth, none: zero).
+
+Shape fidelity is the IoU of the shape's mask with the ideal shape (as :func:`~.world.shape_coverage` draws
+it) stretched to fill the mask's bounding box: 1 for a perfect outline, lower for wobbly, concave or lumpy
+ones.  It measures the outline only; position, size and aspect ratio are fitted away.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import numpy as np
 
-from .world import COLOURS, DARK_FACTOR, PALETTE, parse_caption
+from .world import COLOURS, DARK_FACTOR, HUES, SHAPES, parse_caption, shape_coverage
 
-__all__ = ["Judgement", "judge", "judge_batch", "score"]
+__all__ = ["Judgement", "judge", "judge_batch", "score", "shape_fidelity", "mask_fidelity", "fidelity_summary"]
 
-_REF = np.array(
-    [PALETTE[c] for c in COLOURS] + [tuple(DARK_FACTOR * v for v in PALETTE[c]) for c in COLOURS], dtype=np.float64
-)
+_HUE_CENTRES = np.array([HUES[c] for c in COLOURS])
+#: Pixels less saturated than this get no hue (greys, e.g. an edge pixel mixing two complementary colours).
+_MIN_SATURATION = 0.2
+#: A background pixel is in the dark (texture) shade when its value is under this fraction of the bright
+#: shade's: halfway between 1 and DARK_FACTOR.
+_DARK_SPLIT = (1 + DARK_FACTOR) / 2
+_MIN_SHAPE_PIXELS = 12
+#: A pixel belongs to the shape's mask from this estimated coverage on: just under one half, because the
+#: world's coverage comes in sixteenths (4x4 sub-pixels) so exactly-half pixels are common, and 8-bit rounding
+#: and the shape's shading move their estimate by a few hundredths either way (the next level down is 0.4375).
+_HALF_COVERED = 0.47
 
 
 @dataclass(frozen=True)
@@ -31,6 +47,8 @@ class Judgement:
     texture: Optional[str]
     fill: float  # shape area / bounding-box area
     dark_fraction: float  # background pixels in the darker shade
+    fidelity: float = float("nan")  # IoU of the shape's mask with its ideal shape (nan when no shape)
+    mask: Optional[np.ndarray] = field(default=None, repr=False, compare=False)  # the shape's mask, (H, W) bool
 
 
 def _to_uint8(image) -> np.ndarray:
@@ -42,6 +60,24 @@ def _to_uint8(image) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise ValueError(f"image: expected (H, W, 3) RGB, got shape {arr.shape}")
     return arr
+
+
+def _hsv(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hue (degrees), saturation and value in [0, 1] of an (H, W, 3) array in [0, 255]."""
+    rgb = arr / 255.0
+    hi, lo = rgb.max(-1), rgb.min(-1)
+    d = hi - lo
+    safe = np.where(d > 0, d, 1.0)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    hue = np.where(hi == r, ((g - b) / safe) % 6, np.where(hi == g, (b - r) / safe + 2, (r - g) / safe + 4)) * 60.0
+    sat = np.where(hi > 0, d / np.where(hi > 0, hi, 1.0), 0.0)
+    return np.where(d > 0, hue, 0.0), sat, hi
+
+
+def _nearest_hue(hue: np.ndarray) -> np.ndarray:
+    """Index into COLOURS of the nearest canonical hue (circular distance)."""
+    diff = np.abs(hue[..., None] - _HUE_CENTRES)
+    return np.minimum(diff, 360.0 - diff).argmin(-1)
 
 
 def _shape_of(box: np.ndarray, fill: float) -> str:
@@ -61,62 +97,159 @@ def _shape_of(box: np.ndarray, fill: float) -> str:
     return "square" if fill > 0.89 else "circle" if fill > 0.64 else "triangle"
 
 
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected part of a boolean mask (numpy only: min-label propagation with pointer jumps)."""
+    if not mask.any():
+        return mask
+    h, w = mask.shape
+    none = h * w  # label of pixels outside the mask; larger than every pixel index
+    lab = np.where(mask, np.arange(h * w).reshape(h, w), none)
+    while True:
+        p = np.pad(lab, 1, constant_values=none)
+        nb = np.min([p[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
+        nb = np.where(mask, nb, none)
+        nb = np.where(mask, np.append(nb.ravel(), none)[nb], none)  # jump: take the label's own label
+        if np.array_equal(nb, lab):
+            break
+        lab = nb
+    ids, counts = np.unique(lab[mask], return_counts=True)
+    return lab == ids[counts.argmax()]
+
+
+def _bbox(mask: np.ndarray, min_count: int = 1) -> Optional[tuple[int, int, int, int]]:
+    """``(y0, y1, x0, x1)`` inclusive, over rows/columns holding at least ``min_count`` mask pixels."""
+    rows = np.nonzero(mask.sum(1) >= min_count)[0]
+    cols = np.nonzero(mask.sum(0) >= min_count)[0]
+    if not len(rows) or not len(cols):
+        return None
+    return int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+
+
+def mask_fidelity(mask, shape: str) -> float:
+    """IoU of a boolean shape mask (H, W) with the ideal ``shape`` fitted to the mask's bounding box.
+
+    The ideal is the world's own drawing (:func:`~.world.shape_coverage`, pixels covered at least half) of a
+    shape filling the box's outer edges; nan for an empty mask.
+    """
+    if shape not in SHAPES:
+        raise ValueError(f"shape: got {shape!r}; accepted values are {', '.join(SHAPES)}")
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
+        raise ValueError(f"mask: expected a square (H, H) boolean array, got shape {mask.shape}")
+    box = _bbox(mask)
+    if box is None:
+        return float("nan")
+    y0, y1, x0, x1 = box
+    ideal = shape_coverage(shape, (x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2, (x1 - x0 + 1) / 2, (y1 - y0 + 1) / 2,
+                           size=mask.shape[0]) >= 0.5
+    return float((mask & ideal).sum() / (mask | ideal).sum())
+
+
+def _colour_of(arr: np.ndarray, where: np.ndarray) -> np.ndarray:
+    return np.median(arr[where], axis=0)
+
+
+def _coverage_estimate(arr: np.ndarray, fg: np.ndarray, backgrounds) -> np.ndarray:
+    """How much of each pixel the shape covers, read as ``pixel = c * fg + (1 - c) * bg``.
+
+    ``bg`` is whichever background shade puts the pixel nearest its fg-bg segment; ``c`` is the pixel's
+    position along that segment, clipped to [0, 1].  (Merely taking the nearest of the three colours would
+    hand a dark shape's anti-aliased edge on a bright background to the dark shade.)
+    """
+    best_c, best_r = None, None
+    for bg in backgrounds:
+        v = fg - bg
+        c = np.clip(((arr - bg) @ v) / max(float(v @ v), 1e-9), 0.0, 1.0)
+        r = ((arr - bg - c[..., None] * v) ** 2).sum(-1)
+        if best_c is None:
+            best_c, best_r = c, r
+        else:
+            nearer = r < best_r
+            best_c, best_r = np.where(nearer, c, best_c), np.where(nearer, r, best_r)
+    return best_c
+
+
 def judge(image) -> Judgement:
-    """Read (shape colour, background colour, shape, texture) off one RGB image (uint8, or float in [0, 1])."""
+    """Read (shape colour, background colour, shape, texture) off one RGB image (uint8, or float in [0, 1]),
+    with the shape's fidelity and mask."""
     arr = _to_uint8(image).astype(np.float64)
-    h, w, _ = arr.shape
-    d = ((arr[:, :, None, :] - _REF[None, None]) ** 2).sum(-1)
-    label = d.argmin(-1)  # 0..11
-    hue = label % 6
-    dark = label >= 6
-    border = np.concatenate([hue[:2].ravel(), hue[-2:].ravel(), hue[:, :2].ravel(), hue[:, -2:].ravel()])
-    bg = int(np.bincount(border, minlength=6).argmax())
-    counts = np.bincount(hue[hue != bg], minlength=6)
-    other = hue != bg
-    colour = shape = None
-    fill = 0.0
-    if counts.sum() >= 12:
-        fg = int(counts.argmax())
-        colour = COLOURS[fg]
-        mask = hue == fg
-        rows = np.nonzero(mask.sum(1) >= 2)[0]
-        cols = np.nonzero(mask.sum(0) >= 2)[0]
-        if len(rows) and len(cols):
-            box = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-            fill = float(box.sum() / box.size)
-            shape = _shape_of(box, fill)
-    # texture: only background-coloured pixels away from the shape count
+    hue, sat, val = _hsv(arr)
+    nearest = _nearest_hue(hue)
+    label = np.where(sat >= _MIN_SATURATION, nearest, -1)  # 0..5, -1: no hue
+    border = np.concatenate([label[:2].ravel(), label[-2:].ravel(), label[:, :2].ravel(), label[:, -2:].ravel()])
+    if not (border >= 0).any():  # a grey border: fall back to the nearest hue regardless of saturation
+        border = np.concatenate([nearest[:2].ravel(), nearest[-2:].ravel(), nearest[:, :2].ravel(),
+                                 nearest[:, -2:].ravel()])
+    bg = int(np.bincount(border[border >= 0], minlength=6).argmax())
+    other = label != bg
+    is_bg = label == bg
+
+    # texture: only background-coloured pixels away from the shape count (anti-aliased edges are darker too)
     shape_zone = other.copy()
     for axis in (0, 1):  # grow the non-background region by 2 pixels to drop anti-aliased edges
         for shift in (-2, -1, 1, 2):
             shape_zone |= np.roll(other, shift, axis=axis)
-    bgpix = (hue == bg) & ~shape_zone
-    dark_bg = dark & bgpix
-    n = bgpix.sum()
-    dark_fraction = float(dark_bg.sum() / n) if n else 0.0
+    bgpix = is_bg & ~shape_zone
+    n = int(bgpix.sum())
+    bright_v = np.percentile(val[bgpix], 90) if n else val.max()  # the bright shade's value
+    dark = bgpix & (val < _DARK_SPLIT * bright_v)
+    dark_fraction = float(dark.sum() / n) if n else 0.0
     texture = None
     if dark_fraction > 0.06:
         # stripes cover half of the background, dots about a fifth
         texture = "striped" if dark_fraction > 0.35 else "dotted"
-    return Judgement(colour, COLOURS[bg], shape, texture, fill, dark_fraction)
+
+    counts = np.bincount(label[other & (label >= 0)], minlength=6)
+    colour = shape = None
+    fill, fidelity, mask = 0.0, float("nan"), None
+    if counts.sum() >= _MIN_SHAPE_PIXELS:
+        fg = int(counts.argmax())
+        colour = COLOURS[fg]
+        fg_rgb = _colour_of(arr, label == fg)
+        bright = bgpix & ~dark
+        shades = [_colour_of(arr, bright) if bright.any() else np.full(3, 255.0)]
+        if texture is not None:
+            shades.append(_colour_of(arr, dark))
+        mask = _largest_component(_coverage_estimate(arr, fg_rgb, shades) >= _HALF_COVERED)
+        box = _bbox(mask, min_count=2)  # rows/columns of one pixel (an apex, a spur) do not decide the kind
+        if box is not None:
+            y0, y1, x0, x1 = box
+            part = mask[y0 : y1 + 1, x0 : x1 + 1]
+            fill = float(part.sum() / part.size)
+            shape = _shape_of(part, fill)
+            fidelity = mask_fidelity(mask, shape)
+    return Judgement(colour, COLOURS[bg], shape, texture, fill, dark_fraction, fidelity, mask)
 
 
 def judge_batch(images) -> list[Judgement]:
     return [judge(im) for im in images]
 
 
-def score(images, captions) -> dict:
+def shape_fidelity(image, shape: Optional[str] = None) -> float:
+    """IoU of the judged shape's mask with the ideal shape fitted to its bounding box (nan when no shape).
+
+    ``shape`` fits that kind instead of the judged one (e.g. the caption's shape).
+    """
+    j = judge(image)
+    if j.mask is None or j.shape is None:
+        return float("nan")
+    return j.fidelity if shape is None or shape == j.shape else mask_fidelity(j.mask, shape)
+
+
+def score(images, captions, judgements: Optional[Sequence[Judgement]] = None) -> dict:
     """Accuracies of a batch against its captions: colour, background, shape, all three, texture.
 
     ``texture`` counts every caption (no texture asked must give no texture); ``texture_asked`` only those
-    that ask for one.
+    that ask for one.  ``judgements`` (from :func:`judge_batch` of the same images) saves judging them again.
     """
     if len(images) != len(captions):
         raise ValueError(f"captions: got {len(captions)} for {len(images)} images")
+    if judgements is not None and len(judgements) != len(images):
+        raise ValueError(f"judgements: got {len(judgements)} for {len(images)} images")
     hits = {"colour": [], "background": [], "shape": [], "all3": [], "texture": [], "texture_asked": []}
-    for image, text in zip(images, captions):
+    for i, (image, text) in enumerate(zip(images, captions)):
         want = parse_caption(text)
-        got = judge(image)
+        got = judgements[i] if judgements is not None else judge(image)
         c, b, s = got.colour == want["colour"], got.background == want["background"], got.shape == want["shape"]
         t = got.texture == want["texture"]
         hits["colour"].append(c)
@@ -128,3 +261,14 @@ def score(images, captions) -> dict:
             hits["texture_asked"].append(t)
     return {k: (float(np.mean(v)) if v else float("nan")) for k, v in hits.items()}
 
+
+def fidelity_summary(judgements: Sequence[Judgement]) -> dict:
+    """Mean shape fidelity over the images where a shape was found, overall and per judged shape (nan if none)."""
+    def mean(vals):
+        vals = [v for v in vals if np.isfinite(v)]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    out = {"fidelity": mean([j.fidelity for j in judgements])}
+    for s in SHAPES:
+        out[f"fidelity_{s}"] = mean([j.fidelity for j in judgements if j.shape == s])
+    return out
