@@ -233,20 +233,49 @@ class UAMPipelineMixin:
             if upcast:
                 vae.to(dtype)
 
+    #: Whether per-channel `latents_mean`/`latents_std` in the VAE config (Playground v2.5's SDXL VAE has them)
+    #: normalise the latents. Each pipeline follows its stock counterpart: SDXL applies them, SD 1.x/2.x does not.
+    uses_vae_latent_stats = False
+
+    def _latent_stats(self, vae, like: torch.Tensor):
+        """(mean, std), each (1, C, 1, 1) like `like`, when this pipeline uses them and the VAE config sets both
+        (the stock pipelines' condition); None otherwise."""
+        mean = getattr(vae.config, "latents_mean", None)
+        std = getattr(vae.config, "latents_std", None)
+        if not self.uses_vae_latent_stats or mean is None or std is None:
+            return None
+        return tuple(torch.tensor(v).view(1, -1, 1, 1).to(like.device, like.dtype) for v in (mean, std))
+
+    def _normalize_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents → UNet latents: ``(z − mean) · scaling_factor / std`` (stock SDXL img2img) when the VAE
+        has latent statistics, else ``(z − shift_factor) · scaling_factor``."""
+        stats = self._latent_stats(vae, latents)
+        if stats is not None:
+            mean, std = stats
+            return (latents - mean) * vae.config.scaling_factor / std
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def _denormalize_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """UNet latents → VAE latents, the inverse of `_normalize_latents` (stock SDXL's decode)."""
+        stats = self._latent_stats(vae, latents)
+        if stats is not None:
+            mean, std = stats
+            return latents * std / vae.config.scaling_factor + mean
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return latents / vae.config.scaling_factor + shift
+
     def _encode_image(self, image01: torch.Tensor) -> torch.Tensor:
-        """z_0: the mean of the VAE posterior (deterministic), scaled as the UNet expects."""
+        """z_0: the mean of the VAE posterior (deterministic), normalised as the UNet expects."""
         with self._vae_precision() as vae:
             x = (image01 * 2 - 1).to(self._execution_device, vae.dtype)
-            latents = vae.encode(x).latent_dist.mean
-            shift = getattr(vae.config, "shift_factor", None) or 0.0
-            latents = (latents - shift) * vae.config.scaling_factor
+            latents = self._normalize_latents(vae, vae.encode(x).latent_dist.mean)
         return latents.to(self.unet.dtype)
 
     def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → RGB in [0, 1], float32 (B, 3, H, W)."""
         with self._vae_precision() as vae:
-            shift = getattr(vae.config, "shift_factor", None) or 0.0
-            z = latents.to(vae.dtype) / vae.config.scaling_factor + shift
+            z = self._denormalize_latents(vae, latents.to(vae.dtype))
             image = vae.decode(z, return_dict=False)[0]
         return (image.float() / 2 + 0.5).clamp(0, 1)
 

@@ -22,8 +22,12 @@ class UAMStableDiffusionXLPipeline(UAMPipelineMixin, StableDiffusionXLPipeline):
 
     Loads like the stock pipeline (`from_pretrained`, `from_pipe`); `__call__` is the stock text-to-image.
     The null prompt "" is encoded as zeros when the checkpoint sets `force_zeros_for_empty_prompt` (SDXL base
-    does), which is what the stock pipeline feeds its unconditional branch.
+    does), which is what the stock pipeline feeds its unconditional branch. A VAE whose config sets
+    `latents_mean` and `latents_std` (Playground v2.5) has its latents normalised per channel on encode and
+    decode, as stock SDXL does.
     """
+
+    uses_vae_latent_stats = True
 
     def _encode_rows(self, prompts: List[str], height: int, width: int) -> Dict[str, Any]:
         device = self._execution_device

@@ -210,3 +210,55 @@ def test_epsilon_model_on_zero_terminal_snr_schedule(sd, image):
             sd.reconstruct(image, num_inference_steps=2)
     finally:
         sd.scheduler = original
+
+
+# ---------------------------------------------------------------------------- VAE latent statistics
+
+
+LATENTS_MEAN = (0.3, -0.2, 0.1, 0.05)  # a per-channel normalisation as in Playground v2.5's VAE config
+LATENTS_STD = (0.5, 2.0, 1.5, 0.8)
+
+
+@pytest.fixture(scope="module")
+def sdxl_with_latent_stats(tiny_sdxl_dir):
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    vae = AutoencoderKL.from_pretrained(tiny_sdxl_dir, subfolder="vae", latents_mean=LATENTS_MEAN, latents_std=LATENTS_STD)
+    assert list(vae.config.latents_mean) == list(LATENTS_MEAN)
+    stock = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir, vae=vae)
+    stock.set_progress_bar_config(disable=True)
+    pipe = UAMStableDiffusionXLPipeline.from_pipe(stock)
+    pipe.set_progress_bar_config(disable=True)
+    return stock, pipe
+
+
+def test_sdxl_decode_applies_latent_stats_like_stock(sdxl_with_latent_stats):
+    # stock SDXL's own decode path: the same seed with output_type="latent" and "pt"
+    stock, pipe = sdxl_with_latent_stats
+    kw = dict(prompt="a red circle", num_inference_steps=1, height=32, width=32)
+    latents = stock(**kw, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    decoded = stock(**kw, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    with torch.no_grad():
+        ours = pipe._decode_latents(latents)
+    assert torch.allclose(ours, decoded, atol=1e-5)
+
+
+def test_sdxl_encode_applies_latent_stats_like_stock_img2img(sdxl_with_latent_stats, monkeypatch, image):
+    # stock SDXL img2img's encode path (its prepare_latents without noise), taking the posterior mean as UAM does
+    import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img as img2img_module
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    _, pipe = sdxl_with_latent_stats
+    real = img2img_module.retrieve_latents
+    monkeypatch.setattr(img2img_module, "retrieve_latents", lambda out, generator=None: real(out, sample_mode="argmax"))
+    img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe)
+    with torch.no_grad():
+        stock_z = img2img.prepare_latents(image * 2 - 1, None, 1, 1, torch.float32, torch.device("cpu"), add_noise=False)
+        z = pipe._encode_image(image)
+        raw = pipe.vae.encode(image * 2 - 1).latent_dist.mean
+        round_trip, raw_decoded = pipe._decode_latents(z), (pipe.vae.decode(raw).sample / 2 + 0.5).clamp(0, 1)
+    assert torch.allclose(z, stock_z, atol=1e-6)
+    # and the normalisation is really there: the raw posterior mean is shifted and rescaled per channel
+    assert not torch.allclose(z, raw * pipe.vae.config.scaling_factor, atol=1e-3)
+    # encode -> decode undoes the normalisation: the same image as decoding the raw latents
+    assert torch.allclose(round_trip, raw_decoded, atol=1e-5)
