@@ -15,14 +15,17 @@ Layout of --out::
     DIR/<name>-<key>-s<seed>.png   one finished image (written to a temporary file, then renamed)
     DIR/manifest.jsonl             one row per finished image, merged at the end of each run
     DIR/.parts/*.jsonl             rows written while a run is going on (merged into manifest.jsonl)
+    DIR/.lock                      held by the run using DIR: a second run on DIR at the same time is refused
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import os
+import socket
 import sys
 import time
 import traceback
@@ -34,6 +37,7 @@ import click
 
 from .jobs import GUIDANCE, Job, JobError, generate, job_key, read_jobs, resolve, to_pil
 
+LOCK = ".lock"
 MANIFEST = "manifest.jsonl"
 # tqdm's default turns slow rates into s/img; always show images/s, and the time left (ETA).
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]"
@@ -211,6 +215,84 @@ def merge_manifest(out: Path) -> int:
 
 
 #----------------------------------------------------------------------------
+# One run per output folder.
+
+class OutputLocked(RuntimeError):
+    """Another run is using the output folder; the message names the folder, the lock file and the holder."""
+
+
+def _flock(fd: int) -> bool:
+    """Take an exclusive lock on the open file `fd` without waiting; False if another open file holds it.
+
+    flock locks belong to the open file, and the kernel drops them when the holder exits in any way (a
+    killed run leaves no stale lock). On NFS, Linux maps them to the server's byte-range locks.
+    """
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(out: Path):
+    """Hold DIR/.lock for the duration, or raise `OutputLocked` when another live run holds it.
+
+    The file stays after the run (deleting it would let a waiting run lock a file that a third run no longer
+    sees); only the lock, not the file, says that a run is going on. The file records the holder's pid and
+    host, for the message a second run shows.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:  # Windows: no flock
+        _say(f"note: this platform has no file locks; do not start a second run on {out} while this one runs")
+        yield path
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if not _flock(fd):
+            holder = path.read_text(encoding="utf-8", errors="replace").strip() or "holder not yet recorded"
+            raise OutputLocked(f"--out: {out} is in use by another guidekit batch run ({holder}, lock file {path}); "
+                               "wait for it to finish or stop it, or choose another --out")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def launch_lock(state, out: Path):
+    """The output lock for a whole launch: its main process holds it, and the other processes of the same
+    `accelerate launch` share the folder. Every process learns from the main one whether the run may go on.
+
+    Yields True to go on. When another run holds the folder, the main process raises `OutputLocked` and the
+    others yield False (the main process reports it; one message, not one per process).
+    """
+    with contextlib.ExitStack() as held:
+        error = None
+        if state.is_main_process:
+            try:
+                held.enter_context(output_lock(out))
+            except OutputLocked as e:
+                error = str(e)
+        if state.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            error = broadcast_object_list([error])[0]
+        if error is not None and state.is_main_process:
+            raise OutputLocked(error)
+        # The main process merges the manifest after every process has passed the run's last barrier, so
+        # releasing the lock when it leaves needs no further barrier here.
+        yield error is None
+
+
+#----------------------------------------------------------------------------
 # The run.
 
 def _say(msg: str) -> None:
@@ -229,12 +311,11 @@ def _hang_for_tests(done: int) -> None:
 
 
 def run_batch(jobs_file, out, model=None, strict=False, batch_size=1, dtype="auto", pipe=None) -> int:
-    """Run a job file; returns the exit status (0 all done, 1 some image failed, 2 bad input with --strict)."""
-    import torch
-    from accelerate import PartialState
-    from tqdm.auto import tqdm
+    """Run a job file; returns the exit status (0 all done, 1 some image failed, 2 bad input with --strict).
 
-    import guidekit
+    Raises `OutputLocked` when another run is using `out`.
+    """
+    from accelerate import PartialState
 
     state = PartialState(cpu=_cpu_only())
     main = state.is_main_process
@@ -253,13 +334,29 @@ def run_batch(jobs_file, out, model=None, strict=False, batch_size=1, dtype="aut
             _say(f"{jobs_file}: no job to run")
         return 0 if not errors else 1
 
+    # Locked before the model loads: a second run on the same folder stops at once, having done nothing.
+    with launch_lock(state, out) as go_on:
+        if not go_on:
+            return 1
+        return _run_jobs(state, jobs, errors, jobs_file, out, model, strict, batch_size, dtype, pipe)
+
+
+def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_size, dtype, pipe) -> int:
+    """Load the model (unless given), generate every unfinished image, merge the manifest: `run_batch`'s work
+    while this launch holds the output folder."""
+    import torch
+    from tqdm.auto import tqdm
+
+    import guidekit
+
+    main = state.is_main_process
     if pipe is None:
         pipe, model = load_model(model)
     device = state.device
-    torch_dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32,
+    run_dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32,
                    "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    if pipe.dtype != torch_dtype:
-        pipe = pipe.to(dtype=torch_dtype)
+    if pipe.dtype != run_dtype:
+        pipe = pipe.to(dtype=run_dtype)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     ident = model_identity(pipe, model)
@@ -271,7 +368,7 @@ def run_batch(jobs_file, out, model=None, strict=False, batch_size=1, dtype="aut
     bad_after_load = 0
     for job in jobs:
         try:
-            params = resolve(job.params, pipe, where=f"line {job.line}: ")
+            params = resolve(job.params, pipe, where=f"line {job.line}: ", images=min(batch_size, len(job.seeds)))
         except JobError as e:
             bad_after_load += 1
             if main:
@@ -342,7 +439,7 @@ def run_batch(jobs_file, out, model=None, strict=False, batch_size=1, dtype="aut
                     "guidekit_version": guidekit.__version__,
                     "versions": _versions(),
                     "device": str(device),
-                    "dtype": str(torch_dtype).replace("torch.", ""),
+                    "dtype": str(run_dtype).replace("torch.", ""),
                     "process": state.process_index,
                     "num_processes": state.num_processes,
                     "timings": {"call_seconds": round(dt, 4), "images_in_call": len(chunk),
@@ -375,7 +472,8 @@ def run_batch(jobs_file, out, model=None, strict=False, batch_size=1, dtype="aut
         _say(f"done: {new} generated, {skipped} already finished, {failed} failed, {bad} bad line(s) skipped; "
              f"{elapsed:.1f} s{rate}; {state.num_processes} process(es)")
         _say(f"manifest: {out / MANIFEST} ({rows} images)")
-    return 1 if failed else 0
+    no_valid_line = not items and bad_after_load > 0
+    return 1 if failed or no_valid_line else 0
 
 
 def _cpu_only() -> bool:
@@ -442,6 +540,8 @@ def batch(jobs, out, model, strict, batch_size, dtype):
         code = run_batch(jobs, out, model=model, strict=strict, batch_size=batch_size, dtype=dtype)
     except JobError as e:
         raise click.UsageError(str(e)) from None
+    except OutputLocked as e:
+        raise click.ClickException(str(e)) from None
     sys.exit(code)
 
 

@@ -23,6 +23,8 @@ from typing import Optional
 
 import click
 
+from guidekit.checks import MAX_IMAGE_SIDE
+
 from .jobs import COMMON, GUIDANCE, JobError, generate, parse_job, resolve, to_pil, vae_factor
 
 log = logging.getLogger("guidekit.demo")
@@ -160,7 +162,9 @@ class DemoBackend:
 
             cls = UAMStableDiffusionXLPipeline if isinstance(self.pipe, StableDiffusionXLPipeline) else \
                 UAMStableDiffusionPipeline
-            self._uam = cls.from_pipe(self.pipe)  # the same modules: no second copy of the model
+            # The same modules, no second copy of the model. from_pipe converts the shared modules to its
+            # `dtype` argument (float32 when left out): keep the dtype the model was loaded in.
+            self._uam = cls.from_pipe(self.pipe, dtype=self.pipe.dtype)
             self._uam.set_progress_bar_config(disable=True)
         return self._uam
 
@@ -397,14 +401,10 @@ def build_demo(pipe, model_name: str = "", limits: Limits = Limits()):
     pipe.set_progress_bar_config(disable=True)
     backend = DemoBackend(pipe, model_name, limits)
     scale_param = COMMON["guidance_scale"]
-    note = ""
-    if model_name == "tiny-random":
-        note = ("\n\n> No embedded model was found, so this demo runs a tiny model with **random weights**: "
-                "its images are noise, but every control works. Start it with `--model` for real images.")
     queue = dict(concurrency_limit=1, concurrency_id="model")  # one shared model: one request at a time
 
     with gr.Blocks(title="guidekit demo", analytics_enabled=False) as demo:
-        gr.Markdown(f"# guidekit\nTraining-free guidance for diffusers. Model: {_model_label(model_name)}.{note}")
+        gr.Markdown(f"# guidekit\nTraining-free guidance for diffusers. Model: {_model_label(model_name)}.")
         with gr.Tab("Generate"):
             gr.Markdown("The same seed with classifier-free guidance (CFG) and adaptive projected guidance "
                         "(APG). At high guidance scales CFG tends to oversaturate; APG is designed not to.")
@@ -506,8 +506,9 @@ def launch(demo, host: str = "127.0.0.1", port: Optional[int] = None, **kwargs):
 @click.option("--port", default=7860, metavar="INT", type=click.IntRange(1, 65535), help="Port to listen on.")
 @click.option("--max-steps", default=Limits.max_steps, metavar="INT", type=click.IntRange(1, 1000),
               help="Most denoising steps one request may ask for.")
-@click.option("--max-size", default=Limits.max_size, metavar="INT", type=click.IntRange(8, 4096),
-              help="Largest width/height one request may ask for, in pixels.")
+@click.option("--max-size", default=Limits.max_size, metavar="INT", type=click.IntRange(8, MAX_IMAGE_SIDE),
+              help="Largest width/height one request may ask for, in pixels (sizes that cannot be decoded in "
+                   "the free memory are refused too).")
 @click.option("--device", default=None, metavar="DEVICE",
               help="Torch device, e.g. cuda or cpu; default: cuda when available, else cpu.")
 def demo(model, host, port, max_steps, max_size, device):
@@ -523,10 +524,7 @@ def demo(model, host, port, max_steps, max_size, device):
     import torch
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe, name = load_pipeline(model)
-    if device.type == "cuda":
-        pipe = pipe.to(dtype=torch.float16)
-    pipe = pipe.to(device)
+    pipe, name = load_pipeline(model, device=device, dtype=torch.float16 if device.type == "cuda" else None)
     pipe.set_progress_bar_config(disable=True)
     app = build_demo(pipe, name, Limits(max_steps=max_steps, max_size=max_size))
     launch(app, host=host, port=port)

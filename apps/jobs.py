@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+from guidekit.checks import MAX_IMAGE_SIDE, check_image_memory, check_image_size
+
 __all__ = [
     "Param",
     "Guidance",
@@ -112,8 +114,10 @@ COMMON: dict[str, Param] = {p.name: p for p in [
     Param("negative_prompt", str, "", "What to steer away from; empty means the unconditional prompt."),
     Param("name", str, None, "Optional file-name prefix for this job's images (letters, digits, . _ -)."),
     Param("steps", int, 25, "Number of denoising steps.", min=1, max=1000),
-    Param("width", int, None, "Image width in pixels; default: the model's native size.", min=8, max=4096, multiple_of=8),
-    Param("height", int, None, "Image height in pixels; default: the model's native size.", min=8, max=4096, multiple_of=8),
+    Param("width", int, None, "Image width in pixels; default: the model's native size.",
+          min=8, max=MAX_IMAGE_SIDE, multiple_of=8),
+    Param("height", int, None, "Image height in pixels; default: the model's native size.",
+          min=8, max=MAX_IMAGE_SIDE, multiple_of=8),
     Param("guidance", str, "cfg", "Guidance method.", choices=("cfg", "apg")),
     Param("guidance_scale", float, 7.5,
           "Guidance scale w; 1 turns guidance off. CFG oversaturates at high w, APG is built to stay clean there.",
@@ -349,16 +353,18 @@ def default_size(pipe) -> int:
     return int(pipe.unet.config.sample_size) * vae_factor(pipe)
 
 
-def resolve(params: dict, pipe, where: str = "") -> dict:
-    """Fill the model-dependent defaults (width, height) and check sizes against the VAE factor."""
+def resolve(params: dict, pipe, where: str = "", images: int = 1) -> dict:
+    """Fill the model-dependent defaults (width, height) and check the size against the model: a multiple of
+    its VAE factor, and small enough that `images` images per call can be decoded in the free memory."""
     out = dict(params)
-    f = vae_factor(pipe)
     for key in ("width", "height"):
         if out[key] is None:
             out[key] = default_size(pipe)
-        elif out[key] % f:
-            raise JobError(f"{where}{key}: {out[key]} is not divisible by the model's VAE factor {f}; "
-                           f"use a multiple of {f}")
+    try:
+        check_image_size(out["width"], out["height"], multiple_of=math.lcm(8, vae_factor(pipe)))
+        check_image_memory(pipe, out["width"], out["height"], images=images, name="width/height")
+    except ValueError as e:
+        raise JobError(f"{where}{e}") from None
     return out
 
 
@@ -407,11 +413,12 @@ def to_pil(images):
 #----------------------------------------------------------------------------
 # Model loading.
 
-def load_pipeline(model: Optional[str] = None):
-    """Load `model` (hub id or folder; default: the embedded toy model) with guidekit's hooked pipeline.
+def load_pipeline(model: Optional[str] = None, device="cpu", dtype=None):
+    """Load `model` (hub id or folder; default: the embedded toy model) with guidekit's hooked pipeline, on
+    `device` in `dtype` (default float32).
 
     Returns (pipeline, model name): the loader `guidekit generate` uses, shared by every app.
     """
     from .generate import load_pipeline as shared
 
-    return shared(model)
+    return shared(model, device=device, dtype=dtype)

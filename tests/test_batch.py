@@ -232,3 +232,72 @@ def test_two_processes_match_one(tmp_path, tiny_pipe, tiny_model):
     assert {r["process"] for r in rows2} == {0, 1}
     assert sorted((r["file"], r["sha256"]) for r in rows1) == sorted((r["file"], r["sha256"]) for r in rows2)
     assert not list((two / ".parts").glob("*"))
+
+
+#----------------------------------------------------------------------------
+# Sizes that cannot fit, and two runs on one output folder.
+
+def test_sizes_over_the_available_memory_are_bad_lines(tmp_path, tiny_pipe, tiny_model, monkeypatch, capsys):
+    import guidekit.checks as checks
+
+    monkeypatch.setattr(checks, "available_memory", lambda device: 2**10, raising=False)  # 1 KiB free
+    jobs = write_jobs(tmp_path / "jobs.jsonl", {"prompt": "a red circle", "seeds": "0-1", "steps": 2, "width": 64})
+    out = tmp_path / "out"
+    assert batch_mod.run_batch(jobs, out, model=str(tiny_model), pipe=tiny_pipe, batch_size=2) == 1
+    err = capsys.readouterr().err
+    assert "skipped line 1: width/height: 64x32 with 2 images per call needs at least" in err
+    assert not list(out.glob("*.png"))
+
+
+def _start_hanging_run(jobs, out, model):
+    """A batch run in a subprocess that holds `out` and blocks before renaming its first image."""
+    env = subprocess_env()
+    env["GUIDEKIT_BATCH_HANG_BEFORE_RENAME"] = "0"
+    proc = subprocess.Popen([sys.executable, "-m", "guidekit.apps.batch", str(jobs), "--out", str(out),
+                             "--model", str(model)], env=env, stderr=subprocess.PIPE, text=True)
+    guard = threading.Timer(300, proc.kill)  # never wait forever if the run goes wrong
+    guard.start()
+    try:
+        for line in proc.stderr:
+            if "[test] hanging before rename" in line:
+                return proc
+        pytest.fail(f"batch run ended before the hang point: rc={proc.wait()}")
+    finally:
+        guard.cancel()
+
+
+def test_second_run_on_the_same_out_is_refused(tmp_path, tiny_pipe, tiny_model):
+    from click.testing import CliRunner
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", {"prompt": "a red circle", "seeds": "0-2", "steps": 2})
+    out = tmp_path / "out"
+    proc = _start_hanging_run(jobs, out, tiny_model)
+    try:
+        with pytest.raises(batch_mod.OutputLocked) as info:
+            batch_mod.run_batch(jobs, out, model=str(tiny_model), pipe=tiny_pipe)
+        message = str(info.value)
+        assert f"--out: {out} is in use by another guidekit batch run (pid {proc.pid} on " in message
+        assert f"lock file {out / '.lock'}" in message
+        assert not list(out.glob("*.png"))  # the second run generated nothing
+        result = CliRunner().invoke(batch_mod.batch, [str(jobs), "--out", str(out), "--model", str(tiny_model)])
+        assert result.exit_code == 1 and "is in use by another guidekit batch run" in result.output
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    # The killed run's lock died with it: the next run goes ahead and finishes everything.
+    assert batch_mod.run_batch(jobs, out, model=str(tiny_model), pipe=tiny_pipe) == 0
+    assert len(manifest(out)) == 3 == len(list(out.glob("*.png")))
+
+
+def test_launch_refused_while_another_run_holds_the_out(tmp_path, tiny_model):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", {"prompt": "a red circle", "seeds": "0-1", "steps": 2})
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "guidekit.apps.batch", str(jobs), "--out", str(out), "--model", str(tiny_model)]
+    with batch_mod.output_lock(out):  # as another run would hold it
+        res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert res.stderr.count("is in use by another guidekit batch run") == 1, res.stderr[-3000:]  # said once
+    assert not list(out.glob("*.png"))

@@ -45,7 +45,7 @@ def backend(pipe):
 def server(pipe):
     from guidekit.apps.demo import Limits, build_demo, launch
 
-    app = build_demo(pipe, "tiny-random", Limits(max_steps=8, max_size=64))
+    app = build_demo(pipe, "tiny", Limits(max_steps=8, max_size=64))
     _, url, _ = launch(app, port=free_port(), prevent_thread_lock=True, quiet=True)
     yield url
     app.close()
@@ -82,6 +82,33 @@ def test_bounds_are_messages(backend):
         backend.sweep("x", "", 0, 2, 32, 32, "1, 2, 3, 4, 5, 6, 7", 0.0, 15.0, -0.5)
     with pytest.raises(JobError, match="guidance scales"):
         backend.sweep("x", "", 0, 2, 32, 32, "1, lots", 0.0, 15.0, -0.5)
+
+
+def test_sizes_over_the_available_memory_are_messages(backend, monkeypatch):
+    import guidekit.checks as checks
+    from guidekit.apps.jobs import JobError
+
+    monkeypatch.setattr(checks, "available_memory", lambda device: 2**10, raising=False)  # 1 KiB free
+    with pytest.raises(JobError, match=r"width/height: 64x32 needs at least .* and 1.0 KiB is available"):
+        backend.compare("a red circle", "", 0, 2, 64, 32, 9.0, 0.0, 15.0, -0.5)
+    with pytest.raises(JobError, match="width/height: 32x32 needs at least"):
+        backend.sweep("a red circle", "", 0, 2, 32, 32, "1, 9", 0.0, 15.0, -0.5)
+
+
+def test_uam_shares_the_model_in_its_dtype_without_warnings(tiny_sd_dir):
+    import warnings
+
+    from guidekit.apps.demo import DemoBackend, uam_available
+    from guidekit.apps.jobs import load_pipeline
+
+    if not uam_available():
+        pytest.skip("UAM pipeline not in this build")
+    pipe = load_pipeline(str(tiny_sd_dir))[0].to(dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        uam = DemoBackend(pipe, "tiny").uam()
+    assert uam.unet is pipe.unet  # the same modules, not a copy
+    assert pipe.unet.dtype == pipe.vae.dtype == torch.bfloat16  # and not converted to float32 for the UAM tab
 
 
 def test_compare_same_seed(backend):
