@@ -8,6 +8,7 @@ Examples:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -87,13 +88,21 @@ def pipeline_class(config: dict, model: str):
 
 
 def _read_model_index(source: str, model: str, hint: str) -> dict:
-    """`model_index.json` of a local folder, or of a hub id through the Hugging Face cache (or network)."""
-    from diffusers import DiffusionPipeline
-
+    """`model_index.json` of a local folder, or of a hub id through the Hugging Face cache (or the network,
+    unless HF_HUB_OFFLINE is set): the file alone, before any weights are fetched."""
     try:
-        return dict(DiffusionPipeline.load_config(source))
-    except Exception as exc:  # huggingface_hub raises OSError subclasses, ValueError... say which model failed
+        if Path(source).is_dir():
+            index = Path(source) / "model_index.json"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            index = Path(hf_hub_download(source, "model_index.json"))
+        config = json.loads(index.read_text(encoding="utf-8"))
+    except Exception as exc:  # OSError, huggingface_hub's errors, bad JSON... say which model failed
         raise ModelLoadError(f"--model: cannot load {model!r}{hint}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"--model: {model}: model_index.json is not a JSON object")
+    return config
 
 
 def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype=None):
