@@ -218,11 +218,12 @@ def merge_manifest(out: Path) -> int:
 # One run per output folder.
 
 class OutputLocked(RuntimeError):
-    """Another run is using the output folder; the message names the folder, the lock file and the holder."""
+    """The output folder cannot be held for this run: another run holds it (the message names the folder, the
+    lock file and the holder), or its file system cannot lock files."""
 
 
-def _flock(fd: int) -> bool:
-    """Take an exclusive lock on the open file `fd` without waiting; False if another open file holds it.
+def _flock(fd: int, path: Path) -> bool:
+    """Take an exclusive lock on `path`, open as `fd`, without waiting; False if another open file holds it.
 
     flock locks belong to the open file, and the kernel drops them when the holder exits in any way (a
     killed run leaves no stale lock). On NFS, Linux maps them to the server's byte-range locks.
@@ -233,6 +234,9 @@ def _flock(fd: int) -> bool:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
+    except OSError as e:  # e.g. ENOLCK: a file system without locks
+        raise OutputLocked(f"--out: cannot lock {path} ({e}); "
+                           "use an output folder on a file system with file locks") from None
     return True
 
 
@@ -255,7 +259,7 @@ def output_lock(out: Path):
         return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        if not _flock(fd):
+        if not _flock(fd, path):
             holder = path.read_text(encoding="utf-8", errors="replace").strip() or "holder not yet recorded"
             raise OutputLocked(f"--out: {out} is in use by another guidekit batch run ({holder}, lock file {path}); "
                                "wait for it to finish or stop it, or choose another --out")
@@ -275,18 +279,19 @@ def launch_lock(state, out: Path):
     others yield False (the main process reports it; one message, not one per process).
     """
     with contextlib.ExitStack() as held:
-        error = None
+        failure = None
         if state.is_main_process:
             try:
                 held.enter_context(output_lock(out))
-            except OutputLocked as e:
-                error = str(e)
+            except (OutputLocked, OSError) as e:  # OSError: DIR cannot be created; the others must not wait
+                failure = e
+        error = None if failure is None else str(failure)
         if state.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
             error = broadcast_object_list([error])[0]
-        if error is not None and state.is_main_process:
-            raise OutputLocked(error)
+        if failure is not None:
+            raise failure
         # The main process merges the manifest after every process has passed the run's last barrier, so
         # releasing the lock when it leaves needs no further barrier here.
         yield error is None

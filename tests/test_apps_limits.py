@@ -90,3 +90,19 @@ def test_finite_float_range_keeps_click_range_messages():
         kind.convert("nan", None, None)
     with pytest.raises(click.BadParameter, match="is not a valid float"):
         kind.convert("many", None, None)
+
+
+def test_output_lock_is_exclusive_and_released(tmp_path):
+    import os
+
+    from guidekit.apps.batch import OutputLocked, output_lock
+
+    out = tmp_path / "runs" / "a"
+    with output_lock(out) as path:
+        assert path == out / ".lock"
+        assert path.read_text().startswith(f"pid {os.getpid()} on ")
+        with pytest.raises(OutputLocked, match=rf"--out: {out} is in use by another guidekit batch run \(pid {os.getpid()} "):
+            with output_lock(out):
+                pass
+    with output_lock(out):  # released on exit; the file left behind does not block
+        pass
