@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .wrapping import WrappingProcessor
+
 __all__ = ["mutual_self_attention", "MutualControl", "MutualSelfAttnProcessor", "pair_kv_rows"]
 
 
@@ -95,8 +97,11 @@ class MutualControl:
         self.enabled, self.kv_rows = enabled, kv_rows
 
 
-class MutualSelfAttnProcessor:
+class MutualSelfAttnProcessor(WrappingProcessor):
     """MasaCtrl mutual self-attention when its `MutualControl` is enabled, the original processor otherwise.
+
+    Its `__call__` has the original processor's signature, so diffusers passes it the same
+    `cross_attention_kwargs`; they reach the original unchanged.
 
     Args:
         original: the processor this one replaces (restored by whoever installed this one).
@@ -104,10 +109,10 @@ class MutualSelfAttnProcessor:
     """
 
     def __init__(self, original, control: MutualControl):
-        self.original = original
+        super().__init__(original)
         self.control = control
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def _call(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         control = self.control
         if not control.enabled or encoder_hidden_states is not None or attention_mask is not None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)

@@ -7,6 +7,11 @@ tokens, so every spatial position receives the same vector::
 
 The second form holds because `to_v` is affine; it is what `uniform_attention` computes. No query, no key,
 no QKᵀ and no softmax are formed, so the layer is cheaper than the one it replaces.
+
+IP-Adapter layers (diffusers' `IPAdapterAttnProcessor`/`IPAdapterAttnProcessor2_0`) receive a
+(text tokens, [image-prompt tokens]) tuple and compute to_out(attn(Q, text) + Σ_k s_k attn(Q, image_k)).
+Uniform maps replace the text map only; the image-prompt branch, its scales and `ip_adapter_masks` are
+left to the layer's own processor (`uniform_ip_adapter_attention`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,25 @@ from typing import Optional
 
 import torch
 
-__all__ = ["uniform_attention", "UniformCrossAttnProcessor", "UniformControl", "SwitchedUniformProcessor"]
+from .wrapping import WrappingProcessor
+
+__all__ = [
+    "uniform_attention",
+    "uniform_ip_adapter_attention",
+    "UniformCrossAttnProcessor",
+    "UniformControl",
+    "SwitchedUniformProcessor",
+]
+
+
+def _is_ip_adapter_layout(encoder_hidden_states) -> bool:
+    """diffusers' UNet passes (text tokens, [image-prompt tokens per adapter]) to IP-Adapter layers."""
+    return isinstance(encoder_hidden_states, tuple)
+
+
+def _has_ip_adapter_weights(processor) -> bool:
+    """Whether `processor` computes an IP-Adapter image branch (diffusers' IP-Adapter processors' attributes)."""
+    return hasattr(processor, "to_k_ip") and hasattr(processor, "to_v_ip")
 
 
 def uniform_attention(
@@ -40,6 +63,12 @@ def uniform_attention(
             "encoder_hidden_states: None, i.e. this is a self-attention layer; accepted: uniform maps "
             "replace cross-attention layers only"
         )
+    if _is_ip_adapter_layout(encoder_hidden_states):
+        raise ValueError(
+            "encoder_hidden_states: a (text, image-prompt) tuple, the layout of an IP-Adapter layer, whose image "
+            "branch needs the layer's IP-Adapter processor; accepted: a tensor of text tokens, or "
+            "SwitchedUniformProcessor / UniformAttention wrapping the layer's IP-Adapter processor"
+        )
     if attention_mask is not None:
         raise ValueError("attention_mask: a mask was passed; accepted: None (uniform maps average over all tokens)")
     residual = hidden_states
@@ -63,6 +92,67 @@ def uniform_attention(
     if attn.residual_connection:
         out = out + residual
     return out / attn.rescale_output_factor
+
+
+def uniform_ip_adapter_attention(
+    processor,
+    attn,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: tuple,
+    attention_mask: Optional[torch.Tensor] = None,
+    temb: Optional[torch.Tensor] = None,
+    **kwargs,
+) -> torch.Tensor:
+    """Uniform maps over the text tokens of an IP-Adapter layer, its image-prompt branch unchanged.
+
+    The layer's own IP-Adapter `processor` computes the result from the single text token (1/N) Σ_j e_j:
+    a softmax over one key is 1, so its text term becomes to_v((1/N) Σ_j e_j) = (1/N) Σ_j V_j, the uniform
+    map, while it computes the image-prompt terms exactly as without uniform maps (its scales, and
+    `ip_adapter_masks` among `kwargs`), adds them before `to_out`, and applies the residual path.
+
+    Args:
+        processor: the layer's IP-Adapter processor (e.g. diffusers' `IPAdapterAttnProcessor2_0`).
+        attn: the diffusers `Attention` module.
+        hidden_states (`torch.Tensor`): the image tokens.
+        encoder_hidden_states (`tuple`): (text tokens (B, N, D), list of image-prompt tokens).
+        attention_mask (`torch.Tensor`, *optional*): not supported, as in `uniform_attention`; must be None.
+        temb, kwargs: passed to `processor`.
+    """
+    if not _has_ip_adapter_weights(processor):
+        raise ValueError(
+            f"encoder_hidden_states: a (text, image-prompt) tuple, the IP-Adapter layout, but the layer's processor "
+            f"{type(processor).__name__} has no IP-Adapter weights (to_k_ip, to_v_ip); accepted: a diffusers "
+            "IP-Adapter processor (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0) on this layer"
+        )
+    if attention_mask is not None:
+        raise ValueError("attention_mask: a mask was passed; accepted: None (uniform maps average over all tokens)")
+    if attn.norm_cross:
+        # the processor would normalise the mean token, not average the normalised tokens
+        raise ValueError(
+            "attn: a cross-attention layer with norm_cross on an IP-Adapter layer is not supported by uniform maps; "
+            "accepted: layers without cross-attention norm (Stable Diffusion 1.x/2.x, SDXL)"
+        )
+    text, image = encoder_hidden_states
+    mean_token = text.mean(dim=1, keepdim=True)
+    return processor(attn, hidden_states, (mean_token, image), None, temb, **kwargs)
+
+
+def _split_concatenated_ip_tokens(processor, encoder_hidden_states: torch.Tensor) -> tuple:
+    """The older IP-Adapter layout, image-prompt tokens appended to the text tokens, as the tuple layout.
+
+    Split as diffusers' IP-Adapter processors split it (the last ``num_tokens[0]`` tokens are the image
+    prompt), so that uniform maps average the text tokens only.
+    """
+    end = encoder_hidden_states.shape[1] - processor.num_tokens[0]
+    return encoder_hidden_states[:, :end], [encoder_hidden_states[:, end:]]
+
+
+def _rows_of(encoder_hidden_states, rows: torch.Tensor):
+    """The batch rows `rows` of text tokens or of an IP-Adapter (text, [image-prompt tokens]) tuple."""
+    if _is_ip_adapter_layout(encoder_hidden_states):
+        text, image = encoder_hidden_states
+        return text[rows], [tokens[rows] for tokens in image]
+    return encoder_hidden_states[rows]
 
 
 class UniformCrossAttnProcessor:
@@ -93,8 +183,13 @@ class UniformControl:
         self.enabled, self.rows = enabled, rows
 
 
-class SwitchedUniformProcessor:
+class SwitchedUniformProcessor(WrappingProcessor):
     """Uniform maps when its `UniformControl` says so, the layer's original processor otherwise.
+
+    Its `__call__` has the original processor's signature, so diffusers passes it the same
+    `cross_attention_kwargs` (e.g. `ip_adapter_masks`); they reach the original unchanged. On an IP-Adapter
+    layer the uniform maps cover the text tokens and the original processor computes the image-prompt branch
+    (`uniform_ip_adapter_attention`).
 
     Args:
         original: the processor this one replaces (restored by whoever installed this one).
@@ -102,21 +197,34 @@ class SwitchedUniformProcessor:
     """
 
     def __init__(self, original, control: UniformControl):
-        self.original = original
+        super().__init__(original)
         self.control = control
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def _uniform(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs):
+        if _has_ip_adapter_weights(self.original) and not _is_ip_adapter_layout(encoder_hidden_states):
+            encoder_hidden_states = _split_concatenated_ip_tokens(self.original, encoder_hidden_states)
+        if _is_ip_adapter_layout(encoder_hidden_states):
+            return uniform_ip_adapter_attention(
+                self.original, attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs
+            )
+        return uniform_attention(attn, hidden_states, encoder_hidden_states, attention_mask)
+
+    def _call(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         control = self.control
         if not control.enabled or encoder_hidden_states is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         if control.rows is None or bool(control.rows.all()):
-            return uniform_attention(attn, hidden_states, encoder_hidden_states, attention_mask)
+            return self._uniform(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         rows = control.rows.to(hidden_states.device)
         if rows.shape[0] != hidden_states.shape[0]:
             raise ValueError(f"rows: {rows.shape[0]} flags for a batch of {hidden_states.shape[0]}; accepted: one per row")
         out = torch.empty_like(hidden_states)
-        out[rows] = uniform_attention(attn, hidden_states[rows], encoder_hidden_states[rows], attention_mask)
+        out[rows] = self._uniform(
+            attn, hidden_states[rows], _rows_of(encoder_hidden_states, rows), attention_mask, temb, **kwargs
+        )
         keep = ~rows
         if bool(keep.any()):
-            out[keep] = self.original(attn, hidden_states[keep], encoder_hidden_states[keep], attention_mask, temb, *args, **kwargs)
+            out[keep] = self.original(
+                attn, hidden_states[keep], _rows_of(encoder_hidden_states, keep), attention_mask, temb, *args, **kwargs
+            )
         return out
