@@ -32,7 +32,7 @@ class FiniteFloatRange(click.FloatRange):
     false), so a plain FloatRange hands them to the model, which fails much later with a traceback.
     """
 
-    name = "finite float"
+    name = "float"
 
     def convert(self, value, param, ctx):
         number = click.FLOAT.convert(value, param, ctx)
@@ -53,7 +53,10 @@ class ImageSize(click.ParamType):
     is loaded or allocated.
     """
 
-    name = "N|WxH"
+    name = "size"
+
+    def get_metavar(self, param, ctx=None):
+        return "N|WxH"
 
     def convert(self, value, param, ctx):
         from guidekit.checks import check_image_size

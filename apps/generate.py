@@ -76,7 +76,10 @@ def pipeline_class(config: dict, model: str):
     name = config.get("_class_name")
     cls = None
     if isinstance(name, str):  # a stock diffusers pipeline, or one of guidekit's (saved by save_pretrained)
-        cls = getattr(diffusers, name, None) or getattr(guidekit.pipelines, name, None)
+        try:
+            cls = getattr(diffusers, name, None) or getattr(guidekit.pipelines, name, None)
+        except Exception:  # noqa: BLE001 - a class whose optional dependencies are missing: not SD either
+            cls = None
     if isinstance(cls, type) and issubclass(cls, StableDiffusionXLPipeline):
         return GuidedStableDiffusionXLPipeline
     if isinstance(cls, type) and issubclass(cls, StableDiffusionPipeline):
@@ -136,18 +139,15 @@ def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype=None):
     return pipe.to(device), model
 
 
-def default_size(pipe) -> int:
-    """The model's native image side in pixels."""
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-
-
 def check_size(pipe, dims: Optional[tuple[int, int]]) -> tuple[int, int]:
     """`--size` (or the model's native size) checked against the model's VAE factor and the free memory."""
     from guidekit.checks import check_image_memory, check_image_size
 
+    from .jobs import default_size, vae_factor
+
     width, height = dims or (default_size(pipe),) * 2
     try:
-        check_image_size(width, height, multiple_of=int(pipe.vae_scale_factor))
+        check_image_size(width, height, multiple_of=vae_factor(pipe))
         check_image_memory(pipe, width, height)
     except ValueError as e:
         raise click.BadParameter(f"{e} (for this model)", param_hint="'--size'") from None
