@@ -51,6 +51,8 @@ from guidekit.uam import (
     quantile_schedule,
 )
 
+from .hooked import SharedComponentsMixin
+
 __all__ = [
     "UAMStableDiffusionPipeline",
     "UAMPipelineMixin",
@@ -150,7 +152,7 @@ def _prompt_list(name: str, prompt, batch: int) -> List[str]:
     raise ValueError(f"{name}: {prompt!r} is not accepted; accepted: a string or a non-empty list of strings")
 
 
-class UAMPipelineMixin:
+class UAMPipelineMixin(SharedComponentsMixin):
     """UAM inversion, reconstruction and editing for a diffusers Stable Diffusion pipeline.
 
     The host class provides `unet`, `vae`, `scheduler`, `image_processor`, `vae_scale_factor` and
