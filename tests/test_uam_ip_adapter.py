@@ -238,3 +238,20 @@ def test_uniform_attention_runs_on_an_ip_adapter_unet(ip_unet):
     assert torch.equal(off, plain)
     assert not torch.allclose(uniform, plain, atol=1e-4)
     assert not torch.allclose(uniform, uniform_other, atol=1e-4)
+
+
+def test_uniform_attention_hook_with_an_ip_adapter_image_prompt(tiny_sd_dir):
+    from guidekit.attention import UniformAttention
+    from guidekit.pipelines import GuidedStableDiffusionPipeline
+
+    pipe = GuidedStableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet._load_ip_adapter_weights([_ip_adapter_state_dict(pipe.unet)])
+    before = dict(pipe.unet.attn_processors)
+    g = torch.Generator().manual_seed(3)
+    embeds = [torch.randn(2, 1, IMAGE_EMBED_DIM, generator=g)]  # (negative, positive) image embeddings, as with CFG
+    kw = dict(num_inference_steps=2, height=16, width=16, output_type="latent", ip_adapter_image_embeds=embeds)
+    plain = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    uam = pipe("a red circle", generator=torch.Generator().manual_seed(0), hooks=[UniformAttention()], **kw).images
+    assert torch.isfinite(uam).all() and not torch.allclose(plain, uam, atol=1e-4)
+    assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
