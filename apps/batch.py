@@ -47,11 +47,15 @@ PARTS = ".parts"
 #----------------------------------------------------------------------------
 # Model loading and identity.
 
-def load_model(model: Optional[str]):
-    """Load the pipeline the run uses (the shared loader of `guidekit generate`)."""
+def load_model(model: Optional[str], dtype=None):
+    """Load the pipeline the run uses (the shared loader of `guidekit generate`), in `dtype` (default float32).
+
+    Loading in the run's dtype, rather than converting afterwards, lets diffusers keep the modules that must
+    stay in float32 there (and spares the warning a later `.to(dtype)` gives about them).
+    """
     from .jobs import load_pipeline
 
-    return load_pipeline(model)
+    return load_pipeline(model, dtype=dtype)
 
 
 def model_identity(pipe, requested: Optional[str]) -> dict:
@@ -355,12 +359,12 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
     import guidekit
 
     main = state.is_main_process
-    if pipe is None:
-        pipe, model = load_model(model)
     device = state.device
     run_dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32,
-                   "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    if pipe.dtype != run_dtype:
+                 "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    if pipe is None:
+        pipe, model = load_model(model, dtype=run_dtype)
+    if pipe.dtype != run_dtype:  # a pipeline passed in by the caller
         pipe = pipe.to(dtype=run_dtype)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -103,7 +103,7 @@ def test_uam_shares_the_model_in_its_dtype_without_warnings(tiny_sd_dir):
 
     if not uam_available():
         pytest.skip("UAM pipeline not in this build")
-    pipe = load_pipeline(str(tiny_sd_dir))[0].to(dtype=torch.bfloat16)
+    pipe = load_pipeline(str(tiny_sd_dir), dtype=torch.bfloat16)[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         uam = DemoBackend(pipe, "tiny").uam()
