@@ -162,9 +162,9 @@ class DemoBackend:
 
             cls = UAMStableDiffusionXLPipeline if isinstance(self.pipe, StableDiffusionXLPipeline) else \
                 UAMStableDiffusionPipeline
-            # The same modules, no second copy of the model. from_pipe converts the shared modules to its
-            # `dtype` argument (float32 when left out): keep the dtype the model was loaded in.
-            self._uam = cls.from_pipe(self.pipe, dtype=self.pipe.dtype)
+            # The same modules, in the dtype they were loaded in: guidekit's from_pipe converts nothing unless
+            # given a dtype (diffusers' own converts to float32 by default).
+            self._uam = cls.from_pipe(self.pipe)
             self._uam.set_progress_bar_config(disable=True)
         return self._uam
 
