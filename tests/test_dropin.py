@@ -333,3 +333,18 @@ def test_sdxl_decodes_on_the_vae_execution_device(sdxl, monkeypatch):
     _, hooked = sdxl
     run(hooked)
     assert seen and seen[-1] is hooked.vae
+
+
+def test_one_uniform_attention_hook_serves_two_pipelines_at_once(tiny_sd_dir):
+    outer, inner = load(GuidedStableDiffusionPipeline, tiny_sd_dir), load(GuidedStableDiffusionPipeline, tiny_sd_dir)
+    uam = UniformAttention(start=0.5)
+    before = {k: type(v) for k, v in inner.unet.attn_processors.items()}
+    alone = run(outer, hooks=[uam])
+
+    def call_inside(pipe, i, t, kwargs):
+        run(inner, hooks=[uam])  # the same hook object, begun and ended inside the outer call
+        return {}
+
+    np.testing.assert_array_equal(run(outer, hooks=[uam], callback_on_step_end=call_inside), alone)
+    assert {k: type(v) for k, v in inner.unet.attn_processors.items()} == before
+    assert {k: type(v) for k, v in outer.unet.attn_processors.items()} == before

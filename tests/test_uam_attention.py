@@ -192,7 +192,7 @@ def test_uniform_hook_chosen_layers_and_steps(tiny_sd_dir):
         def step_begin(self, state):
             procs = pipe.unet.attn_processors
             swapped = sorted(n for n, p in procs.items() if isinstance(p, SwitchedUniformProcessor))
-            seen.append((state.step_index, uam.control.enabled, swapped))
+            seen.append((state.step_index, procs[first[0]].control.enabled, swapped))  # this call's switch
 
     pipe("a red circle", num_inference_steps=4, height=16, width=16, output_type="latent", hooks=[uam, Probe()])
     assert [s[1] for s in seen] == [False, False, True, True]

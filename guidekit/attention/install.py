@@ -82,9 +82,6 @@ class UniformAttention(SamplerHook):
                 raise ValueError("layers: an empty list; accepted: 'cross' or a non-empty list of processor names")
             self.attention_layers = frozenset(self.layers)
         self.start, self.stop = check_window(start, stop)
-        self.control = UniformControl(enabled=False)
-        self._unet = None
-        self._original: Optional[dict] = None
 
     def _target(self, state: SamplerState):
         pipe = state.extras.get("pipeline")
@@ -102,20 +99,21 @@ class UniformAttention(SamplerHook):
                 raise ValueError(f"layers: {bad[:3]} are not cross-attention layers of this UNet; accepted: {cross[:3]} ...")
 
     def begin(self, state: SamplerState) -> None:
+        # The switch and the user's processors belong to this call (state.memory), not to the hook object.
         unet = self._target(state)
         names = list(self.layers) if self.layers is not None else attention_layers(unet, "cross")
-        self.control.set(enabled=False)
+        control = UniformControl(enabled=False)
         original = dict(unet.attn_processors)
-        unet.set_attn_processor({**original, **{n: SwitchedUniformProcessor(original[n], self.control) for n in names}})
-        self._unet, self._original = unet, original
+        unet.set_attn_processor({**original, **{n: SwitchedUniformProcessor(original[n], control) for n in names}})
+        state.memory(self).update(control=control, unet=unet, original=original)
 
     def step_begin(self, state: SamplerState) -> None:
-        self.control.set(enabled=self.start <= state.progress < self.stop)
+        state.memory(self)["control"].set(enabled=self.start <= state.progress < self.stop)
 
     def end(self, state: SamplerState) -> None:
-        if self._unet is not None:
-            unet, original = self._unet, self._original
-            self._unet = self._original = None
+        memory = state.memory(self)
+        if memory.get("unet") is not None:
+            unet, original = memory.pop("unet"), memory.pop("original")
             unet.set_attn_processor(original)
 
     def __repr__(self) -> str:
