@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "train-toy": "guidekit.apps.train_toy:train_toy",
     "eval-toy": "guidekit.apps.eval_toy:eval_toy",
     "eval-uam": "guidekit.apps.eval_uam:eval_uam",
+    "eval-apg": "guidekit.apps.eval_apg:eval_apg",
 }
 
 

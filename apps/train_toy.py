@@ -15,6 +15,7 @@ import time
 
 import click
 
+from guidekit.apps.cli import FiniteFloatRange
 
 
 @click.command("train-toy", context_settings={"show_default": True})
@@ -25,18 +26,18 @@ import click
 @click.option("--seed", type=int, default=0)
 @click.option("--vae-steps", type=click.IntRange(1), default=2500)
 @click.option("--vae-batch", type=click.IntRange(1), default=8)
-@click.option("--vae-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3)
+@click.option("--vae-lr", type=FiniteFloatRange(min=0, min_open=True), default=1e-3)
 @click.option("--unet-steps", type=click.IntRange(1), default=4500)
 @click.option("--batch", type=click.IntRange(1), default=32)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4)
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=5e-4)
 @click.option("--decoder-steps", type=click.IntRange(0), default=1500,
               help="Decoder fine-tuning steps after the UNet (encoder frozen); 0 skips them.")
-@click.option("--decoder-lr", type=click.FloatRange(min=0, min_open=True), default=3e-4)
+@click.option("--decoder-lr", type=FiniteFloatRange(min=0, min_open=True), default=3e-4)
 @click.option("--checkpoint-every", type=click.IntRange(1), default=250)
 @click.option("--threads", type=click.IntRange(1), default=1,
               help="torch CPU threads (keep 1 on a shared CPU).")
 @click.option("--workers", type=click.IntRange(0), default=0, help="Data-generation worker processes.")
-@click.option("--stop-after", type=click.FloatRange(min=0), default=None,
+@click.option("--stop-after", type=FiniteFloatRange(min=0), default=None,
               help="Checkpoint and stop after this many seconds (resume later).")
 @click.option("--export-partial", is_flag=True,
               help="With --stop-after: still write the (unfinished) EMA weights to --out.")

@@ -64,7 +64,7 @@ def _float_options():
 
 
 # Commands whose float options are still plain click floats (their modules are maintained separately).
-NOT_YET_FINITE = {"train-toy", "eval-toy"}
+NOT_YET_FINITE = {"eval-toy"}
 
 
 @pytest.mark.parametrize("command, option", [
