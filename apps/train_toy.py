@@ -27,6 +27,8 @@ from guidekit.apps.cli import FiniteFloatRange
 @click.option("--vae-steps", type=click.IntRange(1), default=2500)
 @click.option("--vae-batch", type=click.IntRange(1), default=8)
 @click.option("--vae-lr", type=FiniteFloatRange(min=0, min_open=True), default=1e-3)
+@click.option("--unet-arch", type=click.Choice(["v2", "v1"]), default="v2",
+              help="v2: self- and cross-attention at 16x16 too (the shipped model); v1: the first model's UNet.")
 @click.option("--unet-steps", type=click.IntRange(1), default=4500)
 @click.option("--batch", type=click.IntRange(1), default=32)
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=5e-4)
@@ -42,7 +44,7 @@ from guidekit.apps.cli import FiniteFloatRange
 @click.option("--export-partial", is_flag=True,
               help="With --stop-after: still write the (unfinished) EMA weights to --out.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def train_toy(out, ckpt_dir, device, seed, vae_steps, vae_batch, vae_lr, unet_steps, batch, lr, decoder_steps, decoder_lr, checkpoint_every, threads,
+def train_toy(out, ckpt_dir, device, seed, vae_steps, vae_batch, vae_lr, unet_arch, unet_steps, batch, lr, decoder_steps, decoder_lr, checkpoint_every, threads,
               workers, stop_after, export_partial, no_progress):
     """Train the embedded toy model (VAE, then UNet + text encoder) and write a diffusers pipeline folder."""
     import torch
@@ -52,7 +54,7 @@ def train_toy(out, ckpt_dir, device, seed, vae_steps, vae_batch, vae_lr, unet_st
     torch.set_num_threads(threads)
     if device == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("cuda was asked for but torch sees no CUDA device", param_hint="--device")
-    config = TrainConfig(seed=seed, vae_steps=vae_steps, vae_batch=vae_batch, vae_lr=vae_lr, unet_steps=unet_steps, batch=batch,
+    config = TrainConfig(seed=seed, vae_steps=vae_steps, vae_batch=vae_batch, vae_lr=vae_lr, unet_arch=unet_arch, unet_steps=unet_steps, batch=batch,
                          lr=lr, decoder_steps=decoder_steps, decoder_lr=decoder_lr, checkpoint_every=checkpoint_every)
     t0 = time.perf_counter()
     summary = train(out, ckpt_dir, config, device=device, workers=workers, progress=not no_progress,

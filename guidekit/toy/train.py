@@ -27,6 +27,7 @@ from .model import (
     build_tokenizer,
     build_train_scheduler,
     build_unet,
+    build_unet_v2,
     build_vae,
 )
 
@@ -47,6 +48,7 @@ class TrainConfig:
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     # UNet + text-encoder phase
+    unet_arch: str = "v2"  # "v2": attention at 16x16 too (build_unet_v2); "v1": the first shipped model's UNet
     unet_steps: int = 4500
     batch: int = 32
     lr: float = 5e-4
@@ -166,7 +168,9 @@ def train(
     tokenizer = build_tokenizer()
     vae = build_vae().to(device)
     text_encoder = build_text_encoder(tokenizer).to(device)
-    unet = build_unet().to(device)
+    if config.unet_arch not in ("v1", "v2"):
+        raise ValueError(f"unet_arch: got {config.unet_arch!r}; accepted: 'v1', 'v2'")
+    unet = (build_unet_v2() if config.unet_arch == "v2" else build_unet()).to(device)
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
     state = {"phase": "vae", "step": 0, "elapsed": {"vae": 0.0, "unet": 0.0}, "losses": {}, "metrics": {}}
