@@ -23,6 +23,8 @@ __all__ = [
     "MODEL_NAME",
     "DEFAULT_GUIDANCE_SCALE",
     "DEFAULT_STEPS",
+    "RECOMMENDED_APG",
+    "apg_settings",
     "caption",
     "parse_caption",
     "generate",
@@ -36,6 +38,18 @@ MODEL_NAME = "toy-sd"
 DEFAULT_GUIDANCE_SCALE = 3.0
 #: DDIM steps used by the evaluation.
 DEFAULT_STEPS = 25
+#: `guidekit.APG` keyword arguments recommended for the embedded model, chosen by `guidekit eval-apg` (the
+#: grid of r, beta, eta at w = 10, 15, 20 in the model card). The paper's SDXL values (r = 15, beta = -0.5)
+#: are far too large for these 16x16x4 latents: r never rescales, and the momentum breaks shapes at w >= 15.
+RECOMMENDED_APG = {"eta": 0.0, "norm_threshold": 4.0, "momentum": 0.0}
+
+
+def apg_settings(embedded: bool, eta=None, norm_threshold=None, momentum=None) -> dict:
+    """APG keyword arguments: each value the user gave, else the embedded model's recommendation (for the
+    embedded model) or `guidekit.APG`'s own defaults (for any other model). User values always win."""
+    base = RECOMMENDED_APG if embedded else {"eta": 0.0, "norm_threshold": 15.0, "momentum": -0.5}
+    given = {"eta": eta, "norm_threshold": norm_threshold, "momentum": momentum}
+    return {k: (base[k] if given[k] is None else given[k]) for k in base}
 
 
 def default_model_path() -> Path:
