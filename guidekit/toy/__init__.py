@@ -47,7 +47,15 @@ RECOMMENDED_APG = {"eta": 0.0, "norm_threshold": 4.0, "momentum": 0.0}
 def apg_settings(embedded: bool, eta=None, norm_threshold=None, momentum=None) -> dict:
     """APG keyword arguments: each value the user gave, else the embedded model's recommendation (for the
     embedded model) or `guidekit.APG`'s own defaults (for any other model). User values always win."""
-    base = RECOMMENDED_APG if embedded else {"eta": 0.0, "norm_threshold": 15.0, "momentum": -0.5}
+    if embedded:
+        base = RECOMMENDED_APG
+    else:
+        import inspect
+
+        from ..guidance.apg import APG
+
+        defaults = inspect.signature(APG.__init__).parameters
+        base = {k: defaults[k].default for k in RECOMMENDED_APG}
     given = {"eta": eta, "norm_threshold": norm_threshold, "momentum": momentum}
     return {k: (base[k] if given[k] is None else given[k]) for k in base}
 
