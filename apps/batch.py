@@ -42,6 +42,7 @@ MANIFEST = "manifest.jsonl"
 # tqdm's default turns slow rates into s/img; always show images/s, and the time left (ETA).
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]"
 PARTS = ".parts"
+EMBEDDED_ID = "guidekit-toy-sd"  # the model id recorded for the embedded model
 
 
 #----------------------------------------------------------------------------
@@ -72,7 +73,7 @@ def model_identity(pipe, requested: Optional[str]) -> dict:
         except Exception:  # noqa: BLE001 - identity is best effort; the id is still recorded
             pass
     if path and _is_embedded(path):
-        ident["id"] = "guidekit-toy-sd"  # the same id (and file names) wherever the package is installed
+        ident["id"] = EMBEDDED_ID  # the same id (and file names) wherever the package is installed
     if path and os.path.isdir(path):
         p = Path(path)
         # A hub snapshot folder is named by its commit: .../models--org--name/snapshots/<commit>
@@ -370,6 +371,9 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
     pipe.set_progress_bar_config(disable=True)
     ident = model_identity(pipe, model)
     ident["scheduler"] = type(pipe.scheduler).__name__
+    # A job that leaves APG's eta / norm_threshold / momentum out gets the embedded model's recommended
+    # setting, or the paper's values on other models; the resolved values name its files and are recorded.
+    embedded = bool(ident["path"]) and _is_embedded(ident["path"])
 
     # Expand jobs into one item per image; a job the model cannot run is a bad line too.
     items: list[Item] = []
@@ -377,7 +381,8 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
     bad_after_load = 0
     for job in jobs:
         try:
-            params = resolve(job.params, pipe, where=f"line {job.line}: ", images=min(batch_size, len(job.seeds)))
+            params = resolve(job.params, pipe, where=f"line {job.line}: ", images=min(batch_size, len(job.seeds)),
+                             embedded=embedded)
         except JobError as e:
             bad_after_load += 1
             if main:
@@ -539,6 +544,8 @@ def batch(jobs, out, model, strict, batch_size, dtype):
       {"prompt": "a red circle on a blue background", "seeds": "0-7", "guidance": "apg", "guidance_scale": 12}
     Fields: prompt, negative_prompt, name, seed | seeds, steps, width, height, guidance (cfg|apg),
     guidance_scale, guidance_rescale (cfg), eta, norm_threshold, momentum, space, start, stop (apg).
+    APG's eta / norm_threshold / momentum default to the embedded model's recommended setting
+    (guidekit.toy.RECOMMENDED_APG) with that model, else to the paper's 0 / 15 / -0.5.
 
     \b
     Examples:

@@ -25,7 +25,7 @@ import click
 
 from guidekit.checks import MAX_IMAGE_SIDE
 
-from .jobs import COMMON, GUIDANCE, JobError, generate, parse_job, resolve, to_pil, vae_factor
+from .jobs import COMMON, GUIDANCE, JobError, generate, is_embedded_pipe, parse_job, resolve, to_pil, vae_factor
 
 log = logging.getLogger("guidekit.demo")
 
@@ -35,6 +35,9 @@ EXAMPLE_PROMPTS = [
     "a yellow square on a green background",
     "a green triangle on a cyan background",
 ]
+#: The Sweep tab's default guidance scales: from no guidance up to the scales where CFG degrades and APG is
+#: built not to (w = 15 and above).
+SWEEP_SCALES = (1, 5, 10, 15, 20)
 
 
 #----------------------------------------------------------------------------
@@ -86,11 +89,13 @@ def _ui_errors(fn):
 class DemoBackend:
     """Holds the one shared pipeline and runs requests on it."""
 
-    def __init__(self, pipe, model_name: str = "", limits: Limits = Limits()):
+    def __init__(self, pipe, model_name: str = "", limits: Limits = Limits(), embedded: Optional[bool] = None):
         self.pipe = pipe
         self.pipe.set_progress_bar_config(disable=True)
         self.model_name = model_name
         self.limits = limits
+        # the embedded toy model: APG's defaults are its recommended setting (guidekit.toy.RECOMMENDED_APG)
+        self.embedded = (_is_embedded_name(model_name) or is_embedded_pipe(pipe)) if embedded is None else embedded
         self.factor = math.lcm(8, vae_factor(pipe))  # sizes: multiples of 8 (the job schema) and of the VAE
         self.default_size = int(pipe.unet.config.sample_size) * vae_factor(pipe)
         self._uam = None
@@ -105,7 +110,7 @@ class DemoBackend:
                "guidance_scale": guidance_scale}
         raw.update({k: v for k, v in extra.items() if k in GUIDANCE[guidance].params})
         job = parse_job({k: v for k, v in raw.items() if v is not None})
-        params = resolve(job.params, self.pipe)
+        params = resolve(job.params, self.pipe, embedded=self.embedded)
         self.limits.check(params)
         return params, job.seeds[0]
 
@@ -124,18 +129,23 @@ class DemoBackend:
             t0 = time.perf_counter()
             images, _ = generate(self.pipe, params, [seed])
             results.append((images, time.perf_counter() - t0))
-        rows = ["| | saturation | clipped | time |", "|---|---|---|---|"]
+        rows = ["| | saturation | clipped (0 or 255) | time |", "|---|---|---|---|"]
         for name, (images, dt) in zip(("CFG", "APG"), results):
-            rows.append(f"| **{name}** | {mean_saturation(images):.3f} | {clipped_fraction(images):.3f} | {dt:.1f} s |")
+            rows.append(f"| **{name}** | {mean_saturation(images):.3f} | {clipped_fraction(images):.4f} | {dt:.1f} s |")
         summary = (f"Seed {seed}, guidance scale {cfg['guidance_scale']:g}, {cfg['steps']} steps, "
-                   f"{cfg['width']}x{cfg['height']}.\n\n" + "\n".join(rows))
+                   f"{cfg['width']}x{cfg['height']}; APG eta {apg['eta']:g}, r {apg['norm_threshold']:g}, "
+                   f"beta {apg['momentum']:g}.\n\n" + "\n".join(rows) +
+                   "\n\nSaturation: mean HSV saturation. Clipped: fraction of 8-bit channel values at 0 or 255.")
         return to_pil(results[0][0])[0], to_pil(results[1][0])[0], summary
 
     # -- Sweep
 
     def sweep(self, prompt, negative_prompt, seed, steps, width, height, scales, eta, norm_threshold, momentum):
-        """A grid: one row for CFG, one for APG, one column per guidance scale. (grid image, table rows)."""
-        from guidekit.metrics import mean_saturation
+        """A grid: one row for CFG, one for APG, one column per guidance scale. (grid image, table rows).
+
+        Each table row: guidance scale, CFG saturation, CFG clipped fraction, APG saturation, APG clipped
+        fraction (`SWEEP_HEADERS`)."""
+        from guidekit.metrics import clipped_fraction, mean_saturation
 
         values = parse_scales(scales, self.limits)
         calls = []
@@ -147,9 +157,10 @@ class DemoBackend:
         cells, table = {}, []
         for scale, name, params, seed_ in calls:
             images, _ = generate(self.pipe, params, [seed_])
-            cells[name, scale] = (to_pil(images)[0], mean_saturation(images))
+            cells[name, scale] = (to_pil(images)[0], mean_saturation(images), clipped_fraction(images))
         for scale in values:
-            table.append([scale, round(cells["CFG", scale][1], 4), round(cells["APG", scale][1], 4)])
+            (_, cfg_sat, cfg_clip), (_, apg_sat, apg_clip) = cells["CFG", scale], cells["APG", scale]
+            table.append([scale, round(cfg_sat, 4), round(cfg_clip, 4), round(apg_sat, 4), round(apg_clip, 4)])
         return compose_grid(cells, values), table
 
     # -- Reconstruct / Edit (UAM)
@@ -203,6 +214,15 @@ def _as_int(value, name):
     raise JobError(f"{name}: expected an integer >= 0, got {value!r}")
 
 
+SWEEP_HEADERS = ["guidance scale", "CFG saturation", "CFG clipped", "APG saturation", "APG clipped"]
+
+
+def default_sweep_scales(limits: Limits) -> str:
+    """The Sweep tab's starting list: `SWEEP_SCALES` within this demo's limits."""
+    values = [v for v in SWEEP_SCALES if v <= limits.max_scale][-limits.max_sweep:]
+    return ", ".join(_num(v) for v in values)
+
+
 def parse_scales(text, limits: Limits) -> list[float]:
     """'1, 3, 7.5' -> [1.0, 3.0, 7.5], each in [0, max_scale], at most `max_sweep` of them."""
     accepted = f"a comma-separated list of 1 to {limits.max_sweep} numbers in [0, {limits.max_scale}]"
@@ -220,7 +240,8 @@ def parse_scales(text, limits: Limits) -> list[float]:
 
 
 def compose_grid(cells: dict, scales: list[float]):
-    """One labelled picture: rows CFG / APG, a column per scale, saturation under each image."""
+    """One labelled picture: rows CFG / APG, a column per scale, saturation and clipped fraction under each
+    image. `cells[name, scale]` is (image, saturation, clipped fraction)."""
     from PIL import Image, ImageDraw
 
     from PIL import ImageFont
@@ -229,7 +250,7 @@ def compose_grid(cells: dict, scales: list[float]):
     w, h = first.size
     tile = max(128, min(256, w))  # small models get upscaled so the labels stay readable
     th = round(tile * h / w)
-    gap, left, top, cap = 6, 48, 24, 22
+    gap, left, top, cap = 6, 48, 24, 40
     try:
         font = ImageFont.load_default(size=15)
     except TypeError:  # Pillow < 10.1
@@ -240,10 +261,11 @@ def compose_grid(cells: dict, scales: list[float]):
         x = left + c * (tile + gap)
         draw.text((x + 4, 4), f"w = {scale:g}", fill="black", font=font)
         for r, name in enumerate(("CFG", "APG")):
-            img, sat = cells[name, scale]
+            img, sat, clipped = cells[name, scale]
             y = top + r * (th + cap)
             grid.paste(img.resize((tile, th), Image.NEAREST), (x, y))
             draw.text((x + 4, y + th + 2), f"saturation {sat:.2f}", fill="black", font=font)
+            draw.text((x + 4, y + th + 20), f"clipped {clipped:.4f}", fill="black", font=font)
     for r, name in enumerate(("CFG", "APG")):
         draw.text((6, top + r * (th + cap) + th // 2 - 8), name, fill="black", font=font)
     return grid
@@ -350,7 +372,9 @@ def Number(*args, **kwargs):  # noqa: N802 - gr.Number with a field-naming bound
 def _slider(param, label=None, **kw):
     kw.setdefault("minimum", param.min)
     kw.setdefault("maximum", param.max)
-    return Slider(value=param.default, label=label or param.name, info=param.help, **kw)
+    kw.setdefault("value", param.default)
+    kw.setdefault("info", param.help)
+    return Slider(label=label or param.name, **kw)
 
 
 def _sampling_controls(backend: DemoBackend, tab: str):
@@ -372,34 +396,60 @@ def _sampling_controls(backend: DemoBackend, tab: str):
     return negative, seed, steps, width, height
 
 
-def _apg_controls():
+def apg_start_values(embedded: bool) -> dict:
+    """Where the APG sliders start: the embedded model's recommended setting (`guidekit.toy.RECOMMENDED_APG`)
+    when the demo runs that model, else the paper's SDXL values (`guidekit.APG`'s defaults)."""
+    from guidekit.toy import apg_settings
+
+    return apg_settings(embedded)
+
+
+def _apg_controls(backend: DemoBackend, tab: str):
     import gradio as gr
 
     p = GUIDANCE["apg"].params
+    start = apg_start_values(backend.embedded)
+    source = ("the embedded model's recommended setting (guidekit.toy.RECOMMENDED_APG)" if backend.embedded
+              else "the paper's SDXL value (guidekit.APG's default; the recommended setting is for the embedded "
+                   "model only)")
+
+    def info(name: str) -> str:
+        what = p[name].help.split(" Default: ")[0]  # the field's meaning, without the job file's default rule
+        return f"{what} Starts at {start[name]:g}: {source}."
+
     with gr.Accordion("APG parameters", open=True):
-        eta = _slider(p["eta"], "eta (parallel weight)", step=0.05)
-        norm = _slider(p["norm_threshold"], "norm_threshold r", step=0.5, maximum=100.0)
-        momentum = _slider(p["momentum"], "momentum beta", step=0.05)
+        eta = _slider(p["eta"], f"eta (parallel weight), default {start['eta']:g}", value=start["eta"], step=0.05,
+                      info=info("eta"), elem_id=f"{tab}-eta")
+        norm = _slider(p["norm_threshold"], f"norm_threshold r, default {start['norm_threshold']:g}",
+                       value=start["norm_threshold"], step=0.25, maximum=100.0, info=info("norm_threshold"),
+                       elem_id=f"{tab}-norm")
+        momentum = _slider(p["momentum"], f"momentum beta, default {start['momentum']:g}", value=start["momentum"],
+                           step=0.05, info=info("momentum"), elem_id=f"{tab}-momentum")
     return eta, norm, momentum
 
 
-def _model_label(model_name: str) -> str:
+def _is_embedded_name(model_name: str) -> bool:
     try:
         from guidekit.toy import default_model_path
 
-        if model_name and Path(model_name).resolve() == Path(default_model_path()).resolve():
-            return "the embedded toy model (64x64 coloured shapes)"
+        return bool(model_name) and Path(model_name).resolve() == Path(default_model_path()).resolve()
     except (ImportError, OSError, AttributeError):
-        pass
+        return False
+
+
+def _model_label(model_name: str) -> str:
+    if _is_embedded_name(model_name):
+        return "the embedded toy model (64x64 coloured shapes)"
     return f"`{model_name or 'custom'}`"
 
 
-def build_demo(pipe, model_name: str = "", limits: Limits = Limits()):
-    """The Gradio Blocks app around one loaded pipeline."""
+def build_demo(pipe, model_name: str = "", limits: Limits = Limits(), embedded: Optional[bool] = None):
+    """The Gradio Blocks app around one loaded pipeline. `embedded`: whether it is the embedded toy model
+    (None: from `model_name` or the pipeline's folder); it sets where the APG sliders start."""
     import gradio as gr
 
     pipe.set_progress_bar_config(disable=True)
-    backend = DemoBackend(pipe, model_name, limits)
+    backend = DemoBackend(pipe, model_name, limits, embedded=embedded)
     scale_param = COMMON["guidance_scale"]
     queue = dict(concurrency_limit=1, concurrency_id="model")  # one shared model: one request at a time
 
@@ -414,7 +464,7 @@ def build_demo(pipe, model_name: str = "", limits: Limits = Limits()):
                     negative, seed, steps, width, height = _sampling_controls(backend, "gen")
                     scale = Slider(1.0, limits.max_scale, value=10.0, step=0.5, label="Guidance scale w",
                                       info=scale_param.help + " Stock default 7.5.", elem_id="gen-scale")
-                    eta, norm, momentum = _apg_controls()
+                    eta, norm, momentum = _apg_controls(backend, "gen")
                     button = gr.Button("Generate", variant="primary", elem_id="gen-button")
                 with gr.Column(scale=3):
                     with gr.Row():
@@ -430,20 +480,22 @@ def build_demo(pipe, model_name: str = "", limits: Limits = Limits()):
 
         with gr.Tab("Sweep"):
             gr.Markdown("One prompt and seed over several guidance scales: a row for CFG, a row for APG, "
-                        "with the mean saturation under each image.")
+                        "with the mean saturation and the clipped fraction (8-bit channel values at 0 or 255) "
+                        "under each image. The default scales reach w = 20: high scales are where CFG "
+                        "degrades and APG is meant to help.")
             with gr.Row():
                 with gr.Column(scale=2):
                     s_prompt = gr.Textbox(label="Prompt", value=EXAMPLE_PROMPTS[0], lines=2, elem_id="sweep-prompt")
                     s_neg, s_seed, s_steps, s_width, s_height = _sampling_controls(backend, "sweep")
-                    s_scales = gr.Textbox(label="Guidance scales", value="1, 4, 8, 15",
+                    s_scales = gr.Textbox(label="Guidance scales", value=default_sweep_scales(limits),
                                           info=f"Comma-separated, up to {limits.max_sweep} values in "
                                                f"[0, {limits.max_scale}].", elem_id="sweep-scales")
-                    s_eta, s_norm, s_momentum = _apg_controls()
+                    s_eta, s_norm, s_momentum = _apg_controls(backend, "sweep")
                     s_button = gr.Button("Run sweep", variant="primary", elem_id="sweep-button")
                 with gr.Column(scale=3):
                     grid = gr.Image(label="CFG (top) vs APG (bottom)", type="pil", format="png",
                                     interactive=False, elem_id="sweep-grid", elem_classes=["gk-out"])
-                    table = gr.Dataframe(headers=["guidance scale", "CFG saturation", "APG saturation"],
+                    table = gr.Dataframe(headers=SWEEP_HEADERS,
                                          interactive=False, elem_id="sweep-table")
             s_button.click(_ui_errors(backend.sweep),
                            [s_prompt, s_neg, s_seed, s_steps, s_width, s_height, s_scales, s_eta, s_norm, s_momentum],

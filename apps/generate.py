@@ -154,6 +154,21 @@ def check_size(pipe, dims: Optional[tuple[int, int]]) -> tuple[int, int]:
     return width, height
 
 
+# The APG options' default, shared by their help texts ({} is the paper's SDXL value of the option).
+APG_DEFAULT_HELP = ("Default: the embedded model's recommended setting (guidekit.toy.RECOMMENDED_APG), "
+                    "else the paper's SDXL value {}.")
+
+
+def apg_settings(model: str, eta: Optional[float] = None, norm_threshold: Optional[float] = None,
+                 momentum: Optional[float] = None) -> dict:
+    """APG's `eta`, `norm_threshold`, `momentum` for `model`: each value given (not None), else the embedded
+    model's recommended setting (`guidekit.toy.RECOMMENDED_APG`) when `model` is the embedded model, else
+    the paper's SDXL values (`guidekit.APG`'s defaults)."""
+    from guidekit import toy
+
+    return toy.apg_settings(_is_embedded(model), eta=eta, norm_threshold=norm_threshold, momentum=momentum)
+
+
 def build_hook(guidance: str, eta: float, norm_threshold: Optional[float], momentum: float):
     import guidekit
 
@@ -174,12 +189,13 @@ def _default_out(prompt: str, seed: int, guidance: str) -> Path:
 @click.option("--guidance", type=click.Choice(["cfg", "apg"]), default="apg", help="Guidance method.")
 @click.option("--scale", type=FiniteFloatRange(min=0.0), default=None,
               help="Guidance scale w. Default: the model's default (7.5 for other models).")
-@click.option("--eta", type=FiniteFloatRange(0.0, 1.0), default=0.0, help="APG: weight of the parallel component (paper: 0).")
-@click.option("--norm-threshold", type=FiniteFloatRange(min=0.0, min_open=True), default=15.0,
-              help="APG: radius r of the update rescaling (paper SDXL value: 15).")
+@click.option("--eta", type=FiniteFloatRange(0.0, 1.0), default=None,
+              help="APG: weight of the parallel component. " + APG_DEFAULT_HELP.format("0"))
+@click.option("--norm-threshold", type=FiniteFloatRange(min=0.0, min_open=True), default=None,
+              help="APG: radius r of the update rescaling. " + APG_DEFAULT_HELP.format("15"))
 @click.option("--no-rescale", is_flag=True, help="APG: turn the norm rescaling off.")
-@click.option("--momentum", type=FiniteFloatRange(-1.0, 1.0, min_open=True, max_open=True), default=-0.5,
-              help="APG: reverse momentum beta (paper: -0.5; 0 turns it off).")
+@click.option("--momentum", type=FiniteFloatRange(-1.0, 1.0, min_open=True, max_open=True), default=None,
+              help="APG: reverse momentum beta; 0 turns it off. " + APG_DEFAULT_HELP.format("-0.5"))
 @click.option("--steps", type=click.IntRange(1, 1000), default=25, help="Denoising steps.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the start noise.")
 @click.option("--size", type=ImageSize(), default=None,
@@ -207,7 +223,8 @@ def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, mo
     pipe, name = load_pipeline(model, device=device)
     scale = scale if scale is not None else (model_scale or 7.5)
     width, height = check_size(pipe, size)
-    hook = build_hook(guidance, eta, None if no_rescale else norm_threshold, momentum)
+    apg = apg_settings(model, eta=eta, norm_threshold=norm_threshold, momentum=momentum)
+    hook = build_hook(guidance, apg["eta"], None if no_rescale else apg["norm_threshold"], apg["momentum"])
     generator = torch.Generator(device="cpu").manual_seed(seed)
     image = pipe(
         prompt,

@@ -34,6 +34,7 @@ __all__ = [
     "parse_job",
     "read_jobs",
     "resolve",
+    "apg_defaults",
     "generate",
     "job_key",
     "fields_doc",
@@ -153,21 +154,29 @@ def _apg_hooks(p: dict) -> list:
                 space=p["space"], start=p["start"], stop=p["stop"])]
 
 
+# The default of APG's eta / norm_threshold / momentum ({} is the paper's SDXL value of the field).
+_APG_DEFAULT = ("the recommended setting for the embedded model (guidekit.toy.RECOMMENDED_APG), "
+                "else the paper's SDXL value {}.")
+
+#: Parameters of a method whose default depends on the model; `resolve` fills them (`apg_defaults`).
+MODEL_DEPENDENT = {"apg": ("eta", "norm_threshold", "momentum")}
+
 GUIDANCE: dict[str, Guidance] = {
     "cfg": Guidance("cfg", {p.name: p for p in [
         Param("guidance_rescale", float, 0.0,
               "CFG rescale phi (Lin et al. 2023); 0 is plain CFG, 0.7 is the paper's value.", min=0.0, max=1.0),
     ]}, _cfg_hooks, _cfg_kwargs),
     "apg": Guidance("apg", {p.name: p for p in [
-        Param("eta", float, 0.0,
-              "Weight of the guidance component parallel to the prediction, the part that oversaturates. "
-              "Paper default 0 (drop it); 1 keeps it as CFG does.", min=0.0, max=1.0),
-        Param("norm_threshold", float, 15.0,
-              "Radius r: the guidance update is rescaled to L2 norm at most r (per image). "
-              "Paper default 15 (SDXL); 0 turns rescaling off.", min=0.0, max=1000.0),
-        Param("momentum", float, -0.5,
-              "Reverse momentum beta on the guidance update; paper default -0.5, 0 turns it off.",
-              min=-0.99, max=0.99),
+        # eta, norm_threshold, momentum: None until `resolve` knows the model (MODEL_DEPENDENT)
+        Param("eta", float, None,
+              "Weight of the guidance component parallel to the prediction, the part that oversaturates; "
+              "0 drops it, 1 keeps it as CFG does. Default: " + _APG_DEFAULT.format("0"), min=0.0, max=1.0),
+        Param("norm_threshold", float, None,
+              "Radius r: the guidance update is rescaled to L2 norm at most r (per image); 0 turns rescaling "
+              "off. Default: " + _APG_DEFAULT.format("15"), min=0.0, max=1000.0),
+        Param("momentum", float, None,
+              "Reverse momentum beta on the guidance update; 0 turns it off. Default: "
+              + _APG_DEFAULT.format("-0.5"), min=-0.99, max=0.99),
         Param("space", str, "x0", "Where APG acts: the denoised prediction x0 (paper) or the raw model output.",
               choices=("x0", "model")),
         Param("start", float, 0.0, "Fraction of the steps after which APG starts.", min=0.0, max=1.0),
@@ -193,7 +202,8 @@ def fields_doc() -> str:
     rows.append('| `seed` / `seeds` | an int, or a range "0-7", a list "1,5,9" or a JSON list | 0 | One image per seed. |')
     for g in GUIDANCE.values():
         for p in g.params.values():
-            rows.append(f"| `{p.name}` ({g.name}) | {p.bounds_text()} | {p.default!r} | {p.help} |")
+            default = "per model" if p.default is None else repr(p.default)
+            rows.append(f"| `{p.name}` ({g.name}) | {p.bounds_text()} | {default} | {p.help} |")
     return "\n".join(rows)
 
 
@@ -248,7 +258,9 @@ _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 @dataclass
 class Job:
-    """One validated job: `params` holds every field with defaults filled (width/height may be None)."""
+    """One validated job: `params` holds every field with defaults filled, except the model-dependent ones
+    that `resolve` fills (None here when the job leaves them out): width, height and APG's eta /
+    norm_threshold / momentum."""
 
     line: int
     raw: dict
@@ -353,13 +365,45 @@ def default_size(pipe) -> int:
     return int(pipe.unet.config.sample_size) * vae_factor(pipe)
 
 
-def resolve(params: dict, pipe, where: str = "", images: int = 1) -> dict:
-    """Fill the model-dependent defaults (width, height) and check the size against the model: a multiple of
-    its VAE factor, and small enough that `images` images per call can be decoded in the free memory."""
+def is_embedded_pipe(pipe) -> bool:
+    """Whether `pipe` was loaded from the embedded toy model's folder."""
+    path = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    if not path:
+        return False
+    try:
+        from guidekit.toy import default_model_path
+
+        return Path(path).resolve() == Path(default_model_path()).resolve()
+    except (ImportError, OSError, AttributeError):
+        return False
+
+
+def apg_defaults(params: dict, embedded: bool) -> dict:
+    """`params` with the APG parameters the job left unset (None) filled for the model: the embedded model's
+    recommended setting (`guidekit.toy.RECOMMENDED_APG`) when `embedded`, else the paper's SDXL values.
+    Values the job gave are kept. Other methods' parameters are returned unchanged."""
+    names = MODEL_DEPENDENT.get(params.get("guidance"), ())
+    if not names or all(params.get(n) is not None for n in names):
+        return dict(params)
+    from guidekit.toy import apg_settings
+
+    settings = apg_settings(embedded, **{n: params.get(n) for n in names})
+    return {**params, **{n: settings[n] for n in names}}
+
+
+def resolve(params: dict, pipe, where: str = "", images: int = 1, embedded: Optional[bool] = None) -> dict:
+    """Fill the model-dependent defaults and check the size against the model: a multiple of its VAE factor,
+    and small enough that `images` images per call can be decoded in the free memory.
+
+    The defaults: width and height (the model's native size), and APG's eta / norm_threshold / momentum (the
+    embedded model's recommended setting, else the paper's; `apg_defaults`). `embedded` says whether the
+    model is the embedded one; None reads it from the pipeline's folder."""
     out = dict(params)
     for key in ("width", "height"):
         if out[key] is None:
             out[key] = default_size(pipe)
+    if any(out.get(n) is None for n in MODEL_DEPENDENT.get(out.get("guidance"), ())):
+        out = apg_defaults(out, is_embedded_pipe(pipe) if embedded is None else embedded)
     try:
         check_image_size(out["width"], out["height"], multiple_of=math.lcm(8, vae_factor(pipe)))
         check_image_memory(pipe, out["width"], out["height"], images=images, name="width/height")
@@ -380,6 +424,8 @@ def generate(pipe, params: dict, seeds: Iterable[int], generator_device: str = "
     import torch
 
     seeds = list(seeds)
+    if any(params.get(n) is None for n in MODEL_DEPENDENT.get(params["guidance"], ())):  # not through `resolve`
+        params = apg_defaults(params, is_embedded_pipe(pipe))
     method = GUIDANCE[params["guidance"]]
     gens = [torch.Generator(device=generator_device).manual_seed(int(s)) for s in seeds]
     n = len(seeds)
