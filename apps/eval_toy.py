@@ -1,10 +1,16 @@
 """`guidekit eval-toy`: evaluate the embedded toy model (accuracy, CFG/APG scale table, inversion PSNR).
 
+The table reports, per guidance method and scale, the judge's accuracies, mean saturation, clipped fraction,
+mean shape fidelity (IoU of each judged shape with its ideal outline) and mean |x0|, under a "world" row: the
+world's own images for the same prompts, measured the same way.
+
     guidekit eval-toy --out runs/eval-toy
     PYTHONPATH=. python apps/eval_toy.py --out runs/eval-toy      # from a source checkout
 """
 
 from __future__ import annotations
+
+import math
 
 import click
 
@@ -14,8 +20,8 @@ def _scales(ctx, param, value):
         scales = tuple(float(v) for v in value.split(","))
     except ValueError:
         raise click.BadParameter(f"got {value!r}; expected comma-separated numbers such as 1,3,5,7.5")
-    if any(s < 1 for s in scales):
-        raise click.BadParameter(f"got {value!r}; every guidance scale must be >= 1")
+    if not all(math.isfinite(s) and s >= 1 for s in scales):
+        raise click.BadParameter(f"got {value!r}; every guidance scale must be a finite number >= 1")
     return scales
 
 
@@ -33,7 +39,11 @@ def _scales(ctx, param, value):
 @click.option("--batch", type=click.IntRange(1), default=64)
 @click.option("--threads", type=click.IntRange(1), default=1, help="torch CPU threads.")
 def eval_toy(out, model, device, num_prompts, steps, scales, methods, default_scale, inversion_n, batch, threads):
-    """Evaluate the toy model with the procedural judge; writes eval.json, table.md and grid.png under OUT."""
+    """Evaluate the toy model with the procedural judge; writes eval.json, table.md and grid.png under OUT.
+
+    The table's first row is the world's own images for the same prompts (accuracy, saturation, clipped
+    fraction, shape fidelity), so each CFG/APG row reads against what the model was trained to draw.
+    """
     import torch
 
     from guidekit.toy.evaluate import markdown_table, run_evaluation

@@ -2,7 +2,9 @@
 
 Everything is seeded: prompt ``i`` is sampled with ``torch.Generator().manual_seed(PROMPT_SEED + i)``, the
 prompts are a fixed shuffle of every caption of the grammar, and the inversion images are held-out images
-of the procedural world (seeds never used for training).
+of the procedural world (seeds never used for training).  The table opens with a "world" reference row: the
+world's own images for the same prompts (``world.scene_from_caption(prompt_i, seed=PROMPT_SEED + i)``),
+measured the same way, so each guidance row can be read against what the model was trained to draw.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import torch
 
 from ..metrics import clipped_fraction, mean_saturation
 from . import world
-from .judge import score
+from .judge import fidelity_summary, judge_batch, score
 
-__all__ = ["eval_prompts", "load_pipeline", "generate", "guidance_table", "inversion_psnr", "run_evaluation"]
+__all__ = ["eval_prompts", "load_pipeline", "generate", "guidance_table", "world_reference", "inversion_psnr",
+           "run_evaluation", "markdown_table"]
 
 PROMPT_SEED = 1000
 INVERSION_SEED = 500_000  # held-out world seeds (training uses seeds >= 10**7)
@@ -80,13 +83,34 @@ def generate(pipe, prompts: Sequence[str], scale: float, method: str = "cfg", st
 
 
 def _measure(images, latents, prompts) -> dict:
-    acc = score(images, prompts)
+    """Accuracies, saturation, clipped fraction, shape fidelity (mean and per judged shape), mean |x0|."""
+    judgements = judge_batch(images)
+    acc = score(images, prompts, judgements)
     return {
         **{f"acc_{k}": v for k, v in acc.items()},
         "saturation": mean_saturation(images),
         "clipped": clipped_fraction(images),
+        **fidelity_summary(judgements),
         "mean_abs_x0": float(latents.abs().mean()),
     }
+
+
+@torch.no_grad()
+def world_reference(pipe, prompts) -> dict:
+    """The "world" row: the world's own images for the prompts, measured like a guidance row.
+
+    Image ``i`` is ``world.scene_from_caption(prompts[i], seed=PROMPT_SEED + i)``; its mean |x0| is that of
+    the VAE's latents of these images (posterior mode, scaled as the UNet sees them).
+    """
+    t0 = time.perf_counter()
+    images = np.stack([world.render(world.scene_from_caption(p, seed=PROMPT_SEED + i))[0]
+                       for i, p in enumerate(prompts)])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(pipe.device, pipe.vae.dtype)
+    latents = torch.cat([pipe.vae.encode(x[lo:lo + 64]).latent_dist.mode() for lo in range(0, len(x), 64)])
+    latents = latents.float().cpu() * pipe.vae.config.scaling_factor
+    row = {"method": "world", "scale": None, **_measure(images.astype(np.float64) / 255.0, latents, prompts)}
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
 
 
 def guidance_table(pipe, prompts, scales=SCALES, methods=("cfg", "apg"), steps=25, batch=64, log=print):
@@ -171,6 +195,8 @@ def run_evaluation(out: str | Path, model=None, device="cpu", num_prompts=192, s
     scales = tuple(scales)
     if default_scale not in scales:
         scales = tuple(sorted(scales + (default_scale,)))
+    reference = world_reference(pipe, prompts)
+    log(json.dumps(reference))
     rows, grid = guidance_table(pipe, prompts, scales, methods, steps, batch, log)
     default_row = next(r for r in rows if r["method"] == "cfg" and r["scale"] == default_scale) if "cfg" in methods \
         else None
@@ -182,6 +208,7 @@ def run_evaluation(out: str | Path, model=None, device="cpu", num_prompts=192, s
         "prompt_seed": PROMPT_SEED,
         "default_scale": default_scale,
         "default": default_row,
+        "world": reference,
         "table": rows,
     }
     try:
@@ -196,17 +223,27 @@ def run_evaluation(out: str | Path, model=None, device="cpu", num_prompts=192, s
     return result
 
 
+def _cell(value, fmt: str) -> str:
+    """A table cell; a dash for a value the result lacks (older eval.json files) or that is nan."""
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "—"
+    return format(value, fmt)
+
+
 def markdown_table(result: dict) -> str:
+    """The table of a :func:`run_evaluation` result, the world's reference row first when the result has one."""
     lines = [
-        "| guidance | w | shape colour | background | shape | all three | texture (asked) | saturation | clipped | mean abs x0 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| guidance | w | shape colour | background | shape | all three | texture (asked) | saturation | clipped | "
+        "shape fidelity | mean abs x0 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["table"]:
-        lines.append(
-            f"| {r['method'].upper()} | {r['scale']:g} | {r['acc_colour']:.1%} | {r['acc_background']:.1%} | "
-            f"{r['acc_shape']:.1%} | {r['acc_all3']:.1%} | {r['acc_texture_asked']:.1%} | {r['saturation']:.3f} | "
-            f"{r['clipped']:.4f} | {r['mean_abs_x0']:.3f} |"
-        )
+    rows = ([result["world"]] if result.get("world") else []) + list(result["table"])
+    for r in rows:
+        name, scale = ("world", "—") if r["method"] == "world" else (r["method"].upper(), f"{r['scale']:g}")
+        cells = [_cell(r.get(f"acc_{k}"), ".1%") for k in ("colour", "background", "shape", "all3", "texture_asked")]
+        cells += [_cell(r.get("saturation"), ".3f"), _cell(r.get("clipped"), ".4f"), _cell(r.get("fidelity"), ".3f"),
+                  _cell(r.get("mean_abs_x0"), ".3f")]
+        lines.append(f"| {name} | {scale} | " + " | ".join(cells) + " |")
     inv = result.get("inversion") or {}
     if "n" in inv:
         lines += ["", f"Inversion ({inv['n']} held-out world images, DDIM {inv['steps']} steps, caption as prompt): "

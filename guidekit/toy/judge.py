@@ -1,18 +1,25 @@
 """A deterministic judge that reads a toy-world image back into its attributes, and measures its shape's outline.
 
 Colours are read by hue, which the world fixes to a band per colour word while saturation and value vary
-(world v2); the v1 world's fixed colours and the images of a model trained on them lie inside the same
-bands.  Each pixel of enough saturation is labelled with the nearest canonical hue (:data:`~.world.HUES`).
-The background colour is the most common label on the image border (shapes never touch it), the shape's
-colour the most common other label.  The shape's mask is then every pixel that is at least half the shape's
-colour when read as a mix of it and one shade of the background (colours estimated from the image itself), as
-in the world's own mask of pixels the shape covers at least half, reduced to its largest connected part.  The shape's kind is read from how much of its bounding box's corners it fills
-(square: all four, triangle: the bottom two, circle: none), the texture from the fraction of background
-pixels drawn in the dark shade (stripes: half, dots: about a fifth, none: zero).
+(world v2); the v1 world's fixed colours, and the images of a model trained on them, lie inside the same
+bands.  Each pixel of enough saturation is labelled with the nearest canonical hue (:data:`~.world.HUES`):
+the background colour is the most common label on the image border (shapes never touch it), the shape's
+colour the most common other label.
+
+The rest is read as by a judge that knows the image's colours: each pixel goes to the nearest (in RGB) of
+12 references, the six colours and their darker texture shades, where the background's and the shape's
+entries are the image's own colours (estimated from the pixels labelled with them) and the other four keep
+their v1 :data:`~.world.PALETTE` colours, which only catch pixels of neither colour (mixtures at edges,
+artefacts).  On v1 images the estimates are close to the palette that earlier versions of this judge used
+for all 12, so the shipped model's images read as before.  The shape's kind is read from how much of its bounding box's corners
+its pixels fill (square: all four, triangle: the bottom two, circle: none), the texture from the fraction of
+background pixels nearest the dark shade (stripes: half, dots: about a fifth, none: zero).
 
 Shape fidelity is the IoU of the shape's mask with the ideal shape (as :func:`~.world.shape_coverage` draws
 it) stretched to fill the mask's bounding box: 1 for a perfect outline, lower for wobbly, concave or lumpy
-ones.  It measures the outline only; position, size and aspect ratio are fitted away.
+ones.  It measures the outline only; position, size and aspect ratio are fitted away.  The mask is every
+pixel at least half the shape's colour when read as a mix of it and a background shade, as the world's own
+mask holds the pixels the shape covers at least half, reduced to its largest connected part.
 """
 
 from __future__ import annotations
@@ -22,16 +29,15 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .world import COLOURS, DARK_FACTOR, HUES, SHAPES, parse_caption, shape_coverage
+from .world import COLOURS, DARK_FACTOR, HUES, PALETTE, SHAPES, parse_caption, shape_coverage
 
 __all__ = ["Judgement", "judge", "judge_batch", "score", "shape_fidelity", "mask_fidelity", "fidelity_summary"]
 
 _HUE_CENTRES = np.array([HUES[c] for c in COLOURS])
 #: Pixels less saturated than this get no hue (greys, e.g. an edge pixel mixing two complementary colours).
 _MIN_SATURATION = 0.2
-#: A background pixel is in the dark (texture) shade when its value is under this fraction of the bright
-#: shade's: halfway between 1 and DARK_FACTOR.
-_DARK_SPLIT = (1 + DARK_FACTOR) / 2
+#: The background's colour is estimated from its brightest pixels: those at or above this percentile of value.
+_BRIGHT_PERCENTILE = 90
 _MIN_SHAPE_PIXELS = 12
 #: A pixel belongs to the shape's mask from this estimated coverage on: just under one half, because the
 #: world's coverage comes in sixteenths (4x4 sub-pixels) so exactly-half pixels are common, and 8-bit rounding
@@ -145,10 +151,6 @@ def mask_fidelity(mask, shape: str) -> float:
     return float((mask & ideal).sum() / (mask | ideal).sum())
 
 
-def _colour_of(arr: np.ndarray, where: np.ndarray) -> np.ndarray:
-    return np.median(arr[where], axis=0)
-
-
 def _coverage_estimate(arr: np.ndarray, fg: np.ndarray, backgrounds) -> np.ndarray:
     """How much of each pixel the shape covers, read as ``pixel = c * fg + (1 - c) * bg``.
 
@@ -169,6 +171,32 @@ def _coverage_estimate(arr: np.ndarray, fg: np.ndarray, backgrounds) -> np.ndarr
     return best_c
 
 
+def _grow(region: np.ndarray, pixels: int = 2) -> np.ndarray:
+    """The region grown by ``pixels`` along rows and columns (a cross, wrapping at the border like np.roll)."""
+    out = region.copy()
+    for axis in (0, 1):
+        for shift in range(1, pixels + 1):
+            out |= np.roll(region, shift, axis=axis) | np.roll(region, -shift, axis=axis)
+    return out
+
+
+def _references(arr, val, label, bg: int, fg: Optional[int]) -> np.ndarray:
+    """The 12 references (6 colours, then their dark shades), (12, 3): the palette, with the background's and
+    the shape's entries replaced by the image's own colours.
+
+    The background's colour is the median of its brightest tenth of pixels away from the shape, so that
+    neither texture marks nor the blurred edges of a model's stripes pull it down.
+    """
+    refs = np.array([PALETTE[c] for c in COLOURS], dtype=np.float64)
+    bgpix = (label == bg) & ~_grow(label != bg)
+    if bgpix.any():
+        top = bgpix & (val >= np.percentile(val[bgpix], _BRIGHT_PERCENTILE))
+        refs[bg] = np.median(arr[top], axis=0)
+    if fg is not None:
+        refs[fg] = np.median(arr[label == fg], axis=0)
+    return np.concatenate([refs, refs * DARK_FACTOR])
+
+
 def judge(image) -> Judgement:
     """Read (shape colour, background colour, shape, texture) off one RGB image (uint8, or float in [0, 1]),
     with the shape's fidelity and mask."""
@@ -181,42 +209,36 @@ def judge(image) -> Judgement:
         border = np.concatenate([nearest[:2].ravel(), nearest[-2:].ravel(), nearest[:, :2].ravel(),
                                  nearest[:, -2:].ravel()])
     bg = int(np.bincount(border[border >= 0], minlength=6).argmax())
-    other = label != bg
-    is_bg = label == bg
+    counts = np.bincount(label[(label != bg) & (label >= 0)], minlength=6)
+    fg = int(counts.argmax()) if counts.sum() >= _MIN_SHAPE_PIXELS else None
 
-    # texture: only background-coloured pixels away from the shape count (anti-aliased edges are darker too)
-    shape_zone = other.copy()
-    for axis in (0, 1):  # grow the non-background region by 2 pixels to drop anti-aliased edges
-        for shift in (-2, -1, 1, 2):
-            shape_zone |= np.roll(other, shift, axis=axis)
-    bgpix = is_bg & ~shape_zone
-    n = int(bgpix.sum())
-    bright_v = np.percentile(val[bgpix], 90) if n else val.max()  # the bright shade's value
-    dark = bgpix & (val < _DARK_SPLIT * bright_v)
-    dark_fraction = float(dark.sum() / n) if n else 0.0
+    refs = _references(arr, val, label, bg, fg)
+    nearest12 = ((arr[:, :, None, :] - refs[None, None]) ** 2).sum(-1).argmin(-1)
+    colour_of, dark = nearest12 % 6, nearest12 >= 6
+
+    # texture: only background pixels away from the shape count (its anti-aliased edge is darker too)
+    other = colour_of != bg
+    bgpix = (colour_of == bg) & ~_grow(other)
+    n = bgpix.sum()
+    dark_fraction = float((dark & bgpix).sum() / n) if n else 0.0
     texture = None
     if dark_fraction > 0.06:
         # stripes cover half of the background, dots about a fifth
         texture = "striped" if dark_fraction > 0.35 else "dotted"
 
-    counts = np.bincount(label[other & (label >= 0)], minlength=6)
     colour = shape = None
     fill, fidelity, mask = 0.0, float("nan"), None
-    if counts.sum() >= _MIN_SHAPE_PIXELS:
-        fg = int(counts.argmax())
+    if fg is not None and other.sum() >= _MIN_SHAPE_PIXELS:
         colour = COLOURS[fg]
-        fg_rgb = _colour_of(arr, label == fg)
-        bright = bgpix & ~dark
-        shades = [_colour_of(arr, bright) if bright.any() else np.full(3, 255.0)]
-        if texture is not None:
-            shades.append(_colour_of(arr, dark))
-        mask = _largest_component(_coverage_estimate(arr, fg_rgb, shades) >= _HALF_COVERED)
-        box = _bbox(mask, min_count=2)  # rows/columns of one pixel (an apex, a spur) do not decide the kind
+        pixels = colour_of == fg
+        box = _bbox(pixels, min_count=2)  # rows/columns of one pixel (an apex, a spur) do not decide the kind
         if box is not None:
             y0, y1, x0, x1 = box
-            part = mask[y0 : y1 + 1, x0 : x1 + 1]
+            part = pixels[y0 : y1 + 1, x0 : x1 + 1]
             fill = float(part.sum() / part.size)
             shape = _shape_of(part, fill)
+            shades = [refs[bg]] + ([refs[6 + bg]] if texture is not None else [])
+            mask = _largest_component(_coverage_estimate(arr, refs[fg], shades) >= _HALF_COVERED)
             fidelity = mask_fidelity(mask, shape)
     return Judgement(colour, COLOURS[bg], shape, texture, fill, dark_fraction, fidelity, mask)
 
