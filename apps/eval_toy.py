@@ -14,6 +14,8 @@ import math
 
 import click
 
+from guidekit.apps.cli import FiniteFloatRange
+
 
 def _scales(ctx, param, value):
     try:
@@ -33,7 +35,7 @@ def _scales(ctx, param, value):
 @click.option("--steps", type=click.IntRange(1), default=25, help="DDIM steps.")
 @click.option("--scales", default="1,3,5,7.5,10,15", callback=_scales, help="Guidance scales of the table.")
 @click.option("--methods", type=click.Choice(["cfg", "apg", "both"]), default="both")
-@click.option("--default-scale", type=click.FloatRange(min=1), default=None,
+@click.option("--default-scale", type=FiniteFloatRange(min=1), default=None,
               help="Scale reported as the default (default: guidekit.toy.DEFAULT_GUIDANCE_SCALE).")
 @click.option("--inversion-n", type=click.IntRange(0), default=32, help="Images for the inversion PSNR (0: skip).")
 @click.option("--batch", type=click.IntRange(1), default=64)
