@@ -58,8 +58,10 @@ def _hooks(method: str):
 
     if method == "cfg":
         return [guidekit.CFG()]
-    if method == "apg":
-        return [guidekit.APG(eta=0.0)]
+    if method == "apg":  # the embedded model's recommended settings (chosen by `guidekit eval-apg`)
+        from . import RECOMMENDED_APG
+
+        return [guidekit.APG(**RECOMMENDED_APG)]
     raise ValueError(f"method: got {method!r}; accepted: cfg, apg")
 
 
@@ -184,7 +186,7 @@ def _save_grid(grid: dict, prompts, path: Path):
 def run_evaluation(out: str | Path, model=None, device="cpu", num_prompts=192, steps=25, scales=SCALES,
                    methods=("cfg", "apg"), default_scale: Optional[float] = None, inversion_n=32, batch=64,
                    log=print) -> dict:
-    from . import DEFAULT_GUIDANCE_SCALE
+    from . import DEFAULT_GUIDANCE_SCALE, RECOMMENDED_APG
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,6 +209,7 @@ def run_evaluation(out: str | Path, model=None, device="cpu", num_prompts=192, s
         "steps": steps,
         "prompt_seed": PROMPT_SEED,
         "default_scale": default_scale,
+        "apg_settings": dict(RECOMMENDED_APG),
         "default": default_row,
         "world": reference,
         "table": rows,
