@@ -27,6 +27,7 @@ from guidekit.pipelines import (
     UAMStableDiffusionPipeline,
 )
 from guidekit.testing import guidance_pairs
+from test_pipelines import load, sd, sdxl  # noqa: F401  (the stock/hooked pipeline pairs, shared fixtures)
 
 PROMPT = "a red circle on a blue background"
 KW = dict(num_inference_steps=4, height=32, width=32, output_type="np")
@@ -34,22 +35,6 @@ KW = dict(num_inference_steps=4, height=32, width=32, output_type="np")
 
 def run(pipe, seed=0, prompt=PROMPT, **kw):
     return pipe(prompt, generator=torch.Generator().manual_seed(seed), **{**KW, **kw}).images
-
-
-def load(cls, folder, **kwargs):
-    pipe = cls.from_pretrained(str(folder), **kwargs)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def sd(tiny_sd_dir):
-    return load(StableDiffusionPipeline, tiny_sd_dir), load(GuidedStableDiffusionPipeline, tiny_sd_dir)
-
-
-@pytest.fixture(scope="module")
-def sdxl(tiny_sdxl_dir):
-    return load(StableDiffusionXLPipeline, tiny_sdxl_dir), load(GuidedStableDiffusionXLPipeline, tiny_sdxl_dir)
 
 
 def assert_same(a, b):
