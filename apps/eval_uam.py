@@ -113,7 +113,9 @@ def evaluate(
     path = str(model or default_model()[0])  # a clear error when the embedded model is not installed
     pipe = UAMStableDiffusionPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
-    samples = [generate(seed + i) for i in range(num_images)]
+    from guidekit.toy import MODEL_WORLD_VERSION
+
+    samples = [generate(seed + i, MODEL_WORLD_VERSION) for i in range(num_images)]  # the model's own world
     batches = [samples[i : i + batch_size] for i in range(0, num_images, batch_size)]
 
     settings = {

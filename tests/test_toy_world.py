@@ -197,3 +197,17 @@ def test_judge_does_not_see_shapes_in_noise_or_flat_images():
     assert j.background == "green" and j.colour is None and j.shape is None and j.texture is None
     with pytest.raises(ValueError, match="image"):
         judge(np.zeros((64, 64)))
+
+
+def test_version_1_draws_the_fixed_palette_with_the_same_captions_and_layouts():
+    for seed in range(40):
+        v1, v2 = world.generate(seed, version=1), world.generate(seed)
+        assert v1.caption == v2.caption
+        np.testing.assert_array_equal(v1.mask, v2.mask)
+        bg = np.array(world.PALETTE[v1.scene.background], dtype=float)
+        factor = v1.image[0, 0] / bg  # the background colour, or a blend of it with its dark shade
+        assert np.ptp(factor) < 0.02 and world.DARK_FACTOR - 0.01 <= factor.mean() <= 1.0 + 1e-9
+        inside = v1.image[v1.mask & np.roll(v1.mask, 1, 0) & np.roll(v1.mask, -1, 0) & np.roll(v1.mask, 1, 1) & np.roll(v1.mask, -1, 1)]
+        assert (inside == np.array(world.PALETTE[v1.scene.colour])).all()
+    with pytest.raises(ValueError, match="version: got 3; accepted: 1, 2"):
+        world.generate(0, version=3)

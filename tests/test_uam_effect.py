@@ -35,11 +35,12 @@ def test_edit_targets_change_one_word():
 @pytest.mark.skipif(_toy_path() is None, reason="the embedded toy model has not landed in assets/ yet")
 def test_uam_reconstruction_beats_ddim_inversion_at_high_guidance():
     from guidekit.pipelines import UAMStableDiffusionPipeline
+    from guidekit.toy import MODEL_WORLD_VERSION
     from guidekit.toy.world import generate
 
     pipe = UAMStableDiffusionPipeline.from_pretrained(str(_toy_path()))
     pipe.set_progress_bar_config(disable=True)
-    samples = [generate(2000 + i) for i in range(4)]
+    samples = [generate(2000 + i, MODEL_WORLD_VERSION) for i in range(4)]  # images of the model's own world
     images = np.stack([s.image for s in samples])
     captions = [s.caption for s in samples]
     uam = pipe.reconstruct(images, "", 1.0, uniform=True, num_inference_steps=20, output_type="np")

@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_GUIDANCE_SCALE",
     "DEFAULT_STEPS",
     "RECOMMENDED_APG",
+    "MODEL_WORLD_VERSION",
     "apg_settings",
     "caption",
     "parse_caption",
@@ -38,6 +39,10 @@ MODEL_NAME = "toy-sd"
 DEFAULT_GUIDANCE_SCALE = 3.0
 #: DDIM steps used by the evaluation.
 DEFAULT_STEPS = 25
+#: The version of `guidekit.toy.world` the shipped weights were trained on (1: one fixed colour per word).
+#: Evaluations that pair the model with world images (eval-toy's world row and inversion, eval-uam, the
+#: APG grid's reference) draw that version, so the model is measured in its own distribution.
+MODEL_WORLD_VERSION = 1
 #: `guidekit.APG` keyword arguments recommended for the embedded model, chosen by `guidekit eval-apg` (the
 #: grid of r, beta, eta at w = 10, 15, 20 in the model card). The paper's SDXL values (r = 15, beta = -0.5)
 #: are far too large for these 16x16x4 latents: r never rescales, and the momentum breaks shapes at w >= 15.

@@ -69,8 +69,12 @@ def measure(images: np.ndarray, prompts: Sequence[str]) -> dict:
 
 
 def world_reference(prompts: Sequence[str]) -> dict:
-    """The same measures on the world's own images of the same captions (layouts from the grid seeds)."""
-    images = np.stack([world.render(world.scene_from_caption(c, seed=GRID_SEED + i))[0] for i, c in enumerate(prompts)])
+    """The same measures on the world's own images of the same captions (layouts from the grid seeds), in the
+    world version the model was trained on."""
+    from . import MODEL_WORLD_VERSION
+
+    images = np.stack([world.render(world.as_version(world.scene_from_caption(c, seed=GRID_SEED + i), MODEL_WORLD_VERSION))[0]
+                       for i, c in enumerate(prompts)])
     return measure(images.astype(np.float64) / 255.0, prompts)
 
 

@@ -101,12 +101,15 @@ def _measure(images, latents, prompts) -> dict:
 def world_reference(pipe, prompts) -> dict:
     """The "world" row: the world's own images for the prompts, measured like a guidance row.
 
-    Image ``i`` is ``world.scene_from_caption(prompts[i], seed=PROMPT_SEED + i)``; its mean |x0| is that of
+    Image ``i`` is ``world.scene_from_caption(prompts[i], seed=PROMPT_SEED + i)`` drawn in the world version the
+    model was trained on (`guidekit.toy.MODEL_WORLD_VERSION`); its mean |x0| is that of
     the VAE's latents of these images (posterior mode, scaled as the UNet sees them).
     """
     t0 = time.perf_counter()
-    images = np.stack([world.render(world.scene_from_caption(p, seed=PROMPT_SEED + i))[0]
-                       for i, p in enumerate(prompts)])
+    from . import MODEL_WORLD_VERSION
+
+    images = np.stack([world.render(world.as_version(world.scene_from_caption(p, seed=PROMPT_SEED + i),
+                                                     MODEL_WORLD_VERSION))[0] for i, p in enumerate(prompts)])
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(pipe.device, pipe.vae.dtype)
     latents = torch.cat([pipe.vae.encode(x[lo:lo + 64]).latent_dist.mode() for lo in range(0, len(x), 64)])
     latents = latents.float().cpu() * pipe.vae.config.scaling_factor
@@ -135,7 +138,9 @@ def inversion_psnr(pipe, n: int = 32, scales=(1.0, 7.5), steps: int = 25) -> dic
     from guidekit.inversion import ddim_invert, ddim_levels, ddim_step
 
     device = pipe.device
-    images, captions, _ = world.generate_batch(range(INVERSION_SEED, INVERSION_SEED + n))
+    from . import MODEL_WORLD_VERSION
+
+    images, captions, _ = world.generate_batch(range(INVERSION_SEED, INVERSION_SEED + n), MODEL_WORLD_VERSION)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
     vae = pipe.vae
     z0 = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor

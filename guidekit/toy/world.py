@@ -25,7 +25,7 @@ exactly as in v1, so image ``i`` of either world has the same caption and layout
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Optional
 
@@ -54,6 +54,8 @@ __all__ = [
     "render",
     "generate",
     "generate_batch",
+    "VERSIONS",
+    "as_version",
     "all_captions",
 ]
 
@@ -345,16 +347,30 @@ def render(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     return np.round(image).astype(np.uint8), cov[..., 0] >= 0.5
 
 
-def generate(seed: int) -> Sample:
-    """Sample ``seed`` of the toy world: image, shape mask, caption and scene."""
-    scene = sample_scene(seed)
+#: The world versions: 2 (colour bands, shading; the current world) and 1 (one fixed PALETTE colour per word).
+VERSIONS = (1, 2)
+
+
+def as_version(scene: Scene, version: int) -> Scene:
+    """`scene` as drawn in world `version`: version 1 drops the colour tones and the shading (same layout)."""
+    if version not in VERSIONS:
+        raise ValueError(f"version: got {version!r}; accepted: {', '.join(map(str, VERSIONS))}")
+    return scene if version == 2 else replace(scene, fg_tone=None, bg_tone=None, shade=(0.0, 0.0))
+
+
+def generate(seed: int, version: int = 2) -> Sample:
+    """Sample ``seed`` of the toy world (``version`` 2, or 1: the fixed palette): image, mask, caption, scene.
+
+    Both versions give seed ``i`` the same caption and layout.
+    """
+    scene = as_version(sample_scene(seed), version)
     image, mask = render(scene)
     return Sample(image, mask, scene.caption, scene)
 
 
-def generate_batch(seeds) -> tuple[np.ndarray, list[str], np.ndarray]:
+def generate_batch(seeds, version: int = 2) -> tuple[np.ndarray, list[str], np.ndarray]:
     """``(images uint8 (N, 64, 64, 3), captions, masks bool (N, 64, 64))`` for a sequence of seeds."""
-    samples = [generate(int(s)) for s in seeds]
+    samples = [generate(int(s), version) for s in seeds]
     return (
         np.stack([s.image for s in samples]),
         [s.caption for s in samples],
