@@ -1,10 +1,36 @@
-"""Hooks that fill the guidance slot (CFG, APG) and their math cores."""
+"""Hooks that fill the guidance slot (CFG, APG) and the math cores of the guidance methods (APG, EluCD)."""
 
 from .apg import APG
 from .apg_math import apg_step, project
 from .cfg import CFG
+from .elucd_math import (
+    calibrated_log_prob,
+    classifier_gradient,
+    ddpm_guidance_weight,
+    ddpm_posterior_variance,
+    ddpm_sine_boost,
+    edm_classifier_input,
+    edm_guidance_weight,
+    edm_rescale_gradient,
+    smooth_classifier,
+)
 
-__all__ = ["APG", "APGGuider", "CFG", "apg_step", "project"]
+__all__ = [
+    "APG",
+    "APGGuider",
+    "CFG",
+    "apg_step",
+    "calibrated_log_prob",
+    "classifier_gradient",
+    "ddpm_guidance_weight",
+    "ddpm_posterior_variance",
+    "ddpm_sine_boost",
+    "edm_classifier_input",
+    "edm_guidance_weight",
+    "edm_rescale_gradient",
+    "project",
+    "smooth_classifier",
+]
 
 
 def __getattr__(name):
