@@ -16,12 +16,10 @@ and only adds SDXL's prompt conditioning.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
-import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -52,6 +50,7 @@ from guidekit.uam import (
 )
 
 from .hooked import SharedComponentsMixin
+from .images import ImageInput, ImageLatentsMixin
 
 __all__ = [
     "UAMStableDiffusionPipeline",
@@ -60,9 +59,6 @@ __all__ = [
     "UAMReconstructionOutput",
     "UAMEditOutput",
 ]
-
-ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, List[PIL.Image.Image], List[np.ndarray]]
-
 
 @dataclass
 class UAMInversionOutput(BaseOutput):
@@ -152,7 +148,7 @@ def _prompt_list(name: str, prompt, batch: int) -> List[str]:
     raise ValueError(f"{name}: {prompt!r} is not accepted; accepted: a string or a non-empty list of strings")
 
 
-class UAMPipelineMixin(SharedComponentsMixin):
+class UAMPipelineMixin(ImageLatentsMixin, SharedComponentsMixin):
     """UAM inversion, reconstruction and editing for a diffusers Stable Diffusion pipeline.
 
     The host class provides `unet`, `vae`, `scheduler`, `image_processor`, `vae_scale_factor` and
@@ -163,130 +159,6 @@ class UAMPipelineMixin(SharedComponentsMixin):
     #: MasaCtrl's default start_layer by number of self-attention layers: SD 1.x/2.x (16) → 10, the paper's;
     #: SDXL (70) → 64 (see `edit`). Other UNets start at the same fraction as SD 1.x, round(n · 10 / 16).
     masactrl_start_layers = {16: 10, 70: 64}
-
-    # ------------------------------------------------------------------ inputs
-
-    def _prepare_image(self, image: ImageInput) -> torch.Tensor:
-        """The input image(s) as a float32 tensor (B, 3, H, W) in [0, 1], validated."""
-        if isinstance(image, PIL.Image.Image):
-            image = [image]
-        if isinstance(image, (list, tuple)):
-            if len(image) == 0:
-                raise ValueError("image: an empty list; accepted: one or more RGB images")
-            arrays = []
-            for im in image:
-                if isinstance(im, PIL.Image.Image):
-                    if im.mode != "RGB":
-                        raise ValueError(f"image: PIL mode {im.mode!r} is not accepted; accepted: 'RGB' (use image.convert('RGB'))")
-                    arrays.append(np.asarray(im, dtype=np.float32) / 255.0)
-                else:
-                    arrays.append(self._array01(np.asarray(im)))
-            shapes = {a.shape for a in arrays}
-            if len(shapes) != 1:
-                raise ValueError(f"image: images of different sizes {sorted(shapes)}; accepted: one size per call")
-            tensor = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-        elif isinstance(image, np.ndarray):
-            arr = self._array01(image)
-            tensor = torch.from_numpy(arr if arr.ndim == 4 else arr[None]).permute(0, 3, 1, 2)
-        elif isinstance(image, torch.Tensor):
-            tensor = image.detach().float().cpu()
-            tensor = tensor[None] if tensor.ndim == 3 else tensor
-            if tensor.ndim != 4 or tensor.shape[1] != 3:
-                raise ValueError(f"image: tensor of shape {tuple(image.shape)} is not accepted; accepted: (B, 3, H, W) or (3, H, W) RGB in [0, 1]")
-            if tensor.numel() and (tensor.min() < 0 or tensor.max() > 1):
-                raise ValueError("image: tensor values outside [0, 1]; accepted: RGB in [0, 1]")
-        else:
-            raise ValueError(f"image: {type(image).__name__} is not accepted; accepted: PIL image(s), numpy (H, W, 3) / (B, H, W, 3) or torch (B, 3, H, W)")
-        height, width = tensor.shape[-2:]
-        if tensor.shape[0] == 0 or height == 0 or width == 0:
-            raise ValueError(f"image: empty image of shape {tuple(tensor.shape)}; accepted: at least one non-empty RGB image")
-        f = self.vae_scale_factor
-        if height % f or width % f:
-            raise ValueError(
-                f"image: size {width}x{height} is not divisible by the VAE factor {f}; accepted: width and height "
-                f"multiples of {f} (e.g. {width // f * f}x{height // f * f}, crop or resize first)"
-            )
-        return tensor.contiguous()
-
-    @staticmethod
-    def _array01(arr: np.ndarray) -> np.ndarray:
-        if arr.ndim not in (3, 4) or arr.shape[-1] != 3:
-            raise ValueError(f"image: array of shape {arr.shape} is not accepted; accepted: RGB (H, W, 3) or (B, H, W, 3)")
-        if arr.dtype == np.uint8:
-            return arr.astype(np.float32) / 255.0
-        arr = arr.astype(np.float32)
-        if arr.size and (arr.min() < 0 or arr.max() > 1):
-            raise ValueError("image: float array values outside [0, 1]; accepted: uint8 or floats in [0, 1]")
-        return arr
-
-    # ------------------------------------------------------------------ VAE
-
-    @contextmanager
-    def _vae_precision(self):
-        """Run a half-precision VAE that asks for it (`force_upcast`, SDXL's VAE) in float32, then put it back."""
-        vae = self.vae
-        dtype = vae.dtype
-        upcast = dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-        if upcast:
-            vae.to(torch.float32)
-        try:
-            yield vae
-        finally:
-            if upcast:
-                vae.to(dtype)
-
-    #: Whether per-channel `latents_mean`/`latents_std` in the VAE config (Playground v2.5's SDXL VAE has them)
-    #: normalise the latents. Each pipeline follows its stock counterpart: SDXL applies them, SD 1.x/2.x does not.
-    uses_vae_latent_stats = False
-
-    def _latent_stats(self, vae, like: torch.Tensor):
-        """(mean, std), each (1, C, 1, 1) like `like`, when this pipeline uses them and the VAE config sets both
-        (the stock pipelines' condition); None otherwise."""
-        mean = getattr(vae.config, "latents_mean", None)
-        std = getattr(vae.config, "latents_std", None)
-        if not self.uses_vae_latent_stats or mean is None or std is None:
-            return None
-        return tuple(torch.tensor(v).view(1, -1, 1, 1).to(like.device, like.dtype) for v in (mean, std))
-
-    def _normalize_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
-        """VAE latents → UNet latents: ``(z − mean) · scaling_factor / std`` (stock SDXL img2img) when the VAE
-        has latent statistics, else ``(z − shift_factor) · scaling_factor``."""
-        stats = self._latent_stats(vae, latents)
-        if stats is not None:
-            mean, std = stats
-            return (latents - mean) * vae.config.scaling_factor / std
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * vae.config.scaling_factor
-
-    def _denormalize_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
-        """UNet latents → VAE latents, the inverse of `_normalize_latents` (stock SDXL's decode)."""
-        stats = self._latent_stats(vae, latents)
-        if stats is not None:
-            mean, std = stats
-            return latents * std / vae.config.scaling_factor + mean
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return latents / vae.config.scaling_factor + shift
-
-    def _encode_image(self, image01: torch.Tensor) -> torch.Tensor:
-        """z_0: the mean of the VAE posterior (deterministic), normalised as the UNet expects."""
-        with self._vae_precision() as vae:
-            x = (image01 * 2 - 1).to(self._execution_device, vae.dtype)
-            latents = self._normalize_latents(vae, vae.encode(x).latent_dist.mean)
-        return latents.to(self.unet.dtype)
-
-    def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → RGB in [0, 1], float32 (B, 3, H, W)."""
-        with self._vae_precision() as vae:
-            z = self._denormalize_latents(vae, latents.to(vae.dtype))
-            image = vae.decode(z, return_dict=False)[0]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
-
-    def _to_output(self, image01: torch.Tensor, output_type: str):
-        check_choice("output_type", output_type, ("pil", "np", "pt"))
-        if output_type == "pt":
-            return image01.cpu()
-        arr = image01.cpu().permute(0, 2, 3, 1).numpy()
-        return arr if output_type == "np" else self.image_processor.numpy_to_pil(arr)
 
     # ------------------------------------------------------------------ conditioning and model calls
 
