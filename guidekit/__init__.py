@@ -1,12 +1,24 @@
 """guidekit: training-free guidance and editing plugins for Hugging Face diffusers."""
 
 from .attach import attach
-from .guidance import APG, CFG
+from .guidance import APG, CFG, ClassifierGuidance, EluCD
 from .hooks import HookChain, HookConflictError, SamplerHook, SamplerState
 
 __version__ = "0.1.0"
 
-__all__ = ["APG", "APGGuider", "CFG", "HookChain", "HookConflictError", "SamplerHook", "SamplerState", "attach", "__version__"]
+__all__ = [
+    "APG",
+    "APGGuider",
+    "CFG",
+    "ClassifierGuidance",
+    "EluCD",
+    "HookChain",
+    "HookConflictError",
+    "SamplerHook",
+    "SamplerState",
+    "attach",
+    "__version__",
+]
 
 
 def __getattr__(name):

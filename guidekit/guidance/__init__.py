@@ -1,8 +1,11 @@
-"""Hooks that fill the guidance slot (CFG, APG) and the math cores of the guidance methods (APG, EluCD)."""
+"""Hooks that fill the guidance slot (CFG, APG), the EluCD correction hooks with their classifier adapters, and the
+math cores of the guidance methods (APG, EluCD)."""
 
 from .apg import APG
 from .apg_math import apg_step, project
 from .cfg import CFG
+from .classifiers import TorchClassifier, TransformersClassifier
+from .elucd import ClassifierGuidance, EluCD
 from .elucd_math import (
     calibrated_log_prob,
     classifier_gradient,
@@ -19,6 +22,10 @@ __all__ = [
     "APG",
     "APGGuider",
     "CFG",
+    "ClassifierGuidance",
+    "EluCD",
+    "TorchClassifier",
+    "TransformersClassifier",
     "apg_step",
     "calibrated_log_prob",
     "classifier_gradient",

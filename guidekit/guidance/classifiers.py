@@ -1,0 +1,464 @@
+"""Image classifiers for classifier guidance (EluCD): adapters from decoded images to logits.
+
+Every adapter is an ``nn.Module`` that takes images in [-1, 1], shape (B, 3, H, W) (what a diffusers VAE decodes
+to), and returns logits of shape (B, K). The preprocessing the classifier was trained with (range, resize, crop,
+mean/std normalisation) runs in torch, so gradients flow back to the image; an image processor from
+``transformers`` converts to numpy/PIL and is not differentiable, so its *settings* are read and applied here.
+``id2label`` (a dict ``{index: name}``, or ``None``) lets guidance hooks take label names.
+
+* :class:`TransformersClassifier`: any ``AutoModelForImageClassification`` model (ResNet, ConvNeXt, ViT, ...),
+  with the preprocessing of its ``preprocessor_config.json`` or values you pass.
+* :class:`TorchClassifier`: any ``nn.Module`` returning logits, with a declared input range and size.
+* :func:`as_classifier`: wraps whatever a hook receives (an adapter is returned as is).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from numbers import Integral, Real
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "ImageClassifier",
+    "TorchClassifier",
+    "TransformersClassifier",
+    "as_classifier",
+    "read_preprocessor_config",
+    "resolve_labels",
+]
+
+Size = Union[int, Sequence[int], None]
+_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL codes used by transformers image processors
+_MODES = ("bilinear", "bicubic")
+
+
+def _channels(name: str, value) -> Optional[tuple[float, float, float]]:
+    """`value` (a number or three numbers) as an RGB triple of finite floats, or None."""
+    if value is None:
+        return None
+    if isinstance(value, Real) and not isinstance(value, bool):
+        value = (value,) * 3
+    try:
+        triple = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        triple = ()
+    if len(triple) != 3 or not all(math.isfinite(v) for v in triple):
+        raise ValueError(f"{name}: {value!r} is not accepted; accepted: a finite number or three finite numbers (R, G, B)")
+    return triple
+
+
+def _hw(name: str, value: Size) -> Optional[tuple[int, int]]:
+    """`value` (an int or (height, width)) as a (height, width) pair of positive ints, or None."""
+    if value is None:
+        return None
+    if isinstance(value, Integral) and not isinstance(value, bool):
+        value = (value, value)
+    ok = (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, Integral) and not isinstance(v, bool) and v > 0 for v in value)
+    )
+    if not ok:
+        raise ValueError(f"{name}: {value!r} is not accepted; accepted: a positive int or (height, width), or None")
+    return int(value[0]), int(value[1])
+
+
+def _id2label(mapping) -> Optional[dict[int, str]]:
+    if mapping is None:
+        return None
+    try:
+        return {int(k): str(v) for k, v in dict(mapping).items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"id2label: {mapping!r} is not accepted; accepted: a dict {{index: name}} or None") from None
+
+
+class ImageClassifier(nn.Module):
+    """Base class of the adapters: images in [-1, 1] (B, 3, H, W) → logits (B, K), with `id2label`.
+
+    The preprocessing is: map [-1, 1] to the model's `input_range`, resize (``resize``: None, ``(h, w)``, or
+    ``("shortest_edge", n)`` keeping the aspect ratio), centre-crop to `crop` (zero-padded where the image is smaller,
+    as transformers does), subtract `mean` and divide by `std` (per channel, in the model's range). Everything is
+    differentiable.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        input_range: tuple[float, float] = (-1.0, 1.0),
+        resize: Any = None,
+        crop: Optional[tuple[int, int]] = None,
+        mean: Optional[tuple[float, float, float]] = None,
+        std: Optional[tuple[float, float, float]] = None,
+        resample: str = "bilinear",
+        id2label: Optional[dict[int, str]] = None,
+    ):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model: {type(model).__name__} is not accepted; accepted: a torch.nn.Module returning logits")
+        if resample not in _MODES:
+            raise ValueError(f"resample: {resample!r} is not accepted; accepted: {', '.join(map(repr, _MODES))}")
+        if std is not None and any(s == 0 for s in std):
+            raise ValueError(f"std: {std!r} is not accepted; accepted: three non-zero numbers")
+        self.model = model
+        self.input_range = (float(input_range[0]), float(input_range[1]))
+        self.resize = resize
+        self.crop = crop
+        self.resample = resample
+        self.id2label = id2label
+        # Non-persistent buffers: they follow .to(device) and are not part of any state dict.
+        self.register_buffer("mean", None if mean is None else torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", None if std is None else torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def num_labels(self) -> Optional[int]:
+        return None if self.id2label is None else len(self.id2label)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] → the model's input (range, size, normalisation), differentiably."""
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images: {shape} is not accepted; accepted: a floating-point tensor (batch, 3, height, width) in [-1, 1]")
+        x = images.to(self._dtype(images))
+        low, high = self.input_range
+        if (low, high) != (-1.0, 1.0):
+            x = (x + 1.0) * ((high - low) / 2.0) + low
+        x = self._resize(x)
+        if self.crop is not None:
+            x = _center_crop(x, self.crop)
+        if self.mean is not None:
+            x = x - self.mean.to(device=x.device, dtype=x.dtype)
+        if self.std is not None:
+            x = x / self.std.to(device=x.device, dtype=x.dtype)
+        return x
+
+    def _dtype(self, images: torch.Tensor) -> torch.dtype:
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return images.dtype
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resize is None:
+            return x
+        h, w = x.shape[-2:]
+        if self.resize[0] == "shortest_edge":
+            n = self.resize[1]
+            size = (n, max(1, int(n * w / h))) if h <= w else (max(1, int(n * h / w)), n)
+        else:
+            size = tuple(self.resize)
+        if size == (h, w):
+            return x
+        return F.interpolate(x, size=size, mode=self.resample, align_corners=False, antialias=True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.model(self.preprocess(images))
+        logits = getattr(out, "logits", out)
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != images.shape[0]:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(
+                f"classifier: {type(self.model).__name__} returned {shape} for {images.shape[0]} images; "
+                "accepted: logits of shape (batch, classes)"
+            )
+        return logits
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_range={self.input_range}, resize={self.resize}, crop={self.crop}, resample={self.resample!r}, "
+            f"mean={None if self.mean is None else tuple(self.mean.flatten().tolist())}, "
+            f"std={None if self.std is None else tuple(self.std.flatten().tolist())}, labels={self.num_labels}"
+        )
+
+
+def _center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    ch, cw = size
+    h, w = x.shape[-2:]
+    if ch > h or cw > w:  # pad with zeros (in the model's range) to at least the crop, centred
+        ph, pw = max(ch - h, 0), max(cw - w, 0)
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        h, w = x.shape[-2:]
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return x[..., top : top + ch, left : left + cw]
+
+
+class TorchClassifier(ImageClassifier):
+    """Any ``nn.Module`` that returns logits (a tensor, or an output with ``.logits``), as a guidance classifier.
+
+    Args:
+        model (`nn.Module`): the classifier. It is not modified (guidance hooks work on their own copy).
+        input_range (`tuple`, defaults to `(-1, 1)`): the value range the model expects, ``(-1, 1)`` or ``(0, 1)``.
+            The default passes decoded images as they are, as the official EluCD code feeds its ResNets.
+        size (`int` or `(height, width)`, *optional*): resize images to this size first (bilinear, antialiased);
+            `None` keeps the pipeline's size (fine for models with global pooling).
+        mean (`float` or three floats, *optional*), std (`float` or three floats, *optional*): per-channel
+            normalisation applied after the range mapping, e.g. ImageNet's (0.485, 0.456, 0.406) /
+            (0.229, 0.224, 0.225) with ``input_range=(0, 1)``. `None`: none.
+        id2label (`dict`, *optional*): ``{index: name}`` for label names; default: the model's own ``id2label``
+            attribute or ``config.id2label``, if any.
+        resample (`str`, defaults to `"bilinear"`): ``"bilinear"`` or ``"bicubic"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_range: tuple = (-1, 1),
+        size: Size = None,
+        mean=None,
+        std=None,
+        id2label: Optional[dict] = None,
+        resample: str = "bilinear",
+    ):
+        try:
+            bounds = (float(input_range[0]), float(input_range[1])) if len(input_range) == 2 else None
+        except (TypeError, ValueError):
+            bounds = None
+        if bounds not in ((-1.0, 1.0), (0.0, 1.0)):
+            raise ValueError(f"input_range: {input_range!r} is not accepted; accepted: (-1, 1) or (0, 1)")
+        if id2label is None:
+            id2label = getattr(model, "id2label", None) or getattr(getattr(model, "config", None), "id2label", None)
+        size = _hw("size", size)
+        super().__init__(
+            model,
+            input_range=bounds,
+            resize=size,
+            mean=_channels("mean", mean),
+            std=_channels("std", std),
+            resample=resample,
+            id2label=_id2label(id2label),
+        )
+
+
+def read_preprocessor_config(name_or_path: Union[str, os.PathLike, None]) -> Optional[dict]:
+    """The ``preprocessor_config.json`` of a transformers checkpoint as a dict, or None when there is none.
+
+    A local folder is read directly. A hub id is looked up through transformers' cache (and downloaded when
+    the hub is reachable and allowed); any failure gives None.
+    """
+    if not name_or_path:
+        return None
+    name_or_path = os.fspath(name_or_path)
+    path = os.path.join(name_or_path, "preprocessor_config.json")
+    if not os.path.isdir(name_or_path):
+        try:
+            from transformers.utils import cached_file
+
+            path = cached_file(
+                name_or_path,
+                "preprocessor_config.json",
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+            )
+        except Exception:
+            return None
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _processor_geometry(config: dict) -> tuple[Any, Optional[tuple[int, int]]]:
+    """(resize, crop) as transformers' image processors compute them from a preprocessor config."""
+    if not config.get("do_resize", True):
+        resize = None
+    else:
+        size = config.get("size")
+        if isinstance(size, Integral):
+            size = {"shortest_edge": int(size)}
+        resize = None
+        if isinstance(size, dict):
+            if "height" in size and "width" in size:
+                resize = (int(size["height"]), int(size["width"]))
+            elif "shortest_edge" in size:
+                resize = ("shortest_edge", int(size["shortest_edge"]))
+    crop = None
+    crop_pct = config.get("crop_pct")
+    if resize is not None and resize[0] == "shortest_edge" and crop_pct:
+        # ConvNeXt/ResNet processors: below 384 px resize the short side to size / crop_pct, then centre-crop
+        # size × size; from 384 px on, warp to size × size without cropping.
+        n = resize[1]
+        if n < 384:
+            resize, crop = ("shortest_edge", int(n / float(crop_pct))), (n, n)
+        else:
+            resize = (n, n)
+    elif config.get("do_center_crop") and config.get("crop_size") is not None:
+        crop = config["crop_size"]
+        crop = (int(crop["height"]), int(crop["width"])) if isinstance(crop, dict) else _hw("crop_size", crop)
+    return resize, crop
+
+
+class TransformersClassifier(ImageClassifier):
+    """A transformers image classifier (``AutoModelForImageClassification``) with its preprocessing in torch.
+
+    The settings come from the arguments you pass, else from the ``preprocessor_config.json`` next to the model
+    (its ``name_or_path``: a local folder, or a hub id through transformers' cache): images go from [-1, 1] to
+    [0, 1], are resized (``size``: ``{"height", "width"}`` or ``{"shortest_edge"}``; with ``crop_pct``, the
+    ConvNeXt/ResNet rule: short side to size / crop_pct, then a centre crop), centre-cropped to ``crop_size`` when
+    ``do_center_crop``, and normalised with ``image_mean`` / ``image_std``. Resizing is antialiased bilinear, or
+    bicubic when the config's ``resample`` is 3 (PIL's bicubic), so values differ slightly from the PIL processor.
+
+    Args:
+        model: a transformers model whose output has ``.logits`` (e.g. ``ResNetForImageClassification``). Not
+            modified.
+        image_mean (`float` or three floats, *optional*), image_std (`float` or three floats, *optional*):
+            normalisation of [0, 1] images; default from the preprocessor config.
+        size (`int` or `(height, width)`, *optional*): resize to this exact size (then no crop unless
+            `crop_size`); default from the preprocessor config, else no resize.
+        crop_size (`int` or `(height, width)`, *optional*): centre crop after resizing.
+        preprocessor_config (`dict` or path, *optional*): the processor settings to use instead of the file next
+            to the model (a dict, a ``preprocessor_config.json`` file or the folder holding one).
+        resample (`str`, *optional*): ``"bilinear"`` or ``"bicubic"``; default from the config.
+
+    Raises:
+        ValueError: when neither the arguments nor a preprocessor config give the normalisation; pass
+            ``image_mean`` and ``image_std`` (e.g. ``0.5`` and ``0.5`` for a model trained on [-1, 1] inputs).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        image_mean=None,
+        image_std=None,
+        size: Size = None,
+        crop_size: Size = None,
+        preprocessor_config: Union[dict, str, os.PathLike, None] = None,
+        resample: Optional[str] = None,
+    ):
+        config_obj = getattr(model, "config", None)
+        if not isinstance(model, nn.Module) or config_obj is None:
+            raise ValueError(
+                f"model: {type(model).__name__} is not accepted; accepted: a transformers image classification model "
+                "(use TorchClassifier for other modules)"
+            )
+        if preprocessor_config is None:
+            name = getattr(model, "name_or_path", None) or getattr(config_obj, "_name_or_path", None)
+            processor = read_preprocessor_config(name) or {}
+        elif isinstance(preprocessor_config, dict):
+            processor = dict(preprocessor_config)
+        else:
+            path = os.fspath(preprocessor_config)
+            if os.path.isdir(path):
+                path = os.path.join(path, "preprocessor_config.json")
+            if not os.path.isfile(path):
+                raise ValueError(f"preprocessor_config: {preprocessor_config!r} is not a file or a folder with preprocessor_config.json")
+            with open(path, encoding="utf-8") as f:
+                processor = json.load(f)
+        mean = _channels("image_mean", image_mean if image_mean is not None else processor.get("image_mean"))
+        std = _channels("image_std", image_std if image_std is not None else processor.get("image_std"))
+        if processor and not processor.get("do_normalize", True) and image_mean is None and image_std is None:
+            mean = std = None
+        elif mean is None or std is None:
+            raise ValueError(
+                f"image_mean/image_std: no normalisation known for {type(model).__name__} (no preprocessor_config.json "
+                "next to it); accepted: pass image_mean and image_std (and size), e.g. 0.5 and 0.5 for a model "
+                "trained on inputs in [-1, 1], or preprocessor_config="
+            )
+        if size is not None:
+            resize, crop = _hw("size", size), None
+        else:
+            resize, crop = _processor_geometry(processor)
+        if crop_size is not None:
+            crop = _hw("crop_size", crop_size)
+        if resample is None:
+            resample = _RESAMPLE.get(processor.get("resample"), "bilinear")
+        super().__init__(
+            model,
+            input_range=(0.0, 1.0),
+            resize=resize,
+            crop=crop,
+            mean=mean,
+            std=std,
+            resample=resample,
+            id2label=_id2label(getattr(config_obj, "id2label", None)),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=self.preprocess(images))
+        return out.logits
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: Union[str, os.PathLike], **kwargs) -> "TransformersClassifier":
+        """Load with ``AutoModelForImageClassification.from_pretrained`` and read the preprocessing next to it.
+
+        Keyword arguments named in `__init__` (``image_mean``, ``image_std``, ``size``, ``crop_size``,
+        ``preprocessor_config``, ``resample``) go to the adapter, the others to ``from_pretrained``.
+        """
+        from transformers import AutoModelForImageClassification
+
+        mine = {"image_mean", "image_std", "size", "crop_size", "preprocessor_config", "resample"}
+        adapter = {k: kwargs.pop(k) for k in list(kwargs) if k in mine}
+        model = AutoModelForImageClassification.from_pretrained(name_or_path, **kwargs)
+        if adapter.get("preprocessor_config") is None:
+            adapter["preprocessor_config"] = read_preprocessor_config(name_or_path)
+        return cls(model, **adapter)
+
+
+def as_classifier(classifier: Any) -> ImageClassifier:
+    """`classifier` as an adapter: adapters as they are, transformers models through
+    :class:`TransformersClassifier`, other modules through :class:`TorchClassifier` with its defaults (images in
+    [-1, 1] at the pipeline's size, no normalisation: EluCD's own setting)."""
+    if isinstance(classifier, ImageClassifier):
+        return classifier
+    if isinstance(classifier, nn.Module):
+        try:
+            from transformers import PreTrainedModel
+        except ImportError:  # pragma: no cover - transformers is a dependency
+            PreTrainedModel = ()
+        if isinstance(classifier, PreTrainedModel):
+            return TransformersClassifier(classifier)
+        return TorchClassifier(classifier)
+    raise ValueError(
+        f"classifier: {type(classifier).__name__} is not accepted; accepted: a torch.nn.Module returning logits, a "
+        "transformers image classification model, or a guidekit.guidance.TorchClassifier / TransformersClassifier"
+    )
+
+
+def resolve_labels(labels: Any, id2label: Optional[dict[int, str]], name: str = "labels") -> Union[int, tuple[int, ...]]:
+    """Label indices from an int, a label name (case-insensitive exact match in `id2label`) or a list of them.
+
+    Returns an int for a single label, a tuple of ints for a list. Raises ValueError naming the unknown label and
+    listing accepted ones.
+    """
+    if isinstance(labels, (list, tuple)):
+        if not labels:
+            raise ValueError(f"{name}: an empty list is not accepted; accepted: a label, or one label per image")
+        return tuple(_one_label(v, id2label, name) for v in labels)
+    return _one_label(labels, id2label, name)
+
+
+def _accepted(id2label: Optional[dict[int, str]], limit: int = 12) -> str:
+    if not id2label:
+        return "an int class index (this classifier has no id2label, so names are not known)"
+    names = [id2label[k] for k in sorted(id2label)]
+    shown = ", ".join(repr(n) for n in names[:limit])
+    more = f", ... ({len(names)} labels)" if len(names) > limit else ""
+    return f"an int in [0, {len(names)}) or one of {shown}{more}"
+
+
+def _one_label(value: Any, id2label: Optional[dict[int, str]], name: str) -> int:
+    if isinstance(value, Integral) and not isinstance(value, bool):
+        index = int(value)
+        if index < 0 or (id2label is not None and index not in id2label):
+            raise ValueError(f"{name}: {value!r} is not a class of this classifier; accepted: {_accepted(id2label)}")
+        return index
+    if isinstance(value, str):
+        if not id2label:
+            raise ValueError(f"{name}: {value!r} is a name, but this classifier has no id2label; accepted: {_accepted(id2label)}")
+        wanted = value.strip().casefold()
+        found = sorted(k for k, v in id2label.items() if v.strip().casefold() == wanted)
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise ValueError(f"{name}: {value!r} names several classes {found}; accepted: pass the index")
+        close = difflib.get_close_matches(value, list(id2label.values()), n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        raise ValueError(f"{name}: {value!r} is not a label of this classifier{hint}; accepted: {_accepted(id2label)}")
+    raise ValueError(f"{name}: {value!r} is not accepted; accepted: {_accepted(id2label)}, or a list with one per image")

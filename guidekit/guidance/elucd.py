@@ -1,0 +1,386 @@
+"""EluCD classifier guidance as a guidekit hook (the `correct` point): steer a diffusers model with an
+off-the-shelf image classifier, calibrated so that its gradients help (Ma et al., ICLR 2024, arXiv 2310.11311).
+
+The math lives in :mod:`guidekit.guidance.elucd_math`; this module carries it into a diffusers sampling loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..checks import check_choice, check_number, check_window
+from ..hooks import SUPPORTED_SCHEDULERS, SamplerHook, SamplerState, scheduler_family
+from .classifiers import ImageClassifier, as_classifier, resolve_labels
+from .elucd_math import (
+    calibrated_log_prob,
+    classifier_gradient,
+    ddpm_guidance_weight,
+    ddpm_posterior_variance,
+    edm_classifier_input,
+    edm_guidance_weight,
+    edm_rescale_gradient,
+    smooth_classifier,
+)
+
+__all__ = ["ClassifierGuidance", "EDM_MAX_GUIDANCE", "EluCD"]
+
+#: G, ``max_guidance`` of the official EDM script; ``schedule="edm"`` uses G = scale · EDM_MAX_GUIDANCE.
+EDM_MAX_GUIDANCE = 0.004
+
+Labels = Union[int, str, Sequence[Union[int, str]]]
+
+
+class EluCD(SamplerHook):
+    r"""EluCD: classifier guidance with an off-the-shelf classifier, calibrated (a `correct`-point hook).
+
+    It runs after the guidance slot, so it composes with CFG or APG: ``hooks=[guidekit.APG(), guidekit.EluCD(...)]``.
+    Per step, on the guided prediction:
+
+    1. x̂0 = ``state.to_x0(pred)`` (eps, v and x0 prediction; model-input space, so sigma schedulers too);
+    2. the classifier input: x̂0 (``input="x0"``), or the model input x_t divided by max(1, RMS(x_t))
+       (``input="xt"``, the official EDM path). Latent models (a pipeline with a ``vae``) decode it with the
+       pipeline's VAE, differentiably; pixel models with ``input="x0"`` classify x̂0 clipped to [-1, 1], as the
+       official DDPM path does;
+    3. g = ∇ log p̃(y|·) of the calibrated log-probability
+       log p̃(y|x) = τ₁·f_y(x) − logsumexp(τ₂·f(x)) (:func:`~guidekit.guidance.calibrated_log_prob`), taken with
+       respect to the latent x̂0 (or x_t) through the decoder and the classifier only, never through the denoiser,
+       with the classifier's ReLUs smoothed into Softplus(β);
+    4. the intended shift u of the step's mean (the schedule, below);
+    5. x̂0 ← x̂0 + u / c_t, converted back to the model's prediction type with ``state.from_x0``.
+
+    **How the weights map onto diffusers schedulers.** EluCD's DDPM path moves the mean of the ancestral step
+    p(x_{t−1}|x_t) by u = (Σ_t + a_t)·s·g. In VP terms (model input x_t = α_t·x0 + σ_t·ε, ᾱ_t = α_t²), a DDPM
+    step's mean is μ = c_t·x̂0 + d_t·x_t with c_t = √ᾱ_prev·(1 − ᾱ_t/ᾱ_prev)/(1 − ᾱ_t), so correcting x̂0 by u/c_t
+    moves μ by exactly u: with ``DDPMScheduler`` (fixed variance) this hook *is* EluCD's update. Other samplers
+    (DDIM, PNDM, Euler, DPM-Solver) get the same x̂0 correction and carry it into x_{t−1} with their own
+    coefficient of x̂0. The terms, per step i of N (``state.num_steps``):
+
+    * ᾱ_t: this step's noise level (``state.alpha_sigma``); ᾱ_prev: the level the scheduler steps to (timestep
+      schedulers: ``previous_timestep`` or t − T_train/N, then ``final_alpha_cumprod`` or 1 past the end; sigma
+      schedulers: the next sigma, ᾱ = 1/(1 + σ²));
+    * Σ_t = (1 − ᾱ_prev)/(1 − ᾱ_t)·(1 − ᾱ_t/ᾱ_prev), the posterior variance
+      (:func:`~guidekit.guidance.ddpm_posterior_variance`): what ``DDPMScheduler(variance_type="fixed_small")``
+      adds, and the fixed-variance counterpart of the learned Σ_t of the official ADM model;
+    * ``schedule="ddpm"``: u = s·(Σ_t + a_t)·g with a_t = γ·max_var·sin(π·t/N), t = N − 1 − i (the official
+      respaced index) and max_var the running maximum of Σ over the call's steps so far
+      (:func:`~guidekit.guidance.ddpm_guidance_weight`). Since Σ_t/c_t = (1 − ᾱ_prev)/√ᾱ_prev, the plain part
+      corrects x̂0 by s·(1 − ᾱ_prev)/√ᾱ_prev·g: strongly at high noise, fading to nothing at the end;
+    * ``schedule="edm"``: u = g/RMS(g)·RMS(x_t)·λ_i per image, λ_i = max(G·(N+1−i)/(N+1), 10⁻⁵) + G·γ·sin(π·i/N),
+      G = s·0.004 (the official script's ``max_guidance``; :func:`~guidekit.guidance.edm_guidance_weight`,
+      :func:`~guidekit.guidance.edm_rescale_gradient`). The official EDM sampler adds u to x_t *before* its
+      denoiser call; a `correct` hook runs after it, so here u moves the step's mean instead.
+
+    **Signs and scales.** g ascends the calibrated log-probability of the requested labels: a positive scale
+    pulls toward them. ``scale=0`` leaves the prediction untouched (bit for bit). g is in the units of the
+    classifier input (the latent, or x_t for ``input="xt"``), with no 1/√ᾱ chain factor, as in the official code.
+    A step where ᾱ_prev ≤ ᾱ_t (a repeated timestep) gets no correction. An image whose gradient is zero or not
+    finite (overflow in a half-precision VAE, a classifier that ignores its input) gets no correction, so the hook
+    never produces NaN.
+
+    Args:
+        classifier: the image classifier: a ``guidekit.guidance.TransformersClassifier`` /
+            ``TorchClassifier``, a transformers ``AutoModelForImageClassification`` model (its preprocessing is read
+            from the ``preprocessor_config.json`` next to it), or any ``nn.Module`` returning logits (then it gets
+            decoded images in [-1, 1] at the pipeline's size, as the official code feeds its ResNets). It is never
+            modified: at the first call the hook makes its own copy, smoothed, frozen and in eval mode (later
+            changes to your classifier are not seen; make a new hook).
+        labels (`int`, `str` or `list`): the class to steer toward: an index, a name looked up in the classifier's
+            ``id2label`` (case-insensitive exact match), or a list with one per image of the call's batch (in the
+            pipeline's order: each prompt's images together).
+        scale (`float`, defaults to `1.0`): s, ≥ 0; the official ``classifier_scale`` (1.0) for ``"ddpm"``, a
+            multiple of G = 0.004 for ``"edm"``. The right value depends on the classifier and the model.
+        softplus_beta (`float` or `None`, defaults to `3.0`): β of the Softplus that replaces every ``nn.ReLU``
+            module (official DDPM script 3.0, EDM 5.0); `None` keeps the ReLUs.
+        joint_temperature (`float`, defaults to `1.0`): τ₁, ≥ 0 (official 1.0).
+        marginal_temperature (`float`, defaults to `0.5`): τ₂, ≥ 0 (official DDPM: τ₁·0.5; EDM: 0.0).
+        schedule (`str`, defaults to `"ddpm"`): ``"ddpm"`` (Σ_t plus the sine boost) or ``"edm"`` (RMS-normalised
+            gradient with a linear decay plus a sine bump).
+        gamma (`float`, defaults to `0.3`): γ of the sine term (official ``gamma_factor`` / ``add_factor``, 0.3);
+            ≥ 0, 0 turns it off.
+        input (`str`, defaults to `"x0"`): what the classifier reads: ``"x0"`` (the official DDPM path) or ``"xt"``
+            (the noisy model input, RMS-normalised: the official EDM path; on latent models the noisy latent is
+            decoded, which clean-image classifiers seldom read well).
+        start (`float`, defaults to `0.0`), stop (`float`, defaults to `1.0`): the fractions of the steps between
+            which the hook corrects (``start <= i/N < stop``).
+        gradient_checkpointing (`bool`, defaults to `False`): recompute the VAE decoder's activations in the
+            backward pass instead of keeping them (less memory, one more decoder forward). Switched on only
+            during the hook's own decode; the VAE is left as it was.
+
+    Per-call state (the running max_var) lives in the call's `SamplerState`, so one object serves several calls.
+    """
+
+    def __init__(
+        self,
+        classifier: Union[nn.Module, ImageClassifier],
+        labels: Labels,
+        scale: float = 1.0,
+        softplus_beta: Optional[float] = 3.0,
+        joint_temperature: float = 1.0,
+        marginal_temperature: float = 0.5,
+        schedule: str = "ddpm",
+        gamma: float = 0.3,
+        input: str = "x0",
+        start: float = 0.0,
+        stop: float = 1.0,
+        gradient_checkpointing: bool = False,
+    ):
+        self.classifier = as_classifier(classifier)
+        self.labels = resolve_labels(labels, self.classifier.id2label)
+        self.scale = check_number("scale", scale, 0.0)
+        self.softplus_beta = check_number("softplus_beta", softplus_beta, 0.0, low_open=True, allow_none=True)
+        self.joint_temperature = check_number("joint_temperature", joint_temperature, 0.0)
+        self.marginal_temperature = check_number("marginal_temperature", marginal_temperature, 0.0)
+        self.schedule = check_choice("schedule", schedule, ("ddpm", "edm"))
+        self.gamma = check_number("gamma", gamma, 0.0)
+        self.input = check_choice("input", input, ("x0", "xt"))
+        self.start, self.stop = check_window(start, stop)
+        if not isinstance(gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing: {gradient_checkpointing!r} is not accepted; accepted: True or False")
+        self.gradient_checkpointing = gradient_checkpointing
+        self._smoothed: Optional[nn.Module] = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ checks
+
+    def validate(self, state: SamplerState) -> None:
+        if scheduler_family(state.scheduler) is None:
+            raise ValueError(
+                f"scheduler: {type(self).__name__} needs x0 conversions, which guidekit does not know for "
+                f"{type(state.scheduler).__name__}; accepted: {', '.join(sorted(SUPPORTED_SCHEDULERS))}"
+            )
+        if self.gradient_checkpointing:
+            vae = _vae(state)
+            if vae is None or not _checkpointable(vae):
+                what = "no VAE" if vae is None else f"a {type(vae).__name__} whose decoder cannot checkpoint"
+                raise ValueError(
+                    f"gradient_checkpointing: True is not accepted for a pipeline with {what}; accepted: False"
+                )
+
+    def is_active(self, state: SamplerState) -> bool:
+        return self.start <= state.progress < self.stop
+
+    # ------------------------------------------------------------------ the step
+
+    def correct(self, state: SamplerState, pred: torch.Tensor) -> torch.Tensor:
+        memory = state.memory(self)
+        alpha_bar, alpha_bar_prev = _alpha_bars(state)
+        moves = alpha_bar_prev > alpha_bar
+        variance = None
+        if moves:
+            variance = ddpm_posterior_variance(_f64(alpha_bar), _f64(alpha_bar_prev))
+            memory["max_variance"] = max(memory.get("max_variance", 0.0), float(variance))
+        if self.scale == 0.0 or not moves or not self.is_active(state):
+            return pred
+        labels = self._batch_labels(pred.shape[0], pred.device)
+        classifier = self._classifier(pred.device)
+        x0 = state.to_x0(pred)
+        x_t = state.model_input.to(x0.dtype)
+        vae = _vae(state)
+        if self.input == "x0":
+            point = x0 if vae is not None else x0.clamp(-1.0, 1.0)
+        else:
+            point = edm_classifier_input(x_t)
+
+        def log_prob(x: torch.Tensor) -> torch.Tensor:
+            images = x if vae is None else _decode(vae, x, self.gradient_checkpointing)
+            logits = classifier(images)
+            return calibrated_log_prob(logits, labels, self.joint_temperature, self.marginal_temperature)
+
+        grad = classifier_gradient(log_prob, point)
+        shift = self._mean_shift(state, memory, grad, x_t, variance)
+        c_t = math.sqrt(alpha_bar_prev) * (1.0 - alpha_bar / alpha_bar_prev) / (1.0 - alpha_bar)
+        delta = shift / c_t
+        finite = torch.isfinite(delta.flatten(1)).all(dim=1).view(-1, *([1] * (delta.dim() - 1)))
+        delta = torch.where(finite, delta, torch.zeros_like(delta))
+        # pred + (from_x0(x̂0 + Δ) − from_x0(x̂0)): from_x0 is affine, and an image with Δ = 0 keeps its exact value.
+        change = state.from_x0(x0 + delta) - state.from_x0(x0)
+        return (pred.to(change.dtype) + change).to(pred.dtype)
+
+    def _mean_shift(self, state, memory, grad, x_t, variance) -> torch.Tensor:
+        """u, the shift of the step's mean (see the class docstring)."""
+        n, i = state.num_steps, state.step_index
+        if self.schedule == "ddpm":
+            weight = ddpm_guidance_weight(variance, float(n - 1 - i), n, _f64(memory["max_variance"]), self.gamma)
+            return grad * (self.scale * float(weight))
+        weight = edm_guidance_weight(i, n, max_guidance=self.scale * EDM_MAX_GUIDANCE, add_factor=self.gamma)
+        return edm_rescale_gradient(grad, x_t, weight)
+
+    # ------------------------------------------------------------------ labels and classifier
+
+    def _batch_labels(self, batch: int, device) -> torch.Tensor:
+        if isinstance(self.labels, tuple):
+            if len(self.labels) != batch:
+                raise ValueError(
+                    f"labels: {len(self.labels)} labels were given for a batch of {batch} images; accepted: one "
+                    f"label for all, or a list of {batch} (one per image, each prompt's images together)"
+                )
+            values = list(self.labels)
+        else:
+            values = [self.labels] * batch
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    def _classifier(self, device) -> nn.Module:
+        """The hook's own classifier: a smoothed, frozen, eval-mode copy, built once and moved to `device`."""
+        with self._lock:
+            if self._smoothed is None:
+                model = smooth_classifier(self.classifier, self.softplus_beta)
+                model.requires_grad_(False)
+                model.eval()
+                self._smoothed = model
+            model = self._smoothed
+            if _device_of(model) not in (None, torch.device(device)):
+                model.to(device)
+            return model
+
+    @property
+    def softplus_replaced(self) -> Optional[int]:
+        """How many ReLU modules the hook's copy has as Softplus (None before the first call)."""
+        return None if self._smoothed is None else self._smoothed.softplus_replaced
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(classifier={type(self.classifier.model).__name__}, labels={self.labels!r}, "
+            f"scale={self.scale}, softplus_beta={self.softplus_beta}, joint_temperature={self.joint_temperature}, "
+            f"marginal_temperature={self.marginal_temperature}, schedule={self.schedule!r}, gamma={self.gamma}, "
+            f"input={self.input!r}, start={self.start}, stop={self.stop})"
+        )
+
+
+class ClassifierGuidance(EluCD):
+    """Plain classifier guidance with an off-the-shelf classifier: the uncalibrated baseline of EluCD.
+
+    The same hook as :class:`EluCD` with ``softplus_beta=None`` (ReLUs kept), τ₂ = τ₁ (so with the default
+    temperature 1 the plain log-softmax) and γ = 0 (no sine boost): u = s·Σ_t·g for ``schedule="ddpm"``. Compare
+    the two in one line: ``hooks=[guidekit.ClassifierGuidance(clf, "cat")]`` vs ``hooks=[guidekit.EluCD(clf, "cat")]``.
+
+    Args:
+        classifier, labels, scale, schedule, input, start, stop, gradient_checkpointing: as for :class:`EluCD`.
+        temperature (`float`, defaults to `1.0`): τ₁ = τ₂.
+    """
+
+    def __init__(
+        self,
+        classifier: Union[nn.Module, ImageClassifier],
+        labels: Labels,
+        scale: float = 1.0,
+        temperature: float = 1.0,
+        schedule: str = "ddpm",
+        input: str = "x0",
+        start: float = 0.0,
+        stop: float = 1.0,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__(
+            classifier,
+            labels,
+            scale=scale,
+            softplus_beta=None,
+            joint_temperature=temperature,
+            marginal_temperature=temperature,
+            schedule=schedule,
+            gamma=0.0,
+            input=input,
+            start=start,
+            stop=stop,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _f64(value: float) -> torch.Tensor:
+    # Tensors skip the float range checks of the math core, which refuse ᾱ_t = 0 (zero-terminal-SNR schedules).
+    return torch.tensor(value, dtype=torch.float64)
+
+
+def _alpha_bars(state: SamplerState) -> tuple[float, float]:
+    """(ᾱ_t, ᾱ_prev): this step's noise level and the one the scheduler steps to, as floats."""
+    alpha, _ = state.alpha_sigma()
+    alpha_bar = float(alpha) ** 2
+    sched = state.scheduler
+    if scheduler_family(sched) == "vp":
+        t = int(state.timestep)
+        if hasattr(sched, "previous_timestep"):
+            prev = int(sched.previous_timestep(t))
+        else:
+            prev = t - sched.config.num_train_timesteps // sched.num_inference_steps
+        if prev >= 0:
+            return alpha_bar, float(sched.alphas_cumprod[prev])
+        return alpha_bar, float(getattr(sched, "final_alpha_cumprod", 1.0))
+    index = state._sigma_index
+    if index is None:
+        index = sched.index_for_timestep(state.timestep) if hasattr(sched, "index_for_timestep") else state.step_index
+    sigmas = sched.sigmas
+    sigma_next = float(sigmas[index + 1]) if index + 1 < len(sigmas) else 0.0
+    return alpha_bar, 1.0 / (1.0 + sigma_next * sigma_next)
+
+
+def _vae(state: SamplerState) -> Optional[nn.Module]:
+    pipe = state.extras.get("pipeline")
+    return getattr(pipe, "vae", None) if pipe is not None else None
+
+
+def _device_of(module: nn.Module) -> Optional[torch.device]:
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        return tensor.device
+    return None
+
+
+def _decode(vae: nn.Module, latents: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    """Latents (model space) → images in about [-1, 1], as the pipelines decode them, differentiably."""
+    config = vae.config
+    param = next(vae.parameters())
+    z = latents.to(device=param.device, dtype=param.dtype)
+    mean = getattr(config, "latents_mean", None)
+    std = getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        channels = z.shape[1]
+        mean = torch.tensor(mean, device=z.device, dtype=z.dtype).view(1, channels, 1, 1)
+        std = torch.tensor(std, device=z.device, dtype=z.dtype).view(1, channels, 1, 1)
+        z = z * std / config.scaling_factor + mean
+    else:
+        z = z / config.scaling_factor
+        shift = getattr(config, "shift_factor", None)
+        if shift is not None:
+            z = z + shift
+    context = _decoder_checkpointing(vae) if checkpointing else contextlib.nullcontext()
+    with context:
+        return vae.decode(z, return_dict=False)[0]
+
+
+def _checkpointable(vae: nn.Module) -> bool:
+    decoder = getattr(vae, "decoder", None)
+    return isinstance(decoder, nn.Module) and any(hasattr(m, "gradient_checkpointing") for m in decoder.modules())
+
+
+@contextlib.contextmanager
+def _decoder_checkpointing(vae: nn.Module):
+    """Turn on activation checkpointing in the VAE decoder for the duration of the block, then restore it."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(module, *args):
+        return checkpoint(module.__call__, *args, use_reentrant=False)
+
+    missing = object()
+    saved = []
+    for module in vae.decoder.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            saved.append((module, module.gradient_checkpointing, module.__dict__.get("_gradient_checkpointing_func", missing)))
+            module._gradient_checkpointing_func = run
+            module.gradient_checkpointing = True
+    try:
+        yield
+    finally:
+        for module, flag, func in saved:
+            module.gradient_checkpointing = flag
+            if func is missing:
+                module.__dict__.pop("_gradient_checkpointing_func", None)
+            else:
+                module._gradient_checkpointing_func = func
