@@ -2,12 +2,14 @@
 
 from .guided_sd import GuidedStableDiffusionPipeline
 from .guided_sdxl import GuidedStableDiffusionXLPipeline
+from .styleid_sd import StyleIDStableDiffusionPipeline
 from .uam_sd import UAMStableDiffusionPipeline
 from .uam_sdxl import UAMStableDiffusionXLPipeline
 
 __all__ = [
     "GuidedStableDiffusionPipeline",
     "GuidedStableDiffusionXLPipeline",
+    "StyleIDStableDiffusionPipeline",
     "UAMStableDiffusionPipeline",
     "UAMStableDiffusionXLPipeline",
 ]
