@@ -402,3 +402,49 @@ def test_guiding_toward_red_makes_the_image_redder(model, sd, sd_v):
     toward = redness(run(pipe, [guidekit.EluCD(Redness(), ["red", "cyan"], scale=300.0)], prompt=prompts, seed=1))
     assert toward[0] > base[0] + 0.005
     assert toward[1] < base[1] - 0.005
+
+
+def test_sdxl_pipeline(tiny_sdxl_dir):
+    from guidekit.pipelines import GuidedStableDiffusionXLPipeline
+
+    pipe = GuidedStableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_dir))
+    pipe.set_progress_bar_config(disable=True)
+    base = run(pipe, seed=1)
+    assert (run(pipe, [guidekit.EluCD(Redness(), "red", scale=0.0)], seed=1) == base).all()
+    guided = run(pipe, [guidekit.EluCD(Redness(), "red", scale=300.0)], seed=1)
+    assert torch.isfinite(torch.from_numpy(guided)).all()
+    assert redness(guided)[0] > redness(base)[0]
+
+
+def test_pixel_model_classifies_the_clipped_x0_directly():
+    """Without a VAE the classifier reads x̂0 clipped to [-1, 1] (the official DDPM path), gradient at that point."""
+    from guidekit.hooks import SamplerState
+    from guidekit.testing.tiny import sd_ddim_scheduler
+
+    sched = sd_ddim_scheduler()
+    sched.set_timesteps(5)
+    clf = ConvNet()
+    hook = guidekit.EluCD(clf, ["red", "blue"], scale=2.0, softplus_beta=4.0, gamma=0.5)
+    state = SamplerState(num_steps=5, scheduler=sched, prediction_type="epsilon")
+    g = torch.Generator().manual_seed(0)
+    outs, ins = [], []
+    for i, t in enumerate(sched.timesteps[:2]):
+        x, pred = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+        state.update(i, t, x, model_input=x)
+        ins.append((x, pred, int(t)))
+        outs.append(hook.correct(state, pred))
+    ac = sched.alphas_cumprod.double()
+    levels = [(float(ac[t]), float(ac[t - 200])) for _, _, t in ins]
+    post_var = [(1 - ap) / (1 - a) * (1 - a / ap) for a, ap in levels]
+    (x, pred, t), (a, ap) = ins[1], levels[1]
+    x0 = (x.double() - math.sqrt(1 - a) * pred.double()) / math.sqrt(a)
+    point = x0.clamp(-1, 1).requires_grad_(True)
+    logits = clf.forward_smoothed(point.float(), 4.0)
+    log_p = logits[[0, 1], [0, 2]] - torch.logsumexp(0.5 * logits, dim=1)
+    (grad,) = torch.autograd.grad(log_p.sum(), point)
+    weight = post_var[1] + 0.5 * max(post_var) * math.sin(math.pi * 3 / 5)
+    c = math.sqrt(ap) * (1 - a / ap) / (1 - a)
+    x0_new = x0 + 2.0 * weight * grad / c
+    expected = (x.double() - math.sqrt(a) * x0_new) / math.sqrt(1 - a)
+    assert (expected - pred).abs().max() > 1e-3
+    assert_close_to_scale(outs[1].double(), expected, 1e-5)
