@@ -471,6 +471,11 @@ def test_from_pipe_shares_components_and_call_is_stock(tiny_sd_dir):
     assert np.array_equal(a, b)
 
 
+class _OnLayer(SamplerHook):
+    def __init__(self, name):
+        self.attention_layers = frozenset({name})
+
+
 def test_errors_before_any_model_call(pipe, images, counter):
     content, style, _ = images
     cases = [
@@ -487,6 +492,7 @@ def test_errors_before_any_model_call(pipe, images, counter):
         (dict(layers=["up_blocks.1.attentions.0.transformer_blocks.0.attn2"]), "cross-attention"),
         (dict(layers=["up_blocks.1.attentions.0.transformer_blocks.0.attn1"] * 2), "twice"),
         (dict(hooks=[APG()]), "guidance slot"),
+        (dict(hooks=[_OnLayer("up_blocks.1.attentions.1.transformer_blocks.0.attn1.processor")]), "StyleID injects into"),
         (dict(content_prompt=3), "content_prompt"),
         (dict(init_adain=1), "init_adain"),
     ]
