@@ -26,7 +26,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.utils import BaseOutput
@@ -40,6 +39,7 @@ from guidekit.precision import math_dtype
 
 from .hooked import SharedComponentsMixin
 from .images import OUTPUT_TYPES, ImageInput, ImageLatentsMixin
+from .uam_sd import _check_bool, _check_steps
 
 __all__ = [
     "DEFAULT_GAMMA",
@@ -99,18 +99,6 @@ def adain_latents(content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
     if not bool((sd_c > 0).all()):
         raise ValueError("content: a latent channel is constant (zero std), so AdaIN is undefined; accepted: non-constant latents")
     return (sd_s * (c - mu_c) / sd_c + mu_s).to(content.dtype)
-
-
-def _check_steps(num_inference_steps) -> int:
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps: {num_inference_steps!r} is not accepted; accepted: an integer >= 1")
-    return num_inference_steps
-
-
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name}: {value!r} is not accepted; accepted: True or False")
-    return bool(value)
 
 
 def _check_prompt(name: str, value) -> Optional[str]:
