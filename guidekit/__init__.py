@@ -3,6 +3,7 @@
 from .attach import attach
 from .guidance import APG, CFG, ClassifierGuidance, EluCD
 from .hooks import HookChain, HookConflictError, SamplerHook, SamplerState
+from .latents import StyleSSP
 
 __version__ = "0.1.0"
 
@@ -16,6 +17,7 @@ __all__ = [
     "HookConflictError",
     "SamplerHook",
     "SamplerState",
+    "StyleSSP",
     "attach",
     "__version__",
 ]

@@ -9,7 +9,9 @@ that needs no weights beyond the base model.
    injection layers the style's self-attention keys/values and the content's queries are recorded at every
    timestep (`guidekit.attention.StyleIDAttnProcessor`);
 2. the start point: AdaIN of the content's z_T to the style's z_T per-channel statistics (`adain_latents`),
-   then the hooks' `init_latents` (where a start-point method such as StyleSSP plugs in);
+   then the hooks' `init_latents` (where a start-point method such as StyleSSP plugs in). Optionally (StyleSSP's
+   negative-guided inversion, ``negative_inversion_scale``) the content's z_T for the start point comes from a
+   second, guided inversion that is pushed away from what the style image shows;
 3. DDIM sampling with the empty prompt and no CFG; at every step the injection layers attend with the
    style's K/V, query preservation γ·Q_c + (1−γ)·Q_cs and attention temperature T;
 4. decode.
@@ -173,6 +175,34 @@ class StyleIDPipelineMixin(ImageLatentsMixin, SharedComponentsMixin):
             return_dict=False,
         )[0]
 
+    def _invert_negative_guided(self, z0, levels, height: int, width: int, positive: str, negative: str, scale: float):
+        """DDIM inversion of the clean latent z0 with ε̃ = ε(c⁺) + s·(ε(c⁺) − ε(c⁻)) (one UNet call of 2 rows
+        per step; no features recorded). Returns z_T."""
+        rows = self._encode_rows([positive, negative], height, width)
+
+        def model(x, t):
+            pred = self._unet_pred(torch.cat([x, x]), t, rows)
+            pos, neg = pred.to(x.dtype).chunk(2)
+            return pos + scale * (pos - neg)
+
+        return ddim_invert(model, z0, levels, self._prediction_type).latents
+
+    def _negative_scale(self, explicit, hooks) -> float:
+        """The negative-guided inversion's scale: the explicit argument, else the one the hooks ask for, else 0."""
+        if explicit is not None:
+            return check_number("negative_inversion_scale", explicit, 0.0)
+        asked = []
+        for hook in hooks:
+            value = getattr(hook, "negative_inversion_scale", None)
+            if value is not None:
+                asked.append((hook, float(value)))
+        if len({v for _, v in asked}) > 1:
+            raise ValueError(
+                f"hooks: {asked[0][0]!r} and {asked[1][0]!r} ask for different negative-guided inversion scales; "
+                "accepted: one scale (or pass negative_inversion_scale explicitly)"
+            )
+        return asked[0][1] if asked else 0.0
+
     def _invert_recording(self, image01, levels, control: StyleIDControl, keys: Sequence[str]):
         """Encode and DDIM-invert one image with the empty prompt and no CFG, recording the `keys` features
         (none when empty) of the injection layers at every timestep. Returns (z_0, z_T, features)."""
@@ -214,8 +244,9 @@ class StyleIDPipelineMixin(ImageLatentsMixin, SharedComponentsMixin):
         hooks: Union[SamplerHook, Sequence[SamplerHook], None] = None,
         content_prompt: Optional[str] = None,
         style_prompt: Optional[str] = None,
-        generator: Optional[torch.Generator] = None,
+        generator: Union[None, torch.Generator, List[torch.Generator]] = None,
         output_type: str = "pil",
+        negative_inversion_scale: Optional[float] = None,
         init_adain: bool = True,
         attn_injection: bool = True,
         cache_style: bool = True,
@@ -239,14 +270,18 @@ class StyleIDPipelineMixin(ImageLatentsMixin, SharedComponentsMixin):
             hooks (`list[SamplerHook]`, *optional*): run in the sampling loop (`init_latents` receives the
                 AdaIN start point; `step_begin`, `correct`, `step_end` run each step). Hooks that fill the
                 guidance slot are refused: StyleID samples without guidance. `state.extras` holds
-                ``"pipeline"``, ``"unet"``, ``"content_z0"``, ``"content_zT"``, ``"style_zT"``,
-                ``"content_image"``, ``"style_image"`` ([0, 1] tensors), ``"content_prompt"`` and
-                ``"style_prompt"``.
+                ``"pipeline"``, ``"unet"``, ``"content_z0"``, ``"content_zT"`` (the plain inversion's),
+                ``"content_start_zT"`` (the content z_T the start point is built from: the negative-guided
+                inversion's when it runs, else ``"content_zT"``), ``"style_zT"``, ``"content_image"``,
+                ``"style_image"`` ([0, 1] tensors), ``"content_prompt"``, ``"style_prompt"``, ``"init_adain"``
+                and ``"negative_inversion_scale"``. A hook with a ``negative_inversion_scale`` attribute (such
+                as `guidekit.StyleSSP`) asks for the negative-guided inversion.
             content_prompt, style_prompt (`str`, *optional*): not used by StyleID, which inverts and samples
-                with the empty prompt; passed to the hooks in `state.extras` for start-point methods (a
-                caption of the content, and what the style image shows).
-            generator (`torch.Generator`, *optional*): unused by deterministic DDIM (η = 0); passed to the
-                hooks' state.
+                with the empty prompt. The negative-guided inversion uses them as c⁺ (a caption of the
+                content; "" when None) and c⁻ (what the style image shows; required there). Passed to the
+                hooks in `state.extras`.
+            generator (`torch.Generator` or a list of them, *optional*): unused by deterministic DDIM (η = 0);
+                passed to the hooks' state (StyleSSP draws its noise from it).
             output_type (`str`, defaults to ``"pil"``): ``"pil"``, ``"np"`` or ``"pt"``.
             init_adain (`bool`, defaults to `True`): start from the AdaIN of the content's z_T to the style's
                 statistics; False starts from the content's z_T (the official ``--without_init_adain``).
@@ -255,6 +290,16 @@ class StyleIDPipelineMixin(ImageLatentsMixin, SharedComponentsMixin):
             cache_style (`bool`, defaults to `True`): reuse (and store) the style's inversion, keyed by the
                 style image's content hash, the steps, the layers and the model; see `style_cache_size` and
                 `clear_style_cache`.
+            negative_inversion_scale (`float`, *optional*): StyleSSP's negative-guided inversion (Xu et al.,
+                CVPR 2025; METHODS.md §5.3). s > 0 inverts the content a second time with
+                ε̃ = ε(z, c⁺) + s·(ε(z, c⁺) − ε(z, c⁻)) at every inversion step, c⁺ = `content_prompt` ("" when
+                None), c⁻ = `style_prompt`, and builds the start point from that z_T; the plain inversion
+                still supplies the injected queries. This is the official ε(c⁻) + w_inv·(ε(c⁺) − ε(c⁻)) with
+                s = w_inv − 1 (official w_inv = 1.5, i.e. s = 0.5). The official c⁺/c⁻ hold IP-Adapter-Instruct
+                image tokens (the style image's "composition" in c⁻) besides the caption; SD 1.x/2.x has no
+                such encoder here, so the style image's content enters as text, `style_prompt`. None (default)
+                takes the scale a hook asks for (`guidekit.StyleSSP`), else 0; 0 runs no second inversion
+                (exact StyleID). Costs one more inversion of 2 UNet rows per step.
         """
         # 0. Check inputs (all of them before any model call)
         steps = _check_steps(num_inference_steps)
@@ -266,13 +311,19 @@ class StyleIDPipelineMixin(ImageLatentsMixin, SharedComponentsMixin):
         cache_style = _check_bool("cache_style", cache_style)
         content_prompt = _check_prompt("content_prompt", content_prompt)
         style_prompt = _check_prompt("style_prompt", style_prompt)
+        hook_list = as_hook_list(hooks)
+        negative_scale = self._negative_scale(negative_inversion_scale, hook_list)
+        if negative_scale > 0 and style_prompt is None:
+            raise ValueError(
+                "style_prompt: None is not accepted with the negative-guided inversion (negative_inversion_scale "
+                f"{negative_scale}); accepted: a description of what the style image shows"
+            )
         content01 = self._prepare_image(content_image, "content_image")
         style01 = self._prepare_image(style_image, "style_image")
         for name, tensor in (("content_image", content01), ("style_image", style01)):
             if tensor.shape[0] != 1:
                 raise ValueError(f"{name}: {tensor.shape[0]} images; accepted: one image per call (batches are not supported yet)")
         layer_names = resolve_styleid_layers(self.unet, layers)
-        hook_list = as_hook_list(hooks)
         for hook in hook_list:
             if isinstance(hook, SamplerHook) and hook.slot == "guidance":
                 raise ValueError(
@@ -305,6 +356,8 @@ class StyleIDPipelineMixin(ImageLatentsMixin, SharedComponentsMixin):
                 "style_image": style01,
                 "content_prompt": content_prompt,
                 "style_prompt": style_prompt,
+                "init_adain": init_adain,
+                "negative_inversion_scale": negative_scale,
             },
         )
         chain.validate(state)
@@ -329,11 +382,19 @@ class StyleIDPipelineMixin(ImageLatentsMixin, SharedComponentsMixin):
             z0_content, z_content, content_features = self._invert_recording(
                 content01, levels, control, ("q",) if attn_injection else ()
             )
-            state.extras.update(content_z0=z0_content, content_zT=z_content, style_zT=entry.latents)
+            height, width = content01.shape[-2:]
+            z_start = z_content
+            if negative_scale > 0:  # StyleSSP: the start point's z_T^c from a negative-guided inversion
+                control.off()
+                z_start = self._invert_negative_guided(
+                    z0_content, levels, height, width, content_prompt or "", style_prompt, negative_scale
+                )
+            state.extras.update(
+                content_z0=z0_content, content_zT=z_content, content_start_zT=z_start, style_zT=entry.latents
+            )
 
             # 2. Start point: AdaIN of z_T^c to z_T^s, then the hooks
-            latents = adain_latents(z_content, entry.latents) if init_adain else z_content
-            height, width = content01.shape[-2:]
+            latents = adain_latents(z_start, entry.latents) if init_adain else z_start
             null = self._encode_rows([""], height, width)
 
             # 3. Sampling: empty prompt, no CFG, style injection at every step
