@@ -7,16 +7,18 @@ from .guidance.cfg import CFG
 
 
 def _hooked_classes():
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DiTPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from guidekit.pipelines import GuidedStableDiffusionPipeline, GuidedStableDiffusionXLPipeline
+    from guidekit.pipelines import GuidedDiTPipeline, GuidedStableDiffusionPipeline, GuidedStableDiffusionXLPipeline
 
     # Most specific first: a hooked pipeline is also an instance of its stock parent.
     return [
         (GuidedStableDiffusionXLPipeline, GuidedStableDiffusionXLPipeline),
         (GuidedStableDiffusionPipeline, GuidedStableDiffusionPipeline),
+        (GuidedDiTPipeline, GuidedDiTPipeline),
         (StableDiffusionXLPipeline, GuidedStableDiffusionXLPipeline),
         (StableDiffusionPipeline, GuidedStableDiffusionPipeline),
+        (DiTPipeline, GuidedDiTPipeline),
     ]
 
 

@@ -1,5 +1,6 @@
 """diffusers pipelines whose denoising loops run guidekit hooks (installed as `guidekit.pipelines`)."""
 
+from .guided_dit import GuidedDiTPipeline
 from .guided_sd import GuidedStableDiffusionPipeline
 from .guided_sdxl import GuidedStableDiffusionXLPipeline
 from .styleid_sd import StyleIDStableDiffusionPipeline
@@ -7,6 +8,7 @@ from .uam_sd import UAMStableDiffusionPipeline
 from .uam_sdxl import UAMStableDiffusionXLPipeline
 
 __all__ = [
+    "GuidedDiTPipeline",
     "GuidedStableDiffusionPipeline",
     "GuidedStableDiffusionXLPipeline",
     "StyleIDStableDiffusionPipeline",
