@@ -16,7 +16,7 @@ inversion-based style transfer, in two ways (METHODS.md §5):
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 
