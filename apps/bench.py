@@ -2,7 +2,8 @@
 
 Each round runs every case in a fresh process (so one case's memory cannot leak into another's) for
 three timed calls, the cases are interleaved round by round with a rotating order, and the table reports medians and ratios against stock measured in the
-same run. Wall time is the pipeline call alone (after a one-step warm-up call in the same process); CPU
+same run. The EluCD case (CFG plus an EluCD correction with a tiny random ResNet classifier built in code)
+is also reported against CFG alone. Wall time is the pipeline call alone (after a one-step warm-up call in the same process); CPU
 time is the calling thread's (torch runs on one thread here), which other processes on a shared machine
 disturb far less than wall time; peak memory is the process's peak resident set during the call,
 sampled every millisecond.
@@ -26,6 +27,7 @@ from pathlib import Path
 import click
 
 CASES = ("stock", "cfg", "apg")
+ELUCD_CASE = "elucd"  # CFG() + EluCD(tiny random classifier): compared with "cfg" as well as with stock
 MODELS = ("tiny", "mid")
 
 
@@ -44,6 +46,33 @@ def _build_model(kind: str, folder: Path) -> None:
         pipe.unet = make_mid_unet()
         pipe.register_modules(unet=pipe.unet)
         pipe.save_pretrained(str(folder))
+
+
+def tiny_classifier(seed: int = 0):
+    """A tiny random transformers ResNet (3 labels, ~10k parameters) as a `TransformersClassifier`: what EluCD
+    costs on top of CFG is the VAE decode and the classifier's forward and backward passes per step."""
+    import torch
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    from guidekit.guidance import TransformersClassifier
+
+    names = {0: "red", 1: "green", 2: "blue"}
+    config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+                          hidden_act="relu", num_labels=3, id2label=names, label2id={v: k for k, v in names.items()})
+    torch.manual_seed(seed)
+    return TransformersClassifier(ResNetForImageClassification(config).eval(), image_mean=0.5, image_std=0.5)
+
+
+def _hooks(case: str) -> list:
+    import guidekit
+
+    if case == "cfg":
+        return [guidekit.CFG()]
+    if case == "apg":
+        return [guidekit.APG()]
+    if case == ELUCD_CASE:
+        return [guidekit.CFG(), guidekit.EluCD(tiny_classifier(), "red")]
+    raise ValueError(f"case: {case!r} is not accepted; accepted: {', '.join(CASES + (ELUCD_CASE,))}")
 
 
 def _rss_bytes() -> int:
@@ -77,7 +106,6 @@ def measure(case: str, folder: str, steps: int, size: int, calls: int = 3, seed:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    import guidekit
     from guidekit.pipelines import GuidedStableDiffusionPipeline
 
     torch.set_num_threads(int(os.environ.get("GUIDEKIT_BENCH_THREADS", "1")))
@@ -86,7 +114,7 @@ def measure(case: str, folder: str, steps: int, size: int, calls: int = 3, seed:
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(height=size, width=size, guidance_scale=7.5, output_type="np")
     if case != "stock":
-        kwargs["hooks"] = [guidekit.CFG()] if case == "cfg" else [guidekit.APG()]
+        kwargs["hooks"] = _hooks(case)
 
     def call(n):
         return pipe("a red circle on a blue background", num_inference_steps=n,
@@ -114,10 +142,10 @@ def _run_worker(case, folder, steps, size):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def summarise(results: list[dict]) -> list[dict]:
-    """Median wall time and peak memory per case, and their ratios to stock."""
+def summarise(results: list[dict], cases=CASES) -> list[dict]:
+    """Median wall time and peak memory per case, and their ratios to stock (the first case)."""
     rows = []
-    for case in CASES:
+    for case in cases:
         runs = [r for r in results if r["case"] == case]
         rows.append({
             "case": case,
@@ -138,12 +166,42 @@ def format_table(tables: dict[str, list[dict]]) -> str:
     lines = ["| model | pipeline | wall (s, median) | wall vs stock | CPU (s, median) | CPU vs stock "
              "| peak RSS (MiB) | memory vs stock | runs |",
              "|---|---|---|---|---|---|---|---|---|"]
-    label = {"stock": "stock diffusers", "cfg": "guidekit CFG()", "apg": "guidekit APG()"}
+    label = {"stock": "stock diffusers", "cfg": "guidekit CFG()", "apg": "guidekit APG()",
+             ELUCD_CASE: "guidekit CFG() + EluCD()"}
     for model, rows in tables.items():
         for row in rows:
             lines.append(f"| {model} | {label.get(row['case'], row['case'])} | {row['wall_s']:.3f} | "
                          f"{row['wall_ratio']:.3f}x | {row['cpu_s']:.3f} | {row['cpu_ratio']:.3f}x | "
                          f"{row['peak_mib']:.0f} | {row['mem_ratio']:.3f}x | {row['runs']} |")
+    return "\n".join(lines)
+
+
+def elucd_rows(tables: dict[str, list[dict]]) -> list[dict]:
+    """CFG + EluCD against CFG alone, per model, from the medians of the same run."""
+    rows = []
+    for model, table in tables.items():
+        by_case = {row["case"]: row for row in table}
+        if ELUCD_CASE not in by_case or "cfg" not in by_case:
+            continue
+        elucd, cfg = by_case[ELUCD_CASE], by_case["cfg"]
+        rows.append({
+            "model": model,
+            "case": "CFG + EluCD vs CFG",
+            "wall_ratio": elucd["wall_s"] / cfg["wall_s"],
+            "cpu_ratio": elucd["cpu_s"] / cfg["cpu_s"],
+            "mem_ratio": elucd["peak_mib"] / cfg["peak_mib"],
+            "elucd_s": elucd["wall_s"],
+            "cfg_s": cfg["wall_s"],
+        })
+    return rows
+
+
+def format_elucd_table(rows: list[dict]) -> str:
+    lines = ["| model | EluCD case | wall vs CFG | CPU vs CFG | peak memory vs CFG | EluCD wall (s) | CFG wall (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['model']} | {row['case']} | {row['wall_ratio']:.3f}x | {row['cpu_ratio']:.3f}x | "
+                     f"{row['mem_ratio']:.3f}x | {row['elucd_s']:.3f} | {row['cfg_s']:.3f} |")
     return "\n".join(lines)
 
 
@@ -154,28 +212,35 @@ def format_table(tables: dict[str, list[dict]]) -> str:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the raw runs and the summary as JSON.")
 @click.option("--uam/--no-uam", default=True, help="Add the UAM rows (inversion and editing) when UAM is installed.")
-def bench(models, rounds, steps, json_out, uam):
-    """Time and memory of hooked pipelines (CFG, APG) against stock diffusers, as a table."""
+@click.option("--elucd/--no-elucd", default=True,
+              help="Add the EluCD rows: CFG + EluCD (tiny random ResNet classifier) against stock and against CFG.")
+def bench(models, rounds, steps, json_out, uam, elucd):
+    """Time and memory of hooked pipelines (CFG, APG, CFG + EluCD) against stock diffusers, as a table."""
     chosen = [m.strip() for m in models.split(",") if m.strip()]
     for m in chosen:
         if m not in MODELS:
             raise click.BadParameter(f"{m!r}; accepted: {', '.join(MODELS)}", param_hint="--models")
     sizes = {"tiny": 32, "mid": 64}
+    cases = CASES + ((ELUCD_CASE,) if elucd else ())
     tables, raw = {}, {}
     with tempfile.TemporaryDirectory(prefix="guidekit-bench-") as tmp:
         for model in chosen:
             folder = Path(tmp) / model
             _build_model(model, folder)
             results = []
-            with click.progressbar(length=rounds * len(CASES), label=f"bench {model}") as bar:
+            with click.progressbar(length=rounds * len(cases), label=f"bench {model}") as bar:
                 for r in range(rounds):
-                    order = CASES[r % len(CASES):] + CASES[: r % len(CASES)]  # rotate who goes first
+                    order = cases[r % len(cases):] + cases[: r % len(cases)]  # rotate who goes first
                     for case in order:
                         results.extend(_run_worker(case, folder, steps, sizes[model]))
                         bar.update(1)
-            tables[model] = summarise(results)
+            tables[model] = summarise(results, cases)
             raw[model] = results
     click.echo(format_table(tables))
+    elucd_summary = elucd_rows(tables) if elucd else []
+    if elucd_summary:
+        click.echo("")
+        click.echo(format_elucd_table(elucd_summary))
     extra = []
     if uam:
         try:
@@ -191,7 +256,7 @@ def bench(models, rounds, steps, json_out, uam):
                 detail = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("case", "wall_ratio"))
                 click.echo(f"| {row['case']} | {row['wall_ratio']:.3f}x | {detail} |")
     if json_out:
-        json_out.write_text(json.dumps({"summary": tables, "runs": raw, "uam": extra}, indent=2))
+        json_out.write_text(json.dumps({"summary": tables, "runs": raw, "elucd": elucd_summary, "uam": extra}, indent=2))
 
 
 def main(argv=None):

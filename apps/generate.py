@@ -4,6 +4,7 @@ Examples:
     guidekit generate "a red circle on a blue background"
     guidekit generate "a red circle on a blue background" --guidance apg --scale 15 --out apg.png
     guidekit generate "a photo of a cat" --model stabilityai/stable-diffusion-xl-base-1.0 --device cuda
+    guidekit generate "a photo of an animal" --model MODEL --guidance cfg --classifier ./resnet --label "tabby cat"
 """
 
 from __future__ import annotations
@@ -177,6 +178,37 @@ def build_hook(guidance: str, eta: float, norm_threshold: Optional[float], momen
     return guidekit.APG(eta=eta, norm_threshold=norm_threshold, momentum=momentum)
 
 
+def parse_label(label: str):
+    """`--label` as given: a string of decimal digits is a class id, anything else a class name."""
+    text = label.strip()
+    return int(text) if text.isdecimal() else label
+
+
+def build_classifier_hook(path: str, label: str, scale: float, calibration: str):
+    """The EluCD correction hook (`calibration="elucd"`) or plain classifier guidance (`"plain"`) for the
+    transformers image classifier in the folder `path`, steering toward `label` (an id or a name).
+
+    Raises `click.ClickException` naming `--classifier` when the classifier cannot be loaded, and
+    `click.BadParameter` naming `--label` for a label the classifier does not have.
+    """
+    import guidekit
+    from guidekit.guidance import TransformersClassifier
+
+    if not Path(path).expanduser().is_dir():
+        raise click.BadParameter(f"{path} is not a folder; accepted: a local folder of a transformers image "
+                                 "classifier (config.json, weights, preprocessor_config.json)",
+                                 param_hint="'--classifier'")
+    try:
+        classifier = TransformersClassifier.from_pretrained(str(Path(path).expanduser()))
+    except Exception as exc:  # transformers' OSError/ValueError, the adapter's missing normalisation...
+        raise click.ClickException(f"--classifier: cannot load {path!r}: {exc}") from exc
+    cls = guidekit.EluCD if calibration == "elucd" else guidekit.ClassifierGuidance
+    try:
+        return cls(classifier, parse_label(label), scale=scale)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--label'") from None
+
+
 def _default_out(prompt: str, seed: int, guidance: str) -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "image"
     return Path(f"{slug}-{guidance}-{seed}.png")
@@ -206,9 +238,23 @@ def _default_out(prompt: str, seed: int, guidance: str) -> Path:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output PNG. Default: <prompt>-<guidance>-<seed>.png in the current folder.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (refused otherwise).")
+@click.option("--classifier", default=None, metavar="PATH",
+              help="EluCD: local folder of a transformers image classifier (AutoModelForImageClassification, "
+                   "with its preprocessor_config.json) that steers the image toward --label, as a correction "
+                   "after the guidance. Default: none (no classifier guidance).")
+@click.option("--label", default=None, metavar="NAME_OR_ID",
+              help="EluCD: the class to steer toward: an id (digits) or a name from the classifier's id2label "
+                   "(case-insensitive). Required with --classifier.")
+@click.option("--classifier-scale", type=FiniteFloatRange(min=0.0), default=1.0,
+              help="EluCD: classifier scale s; 0 turns the correction off. Default: the official "
+                   "classifier_scale of the EluCD DDPM script (guidekit.EluCD's default).")
+@click.option("--calibration", type=click.Choice(["elucd", "plain"]), default="elucd",
+              help="elucd: calibrated log-probability with Softplus-smoothed ReLUs and the sine boost "
+                   "(guidekit.EluCD, the paper's defaults); plain: uncalibrated classifier guidance "
+                   "(guidekit.ClassifierGuidance).")
 def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, momentum, steps, seed, size,
-             negative_prompt, device, out, overwrite):
-    """Generate one image from PROMPT with CFG or APG guidance."""
+             negative_prompt, device, out, overwrite, classifier, label, classifier_scale, calibration):
+    """Generate one image from PROMPT with CFG or APG guidance (and optionally EluCD classifier guidance)."""
     import torch
 
     out = out or _default_out(prompt, seed, guidance)
@@ -216,7 +262,16 @@ def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, mo
         raise click.BadParameter(f"{out}; accepted: a path ending in .png", param_hint="--out")
     if out.exists() and not overwrite:
         raise click.ClickException(f"--out: {out} exists; pass --overwrite to replace it, or choose another path")
+    if classifier is None and label is not None:
+        raise click.BadParameter("is given without --classifier; accepted: --label together with --classifier PATH",
+                                 param_hint="'--label'")
+    if classifier is not None and label is None:
+        raise click.BadParameter("is required with --classifier; accepted: a class id or name of the classifier",
+                                 param_hint="'--label'")
     start = time.perf_counter()
+    correction = None
+    if classifier is not None:  # before the diffusion model: a wrong label costs no model load
+        correction = build_classifier_hook(classifier, label, classifier_scale, calibration)
     model_scale = None
     if model is None:
         model, model_scale = default_model()
@@ -234,13 +289,14 @@ def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, mo
         width=width,
         height=height,
         generator=generator,
-        hooks=[hook],
+        hooks=[hook] if correction is None else [hook, correction],
     ).images[0]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
     image.save(tmp, format="PNG")
     os.replace(tmp, out)
-    click.echo(f"wrote {out} ({image.width}x{image.height}, {guidance} w={scale}, seed {seed}, {name}) "
+    extra = "" if correction is None else f", {type(correction).__name__} s={classifier_scale} label {correction.labels}"
+    click.echo(f"wrote {out} ({image.width}x{image.height}, {guidance} w={scale}{extra}, seed {seed}, {name}) "
                f"in {time.perf_counter() - start:.1f}s")
 
 
