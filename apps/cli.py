@@ -13,6 +13,7 @@ import click
 # name -> "module:attribute" of a click command; modules load lazily so `guidekit --help` stays fast.
 SUBCOMMANDS = {
     "generate": "guidekit.apps.generate:generate",
+    "style": "guidekit.apps.style:style",
     "bench": "guidekit.apps.bench:bench",
     "demo": "guidekit.apps.demo:demo",
     "batch": "guidekit.apps.batch:batch",
