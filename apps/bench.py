@@ -205,6 +205,48 @@ def format_elucd_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def styleid_rows(model: str = "tiny", steps: int = 10, repeats: int = 3, size: int = 64, seed: int = 0) -> list[dict]:
+    """StyleID transfer against plain DDIM inversion + reconstruction of the content image, in one process.
+
+    Both run on the same UNet (the `model` checkpoint), alternately after one warm-up call each, and report
+    medians (wall and process CPU time; no peak memory, as both share one process). The baseline is guidekit's
+    UAM pipeline with uniform maps off (standard attention, null prompt, w = 1): one inversion and one DDIM
+    sampling pass. StyleID without its style cache inverts the content and the style and samples once with the
+    injection (about three passes); with the cache (its default, a style reused) the style's inversion is skipped.
+    """
+    import torch
+
+    from guidekit.apps.bench_uam import _alternate
+    from guidekit.pipelines import StyleIDStableDiffusionPipeline, UAMStableDiffusionPipeline
+
+    with tempfile.TemporaryDirectory(prefix="guidekit-bench-styleid-") as tmp:
+        folder = Path(tmp) / model
+        _build_model(model, folder)
+        styleid = StyleIDStableDiffusionPipeline.from_pretrained(str(folder))
+        plain = UAMStableDiffusionPipeline.from_pretrained(str(folder))
+        for pipe in (styleid, plain):
+            pipe.unet.eval()
+            pipe.set_progress_bar_config(disable=True)
+        gen = torch.Generator().manual_seed(seed)
+        content, style = torch.rand(1, 3, size, size, generator=gen), torch.rand(1, 3, size, size, generator=gen)
+
+        def baseline():
+            return plain.reconstruct(content, "", 1.0, uniform=False, num_inference_steps=steps, output_type="pt")
+
+        def transfer(cache: bool):
+            return styleid.transfer(content, style, num_inference_steps=steps, output_type="pt", cache_style=cache)
+
+        fresh = _alternate(lambda: transfer(False), baseline, repeats)
+        cached = _alternate(lambda: transfer(True), baseline, repeats)
+    common = {"model": model, "steps": steps, "size": size, "repeats": repeats, "threads": torch.get_num_threads()}
+    rows = []
+    for case, t in (("StyleID transfer (no style cache) vs DDIM inversion + reconstruction", fresh),
+                    ("StyleID transfer (style cached) vs DDIM inversion + reconstruction", cached)):
+        rows.append({"case": case, "wall_ratio": t["a_wall"] / t["b_wall"], "cpu_ratio": round(t["a_cpu"] / t["b_cpu"], 4),
+                     "styleid_s": round(t["a_wall"], 4), "baseline_s": round(t["b_wall"], 4), **common})
+    return rows
+
+
 @click.command(context_settings={"show_default": True})
 @click.option("--models", default="tiny,mid", help="Comma-separated: tiny (tiny SD), mid (~110M-parameter UNet).")
 @click.option("--rounds", type=click.IntRange(1, 50), default=4, help="Interleaved rounds (one process per case each).")
@@ -214,8 +256,12 @@ def format_elucd_table(rows: list[dict]) -> str:
 @click.option("--uam/--no-uam", default=True, help="Add the UAM rows (inversion and editing) when UAM is installed.")
 @click.option("--elucd/--no-elucd", default=True,
               help="Add the EluCD rows: CFG + EluCD (tiny random ResNet classifier) against stock and against CFG.")
-def bench(models, rounds, steps, json_out, uam, elucd):
-    """Time and memory of hooked pipelines (CFG, APG, CFG + EluCD) against stock diffusers, as a table."""
+@click.option("--styleid/--no-styleid", default=True,
+              help="Add the StyleID rows: transfer against DDIM inversion + reconstruction of the content image "
+                   "(on mid when chosen, else tiny; --steps steps, 3 alternated calls each).")
+def bench(models, rounds, steps, json_out, uam, elucd, styleid):
+    """Time and memory of hooked pipelines (CFG, APG, CFG + EluCD) against stock diffusers, as a table; StyleID
+    and UAM against their plain baselines."""
     chosen = [m.strip() for m in models.split(",") if m.strip()]
     for m in chosen:
         if m not in MODELS:
@@ -241,6 +287,16 @@ def bench(models, rounds, steps, json_out, uam, elucd):
     if elucd_summary:
         click.echo("")
         click.echo(format_elucd_table(elucd_summary))
+    styleid_summary = []
+    if styleid:
+        model = "mid" if "mid" in chosen else "tiny"
+        styleid_summary = styleid_rows(model, steps=steps, size=sizes[model])
+        click.echo("")
+        click.echo("| StyleID case | wall vs baseline | detail |")
+        click.echo("|---|---|---|")
+        for row in styleid_summary:
+            detail = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("case", "wall_ratio"))
+            click.echo(f"| {row['case']} | {row['wall_ratio']:.3f}x | {detail} |")
     extra = []
     if uam:
         try:
@@ -256,7 +312,8 @@ def bench(models, rounds, steps, json_out, uam, elucd):
                 detail = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("case", "wall_ratio"))
                 click.echo(f"| {row['case']} | {row['wall_ratio']:.3f}x | {detail} |")
     if json_out:
-        json_out.write_text(json.dumps({"summary": tables, "runs": raw, "elucd": elucd_summary, "uam": extra}, indent=2))
+        json_out.write_text(json.dumps({"summary": tables, "runs": raw, "elucd": elucd_summary, "styleid": styleid_summary,
+                                         "uam": extra}, indent=2))
 
 
 def main(argv=None):

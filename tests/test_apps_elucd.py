@@ -1,4 +1,4 @@
-"""`guidekit generate --classifier` (EluCD from the command line) and the EluCD rows of `guidekit bench`."""
+"""`guidekit generate --classifier` (EluCD from the command line) and the EluCD and StyleID rows of `guidekit bench`."""
 
 import json
 
@@ -133,7 +133,7 @@ def test_help_names_the_classifier_options():
 # ---------------------------------------------------------------------------------------------------- bench
 
 
-def test_bench_prints_the_elucd_rows(monkeypatch, tmp_path):
+def test_bench_prints_the_elucd_and_styleid_rows(monkeypatch, tmp_path):
     """One round, one step, workers run in this process (no timing is asserted)."""
     import guidekit.apps.bench as bench_mod
 
@@ -145,7 +145,7 @@ def test_bench_prints_the_elucd_rows(monkeypatch, tmp_path):
 
     monkeypatch.setattr(bench_mod, "_run_worker", in_process)
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(main, ["bench", "--models", "tiny", "--rounds", "1", "--steps", "1", "--no-uam",
+    result = CliRunner().invoke(main, ["bench", "--models", "tiny", "--rounds", "1", "--steps", "2", "--no-uam",
                                        "--json", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert sorted(cases) == ["apg", "cfg", "elucd", "stock"]
@@ -153,6 +153,9 @@ def test_bench_prints_the_elucd_rows(monkeypatch, tmp_path):
     assert "| tiny | CFG + EluCD vs CFG |" in result.output and "peak memory vs CFG" in result.output
     data = json.loads(out.read_text())
     assert data["elucd"][0]["case"] == "CFG + EluCD vs CFG" and data["elucd"][0]["mem_ratio"] > 0
+    assert "| StyleID transfer (no style cache) vs DDIM inversion + reconstruction |" in result.output
+    assert "| StyleID transfer (style cached) vs DDIM inversion + reconstruction |" in result.output
+    assert [row["model"] for row in data["styleid"]] == ["tiny", "tiny"]
 
 
 def test_bench_without_elucd_has_no_elucd_rows(monkeypatch):
@@ -160,7 +163,7 @@ def test_bench_without_elucd_has_no_elucd_rows(monkeypatch):
 
     monkeypatch.setattr(bench_mod, "_run_worker",
                         lambda case, folder, steps, size: [{"case": case, "wall_s": 1.0, "cpu_s": 1.0, "peak_mib": 100.0}])
-    result = CliRunner().invoke(main, ["bench", "--models", "tiny", "--rounds", "1", "--no-uam", "--no-elucd"],
-                                catch_exceptions=False)
+    result = CliRunner().invoke(main, ["bench", "--models", "tiny", "--rounds", "1", "--no-uam", "--no-elucd",
+                                       "--no-styleid"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "EluCD" not in result.output
+    assert "EluCD" not in result.output and "StyleID" not in result.output
