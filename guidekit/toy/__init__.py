@@ -31,10 +31,14 @@ __all__ = [
     "generate",
     "generate_batch",
     "default_model_path",
+    "CLASSIFIER_NAME",
+    "default_classifier_path",
 ]
 
 #: Folder name of the embedded model inside ``guidekit.assets``.
 MODEL_NAME = "toy-sd"
+#: Folder name of the embedded image classifier (clean world images -> "{colour} {shape}") inside ``guidekit.assets``.
+CLASSIFIER_NAME = "toy-classifier"
 #: Guidance scale at which the model card's accuracies were measured (CFG); see assets/toy-sd/README.md.
 DEFAULT_GUIDANCE_SCALE = 3.0
 #: DDIM steps used by the evaluation.
@@ -65,19 +69,31 @@ def apg_settings(embedded: bool, eta=None, norm_threshold=None, momentum=None) -
     return {k: (base[k] if given[k] is None else given[k]) for k in base}
 
 
-def default_model_path() -> Path:
-    """Folder of the embedded model: ``guidekit/assets/toy-sd`` installed, ``<repo>/assets/toy-sd`` in a checkout."""
+def _asset_path(name: str, what: str) -> Path:
     try:
         from importlib.resources import files
 
-        path = Path(str(files("guidekit.assets") / MODEL_NAME))
+        path = Path(str(files("guidekit.assets") / name))
         if path.is_dir():
             return path
     except (ModuleNotFoundError, TypeError):
         pass
     import guidekit
 
-    path = Path(guidekit.__file__).resolve().parent.parent / "assets" / MODEL_NAME
+    path = Path(guidekit.__file__).resolve().parent.parent / "assets" / name
     if not path.is_dir():
-        raise FileNotFoundError(f"the embedded model {MODEL_NAME!r} is not installed (looked in guidekit.assets and {path})")
+        raise FileNotFoundError(f"the embedded {what} {name!r} is not installed (looked in guidekit.assets and {path})")
     return path
+
+
+def default_model_path() -> Path:
+    """Folder of the embedded model: ``guidekit/assets/toy-sd`` installed, ``<repo>/assets/toy-sd`` in a checkout."""
+    return _asset_path(MODEL_NAME, "model")
+
+
+def default_classifier_path() -> Path:
+    """Folder of the embedded image classifier (a transformers ``ResNetForImageClassification`` with its
+    ``preprocessor_config.json``): ``guidekit/assets/toy-classifier`` installed, ``<repo>/assets/toy-classifier``
+    in a checkout. Load it with ``AutoModelForImageClassification.from_pretrained`` or
+    ``guidekit.guidance.TransformersClassifier.from_pretrained``."""
+    return _asset_path(CLASSIFIER_NAME, "classifier")
