@@ -35,7 +35,7 @@ from typing import Optional
 
 import click
 
-from .jobs import GUIDANCE, Job, JobError, generate, job_key, read_jobs, resolve, to_pil
+from .jobs import CLASSIFIER, GUIDANCE, ClassifierCache, Job, JobError, generate, job_key, read_jobs, resolve, to_pil
 
 LOCK = ".lock"
 MANIFEST = "manifest.jsonl"
@@ -81,6 +81,13 @@ def model_identity(pipe, requested: Optional[str]) -> dict:
             ident["revision"] = p.name
         ident["sha256"] = _folder_hash(p)
     return ident
+
+
+def classifier_identity(name: str) -> dict:
+    """A job's classifier as the manifest records it: the name the job gave, and the content hash of its
+    folder (None for a hub id)."""
+    local = Path(name).expanduser()
+    return {"id": name, "sha256": _folder_hash(local) if local.is_dir() else None}
 
 
 def _is_embedded(path) -> bool:
@@ -148,6 +155,8 @@ def a1111_parameters(params: dict, seed: int, model: dict) -> str:
     extra = GUIDANCE[params["guidance"]].params
     if extra:
         line += ", " + ", ".join(f"{k}: {params[k]}" for k in extra)
+    if params.get("classifier") is not None:
+        line += ", " + ", ".join(f"{k}: {params[k]}" for k in CLASSIFIER)
     neg = f"\nNegative prompt: {params['negative_prompt']}" if params.get("negative_prompt") else ""
     return f"{params['prompt']}{neg}\n{line}"
 
@@ -374,6 +383,10 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
     # A job that leaves APG's eta / norm_threshold / momentum out gets the embedded model's recommended
     # setting, or the paper's values on other models; the resolved values name its files and are recorded.
     embedded = bool(ident["path"]) and _is_embedded(ident["path"])
+    # Each classifier a job names is loaded once per run; its label is resolved to a class id, which (with the
+    # classifier's path, scale and calibration) is recorded and names the files like any other parameter.
+    classifiers = ClassifierCache()
+    classifier_ids: dict[str, dict] = {}
 
     # Expand jobs into one item per image; a job the model cannot run is a bad line too.
     items: list[Item] = []
@@ -382,7 +395,7 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
     for job in jobs:
         try:
             params = resolve(job.params, pipe, where=f"line {job.line}: ", images=min(batch_size, len(job.seeds)),
-                             embedded=embedded)
+                             embedded=embedded, classifiers=classifiers)
         except JobError as e:
             bad_after_load += 1
             if main:
@@ -391,6 +404,8 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
                 return 2
             continue
         key = job_key(params, ident["id"] or "")
+        if params.get("classifier") is not None and params["classifier"] not in classifier_ids:
+            classifier_ids[params["classifier"]] = classifier_identity(params["classifier"])
         for seed in job.seeds:
             item = Item(job, params, key, seed)
             if item.file in seen:
@@ -424,7 +439,7 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
             params = chunk[0].params
             t0 = time.perf_counter()
             try:
-                images, nsfw = generate(pipe, params, [it.seed for it in chunk])
+                images, nsfw = generate(pipe, params, [it.seed for it in chunk], classifiers=classifiers)
             except Exception as e:  # one failed call must not lose the others
                 failed += len(chunk)
                 _say(f"line {chunk[0].job.line}: seeds {[it.seed for it in chunk]} failed: {type(e).__name__}: {e}")
@@ -450,6 +465,7 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
                     "params": params,
                     "seed": it.seed,
                     "model": ident,
+                    **({"classifier": classifier_ids[params["classifier"]]} if params.get("classifier") else {}),
                     "guidekit_version": guidekit.__version__,
                     "versions": _versions(),
                     "device": str(device),
@@ -543,7 +559,8 @@ def batch(jobs, out, model, strict, batch_size, dtype):
     JOBS: one job per line, e.g.
       {"prompt": "a red circle on a blue background", "seeds": "0-7", "guidance": "apg", "guidance_scale": 12}
     Fields: prompt, negative_prompt, name, seed | seeds, steps, width, height, guidance (cfg|apg),
-    guidance_scale, guidance_rescale (cfg), eta, norm_threshold, momentum, space, start, stop (apg).
+    guidance_scale, guidance_rescale (cfg), eta, norm_threshold, momentum, space, start, stop (apg),
+    classifier, label, classifier_scale, calibration (EluCD classifier guidance, any method).
     APG's eta / norm_threshold / momentum default to the embedded model's recommended setting
     (guidekit.toy.RECOMMENDED_APG) with that model, else to the paper's 0 / 15 / -0.5.
 

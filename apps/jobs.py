@@ -35,6 +35,9 @@ __all__ = [
     "read_jobs",
     "resolve",
     "apg_defaults",
+    "CLASSIFIER",
+    "ClassifierCache",
+    "resolve_classifier",
     "generate",
     "job_key",
     "fields_doc",
@@ -184,6 +187,24 @@ GUIDANCE: dict[str, Guidance] = {
     ]}, _apg_hooks),
 }
 
+#: Optional classifier guidance on top of the guidance method (EluCD or plain classifier guidance). A job
+#: without `classifier` has none of these in its params, so its key is the one it had before they existed.
+CLASSIFIER: dict[str, Param] = {p.name: p for p in [
+    Param("classifier", str, None,
+          "Local folder of a transformers image classifier (with its preprocessor_config.json) that steers each "
+          "image toward `label`; a hub id works only with network access or the model in the local Hugging Face "
+          "cache. Give it together with `label`. Default: no classifier guidance."),
+    Param("label", str, None,
+          "The class to steer toward: an id (an integer, or a string of digits) or a name from the classifier's "
+          "id2label (case-insensitive). Required with `classifier`; recorded as the class id."),
+    Param("classifier_scale", float, 1.0,
+          "Classifier scale s; 0 turns the correction off. Default: the official classifier_scale of the EluCD "
+          "DDPM script.", min=0.0, max=1000.0),
+    Param("calibration", str, "elucd",
+          "elucd: calibrated log-probability, Softplus-smoothed ReLUs and the sine boost (guidekit.EluCD); "
+          "plain: uncalibrated classifier guidance (guidekit.ClassifierGuidance).", choices=("elucd", "plain")),
+]}
+
 SEED_FIELDS = ("seed", "seeds")
 
 
@@ -191,7 +212,7 @@ def all_fields() -> list[str]:
     names = list(COMMON) + list(SEED_FIELDS)
     for g in GUIDANCE.values():
         names += [n for n in g.params if n not in names]
-    return names
+    return names + list(CLASSIFIER)
 
 
 def fields_doc() -> str:
@@ -204,6 +225,9 @@ def fields_doc() -> str:
         for p in g.params.values():
             default = "per model" if p.default is None else repr(p.default)
             rows.append(f"| `{p.name}` ({g.name}) | {p.bounds_text()} | {default} | {p.help} |")
+    for p in CLASSIFIER.values():
+        accepted = "an integer or a string" if p.name == "label" else p.bounds_text()
+        rows.append(f"| `{p.name}` | {accepted} | {p.default!r} | {p.help} |")
     return "\n".join(rows)
 
 
@@ -300,6 +324,8 @@ def parse_job(raw: Any, line: int = 0) -> Job:
     if params["guidance"] == "apg" and params["start"] >= params["stop"]:
         raise JobError(f"{where}start/stop: start ({params['start']}) must be below stop ({params['stop']})")
 
+    params.update(_parse_classifier(raw, where))
+
     seed_value = raw.get("seeds", raw.get("seed", 0))
     if isinstance(seed_value, str) and "seed" in raw:
         seed_value = seed_value.strip()
@@ -311,6 +337,33 @@ def parse_job(raw: Any, line: int = 0) -> Job:
         raise JobError(f"{where}seed: expected an integer in [0, 2**63-1], got {raw['seed']!r}")
     seeds = parse_seeds(seed_value, where)
     return Job(line=line, raw=dict(raw), params=params, seeds=seeds)
+
+
+def _parse_classifier(raw: dict, where: str) -> dict:
+    """The classifier fields of a job: {} without `classifier`, else all four (defaults filled)."""
+    given = {k: raw.get(k) for k in CLASSIFIER if raw.get(k) is not None}
+    if not given:
+        return {}
+    if "classifier" not in given:
+        names = ", ".join(given)
+        raise JobError(f"{where}{names}: given without classifier; accepted: \"classifier\": a local folder of a "
+                       "transformers image classifier, together with \"label\" (or remove them)")
+    if "label" not in given:
+        raise JobError(f"{where}label: required with classifier; accepted: a class id or name of the classifier")
+    out = {}
+    for p in CLASSIFIER.values():
+        v = given.get(p.name)
+        if p.name == "label":
+            if isinstance(v, float) and v.is_integer():  # 1.0 from a spreadsheet
+                v = int(v)
+            if isinstance(v, bool) or not isinstance(v, (int, str)) or isinstance(v, str) and not v.strip():
+                raise JobError(f"{where}label: expected a class id (an integer) or a class name, got {v!r}")
+            out["label"] = v
+        else:
+            out[p.name] = p.default if v is None else p.check(v, where)
+    if not out["classifier"].strip():
+        raise JobError(f"{where}classifier: expected a local folder or hub id of an image classifier, got ''")
+    return out
 
 
 def _csv_rows(text: str):
@@ -391,14 +444,97 @@ def apg_defaults(params: dict, embedded: bool) -> dict:
     return {**params, **{n: settings[n] for n in names}}
 
 
-def resolve(params: dict, pipe, where: str = "", images: int = 1, embedded: Optional[bool] = None) -> dict:
+class ClassifierCache:
+    """Image classifiers by the path (or hub id) a job names: each is loaded once, and a failure once too.
+
+    Also keeps one guidance hook per (classifier, label, scale, calibration): a hook serves any number of
+    calls, and builds its smoothed copy of the classifier only once.
+    """
+
+    def __init__(self):
+        self._classifiers: dict[str, Any] = {}  # path -> classifier, or the JobError message of a failed load
+        self._hooks: dict[tuple, Any] = {}
+
+    def get(self, path: str):
+        """The classifier of `path` (a `guidekit.guidance.TransformersClassifier`); raises JobError if it cannot
+        be loaded (the message names the path; the same message for every later job that names it)."""
+        if path not in self._classifiers:
+            try:
+                self._classifiers[path] = self._load(path)
+            except JobError as e:
+                self._classifiers[path] = str(e)
+        found = self._classifiers[path]
+        if isinstance(found, str):
+            raise JobError(found)
+        return found
+
+    @staticmethod
+    def _load(path: str):
+        from guidekit.guidance import TransformersClassifier
+
+        local = Path(path).expanduser()
+        if local.exists() and not local.is_dir():
+            raise JobError(f"classifier: {path} is a file; accepted: a folder of a transformers image classifier "
+                           "(config.json, weights, preprocessor_config.json)")
+        if not local.exists() and not _HUB_ID.match(path):
+            raise JobError(f"classifier: {path} is not a folder (nor a hub id like org/name); accepted: a local "
+                           "folder of a transformers image classifier (config.json, weights, preprocessor_config.json)")
+        hint = "" if local.exists() else \
+            " (a hub id needs network access, or the model in the local Hugging Face cache; or pass a local folder)"
+        try:
+            return TransformersClassifier.from_pretrained(str(local) if local.exists() else path)
+        except Exception as e:  # noqa: BLE001 - transformers' OSError/ValueError, a missing normalisation...
+            raise JobError(f"classifier: cannot load {path!r}{hint}: {type(e).__name__}: {e}") from None
+
+    def hook(self, params: dict):
+        """The correction hook of resolved `params` (`label` a class id): `guidekit.EluCD` or
+        `guidekit.ClassifierGuidance`."""
+        import guidekit
+
+        key = (params["classifier"], params["label"], params["classifier_scale"], params["calibration"])
+        if key not in self._hooks:
+            cls = guidekit.EluCD if params["calibration"] == "elucd" else guidekit.ClassifierGuidance
+            self._hooks[key] = cls(self.get(params["classifier"]), params["label"], scale=params["classifier_scale"])
+        return self._hooks[key]
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def resolve_classifier(params: dict, classifiers: Optional[ClassifierCache] = None, where: str = "") -> dict:
+    """`params` with its `label` as the class id of its classifier (loaded through `classifiers`). Params
+    without a classifier are returned unchanged. Raises JobError naming the line and the field."""
+    if params.get("classifier") is None:
+        return dict(params)
+    from .generate import parse_label
+
+    classifiers = classifiers if classifiers is not None else ClassifierCache()
+    try:
+        classifier = classifiers.get(params["classifier"])
+    except JobError as e:
+        raise JobError(f"{where}{e}") from None
+    from guidekit.guidance.classifiers import resolve_labels
+
+    label = params["label"]
+    try:
+        index = resolve_labels(parse_label(label) if isinstance(label, str) else label, classifier.id2label, "label")
+    except ValueError as e:
+        raise JobError(f"{where}{e}") from None
+    return {**params, "label": index}
+
+
+def resolve(params: dict, pipe, where: str = "", images: int = 1, embedded: Optional[bool] = None,
+            classifiers: Optional[ClassifierCache] = None) -> dict:
     """Fill the model-dependent defaults and check the size against the model: a multiple of its VAE factor,
     and small enough that `images` images per call can be decoded in the free memory.
 
     The defaults: width and height (the model's native size), and APG's eta / norm_threshold / momentum (the
     embedded model's recommended setting, else the paper's; `apg_defaults`). `embedded` says whether the
-    model is the embedded one; None reads it from the pipeline's folder."""
-    out = dict(params)
+    model is the embedded one; None reads it from the pipeline's folder.
+
+    A job with a classifier gets its `label` as the class id (`resolve_classifier`, loading the classifier
+    through `classifiers`: give one cache for a whole run so each classifier loads once)."""
+    out = resolve_classifier(params, classifiers, where)
     for key in ("width", "height"):
         if out[key] is None:
             out[key] = default_size(pipe)
@@ -418,9 +554,13 @@ def job_key(params: dict, model_id: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def generate(pipe, params: dict, seeds: Iterable[int], generator_device: str = "cpu"):
+def generate(pipe, params: dict, seeds: Iterable[int], generator_device: str = "cpu",
+             classifiers: Optional[ClassifierCache] = None):
     """One pipeline call: an image per seed, each from its own `torch.Generator` (so an image never depends
-    on batch size, order or process count). Returns float numpy images (N, H, W, 3) in [0, 1]."""
+    on batch size, order or process count). Returns float numpy images (N, H, W, 3) in [0, 1].
+
+    Params with a classifier add its correction hook after the guidance method's, from `classifiers` (the
+    run's cache; None: loaded for this call)."""
     import torch
 
     seeds = list(seeds)
@@ -440,7 +580,12 @@ def generate(pipe, params: dict, seeds: Iterable[int], generator_device: str = "
         output_type="np",
     )
     kwargs.update(method.call_kwargs(params))
-    hooks = method.build(params)
+    hooks = list(method.build(params))
+    if params.get("classifier") is not None:
+        classifiers = classifiers if classifiers is not None else ClassifierCache()
+        if not isinstance(params["label"], int):  # not through `resolve`
+            params = resolve_classifier(params, classifiers)
+        hooks.append(classifiers.hook(params))
     if hooks:
         kwargs["hooks"] = hooks
     out = pipe(**kwargs)

@@ -1,0 +1,148 @@
+"""`guidekit batch` jobs with a classifier (EluCD or plain classifier guidance): fields, manifest, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import torch  # noqa: E402
+
+from guidekit.apps import batch as batch_mod  # noqa: E402
+from guidekit.apps.jobs import ClassifierCache, JobError, fields_doc, parse_job, read_jobs  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+    """A tiny random transformers ResNet with three named labels and its preprocessor config, saved to a folder."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    names = {0: "red", 1: "green", 2: "blue"}
+    config = ResNetConfig(
+        num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", hidden_act="relu",
+        num_labels=3, id2label=names, label2id={v: k for k, v in names.items()},
+    )
+    folder = tmp_path_factory.mktemp("tiny-resnet-batch")
+    ResNetForImageClassification(config).save_pretrained(str(folder))
+    processor = {"do_resize": True, "size": {"height": 24, "width": 24}, "do_normalize": True,
+                 "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_sd_dir):
+    from guidekit.apps.jobs import load_pipeline
+
+    return load_pipeline(str(tiny_sd_dir))[0]
+
+
+def write_jobs(path: Path, *lines) -> Path:
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+def manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_classifier_fields_parse_and_default():
+    job = parse_job({"prompt": "x", "classifier": "some/folder", "label": "green"})
+    assert {k: job.params[k] for k in ("classifier", "label", "classifier_scale", "calibration")} == \
+        {"classifier": "some/folder", "label": "green", "classifier_scale": 1.0, "calibration": "elucd"}
+    assert parse_job({"prompt": "x", "classifier": "c", "label": 2}).params["label"] == 2
+    plain = parse_job({"prompt": "x"}).params
+    assert not {"classifier", "label", "classifier_scale", "calibration"} & set(plain)  # keys of old jobs unchanged
+    doc = fields_doc()
+    for name in ("`classifier`", "`label`", "`classifier_scale`", "`calibration`"):
+        assert name in doc
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"label": "red"}, "line 3: label: given without classifier"),
+    ({"classifier_scale": 2}, "line 3: classifier_scale: given without classifier"),
+    ({"classifier": "c"}, "line 3: label: required with classifier"),
+    ({"classifier": "c", "label": True}, "line 3: label: expected a class id"),
+    ({"classifier": "c", "label": "red", "calibration": "other"}, "line 3: calibration: expected one of 'elucd'"),
+    ({"classifier": "c", "label": "red", "classifier_scale": -1}, "line 3: classifier_scale: expected a number"),
+])
+def test_classifier_field_errors_name_the_line(raw, message):
+    with pytest.raises(JobError) as e:
+        parse_job({"prompt": "x", **raw}, line=3)
+    assert message in str(e.value)
+
+
+def test_job_with_classifier_generates_records_and_resumes(tmp_path, tiny_pipe, tiny_sd_dir, classifier_dir, capsys,
+                                                           monkeypatch):
+    loads = []
+    real_load = ClassifierCache._load
+    monkeypatch.setattr(ClassifierCache, "_load", staticmethod(lambda path: loads.append(path) or real_load(path)))
+    clf = str(classifier_dir)
+    jobs = write_jobs(
+        tmp_path / "jobs.jsonl",
+        {"prompt": "a red circle", "seeds": "0-1", "steps": 2, "classifier": clf, "label": "Green",
+         "classifier_scale": 50},
+        {"prompt": "a red circle", "seed": 0, "steps": 2},  # the same image without a classifier
+        {"prompt": "a red circle", "seed": 0, "steps": 2, "classifier": clf, "label": "1", "classifier_scale": 50,
+         "calibration": "plain"},
+        {"prompt": "a red circle", "seed": 0, "steps": 2, "classifier": clf, "label": "purple"},
+        {"prompt": "a red circle", "seed": 0, "steps": 2, "classifier": str(tmp_path / "missing"), "label": "red"},
+        {"prompt": "a red circle", "seed": 0, "steps": 2, "classifier": "nobody/no-such-classifier", "label": "red"},
+    )
+    out = tmp_path / "out"
+    assert batch_mod.run_batch(jobs, out, model=str(tiny_sd_dir), pipe=tiny_pipe) == 0
+    err = capsys.readouterr().err
+    assert "skipped line 4: label: 'purple' is not a label of this classifier" in err and "'green'" in err
+    assert "skipped line 5: classifier:" in err and "is not a folder" in err
+    assert "skipped line 6: classifier: cannot load 'nobody/no-such-classifier' (a hub id needs network access" in err
+    assert "4 generated" in err and "3 bad line(s) skipped" in err
+    assert loads.count(clf) == 1  # one load for the three lines that name it
+
+    rows = {(r["line"], r["seed"]): r for r in manifest(out)}
+    assert sorted(rows) == [(1, 0), (1, 1), (2, 0), (3, 0)]
+    elucd = rows[1, 0]
+    assert {k: elucd["params"][k] for k in ("classifier", "label", "classifier_scale", "calibration")} == \
+        {"classifier": clf, "label": 1, "classifier_scale": 50.0, "calibration": "elucd"}
+    assert elucd["job"]["label"] == "Green"  # as written; params hold the resolved class id
+    assert elucd["classifier"]["id"] == clf and len(elucd["classifier"]["sha256"]) == 64
+    assert "classifier" not in rows[2, 0] and "classifier" not in rows[2, 0]["params"]
+    assert rows[3, 0]["params"]["calibration"] == "plain"
+    files = {k: r["file"] for k, r in rows.items()}
+    assert len(set(files.values())) == 4  # classifier fields are part of the key
+    from PIL import Image
+
+    png = Image.open(out / files[1, 0])
+    assert "calibration: elucd" in png.text["parameters"] and "label: 1" in png.text["parameters"]
+    assert json.loads(png.text["guidekit"])["params"]["classifier_scale"] == 50.0
+    pixels = {k: Image.open(out / f).tobytes() for k, f in files.items()}
+    assert pixels[1, 0] != pixels[2, 0] and pixels[1, 0] != pixels[3, 0]  # the correction acts
+
+    # A rerun (the label now given by id) finds every image finished and regenerates nothing.
+    stamps = {f: (out / f).stat().st_mtime_ns for f in files.values()}
+    jobs2 = write_jobs(
+        tmp_path / "jobs2.jsonl",
+        {"prompt": "a red circle", "seeds": "0-1", "steps": 2, "classifier": clf, "label": 1, "classifier_scale": 50},
+        {"prompt": "a red circle", "seed": 0, "steps": 2},
+        {"prompt": "a red circle", "seed": 0, "steps": 2, "classifier": clf, "label": "green", "classifier_scale": 50,
+         "calibration": "plain"},
+    )
+    assert batch_mod.run_batch(jobs2, out, model=str(tiny_sd_dir), pipe=tiny_pipe) == 0
+    err = capsys.readouterr().err
+    assert "0 generated, 4 already finished" in err
+    assert {f: (out / f).stat().st_mtime_ns for f in files.values()} == stamps
+
+
+def test_read_jobs_reports_classifier_errors_per_line(tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", {"prompt": "ok"}, {"prompt": "x", "label": "red"},
+                      {"prompt": "y", "classifier": "c"})
+    parsed, errors = read_jobs(jobs)
+    assert [j.line for j in parsed] == [1]
+    assert [line for line, _ in errors] == [2, 3]
+    assert "label: given without classifier" in errors[0][1] and "label: required with classifier" in errors[1][1]
