@@ -7,18 +7,25 @@ from .guidance.cfg import CFG
 
 
 def _hooked_classes():
-    from diffusers import DiTPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DDPMPipeline, DiTPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from guidekit.pipelines import GuidedDiTPipeline, GuidedStableDiffusionPipeline, GuidedStableDiffusionXLPipeline
+    from guidekit.pipelines import (
+        GuidedDDPMPipeline,
+        GuidedDiTPipeline,
+        GuidedStableDiffusionPipeline,
+        GuidedStableDiffusionXLPipeline,
+    )
 
     # Most specific first: a hooked pipeline is also an instance of its stock parent.
     return [
         (GuidedStableDiffusionXLPipeline, GuidedStableDiffusionXLPipeline),
         (GuidedStableDiffusionPipeline, GuidedStableDiffusionPipeline),
         (GuidedDiTPipeline, GuidedDiTPipeline),
+        (GuidedDDPMPipeline, GuidedDDPMPipeline),
         (StableDiffusionXLPipeline, GuidedStableDiffusionXLPipeline),
         (StableDiffusionPipeline, GuidedStableDiffusionPipeline),
         (DiTPipeline, GuidedDiTPipeline),
+        (DDPMPipeline, GuidedDDPMPipeline),
     ]
 
 
@@ -32,9 +39,12 @@ def attach(pipe, *hooks: SamplerHook):
         >>> pipe = StableDiffusionPipeline.from_pretrained(model_id)
         >>> apg_pipe = guidekit.attach(pipe, guidekit.APG())
     """
-    HookChain(hooks, default_guidance=CFG())  # check the combination now, not at the first call
+    chain = HookChain(hooks, default_guidance=CFG())  # check the combination now, not at the first call
     for stock, hooked in _hooked_classes():
         if isinstance(pipe, stock):
+            check = getattr(hooked, "check_hooks", None)
+            if check is not None:
+                check(chain)  # what this pipeline cannot run (e.g. APG on an unconditional model)
             new = hooked.from_pipe(pipe)
             new.attached_hooks = tuple(hooks)
             return new

@@ -1,5 +1,6 @@
 """diffusers pipelines whose denoising loops run guidekit hooks (installed as `guidekit.pipelines`)."""
 
+from .guided_ddpm import GuidedDDPMPipeline
 from .guided_dit import GuidedDiTPipeline
 from .guided_sd import GuidedStableDiffusionPipeline
 from .guided_sdxl import GuidedStableDiffusionXLPipeline
@@ -8,6 +9,7 @@ from .uam_sd import UAMStableDiffusionPipeline
 from .uam_sdxl import UAMStableDiffusionXLPipeline
 
 __all__ = [
+    "GuidedDDPMPipeline",
     "GuidedDiTPipeline",
     "GuidedStableDiffusionPipeline",
     "GuidedStableDiffusionXLPipeline",
