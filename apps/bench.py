@@ -10,6 +10,7 @@ sampled every millisecond.
 
     guidekit bench                     # tiny SD pipeline + a ~110M-parameter UNet, 4 rounds x 3 calls
     guidekit bench --models tiny --rounds 3 --json bench.json
+    guidekit bench --models tiny --rounds 1 --no-elucd --no-styleid --no-uam --pixel   # + the pixel EluCD row
 """
 
 from __future__ import annotations
@@ -247,6 +248,77 @@ def styleid_rows(model: str = "tiny", steps: int = 10, repeats: int = 3, size: i
     return rows
 
 
+PIXEL_CASE = "EluCD on a pixel UNet2DModel with a ResNet-50-size classifier (random weights)"
+PIXEL_SIZE, PIXEL_STEPS, PIXEL_REPEATS = 64, 3, 3
+
+
+def pixel_unet(size: int = PIXEL_SIZE):
+    """A random pixel `UNet2DModel` with the architecture of google/ddpm-cifar10-32 (Ho et al.'s CIFAR-10 DDPM,
+    35.7M parameters: channels 128-256-256-256, two ResNet layers per level, attention at the second level),
+    here at `size`×`size` px."""
+    import torch
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=size, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+                       layers_per_block=2,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")).eval()
+
+
+def resnet50_classifier():
+    """A transformers `ResNetForImageClassification` with ResNet-50's configuration (bottleneck blocks, depths
+    3-4-6-3, 1000 labels, 25.6M parameters), random weights, built in code; ImageNet normalisation, and no resize:
+    it reads the pipeline's samples at their own size, as the official EluCD code feeds its ResNets."""
+    import torch
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    from guidekit.guidance import TransformersClassifier
+
+    torch.manual_seed(1)
+    model = ResNetForImageClassification(ResNetConfig(num_labels=1000)).eval()
+    return TransformersClassifier(model, image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225))
+
+
+def pixel_rows(steps: int = PIXEL_STEPS, repeats: int = PIXEL_REPEATS, size: int = PIXEL_SIZE, seed: int = 0) -> list[dict]:
+    """Cost per step of EluCD against unguided sampling on a pixel UNet2DModel (DDPMScheduler, EluCD's own setting).
+
+    The stock `DDPMPipeline` and `GuidedDDPMPipeline` with `EluCD(ResNet-50-size classifier)` share one UNet and
+    run alternately in this process after one warm-up call each (medians of wall and process CPU time). EluCD
+    computes the classifier's forward and backward pass (to its input; the classifier is frozen) at every step.
+    """
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    import guidekit
+    from guidekit.apps.bench_uam import _alternate
+    from guidekit.pipelines import GuidedDDPMPipeline
+
+    torch.set_num_threads(int(os.environ.get("GUIDEKIT_BENCH_THREADS", "1")))
+    unet, classifier = pixel_unet(size), resnet50_classifier()
+    stock = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
+    guided = GuidedDDPMPipeline(unet=unet, scheduler=DDPMScheduler())
+    for pipe in (stock, guided):
+        pipe.set_progress_bar_config(disable=True)
+    hook = guidekit.EluCD(classifier, 1)
+
+    def call(pipe, **kw):
+        return pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="np", **kw)
+
+    t = _alternate(lambda: call(guided, hooks=[hook]), lambda: call(stock), repeats)
+    millions = lambda m: round(sum(p.numel() for p in m.parameters()) / 1e6, 1)  # noqa: E731
+    return [{
+        "case": PIXEL_CASE,
+        "wall_ratio": t["a_wall"] / t["b_wall"],
+        "cpu_ratio": round(t["a_cpu"] / t["b_cpu"], 4),
+        "elucd_s_per_step": round(t["a_wall"] / steps, 4),
+        "unguided_s_per_step": round(t["b_wall"] / steps, 4),
+        "unet_M": millions(unet),
+        "classifier_M": millions(classifier),
+        "size": size, "steps": steps, "repeats": repeats, "threads": torch.get_num_threads(),
+    }]
+
+
 @click.command(context_settings={"show_default": True})
 @click.option("--models", default="tiny,mid", help="Comma-separated: tiny (tiny SD), mid (~110M-parameter UNet).")
 @click.option("--rounds", type=click.IntRange(1, 50), default=4, help="Interleaved rounds (one process per case each).")
@@ -256,10 +328,14 @@ def styleid_rows(model: str = "tiny", steps: int = 10, repeats: int = 3, size: i
 @click.option("--uam/--no-uam", default=True, help="Add the UAM rows (inversion and editing) when UAM is installed.")
 @click.option("--elucd/--no-elucd", default=True,
               help="Add the EluCD rows: CFG + EluCD (tiny random ResNet classifier) against stock and against CFG.")
+@click.option("--pixel/--no-pixel", default=False,
+              help="Add the pixel EluCD row: cost per step of EluCD with a ResNet-50-size random classifier against "
+                   "unguided sampling on a 35.7M-parameter pixel UNet2DModel at 64x64 (3 steps, 3 alternated calls "
+                   "each). Off by default: about a minute on a 2-core CPU.")
 @click.option("--styleid/--no-styleid", default=True,
               help="Add the StyleID rows: transfer against DDIM inversion + reconstruction of the content image "
                    "(on mid when chosen, else tiny; --steps steps, 3 alternated calls each).")
-def bench(models, rounds, steps, json_out, uam, elucd, styleid):
+def bench(models, rounds, steps, json_out, uam, elucd, pixel, styleid):
     """Time and memory of hooked pipelines (CFG, APG, CFG + EluCD) against stock diffusers, as a table; StyleID
     and UAM against their plain baselines."""
     chosen = [m.strip() for m in models.split(",") if m.strip()]
@@ -287,6 +363,14 @@ def bench(models, rounds, steps, json_out, uam, elucd, styleid):
     if elucd_summary:
         click.echo("")
         click.echo(format_elucd_table(elucd_summary))
+    pixel_summary = pixel_rows() if pixel else []
+    if pixel_summary:
+        click.echo("")
+        click.echo("| pixel EluCD case | wall per step vs unguided | detail |")
+        click.echo("|---|---|---|")
+        for row in pixel_summary:
+            detail = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("case", "wall_ratio"))
+            click.echo(f"| {row['case']} | {row['wall_ratio']:.3f}x | {detail} |")
     styleid_summary = []
     if styleid:
         model = "mid" if "mid" in chosen else "tiny"
@@ -312,7 +396,8 @@ def bench(models, rounds, steps, json_out, uam, elucd, styleid):
                 detail = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("case", "wall_ratio"))
                 click.echo(f"| {row['case']} | {row['wall_ratio']:.3f}x | {detail} |")
     if json_out:
-        json_out.write_text(json.dumps({"summary": tables, "runs": raw, "elucd": elucd_summary, "styleid": styleid_summary,
+        json_out.write_text(json.dumps({"summary": tables, "runs": raw, "elucd": elucd_summary, "pixel": pixel_summary,
+                                         "styleid": styleid_summary,
                                          "uam": extra}, indent=2))
 
 

@@ -1,4 +1,5 @@
-"""`guidekit generate --classifier` (EluCD from the command line) and the EluCD and StyleID rows of `guidekit bench`."""
+"""`guidekit generate --classifier` (EluCD from the command line) and the EluCD, pixel EluCD and StyleID rows of
+`guidekit bench`."""
 
 import json
 
@@ -167,3 +168,30 @@ def test_bench_without_elucd_has_no_elucd_rows(monkeypatch):
                                        "--no-styleid"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "EluCD" not in result.output and "StyleID" not in result.output
+
+
+def test_bench_prints_the_pixel_elucd_row(monkeypatch, tmp_path):
+    """--pixel adds the pixel-UNet EluCD row (here with a tiny UNet and the tiny classifier: no timing asserted)."""
+    import guidekit.apps.bench as bench_mod
+    from diffusers import UNet2DModel
+
+    def tiny_unet(size):
+        torch.manual_seed(0)
+        return UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                           norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                           up_block_types=("UpBlock2D", "UpBlock2D"))
+
+    monkeypatch.setattr(bench_mod, "pixel_unet", tiny_unet)
+    monkeypatch.setattr(bench_mod, "resnet50_classifier", bench_mod.tiny_classifier)
+    monkeypatch.setattr(bench_mod, "_run_worker",
+                        lambda case, folder, steps, size: [{"case": case, "wall_s": 1.0, "cpu_s": 1.0, "peak_mib": 100.0}])
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", "--models", "tiny", "--rounds", "1", "--no-uam", "--no-elucd",
+                                       "--no-styleid", "--pixel", "--json", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert f"| {bench_mod.PIXEL_CASE} |" in result.output and "wall per step vs unguided" in result.output
+    row = json.loads(out.read_text())["pixel"][0]
+    assert row["case"] == bench_mod.PIXEL_CASE and row["wall_ratio"] > 0 and row["elucd_s_per_step"] > 0
+    no_pixel = CliRunner().invoke(main, ["bench", "--models", "tiny", "--rounds", "1", "--no-uam", "--no-elucd",
+                                         "--no-styleid"], catch_exceptions=False)
+    assert "pixel" not in no_pixel.output  # off by default
