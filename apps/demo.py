@@ -338,9 +338,8 @@ class DemoBackend:
         return images[0], images[1], images[2], summary
 
 
-GET_CLASSIFIER = ("reinstall guidekit (its package ships it), train it with "
-                  "guidekit.toy.classifier.train_classifier(FOLDER), or give the folder of any transformers image "
-                  "classifier (config.json, weights, preprocessor_config.json)")
+GET_CLASSIFIER = ("reinstall guidekit (its package ships it in guidekit/assets), or give the folder of any "
+                  "transformers image classifier (config.json, weights, preprocessor_config.json)")
 
 
 def embedded_classifier_path() -> Optional[Path]:
