@@ -21,6 +21,8 @@ SUBCOMMANDS = {
     "eval-toy": "guidekit.apps.eval_toy:eval_toy",
     "eval-uam": "guidekit.apps.eval_uam:eval_uam",
     "eval-apg": "guidekit.apps.eval_apg:eval_apg",
+    "train-toy-classifier": "guidekit.apps.train_toy_classifier:train_toy_classifier",
+    "eval-elucd": "guidekit.apps.eval_elucd:eval_elucd",
 }
 
 

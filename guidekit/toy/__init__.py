@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_GUIDANCE_SCALE",
     "DEFAULT_STEPS",
     "RECOMMENDED_APG",
+    "RECOMMENDED_ELUCD",
     "MODEL_WORLD_VERSION",
     "apg_settings",
     "caption",
@@ -51,6 +52,12 @@ MODEL_WORLD_VERSION = 1
 #: grid of r, beta, eta at w = 10, 15, 20 in the model card). The paper's SDXL values (r = 15, beta = -0.5)
 #: are far too large for these 16x16x4 latents: r never rescales, and the momentum breaks shapes at w >= 15.
 RECOMMENDED_APG = {"eta": 0.0, "norm_threshold": 4.0, "momentum": 0.0}
+
+#: `guidekit.EluCD` keyword arguments (other than classifier and labels) recommended for the embedded model with
+#: the embedded classifier (`default_classifier_path`), chosen by `guidekit eval-elucd` (a sweep of the scale;
+#: the calibration is the official DDPM script's: Softplus(3), tau1 = 1, tau2 = 0.5, gamma = 0.3).
+RECOMMENDED_ELUCD = {"scale": 5.0, "softplus_beta": 3.0, "joint_temperature": 1.0, "marginal_temperature": 0.5,
+                     "schedule": "ddpm", "gamma": 0.3}
 
 
 def apg_settings(embedded: bool, eta=None, norm_threshold=None, momentum=None) -> dict:

@@ -1,0 +1,190 @@
+"""EluCD on the embedded model: unconditional generation steered to each "{colour} {shape}" class by the
+embedded (clean-image, ReLU) classifier, judged by `guidekit.toy.judge`, never by the guiding classifier.
+
+Every method draws sample ``i`` of class ``c`` from the same noise (seed ``NOISE_SEED + 1000 * c + i``), so the
+unguided row is the same images for every class (its accuracy is chance, about 1/18) and the rows differ only
+by the guidance. Generation: empty prompt, guidance scale 1 (no CFG pass), DDIM, 25 steps.
+
+Measured per method: class accuracy (the judged shape colour *and* shape both match the class), mean shape
+fidelity (`fidelity_summary`), diversity (distinct judged background colours per class, and the spread of the
+shape's centroid, from the judge's mask, per class) and seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .classifier import LABELS
+from .judge import Judgement, fidelity_summary, judge_batch
+
+__all__ = [
+    "NOISE_SEED",
+    "DEFAULT_SCALES",
+    "method_rows",
+    "noise",
+    "render",
+    "class_hits",
+    "centroid",
+    "diversity",
+    "measure",
+    "run",
+    "pick_scale",
+    "markdown",
+    "save",
+]
+
+NOISE_SEED = 9000
+DEFAULT_SCALES = (2.0, 5.0, 10.0)
+
+
+def method_rows(scales: Sequence[float], ablation_scale: Optional[float] = None) -> list[dict]:
+    """The rows measured: unguided, then ClassifierGuidance and EluCD at every scale, then EluCD's ablations
+    (no smoothing, τ₂ = τ₁, γ = 0) at `ablation_scale` (default: the largest scale)."""
+    rows = [{"method": "unguided", "scale": 0.0, "kwargs": {}}]
+    for s in scales:
+        rows.append({"method": "ClassifierGuidance", "scale": float(s), "kwargs": {}})
+        rows.append({"method": "EluCD", "scale": float(s), "kwargs": {}})
+    a = float(max(scales) if ablation_scale is None else ablation_scale)
+    rows.append({"method": "EluCD, no smoothing", "scale": a, "kwargs": {"softplus_beta": None}})
+    rows.append({"method": "EluCD, τ₂ = τ₁", "scale": a, "kwargs": {"marginal_temperature": 1.0}})
+    rows.append({"method": "EluCD, no boost", "scale": a, "kwargs": {"gamma": 0.0}})
+    return rows
+
+
+def noise(classes: Sequence[int], samples: int) -> torch.Tensor:
+    """Initial latents (len(classes) * samples, 4, 16, 16): sample ``i`` of class ``c`` from seed
+    ``NOISE_SEED + 1000 * c + i``."""
+    return torch.stack([torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(NOISE_SEED + 1000 * c + i))
+                        for c in classes for i in range(samples)])
+
+
+def _hooks(row: dict, classifier, labels):
+    import guidekit
+
+    if row["method"] == "unguided":
+        return []
+    if row["method"] == "ClassifierGuidance":
+        return [guidekit.ClassifierGuidance(classifier, labels, scale=row["scale"])]
+    from . import RECOMMENDED_ELUCD
+
+    kwargs = {**RECOMMENDED_ELUCD, **row["kwargs"], "scale": row["scale"]}
+    return [guidekit.EluCD(classifier, labels, **kwargs)]
+
+
+def render(pipe, row: dict, classifier, classes: Sequence[int], samples: int, steps: int = 25,
+           batch: int = 36) -> np.ndarray:
+    """Images float (N, 64, 64, 3) in [0, 1] of one row, classes × samples, from :func:`noise`."""
+    labels = [int(c) for c in classes for _ in range(samples)]
+    latents = noise(classes, samples).to(pipe.device)
+    out = []
+    for lo in range(0, len(labels), batch):
+        chunk = labels[lo:lo + batch]
+        hooks = _hooks(row, classifier, chunk)
+        images = pipe([""] * len(chunk), num_inference_steps=steps, guidance_scale=1.0, hooks=hooks,
+                      latents=latents[lo:lo + len(chunk)], output_type="np", height=64, width=64).images
+        out.append(np.clip(images, 0.0, 1.0))
+    return np.concatenate(out)
+
+
+def class_hits(judgements: Sequence[Judgement], labels: Sequence[int]) -> list[bool]:
+    """Per image: the judged shape colour and shape are the class's (``LABELS[label]``)."""
+    hits = []
+    for j, y in zip(judgements, labels):
+        colour, shape = LABELS[int(y)].split(" ")
+        hits.append(j.colour == colour and j.shape == shape)
+    return hits
+
+
+def centroid(judgement: Judgement) -> Optional[tuple[float, float]]:
+    """(x, y) pixel centroid of the judge's shape mask, or None when no shape was found."""
+    if judgement.mask is None or not judgement.mask.any():
+        return None
+    ys, xs = np.nonzero(judgement.mask)
+    return float(xs.mean()), float(ys.mean())
+
+
+def diversity(judgements: Sequence[Judgement], labels: Sequence[int]) -> dict:
+    """Per class, then averaged over classes: the number of distinct judged background colours, and the spread
+    of the shape centroids (the root mean of the x and y variances, pixels; classes with fewer than two shapes
+    found are left out). ``backgrounds_all``: distinct background colours over all images."""
+    by_class: dict = {}
+    for j, y in zip(judgements, labels):
+        by_class.setdefault(int(y), []).append(j)
+    backgrounds, spreads = [], []
+    for js in by_class.values():
+        backgrounds.append(len({j.background for j in js}))
+        points = [p for p in (centroid(j) for j in js) if p is not None]
+        if len(points) >= 2:
+            pts = np.array(points)
+            spreads.append(float(np.sqrt(pts.var(axis=0).mean())))
+    return {
+        "backgrounds": float(np.mean(backgrounds)) if backgrounds else float("nan"),
+        "backgrounds_all": len({j.background for j in judgements}),
+        "position_std": float(np.mean(spreads)) if spreads else float("nan"),
+    }
+
+
+def measure(images: np.ndarray, labels: Sequence[int]) -> dict:
+    """Class accuracy by the judge, mean shape fidelity and diversity of a set of images with their classes."""
+    judgements = judge_batch(images)
+    return {
+        "accuracy": float(np.mean(class_hits(judgements, labels))),
+        "fidelity": fidelity_summary(judgements)["fidelity"],
+        **diversity(judgements, labels),
+    }
+
+
+def run(pipe, classifier, scales: Sequence[float] = DEFAULT_SCALES, samples: int = 4,
+        classes: Optional[Sequence[int]] = None, steps: int = 25, ablation_scale: Optional[float] = None,
+        log: Callable[[str], None] = print) -> dict:
+    """Every row of :func:`method_rows`, measured. Returns ``{"rows": [...], ...}``."""
+    from . import RECOMMENDED_ELUCD
+
+    classes = list(range(len(LABELS))) if classes is None else [int(c) for c in classes]
+    labels = [c for c in classes for _ in range(samples)]
+    rows = []
+    for row in method_rows(scales, ablation_scale):
+        t0 = time.perf_counter()
+        images = render(pipe, row, classifier, classes, samples, steps)
+        seconds = time.perf_counter() - t0
+        result = {"method": row["method"], "scale": row["scale"], **{k: v for k, v in row["kwargs"].items()},
+                  **measure(images, labels), "seconds": round(seconds, 1)}
+        rows.append(result)
+        log(f"{row['method']} s={row['scale']:g}: accuracy {result['accuracy']:.3f} fidelity {result['fidelity']:.3f} "
+            f"backgrounds {result['backgrounds']:.2f} position std {result['position_std']:.2f} ({seconds:.0f} s)")
+    return {"classes": len(classes), "samples": samples, "steps": steps, "scales": list(map(float, scales)),
+            "elucd_settings": {k: v for k, v in RECOMMENDED_ELUCD.items() if k != "scale"}, "rows": rows}
+
+
+def pick_scale(result: dict, max_fidelity_drop: float = 0.03) -> Optional[float]:
+    """The EluCD scale with the best accuracy among those whose fidelity stays within `max_fidelity_drop` of
+    the unguided row's (ties: the smaller scale); None when no scale qualifies."""
+    base = next(r for r in result["rows"] if r["method"] == "unguided")["fidelity"]
+    ok = [r for r in result["rows"] if r["method"] == "EluCD" and r["fidelity"] >= base - max_fidelity_drop]
+    if not ok:
+        return None
+    return max(ok, key=lambda r: (r["accuracy"], -r["scale"]))["scale"]
+
+
+def markdown(result: dict) -> str:
+    lines = ["| method | scale | class accuracy (judge) | shape fidelity | backgrounds per class | "
+             "position std (px) | seconds |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        scale = "" if r["method"] == "unguided" else f"{r['scale']:g}"
+        lines.append(f"| {r['method']} | {scale} | {r['accuracy']:.1%} | {r['fidelity']:.3f} | {r['backgrounds']:.2f} | "
+                     f"{r['position_std']:.2f} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def save(result: dict, out) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval_elucd.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    (out / "eval_elucd.md").write_text(markdown(result) + "\n")
+    return out
