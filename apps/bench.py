@@ -280,7 +280,8 @@ def resnet50_classifier():
     return TransformersClassifier(model, image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225))
 
 
-def pixel_rows(steps: int = PIXEL_STEPS, repeats: int = PIXEL_REPEATS, size: int = PIXEL_SIZE, seed: int = 0) -> list[dict]:
+def pixel_rows(steps: int = PIXEL_STEPS, repeats: int = PIXEL_REPEATS, size: int = PIXEL_SIZE,
+               seed: int = 0) -> list[dict]:
     """Cost per step of EluCD against unguided sampling on a pixel UNet2DModel (DDPMScheduler, EluCD's own setting).
 
     The stock `DDPMPipeline` and `GuidedDDPMPipeline` with `EluCD(ResNet-50-size classifier)` share one UNet and

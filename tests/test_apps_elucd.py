@@ -177,14 +177,14 @@ def test_bench_prints_the_pixel_elucd_row(monkeypatch, tmp_path):
 
     def tiny_unet(size):
         torch.manual_seed(0)
-        return UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                           norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+        return UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                           layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
                            up_block_types=("UpBlock2D", "UpBlock2D"))
 
     monkeypatch.setattr(bench_mod, "pixel_unet", tiny_unet)
     monkeypatch.setattr(bench_mod, "resnet50_classifier", bench_mod.tiny_classifier)
-    monkeypatch.setattr(bench_mod, "_run_worker",
-                        lambda case, folder, steps, size: [{"case": case, "wall_s": 1.0, "cpu_s": 1.0, "peak_mib": 100.0}])
+    fake = {"wall_s": 1.0, "cpu_s": 1.0, "peak_mib": 100.0}
+    monkeypatch.setattr(bench_mod, "_run_worker", lambda case, folder, steps, size: [{"case": case, **fake}])
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(main, ["bench", "--models", "tiny", "--rounds", "1", "--no-uam", "--no-elucd",
                                        "--no-styleid", "--pixel", "--json", str(out)], catch_exceptions=False)
