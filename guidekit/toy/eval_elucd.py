@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 NOISE_SEED = 9000
-DEFAULT_SCALES = (2.0, 5.0, 10.0)
+DEFAULT_SCALES = (0.3, 1.0, 3.0)
 
 
 def method_rows(scales: Sequence[float], ablation_scale: Optional[float] = None) -> list[dict]:
@@ -69,9 +69,11 @@ def _hooks(row: dict, classifier, labels):
 
     if row["method"] == "unguided":
         return []
-    if row["method"] == "ClassifierGuidance":
-        return [guidekit.ClassifierGuidance(classifier, labels, scale=row["scale"])]
     from . import RECOMMENDED_ELUCD
+
+    if row["method"] == "ClassifierGuidance":  # the same schedule and step window as EluCD, uncalibrated
+        shared = {k: RECOMMENDED_ELUCD[k] for k in ("schedule", "input", "start", "stop") if k in RECOMMENDED_ELUCD}
+        return [guidekit.ClassifierGuidance(classifier, labels, scale=row["scale"], **shared)]
 
     kwargs = {**RECOMMENDED_ELUCD, **row["kwargs"], "scale": row["scale"]}
     return [guidekit.EluCD(classifier, labels, **kwargs)]
