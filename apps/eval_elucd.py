@@ -11,6 +11,8 @@ import json
 
 import click
 
+from guidekit.apps.cli import FiniteFloatRange
+
 
 def _scales(ctx, param, value):
     try:
@@ -30,7 +32,7 @@ def _scales(ctx, param, value):
 @click.option("--steps", type=click.IntRange(1, 1000), default=25, help="DDIM steps.")
 @click.option("--scales", default=None, callback=lambda c, p, v: None if v is None else _scales(c, p, v),
               help="Guidance scales of ClassifierGuidance and EluCD [default: RECOMMENDED_ELUCD's scale only].")
-@click.option("--ablation-scale", type=float, default=None, help="Scale of the ablation rows [default: the largest scale].")
+@click.option("--ablation-scale", type=FiniteFloatRange(min=0, min_open=True), default=None, help="Scale of the ablation rows [default: the largest scale].")
 @click.option("--threads", type=click.IntRange(1), default=1, help="torch CPU threads.")
 def eval_elucd(out, model, classifier, samples, steps, scales, ablation_scale, threads):
     """Unguided vs ClassifierGuidance vs EluCD (and its ablations) on the embedded model; prints the table."""
