@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "eval-apg": "guidekit.apps.eval_apg:eval_apg",
     "train-toy-classifier": "guidekit.apps.train_toy_classifier:train_toy_classifier",
     "eval-elucd": "guidekit.apps.eval_elucd:eval_elucd",
+    "eval-style": "guidekit.apps.eval_style:eval_style",
 }
 
 
