@@ -52,16 +52,10 @@ def _build_model(kind: str, folder: Path) -> None:
 def tiny_classifier(seed: int = 0):
     """A tiny random transformers ResNet (3 labels, ~10k parameters) as a `TransformersClassifier`: what EluCD
     costs on top of CFG is the VAE decode and the classifier's forward and backward passes per step."""
-    import torch
-    from transformers import ResNetConfig, ResNetForImageClassification
-
     from guidekit.guidance import TransformersClassifier
+    from guidekit.testing.classifiers import tiny_resnet_classifier
 
-    names = {0: "red", 1: "green", 2: "blue"}
-    config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
-                          hidden_act="relu", num_labels=3, id2label=names, label2id={v: k for k, v in names.items()})
-    torch.manual_seed(seed)
-    return TransformersClassifier(ResNetForImageClassification(config).eval(), image_mean=0.5, image_std=0.5)
+    return TransformersClassifier(tiny_resnet_classifier(seed).eval(), image_mean=0.5, image_std=0.5)
 
 
 def _hooks(case: str) -> list:
@@ -320,6 +314,16 @@ def pixel_rows(steps: int = PIXEL_STEPS, repeats: int = PIXEL_REPEATS, size: int
     }]
 
 
+def _echo_ratio_table(case_header: str, ratio_header: str, rows: list) -> None:
+    """Print rows of {"case", "wall_ratio", ...details} as a markdown table."""
+    click.echo("")
+    click.echo(f"| {case_header} | {ratio_header} | detail |")
+    click.echo("|---|---|---|")
+    for row in rows:
+        detail = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("case", "wall_ratio"))
+        click.echo(f"| {row['case']} | {row['wall_ratio']:.3f}x | {detail} |")
+
+
 @click.command(context_settings={"show_default": True})
 @click.option("--models", default="tiny,mid", help="Comma-separated: tiny (tiny SD), mid (~110M-parameter UNet).")
 @click.option("--rounds", type=click.IntRange(1, 50), default=4, help="Interleaved rounds (one process per case each).")
@@ -366,22 +370,12 @@ def bench(models, rounds, steps, json_out, uam, elucd, pixel, styleid):
         click.echo(format_elucd_table(elucd_summary))
     pixel_summary = pixel_rows() if pixel else []
     if pixel_summary:
-        click.echo("")
-        click.echo("| pixel EluCD case | wall per step vs unguided | detail |")
-        click.echo("|---|---|---|")
-        for row in pixel_summary:
-            detail = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("case", "wall_ratio"))
-            click.echo(f"| {row['case']} | {row['wall_ratio']:.3f}x | {detail} |")
+        _echo_ratio_table("pixel EluCD case", "wall per step vs unguided", pixel_summary)
     styleid_summary = []
     if styleid:
         model = "mid" if "mid" in chosen else "tiny"
         styleid_summary = styleid_rows(model, steps=steps, size=sizes[model])
-        click.echo("")
-        click.echo("| StyleID case | wall vs baseline | detail |")
-        click.echo("|---|---|---|")
-        for row in styleid_summary:
-            detail = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("case", "wall_ratio"))
-            click.echo(f"| {row['case']} | {row['wall_ratio']:.3f}x | {detail} |")
+        _echo_ratio_table("StyleID case", "wall vs baseline", styleid_summary)
     extra = []
     if uam:
         try:
@@ -390,12 +384,7 @@ def bench(models, rounds, steps, json_out, uam, elucd, pixel, styleid):
             uam_rows = None
         if uam_rows is not None:
             extra = uam_rows()
-            click.echo("")
-            click.echo("| UAM case | wall vs baseline | detail |")
-            click.echo("|---|---|---|")
-            for row in extra:
-                detail = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("case", "wall_ratio"))
-                click.echo(f"| {row['case']} | {row['wall_ratio']:.3f}x | {detail} |")
+            _echo_ratio_table("UAM case", "wall vs baseline", extra)
     if json_out:
         json_out.write_text(json.dumps({"summary": tables, "runs": raw, "elucd": elucd_summary, "pixel": pixel_summary,
                                          "styleid": styleid_summary,

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import List, Union
+from typing import Any, Dict, List, Union
 
 import numpy as np
 import PIL.Image
@@ -96,8 +96,18 @@ def prepare_image(image: ImageInput, vae_scale_factor: int, name: str = "image")
 
 
 class ImageLatentsMixin:
-    """Image input, VAE encode/decode and output conversion for a diffusers pipeline with `vae`, `unet`,
+    """Image input, VAE encode/decode, one UNet call and output conversion for a diffusers pipeline with `vae`, `unet`,
     `image_processor`, `vae_scale_factor` and `_execution_device`."""
+
+    def _unet_pred(self, latents: torch.Tensor, t: int, cond: Dict[str, Any]) -> torch.Tensor:
+        """One UNet call on `latents` with the conditioning rows `cond` (encoder states, SDXL added kwargs)."""
+        return self.unet(
+            latents.to(self.unet.dtype),
+            t,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            added_cond_kwargs=cond.get("added_cond_kwargs"),
+            return_dict=False,
+        )[0]
 
     #: Whether per-channel `latents_mean`/`latents_std` in the VAE config (Playground v2.5's SDXL VAE has them)
     #: normalise the latents. Each pipeline follows its stock counterpart: SDXL applies them, SD 1.x/2.x does not.

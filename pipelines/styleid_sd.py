@@ -166,15 +166,6 @@ class StyleIDPipelineMixin(ImageLatentsMixin, SharedComponentsMixin):
 
     # ------------------------------------------------------------------ model calls
 
-    def _unet_pred(self, latents: torch.Tensor, t: int, cond: Dict[str, Any]) -> torch.Tensor:
-        return self.unet(
-            latents.to(self.unet.dtype),
-            t,
-            encoder_hidden_states=cond["encoder_hidden_states"],
-            added_cond_kwargs=cond.get("added_cond_kwargs"),
-            return_dict=False,
-        )[0]
-
     def _invert_negative_guided(self, z0, levels, height: int, width: int, positive: str, negative: str, scale: float):
         """DDIM inversion of the clean latent z0 with ε̃ = ε(c⁺) + s·(ε(c⁺) − ε(c⁻)) (one UNet call of 2 rows
         per step; no features recorded). Returns z_T."""

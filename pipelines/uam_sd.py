@@ -169,15 +169,6 @@ class UAMPipelineMixin(ImageLatentsMixin, SharedComponentsMixin):
         index = torch.tensor([unique.index(p) for p in prompts])
         return _take(rows, index)
 
-    def _unet_pred(self, latents: torch.Tensor, t: int, cond: Dict[str, Any]) -> torch.Tensor:
-        return self.unet(
-            latents.to(self.unet.dtype),
-            t,
-            encoder_hidden_states=cond["encoder_hidden_states"],
-            added_cond_kwargs=cond.get("added_cond_kwargs"),
-            return_dict=False,
-        )[0]
-
     def _uam_scheduler(self, num_inference_steps: int) -> DDIMScheduler:
         """A DDIM scheduler with this pipeline's noise schedule (the user's scheduler is left untouched)."""
         scheduler = DDIMScheduler.from_config(self.scheduler.config)

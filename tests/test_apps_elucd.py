@@ -14,23 +14,9 @@ from guidekit.apps.cli import main
 @pytest.fixture(scope="module")
 def classifier_dir(tmp_path_factory):
     """A tiny random transformers ResNet with three named labels and its preprocessor config, saved to a folder."""
-    from transformers import ResNetConfig, ResNetForImageClassification
+    from guidekit.testing import CONVNEXT_PROCESSOR, make_tiny_classifier
 
-    torch.manual_seed(0)
-    names = {0: "red", 1: "green", 2: "blue"}
-    config = ResNetConfig(
-        num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", hidden_act="relu",
-        num_labels=3, id2label=names, label2id={v: k for k, v in names.items()},
-    )
-    folder = tmp_path_factory.mktemp("tiny-resnet")
-    ResNetForImageClassification(config).save_pretrained(str(folder))
-    processor = {
-        "image_processor_type": "ConvNextImageProcessor", "do_resize": True, "size": {"shortest_edge": 24},
-        "crop_pct": 0.875, "resample": 2, "do_rescale": True, "do_normalize": True,
-        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
-    }
-    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
-    return folder
+    return make_tiny_classifier(tmp_path_factory.mktemp("tiny-resnet"), processor=CONVNEXT_PROCESSOR)
 
 
 def generate(tiny_sd_dir, out, *extra):

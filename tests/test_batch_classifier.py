@@ -21,20 +21,9 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def classifier_dir(tmp_path_factory):
     """A tiny random transformers ResNet with three named labels and its preprocessor config, saved to a folder."""
-    from transformers import ResNetConfig, ResNetForImageClassification
+    from guidekit.testing import PLAIN_PROCESSOR, make_tiny_classifier
 
-    torch.manual_seed(0)
-    names = {0: "red", 1: "green", 2: "blue"}
-    config = ResNetConfig(
-        num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", hidden_act="relu",
-        num_labels=3, id2label=names, label2id={v: k for k, v in names.items()},
-    )
-    folder = tmp_path_factory.mktemp("tiny-resnet-batch")
-    ResNetForImageClassification(config).save_pretrained(str(folder))
-    processor = {"do_resize": True, "size": {"height": 24, "width": 24}, "do_normalize": True,
-                 "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
-    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
-    return folder
+    return make_tiny_classifier(tmp_path_factory.mktemp("tiny-resnet-batch"), processor=PLAIN_PROCESSOR)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import guidekit
 from guidekit.guidance import TorchClassifier, TransformersClassifier
 from guidekit.hooks import SamplerHook
 from guidekit.pipelines import GuidedStableDiffusionPipeline
+from guidekit.testing import TinyReLUClassifier
 from tolerance import assert_close_to_scale
 
 KW = dict(num_inference_steps=4, height=32, width=32, output_type="np")
@@ -41,20 +42,8 @@ def run(pipe, hooks=None, seed=0, prompt=PROMPT, **kw):
     return pipe(prompt, generator=torch.Generator().manual_seed(seed), hooks=hooks, **{**KW, **kw}).images
 
 
-class ConvNet(nn.Module):
-    """A tiny ReLU classifier with label names."""
-
-    id2label = {0: "red", 1: "green", 2: "blue"}
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(3)
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.relu = nn.ReLU()
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.fc(self.relu(self.conv(x)).mean(dim=(2, 3)))
+class ConvNet(TinyReLUClassifier):
+    """The tiny ReLU classifier, with its Softplus forward written out for the by-hand references."""
 
     def forward_smoothed(self, x, beta):
         return self.fc(F.softplus(self.conv(x), beta=beta).mean(dim=(2, 3)))
@@ -312,23 +301,10 @@ def test_argument_errors(name, value):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    from transformers import ResNetConfig, ResNetForImageClassification
+    """A tiny random transformers ResNet with three named labels and its preprocessor config, saved to a folder."""
+    from guidekit.testing import CONVNEXT_PROCESSOR, make_tiny_classifier
 
-    torch.manual_seed(0)
-    names = {0: "red", 1: "green", 2: "blue"}
-    config = ResNetConfig(
-        num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", hidden_act="relu",
-        num_labels=3, id2label=names, label2id={v: k for k, v in names.items()},
-    )
-    folder = tmp_path_factory.mktemp("tiny-resnet")
-    ResNetForImageClassification(config).save_pretrained(str(folder))
-    processor = {
-        "image_processor_type": "ConvNextImageProcessor", "do_resize": True, "size": {"shortest_edge": 24},
-        "crop_pct": 0.875, "resample": 2, "do_rescale": True, "do_normalize": True,
-        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
-    }
-    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
-    return folder
+    return make_tiny_classifier(tmp_path_factory.mktemp("tiny-resnet"), processor=CONVNEXT_PROCESSOR)
 
 
 def test_transformers_adapter_preprocesses_in_torch_as_its_config_says(hf_dir):

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
-from torch import nn
 
 import guidekit
 from guidekit.guidance import calibrated_log_prob, smooth_classifier
 from guidekit.hooks import SamplerHook
 from guidekit.pipelines import GuidedDDPMPipeline
+from guidekit.testing import TinyReLUClassifier
 
 KW = dict(num_inference_steps=4, output_type="np")
 
@@ -48,20 +48,7 @@ def run(pipe, seed=0, batch_size=2, **kw):
     return pipe(batch_size=batch_size, generator=torch.Generator().manual_seed(seed), **{**KW, **kw}).images
 
 
-class TinyClassifier(nn.Module):
-    """A ReLU classifier on images in [-1, 1]."""
-
-    id2label = {0: "red", 1: "green", 2: "blue"}
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(3)
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.relu = nn.ReLU()
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.fc(self.relu(self.conv(x)).mean(dim=(2, 3)))
+TinyClassifier = TinyReLUClassifier  # a ReLU classifier on images in [-1, 1]
 
 
 @pytest.mark.parametrize("scheduler", [None, DDIMScheduler], ids=["ddpm", "ddim"])

@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
-from torch import nn
+from diffusers import DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 
 import guidekit
 from guidekit.hooks import SamplerHook
 from guidekit.pipelines import GuidedDiTPipeline
+from guidekit.testing import TinyReLUClassifier, tiny_vae
 
 ID2LABEL = {0: "red square, scarlet square", 1: "green circle", 2: "blue triangle"}
 KW = dict(num_inference_steps=4, output_type="np")
@@ -31,17 +31,7 @@ def dit_dir(tmp_path_factory):
         out_channels=8,
         num_embeds_ada_norm=1000,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=16,
-    )
+    vae = tiny_vae(sample_size=16)
     DiTPipeline(transformer, vae, DDIMScheduler()).save_pretrained(folder)
     index = json.loads((folder / "model_index.json").read_text())
     index["id2label"] = {str(k): v for k, v in ID2LABEL.items()}  # the stock pipeline does not write it
@@ -118,20 +108,7 @@ def test_correction_sees_guided_eps(guided):
     assert set(record.types) == {"epsilon"}
 
 
-class TinyClassifier(nn.Module):
-    """A ReLU classifier on decoded images in [-1, 1]."""
-
-    id2label = {0: "red", 1: "green", 2: "blue"}
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(3)
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.relu = nn.ReLU()
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.fc(self.relu(self.conv(x)).mean(dim=(2, 3)))
+TinyClassifier = TinyReLUClassifier  # a ReLU classifier on images in [-1, 1]
 
 
 def test_elucd_runs_and_scale_zero_is_unguided(guided):

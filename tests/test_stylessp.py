@@ -10,20 +10,13 @@ from guidekit.hooks import SamplerHook, SamplerState
 from guidekit.inversion import ddim_levels
 from guidekit.latents import StyleSSP, frequency_start_point
 from guidekit.latents.stylessp import draw_noise
-from guidekit.pipelines import StyleIDStableDiffusionPipeline
 from guidekit.pipelines.styleid_sd import adain_latents
+from test_styleid import pipe  # noqa: F401  (the tiny StyleID pipeline, a shared fixture)
 
 torch.set_num_threads(1)
 
 STEPS = 3
 LATENT = (1, 4, 16, 16)
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_sd_dir):
-    p = StyleIDStableDiffusionPipeline.from_pretrained(tiny_sd_dir)
-    p.set_progress_bar_config(disable=True)
-    return p
 
 
 @pytest.fixture(scope="module")

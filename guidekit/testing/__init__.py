@@ -12,10 +12,17 @@ from .tiny import (
     sd_ddim_scheduler,
     tiny_sd_pipeline,
     tiny_sdxl_pipeline,
+    tiny_vae,
 )
+from .classifiers import CONVNEXT_PROCESSOR, PLAIN_PROCESSOR, TinyReLUClassifier, make_tiny_classifier
 from .tokenizer import build_clip_tokenizer
 
 __all__ = [
+    "CONVNEXT_PROCESSOR",
+    "PLAIN_PROCESSOR",
+    "TinyReLUClassifier",
+    "make_tiny_classifier",
+    "tiny_vae",
     "build_clip_tokenizer",
     "guidance_pairs",
     "make_tiny_sd",

@@ -46,7 +46,8 @@ def guidance_pairs(n_steps: int = 3, batch: int = 3, shape=(4, 6, 6), seed: int 
     return conds, unconds
 
 
-def _vae() -> AutoencoderKL:
+def tiny_vae(sample_size: int = 32) -> AutoencoderKL:
+    """A tiny random VAE (factor 2, 4 latent channels)."""
     return AutoencoderKL(
         block_out_channels=(8, 16),
         in_channels=3,
@@ -56,7 +57,7 @@ def _vae() -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=4,
         layers_per_block=1,
-        sample_size=32,
+        sample_size=sample_size,
     )
 
 
@@ -94,7 +95,7 @@ def make_tiny_sd(folder: str | os.PathLike, seed: int = 0, prediction_type: str 
     )
     pipe = StableDiffusionPipeline(
         unet=unet,
-        vae=_vae(),
+        vae=tiny_vae(),
         text_encoder=_text_encoder(32),
         tokenizer=build_clip_tokenizer(),
         scheduler=sd_ddim_scheduler(prediction_type),
@@ -128,7 +129,7 @@ def make_tiny_sdxl(folder: str | os.PathLike, seed: int = 0) -> Path:
     )
     pipe = StableDiffusionXLPipeline(
         unet=unet,
-        vae=_vae(),
+        vae=tiny_vae(),
         text_encoder=_text_encoder(32),
         text_encoder_2=_text_encoder(32, projection=32),
         tokenizer=build_clip_tokenizer(),
