@@ -42,7 +42,8 @@ from guidekit.apps.cli import FiniteFloatRange
 @click.option("--stop-after", type=FiniteFloatRange(min=0), default=None,
               help="Checkpoint and stop after this many seconds (resume later).")
 @click.option("--export-partial", is_flag=True,
-              help="With --stop-after: still write the (unfinished) EMA weights to --out.")
+              help="With --stop-after: a run stopped in the UNet or decoder phase still writes its (unfinished) "
+                   "EMA weights to --out.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def train_toy(out, ckpt_dir, device, seed, vae_steps, vae_batch, vae_lr, unet_arch, unet_steps, batch, lr, decoder_steps, decoder_lr, checkpoint_every, threads,
               workers, stop_after, export_partial, no_progress):

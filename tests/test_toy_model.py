@@ -135,10 +135,13 @@ def test_training_is_seeded_and_resumes_exactly(tmp_path):
     assert straight["finished"]
     first = train(tmp_path / "b", tmp_path / "ck-b", cfg, progress=False, stop_after=0)
     assert not first["finished"] and (first["phase"], first["step"]) == ("vae", 2)
+    # a phase boundary is a stop point too
     second = train(tmp_path / "b", tmp_path / "ck-b", cfg, progress=False, stop_after=0)
-    assert not second["finished"] and (second["phase"], second["step"]) == ("unet", 2)
-    third = train(tmp_path / "b", tmp_path / "ck-b", cfg, progress=False)
-    assert third["finished"]
+    assert not second["finished"] and (second["phase"], second["step"]) == ("unet", 0)
+    third = train(tmp_path / "b", tmp_path / "ck-b", cfg, progress=False, stop_after=0)
+    assert not third["finished"] and (third["phase"], third["step"]) == ("unet", 2)
+    fourth = train(tmp_path / "b", tmp_path / "ck-b", cfg, progress=False)
+    assert fourth["finished"]
     for part, name in [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
                        ("text_encoder", "model")]:
         a = load_file(tmp_path / "a" / part / f"{name}.safetensors")
@@ -147,3 +150,59 @@ def test_training_is_seeded_and_resumes_exactly(tmp_path):
     # a checkpoint made with other settings is refused, naming them
     with pytest.raises(ValueError, match="batch"):
         train(tmp_path / "c", tmp_path / "ck-a", TrainConfig(**{**cfg.__dict__, "batch": 8}), progress=False)
+
+
+def test_resume_may_change_settings_of_phases_not_begun(tmp_path):
+    """UNet variants can start from one trained VAE: a checkpoint stopped right after the VAE resumes with other
+    UNet settings and gives the weights of a straight run with those settings; VAE settings stay locked."""
+    from safetensors.torch import load_file
+
+    from guidekit.toy.train import TrainConfig, locked_settings, train
+
+    cfg = TrainConfig(vae_steps=2, vae_batch=2, unet_steps=4, batch=4, warmup=2, checkpoint_every=2, log_every=2,
+                      decoder_steps=2, psnr_images=4, scale_images=8)
+    other = TrainConfig(**{**cfg.__dict__, "batch": 2, "lr": 1e-3, "unet_steps": 2, "decoder_lr": 1e-4})
+    straight = train(tmp_path / "a", tmp_path / "ck-a", other, progress=False)
+    assert straight["finished"]
+    # stopped at the first checkpoint after the VAE phase: UNet phase at step 0
+    first = train(tmp_path / "b", tmp_path / "ck-b", cfg, progress=False, stop_after=0)
+    assert not first["finished"] and (first["phase"], first["step"]) == ("unet", 0)
+    state = torch.load(tmp_path / "ck-b" / "checkpoint.pt", weights_only=False)["state"]
+    assert (state["phase"], state["step"]) == ("unet", 0)
+    assert "batch" not in locked_settings(state) and "vae_lr" in locked_settings(state)
+    with pytest.raises(ValueError, match="vae_lr"):
+        train(tmp_path / "b", tmp_path / "ck-b", TrainConfig(**{**other.__dict__, "vae_lr": 2e-3}), progress=False)
+    resumed = train(tmp_path / "b", tmp_path / "ck-b", other, progress=False)
+    assert resumed["finished"] and resumed["config"]["batch"] == 2
+    for part, name in [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                       ("text_encoder", "model")]:
+        a = load_file(tmp_path / "a" / part / f"{name}.safetensors")
+        b = load_file(tmp_path / "b" / part / f"{name}.safetensors")
+        assert [k for k in a if not torch.equal(a[k], b[k])] == [], part
+    log = (tmp_path / "ck-b" / "train_log.jsonl").read_text()
+    assert "resumed_with_changed_settings" in log
+    # once the UNet phase has begun its settings are locked too
+    with pytest.raises(ValueError, match="batch"):
+        train(tmp_path / "b", tmp_path / "ck-b", cfg, progress=False)
+
+
+def test_export_partial_writes_weights_when_stopped_in_the_decoder_phase(tmp_path):
+    import json
+
+    from guidekit.toy.train import TrainConfig, train
+
+    cfg = TrainConfig(vae_steps=2, vae_batch=2, unet_steps=2, batch=2, warmup=1, checkpoint_every=2, log_every=2,
+                      decoder_steps=4, psnr_images=4, scale_images=8)
+    phases = []
+    for _ in range(5):
+        summary = train(tmp_path / "m", tmp_path / "ck", cfg, progress=False, stop_after=0, export_partial=True)
+        phases.append(summary.get("stopped_at_step") or {"phase": summary["phase"], "step": summary["step"]})
+        if phases[-1] == {"phase": "decoder", "step": 2}:  # stopped inside the decoder phase: weights written
+            written = json.loads((tmp_path / "m" / "training.json").read_text())
+            assert not written["finished"] and written["stopped_at_step"] == phases[-1]
+            assert (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+        if summary["finished"]:
+            break
+    assert phases[:4] == [{"phase": "unet", "step": 0}, {"phase": "decoder", "step": 0},
+                          {"phase": "decoder", "step": 2}, {"phase": "done", "step": 0}], phases
+    assert json.loads((tmp_path / "m" / "training.json").read_text())["finished"]

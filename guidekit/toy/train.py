@@ -72,6 +72,26 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
+# The settings each phase reads. A checkpoint resumes with other values only for phases it has not begun
+# (e.g. UNet variants from one trained VAE); bookkeeping (checkpoint_every, log_every) may always change.
+_PHASE_SETTINGS = {
+    "vae": ("seed", "vae_steps", "vae_batch", "vae_lr", "vae_kl_weight", "grad_clip", "psnr_images",
+            "scale_images", "unet_arch"),  # the UNet is built (and checkpointed) from the start
+    "unet": ("unet_steps", "batch", "lr", "warmup", "min_lr_fraction", "caption_dropout", "min_snr_gamma",
+             "ema_decay"),
+    "decoder": ("decoder_steps", "decoder_lr"),
+}
+_PHASES = ("vae", "unet", "decoder", "done")
+
+
+def locked_settings(state: dict) -> set[str]:
+    """Settings a checkpoint in ``state`` can no longer change: those of every phase it has begun."""
+    current = _PHASES.index(state["phase"])
+    begun = [ph for i, ph in enumerate(_PHASES[:3]) if i < current or (i == current and state["step"] > 0)]
+    # the VAE's settings are always locked: its phase starts the checkpoint (and seeds every later one)
+    return set().union(*(_PHASE_SETTINGS[ph] for ph in {"vae", *begun}))
+
+
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
@@ -153,8 +173,9 @@ def train(
     """Train (or resume) and write the pipeline folder to ``out``; returns the training summary.
 
     ``stop_after`` (seconds) checkpoints and returns early, for sessions that cannot finish in one go;
-    with ``export_partial`` a run stopped in the UNet phase still writes its EMA weights to ``out`` (marked
-    unfinished in training.json).
+    with ``export_partial`` a run stopped in the UNet or decoder phase still writes its EMA weights (and the decoder
+    as it stands) to ``out``, marked unfinished in training.json. Checkpoints are stop points, and so is the end of
+    each phase.
     """
     from tqdm.auto import tqdm
 
@@ -186,10 +207,16 @@ def train(
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         saved = TrainConfig.from_dict(ck["config"])
-        if asdict(saved) != asdict(config):
-            diff = {k: (v, getattr(config, k)) for k, v in asdict(saved).items() if getattr(config, k) != v}
-            raise ValueError(f"config: the checkpoint in {ckpt_dir} was made with other settings {diff}; "
-                             "use the same options or another --ckpt-dir")
+        locked = locked_settings(ck["state"])
+        diff = {k: (v, getattr(config, k)) for k, v in asdict(saved).items() if getattr(config, k) != v}
+        refused = {k: v for k, v in diff.items() if k in locked}
+        if refused:
+            raise ValueError(f"config: the checkpoint in {ckpt_dir} was made with other settings {refused} "
+                             "(checkpoint's, asked), used by phases it has begun; use the same options or "
+                             "another --ckpt-dir")
+        if diff:
+            _log(log_path, {"phase": ck["state"]["phase"], "step": ck["state"]["step"],
+                            "resumed_with_changed_settings": {k: {"was": a, "now": b} for k, (a, b) in diff.items()}})
         vae.load_state_dict(ck["vae"])
         unet.load_state_dict(ck["unet"])
         text_encoder.load_state_dict(ck["text_encoder"])
@@ -226,6 +253,19 @@ def train(
 
     def out_of_time():
         return stop_after is not None and time.perf_counter() - t_session > stop_after
+
+    def stopped_early():
+        """Return an unfinished summary; with ``export_partial`` past the VAE phase, also write the EMA weights
+        (and the decoder as it stands) to ``out``, marked unfinished in training.json."""
+        if not export_partial or state["phase"] == "vae":
+            return {"finished": False, **state}
+        with torch.no_grad():
+            for p, e in zip(params, ema):
+                p.copy_(e)
+        summary = export_pipeline(out, vae, text_encoder, tokenizer, unet, config, state, device)
+        summary["finished"] = False
+        (Path(out) / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
 
     # ---------------- phase 1: VAE ----------------
     if state["phase"] == "vae":
@@ -287,6 +327,8 @@ def train(
         _log(log_path, {"phase": "vae", "done": True, "psnr": psnr, "scaling_factor": scale})
         print(f"VAE: held-out PSNR {psnr:.2f} dB, latent scaling factor {scale:.4f}")
         save_checkpoint()
+        if out_of_time():  # a phase boundary is a stop point too (UNet variants can start from here)
+            return {"finished": False, **state}
 
     # ---------------- phase 2: UNet + text encoder ----------------
     if state["phase"] == "unet":
@@ -359,18 +401,12 @@ def train(
                 save_checkpoint()
                 if out_of_time() and step + 1 < config.unet_steps:
                     bar.close()
-                    if export_partial:
-                        with torch.no_grad():
-                            for p, e in zip(params, ema):
-                                p.copy_(e)
-                        summary = export_pipeline(out, vae, text_encoder, tokenizer, unet, config, state, device)
-                        summary["finished"] = False
-                        (Path(out) / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-                        return summary
-                    return {"finished": False, **state}
+                    return stopped_early()
         bar.close()
         state.update(phase="decoder" if config.decoder_steps > 0 else "done", step=0)
         save_checkpoint()
+        if out_of_time() and config.decoder_steps > 0:
+            return stopped_early()
 
     # ---------------- phase 3: decoder fine-tuning ----------------
     if state["phase"] == "decoder":
@@ -415,7 +451,7 @@ def train(
                 save_checkpoint()
                 if out_of_time() and not last:
                     bar.close()
-                    return {"finished": False, **state}
+                    return stopped_early()
         bar.close()
         vae.eval().requires_grad_(False)
         psnr = vae_psnr(vae, n=config.psnr_images, device=device)
