@@ -27,8 +27,9 @@ def _scales(ctx, param, value):
 @click.option("--num-prompts", type=click.IntRange(1, 270), default=48, help="Held-out prompts per setting and scale.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=25, help="DDIM steps.")
 @click.option("--scales", default="10,15,20", callback=_scales, help="Guidance scales.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
 @click.option("--threads", type=click.IntRange(1), default=1, help="torch CPU threads.")
-def eval_apg(out, model, num_prompts, steps, scales, threads):
+def eval_apg(out, model, num_prompts, steps, scales, device, threads):
     """Grid of APG settings vs CFG on the embedded model; prints the table and the recommended setting."""
     import torch
 
@@ -36,7 +37,9 @@ def eval_apg(out, model, num_prompts, steps, scales, threads):
     from guidekit.toy.evaluate import load_pipeline
 
     torch.set_num_threads(threads)
-    pipe = load_pipeline(model)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("cuda was asked for but torch sees no CUDA device", param_hint="--device")
+    pipe = load_pipeline(model, device)
     prompts = apg_grid.heldout_prompts(num_prompts)
     result = apg_grid.run_grid(pipe, prompts, scales=scales, steps=steps, log=click.echo)
     result["recommended"] = apg_grid.pick_recommended(result)
