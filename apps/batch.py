@@ -10,6 +10,9 @@ Examples::
 
     # Rerunning any of these skips finished images and redoes unfinished ones.
 
+    # Style transfer jobs (StyleID, or StyleID + StyleSSP) name two images, relative to the job file:
+    #   {"content_image": "content.png", "style_image": "style.png", "start_point": "stylessp"}
+
 Layout of --out::
 
     DIR/<name>-<key>-s<seed>.png   one finished image (written to a temporary file, then renamed)
@@ -35,7 +38,8 @@ from typing import Optional
 
 import click
 
-from .jobs import CLASSIFIER, GUIDANCE, ClassifierCache, Job, JobError, generate, job_key, read_jobs, resolve, to_pil
+from .jobs import (CLASSIFIER, GUIDANCE, STYLE, ClassifierCache, Job, JobError, generate, is_style, job_key, read_jobs,
+                   resolve, style_transfer, to_pil)
 
 LOCK = ".lock"
 MANIFEST = "manifest.jsonl"
@@ -133,8 +137,15 @@ class Item:
 
     @property
     def file(self) -> str:
-        prefix = self.job.params["name"] or _slug(self.params["prompt"])
+        prefix = self.job.params["name"] or _slug(_title(self.params))
         return f"{prefix}-{self.key}-s{self.seed}.png"
+
+
+def _title(params: dict) -> str:
+    """What a job makes, in words: its prompt, or "<content> in the style of <style>" for a style transfer."""
+    if is_style(params):
+        return f"{Path(params['content_image']).stem} in the style of {Path(params['style_image']).stem}"
+    return params["prompt"]
 
 
 def _slug(text: str, n: int = 32) -> str:
@@ -149,6 +160,11 @@ def _sha256(data: bytes) -> str:
 
 def a1111_parameters(params: dict, seed: int, model: dict) -> str:
     """The `parameters` PNG text chunk in the format most image tools read (A1111 style)."""
+    if is_style(params):
+        line = (f"Steps: {params['steps']}, Sampler: DDIM inversion (StyleID), Seed: {seed}, "
+                f"Size: {params['width']}x{params['height']}, Model: {model.get('id')}, ")
+        line += ", ".join(f"{k}: {params[k]}" for k in STYLE if k in params and params[k] is not None)
+        return f"{_title(params)}\n{line}"
     line = (f"Steps: {params['steps']}, Sampler: {model.get('scheduler', 'default')}, "
             f"CFG scale: {params['guidance_scale']}, Seed: {seed}, Size: {params['width']}x{params['height']}, "
             f"Model: {model.get('id')}, Guidance: {params['guidance']}")
@@ -387,6 +403,7 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
     # classifier's path, scale and calibration) is recorded and names the files like any other parameter.
     classifiers = ClassifierCache()
     classifier_ids: dict[str, dict] = {}
+    spipe = None  # the StyleID pipeline (the same modules) of style-transfer jobs, made at the first one
 
     # Expand jobs into one item per image; a job the model cannot run is a bad line too.
     items: list[Item] = []
@@ -439,7 +456,14 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
             params = chunk[0].params
             t0 = time.perf_counter()
             try:
-                images, nsfw = generate(pipe, params, [it.seed for it in chunk], classifiers=classifiers)
+                if is_style(params):
+                    if spipe is None:
+                        from .style import style_pipeline
+
+                        spipe = style_pipeline(pipe)
+                    images, nsfw = style_transfer(spipe, params, [it.seed for it in chunk], chunk[0].job.files), None
+                else:
+                    images, nsfw = generate(pipe, params, [it.seed for it in chunk], classifiers=classifiers)
             except Exception as e:  # one failed call must not lose the others
                 failed += len(chunk)
                 _say(f"line {chunk[0].job.line}: seeds {[it.seed for it in chunk]} failed: {type(e).__name__}: {e}")
@@ -452,7 +476,7 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
             dt = time.perf_counter() - t0
             for i, (it, image) in enumerate(zip(chunk, to_pil(images))):
                 # No local path or timing in the PNG: the same image is the same file on any process or machine.
-                meta = {"prompt": params["prompt"], "params": params, "seed": it.seed,
+                meta = {"prompt": _title(params), "params": params, "seed": it.seed,
                         "model": {k: v for k, v in ident.items() if k != "path"},
                         "guidekit_version": guidekit.__version__}
                 data = png_bytes(image, {"parameters": a1111_parameters(params, it.seed, ident),
@@ -561,6 +585,10 @@ def batch(jobs, out, model, strict, batch_size, dtype):
     Fields: prompt, negative_prompt, name, seed | seeds, steps, width, height, guidance (cfg|apg),
     guidance_scale, guidance_rescale (cfg), eta, norm_threshold, momentum, space, start, stop (apg),
     classifier, label, classifier_scale, calibration (EluCD classifier guidance, any method).
+    Style transfer jobs instead: content_image, style_image (paths relative to JOBS), start_point
+    (styleid|stylessp), content_prompt, style_prompt, gamma, temperature, alpha, negative_guidance (stylessp),
+    with name, seed | seeds, steps (default 50), e.g.
+      {"content_image": "a.png", "style_image": "b.png", "start_point": "stylessp", "style_prompt": "a red circle"}
     APG's eta / norm_threshold / momentum default to the embedded model's recommended setting
     (guidekit.toy.RECOMMENDED_APG) with that model, else to the paper's 0 / 15 / -0.5.
 

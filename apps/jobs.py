@@ -4,6 +4,11 @@ A job is one line of a JSONL file (or one row of a CSV file with a header)::
 
     {"prompt": "a red circle on a blue background", "seeds": "0-7", "guidance": "apg", "guidance_scale": 12}
 
+A style-transfer job (StyleID, optionally with StyleSSP's start point) names two images instead of a prompt;
+their paths are relative to the job file's folder::
+
+    {"content_image": "content.png", "style_image": "style.png", "start_point": "stylessp", "style_prompt": "..."}
+
 Field names are part of the public interface (scripts depend on them). Each guidance method adds its
 own parameters, named as its hook's arguments; a later method adds one entry to `GUIDANCE`.
 Nothing is clamped: a value out of bounds is an error that names the field, the value and the range.
@@ -38,6 +43,10 @@ __all__ = [
     "CLASSIFIER",
     "ClassifierCache",
     "resolve_classifier",
+    "STYLE",
+    "START_POINTS",
+    "is_style",
+    "style_transfer",
     "generate",
     "job_key",
     "fields_doc",
@@ -205,6 +214,48 @@ CLASSIFIER: dict[str, Param] = {p.name: p for p in [
           "plain: uncalibrated classifier guidance (guidekit.ClassifierGuidance).", choices=("elucd", "plain")),
 ]}
 
+#: Style-transfer jobs: StyleID (`StyleIDStableDiffusionPipeline.transfer`) of `content_image` in the style of
+#: `style_image`, from the plain StyleID start point or with `guidekit.StyleSSP`'s. Defaults: `guidekit style`'s.
+START_POINTS = ("styleid", "stylessp")
+#: The hook argument of StyleSSP's negative-guided inversion scale, which the job field is named after.
+STYLESSP_SCALE = "negative_guidance"
+STYLE: dict[str, Param] = {p.name: p for p in [
+    Param("content_image", str, None,
+          "Style transfer: the content image (a path relative to the job file's folder, or absolute). Its layout is "
+          "kept; the output has its size, a multiple of the model's VAE factor. Give it together with `style_image`; "
+          "such a job has no prompt or guidance fields."),
+    Param("style_image", str, None,
+          "Style transfer: the style image (relative to the job file's folder, or absolute); its size is a multiple "
+          "of the model's VAE factor too."),
+    Param("content_prompt", str, None,
+          "Style transfer: a caption of the content image, the positive side c+ of StyleSSP's negative-guided "
+          "inversion (\"\" when left out). Plain StyleID does not use it."),
+    Param("style_prompt", str, None,
+          "Style transfer: what the style image shows, the negative side c- of StyleSSP's negative-guided inversion; "
+          "without it StyleSSP uses its frequency start point only. Plain StyleID does not use it."),
+    Param("start_point", str, "stylessp",
+          "Style transfer: the sampling start point; styleid: StyleID's AdaIN start point; stylessp: StyleID + "
+          "guidekit.StyleSSP() (frequency manipulation, plus the negative-guided inversion with `style_prompt`).",
+          choices=START_POINTS),
+    Param("gamma", float, 0.75,
+          "Style transfer: StyleID query preservation; larger keeps more content (the paper's 0.75; its high style "
+          "fidelity setting: 0.3).", min=0.0, max=1.0),
+    Param("temperature", float, 1.5,
+          "Style transfer: StyleID attention temperature T > 0; > 1 sharpens the injected attention (the paper's "
+          "1.5).", min=0.0, max=100.0),
+    Param("alpha", float, 0.7,
+          "Style transfer, stylessp: factor on the lowest and highest frequencies of the start point; 1 turns the "
+          "frequency step off (StyleSSP's official 0.7).", min=0.0, max=1.0),
+    Param(STYLESSP_SCALE, float, None,
+          "Style transfer, stylessp: scale s of the negative-guided inversion (official w_inv 1.5 = s 0.5); 0 turns "
+          "it off. Default: 0.5 with `style_prompt`, else 0.", min=0.0, max=10.0),
+]}
+#: Fields of every job that a style-transfer job uses too (`steps` defaults to 50 there, StyleID's official).
+STYLE_SHARED = ("name", "steps")
+STYLE_STEPS = 50
+#: The StyleSSP-only fields.
+STYLESSP_ONLY = ("alpha", STYLESSP_SCALE)
+
 SEED_FIELDS = ("seed", "seeds")
 
 
@@ -212,7 +263,7 @@ def all_fields() -> list[str]:
     names = list(COMMON) + list(SEED_FIELDS)
     for g in GUIDANCE.values():
         names += [n for n in g.params if n not in names]
-    return names + list(CLASSIFIER)
+    return names + list(CLASSIFIER) + list(STYLE)
 
 
 def fields_doc() -> str:
@@ -228,6 +279,12 @@ def fields_doc() -> str:
     for p in CLASSIFIER.values():
         accepted = "an integer or a string" if p.name == "label" else p.bounds_text()
         rows.append(f"| `{p.name}` | {accepted} | {p.default!r} | {p.help} |")
+    for p in STYLE.values():
+        accepted = "an existing image file" if p.name.endswith("_image") else p.bounds_text()
+        if p.name == "temperature":
+            accepted = "a number in (0.0, 100.0]"
+        default = "per `style_prompt`" if p.name == STYLESSP_SCALE else repr(p.default)
+        rows.append(f"| `{p.name}` | {accepted} | {default} | {p.help} |")
     return "\n".join(rows)
 
 
@@ -290,10 +347,15 @@ class Job:
     raw: dict
     params: dict
     seeds: list[int] = field(default_factory=list)
+    #: A style-transfer job's images: {"content_image": absolute path, "style_image": absolute path}.
+    files: dict = field(default_factory=dict)
 
 
-def parse_job(raw: Any, line: int = 0) -> Job:
-    """Validate one job (a dict from JSON or CSV). Raises JobError naming the line and the field."""
+def parse_job(raw: Any, line: int = 0, base: Optional[Path] = None) -> Job:
+    """Validate one job (a dict from JSON or CSV). Raises JobError naming the line and the field.
+
+    `base`: the folder that relative image paths of a style-transfer job are relative to (the job file's
+    folder; None: the current folder)."""
     where = f"line {line}: " if line else ""
     if not isinstance(raw, dict):
         raise JobError(f"{where}expected a JSON object like {{\"prompt\": \"...\"}}, got {type(raw).__name__}")
@@ -301,6 +363,19 @@ def parse_job(raw: Any, line: int = 0) -> Job:
     unknown = [k for k in raw if k not in known]
     if unknown:
         raise JobError(f"{where}unknown field(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(all_fields())}")
+    files: dict = {}
+    if any(raw.get(k) is not None for k in STYLE):
+        if "seed" in raw and "seeds" in raw:
+            raise JobError(f"{where}seed and seeds: give one of them, not both")
+        params, files = _parse_style(raw, where, base)
+    else:
+        params = _parse_generation(raw, where)
+    seeds = _parse_job_seeds(raw, where)
+    return Job(line=line, raw=dict(raw), params=params, seeds=seeds, files=files)
+
+
+def _parse_generation(raw: dict, where: str) -> dict:
+    """The parameters of a text-to-image job (prompt, guidance method, optional classifier)."""
     if raw.get("prompt") in (None, ""):
         raise JobError(f"{where}prompt: required, a non-empty string")
     if "seed" in raw and "seeds" in raw:
@@ -325,7 +400,10 @@ def parse_job(raw: Any, line: int = 0) -> Job:
         raise JobError(f"{where}start/stop: start ({params['start']}) must be below stop ({params['stop']})")
 
     params.update(_parse_classifier(raw, where))
+    return params
 
+
+def _parse_job_seeds(raw: dict, where: str) -> list[int]:
     seed_value = raw.get("seeds", raw.get("seed", 0))
     if isinstance(seed_value, str) and "seed" in raw:
         seed_value = seed_value.strip()
@@ -335,8 +413,107 @@ def parse_job(raw: Any, line: int = 0) -> Job:
         seed_value = int(seed_value)
     elif "seed" in raw and not isinstance(seed_value, int):
         raise JobError(f"{where}seed: expected an integer in [0, 2**63-1], got {raw['seed']!r}")
-    seeds = parse_seeds(seed_value, where)
-    return Job(line=line, raw=dict(raw), params=params, seeds=seeds)
+    return parse_seeds(seed_value, where)
+
+
+def is_style(params: dict) -> bool:
+    """Whether `params` (of `parse_job`) are a style-transfer job's."""
+    return params.get("content_image") is not None
+
+
+_STYLE_ACCEPTED = ", ".join(list(STYLE) + list(STYLE_SHARED) + ["seed", "seeds"])
+
+
+def _parse_style(raw: dict, where: str, base: Optional[Path]) -> tuple[dict, dict]:
+    """A style-transfer job's parameters and its image files (absolute paths)."""
+    given = [k for k in raw if raw.get(k) is not None]
+    images = [k for k in ("content_image", "style_image") if k in given]
+    if not images:
+        names = [k for k in given if k in STYLE]
+        raise JobError(f"{where}{', '.join(names)}: only appl{'ies' if len(names) == 1 else 'y'} to style-transfer "
+                       "jobs; accepted: together with "
+                       "\"content_image\" and \"style_image\" (image files), or remove them")
+    if len(images) == 1:
+        missing = "style_image" if images == ["content_image"] else "content_image"
+        raise JobError(f"{where}{missing}: required with {images[0]}; accepted: an image file, its path relative to "
+                       "the job file's folder or absolute")
+    other = [k for k in given if k not in STYLE and k not in STYLE_SHARED and k not in SEED_FIELDS]
+    if other:
+        raise JobError(f"{where}{', '.join(other)}: not accepted in a style-transfer job (one with content_image and "
+                       f"style_image: the output has the content image's size, no prompt or guidance); accepted "
+                       f"there: {_STYLE_ACCEPTED}")
+    params: dict[str, Any] = {}
+    for name in STYLE_SHARED:
+        p = COMMON[name]
+        v = raw.get(name)
+        params[name] = (STYLE_STEPS if name == "steps" else p.default) if v is None else p.check(v, where)
+    if params["name"] is not None and not _NAME.match(params["name"]):
+        raise JobError(f"{where}name: expected 1-64 letters, digits, '.', '_' or '-', got {params['name']!r}")
+    for p in STYLE.values():
+        v = raw.get(p.name)
+        params[p.name] = p.default if v is None else p.check(v, where)
+    if params["temperature"] <= 0:
+        raise JobError(f"{where}temperature: expected a number in (0.0, 100.0], got {raw['temperature']!r}")
+    for name in ("content_prompt", "style_prompt"):
+        if params[name] is not None:
+            params[name] = params[name].strip() or None
+    if params["start_point"] == "styleid":
+        for name in STYLESSP_ONLY:
+            if raw.get(name) is not None:
+                raise JobError(f"{where}{name}: only applies to start_point 'stylessp', but this job has start_point "
+                               "'styleid'; remove it or set \"start_point\": \"stylessp\"")
+            del params[name]
+    else:
+        scale = params[STYLESSP_SCALE]
+        if scale is None:
+            params[STYLESSP_SCALE] = 0.5 if params["style_prompt"] else 0.0
+        elif scale > 0 and not params["style_prompt"]:
+            raise JobError(f"{where}{STYLESSP_SCALE}: {scale:g} needs style_prompt (what the style image shows, the "
+                           "negative side of the inversion guidance); accepted: a style_prompt, or 0")
+    files = {}
+    for name in ("content_image", "style_image"):
+        path, digest, (w, h) = _image_file(params[name], name, where, base)
+        try:
+            check_image_size(w, h, multiple_of=8, names=(f"{name} width", f"{name} height"))
+        except ValueError as e:
+            raise JobError(f"{where}{name}: {params[name]!r} is {w}x{h}; {e}") from None
+        files[name] = str(path)
+        params[f"{name}_sha256"] = digest
+        if name == "content_image":
+            params["width"], params["height"] = w, h  # the output has the content's size
+    return params, files
+
+
+_IMAGE_INFO: dict[tuple, tuple[str, tuple[int, int]]] = {}  # (path, mtime, size) -> (sha256, (w, h))
+
+
+def _image_file(value: str, name: str, where: str, base: Optional[Path]) -> tuple[Path, str, tuple[int, int]]:
+    """(absolute path, SHA-256 of the bytes, (width, height)) of a job's image file; JobError when it is missing
+    or not an image. Relative paths are relative to `base` (the job file's folder)."""
+    accepted = "an image file (PNG, JPEG, ...), its path relative to the job file's folder or absolute"
+    written = Path(value).expanduser()
+    path = (written if written.is_absolute() else (Path(base) if base is not None else Path.cwd()) / written).absolute()
+    if not value.strip() or not path.is_file():
+        what = "is not a file" if path.exists() else "not found"
+        at = "" if written.is_absolute() else f" (looked for {path})"
+        raise JobError(f"{where}{name}: {value!r} {what}{at}; accepted: {accepted}")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _IMAGE_INFO:
+        import PIL.Image
+
+        data = path.read_bytes()
+        try:
+            with PIL.Image.open(io.BytesIO(data)) as im:
+                im.load()
+                size = im.size
+        except (PIL.UnidentifiedImageError, OSError, ValueError) as e:
+            raise JobError(f"{where}{name}: {value!r} cannot be read as an image ({e}); accepted: {accepted}") from None
+        if len(_IMAGE_INFO) > 4096:
+            _IMAGE_INFO.clear()
+        _IMAGE_INFO[key] = (hashlib.sha256(data).hexdigest(), size)
+    digest, size = _IMAGE_INFO[key]
+    return path, digest, size
 
 
 def _parse_classifier(raw: dict, where: str) -> dict:
@@ -386,7 +563,9 @@ def _jsonl_rows(text: str):
 
 
 def read_jobs(path: str | Path) -> tuple[list[Job], list[tuple[int, str]]]:
-    """Parse a JSONL (default) or CSV (`.csv`) job file. Returns (jobs, [(line, error message), ...])."""
+    """Parse a JSONL (default) or CSV (`.csv`) job file. Returns (jobs, [(line, error message), ...]).
+
+    Image paths of style-transfer jobs are relative to the job file's folder."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -401,7 +580,7 @@ def read_jobs(path: str | Path) -> tuple[list[Job], list[tuple[int, str]]]:
             errors.append((line, err))
             continue
         try:
-            jobs.append(parse_job(raw, line))
+            jobs.append(parse_job(raw, line, base=path.parent))
         except JobError as e:
             errors.append((line, str(e)))
     return jobs, errors
@@ -533,7 +712,22 @@ def resolve(params: dict, pipe, where: str = "", images: int = 1, embedded: Opti
     model is the embedded one; None reads it from the pipeline's folder.
 
     A job with a classifier gets its `label` as the class id (`resolve_classifier`, loading the classifier
-    through `classifiers`: give one cache for a whole run so each classifier loads once)."""
+    through `classifiers`: give one cache for a whole run so each classifier loads once).
+
+    A style-transfer job has its size from its content image; it is checked the same way, and the model must
+    be a Stable Diffusion 1.x/2.x one (StyleID)."""
+    if is_style(params):
+        if not styleid_supported(pipe):
+            raise JobError(f"{where}content_image: style transfer (StyleID) needs a Stable Diffusion 1.x/2.x model, "
+                           f"not a {type(pipe).__name__}; accepted: such a model (--model)")
+        out = dict(params)
+        try:
+            check_image_size(out["width"], out["height"], multiple_of=math.lcm(8, vae_factor(pipe)),
+                             names=("content_image width", "content_image height"))
+            check_image_memory(pipe, out["width"], out["height"], images=1, name="content_image size")
+        except ValueError as e:
+            raise JobError(f"{where}{e}") from None
+        return out
     out = resolve_classifier(params, classifiers, where)
     for key in ("width", "height"):
         if out[key] is None:
@@ -554,6 +748,46 @@ def job_key(params: dict, model_id: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def styleid_supported(pipe) -> bool:
+    """Whether StyleID runs on `pipe`: Stable Diffusion 1.x/2.x pipelines only."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return isinstance(pipe, StableDiffusionPipeline) and not isinstance(pipe, StableDiffusionXLPipeline)
+
+
+def style_hooks(params: dict) -> list:
+    """The start-point hooks of a style-transfer job: none for "styleid", `guidekit.StyleSSP` for "stylessp"."""
+    if params["start_point"] != "stylessp":
+        return []
+    import guidekit
+
+    return [guidekit.StyleSSP(alpha=params["alpha"], **{STYLESSP_SCALE: params[STYLESSP_SCALE]})]
+
+
+def style_transfer(spipe, params: dict, seeds: Iterable[int], files: dict, generator_device: str = "cpu"):
+    """A style-transfer job's images: one `transfer` per seed on `spipe` (a `StyleIDStableDiffusionPipeline`;
+    `guidekit.apps.style.style_pipeline` makes one from a loaded pipeline), each with its own `torch.Generator`
+    (StyleSSP draws its start-point noise from it), so an image never depends on order or process count.
+    `files`: the job's image paths (`Job.files`). Returns float numpy images (N, H, W, 3) in [0, 1]."""
+    import numpy as np
+    import PIL.Image
+    import torch
+
+    images = {}
+    for name in ("content_image", "style_image"):
+        with PIL.Image.open(files[name]) as im:
+            images[name] = im.convert("RGB")
+    out = []
+    for seed in seeds:
+        result = spipe.transfer(
+            images["content_image"], images["style_image"], num_inference_steps=params["steps"],
+            gamma=params["gamma"], temperature=params["temperature"], hooks=style_hooks(params),
+            content_prompt=params.get("content_prompt"), style_prompt=params.get("style_prompt"),
+            generator=torch.Generator(device=generator_device).manual_seed(int(seed)), output_type="np")
+        out.append(np.asarray(result.images[0], dtype=np.float32))
+    return np.stack(out)
+
+
 def generate(pipe, params: dict, seeds: Iterable[int], generator_device: str = "cpu",
              classifiers: Optional[ClassifierCache] = None):
     """One pipeline call: an image per seed, each from its own `torch.Generator` (so an image never depends
@@ -563,6 +797,8 @@ def generate(pipe, params: dict, seeds: Iterable[int], generator_device: str = "
     run's cache; None: loaded for this call)."""
     import torch
 
+    if is_style(params):
+        raise JobError("content_image: a style-transfer job runs through style_transfer, not generate")
     seeds = list(seeds)
     if any(params.get(n) is None for n in MODEL_DEPENDENT.get(params["guidance"], ())):  # not through `resolve`
         params = apg_defaults(params, is_embedded_pipe(pipe))
