@@ -586,7 +586,8 @@ def batch(jobs, out, model, strict, batch_size, dtype):
     guidance_scale, guidance_rescale (cfg), eta, norm_threshold, momentum, space, start, stop (apg),
     classifier, label, classifier_scale, calibration (EluCD classifier guidance, any method).
     Style transfer jobs instead: content_image, style_image (paths relative to JOBS), start_point
-    (styleid|stylessp), content_prompt, style_prompt, gamma, temperature, alpha, negative_guidance (stylessp),
+    (styleid|stylessp), content_prompt, style_prompt, gamma, temperature, alpha, inversion_guidance_scale
+    (stylessp),
     with name, seed | seeds, steps (default 50), e.g.
       {"content_image": "a.png", "style_image": "b.png", "start_point": "stylessp", "style_prompt": "a red circle"}
     APG's eta / norm_threshold / momentum default to the embedded model's recommended setting

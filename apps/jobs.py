@@ -217,8 +217,8 @@ CLASSIFIER: dict[str, Param] = {p.name: p for p in [
 #: Style-transfer jobs: StyleID (`StyleIDStableDiffusionPipeline.transfer`) of `content_image` in the style of
 #: `style_image`, from the plain StyleID start point or with `guidekit.StyleSSP`'s. Defaults: `guidekit style`'s.
 START_POINTS = ("styleid", "stylessp")
-#: The hook argument of StyleSSP's negative-guided inversion scale, which the job field is named after.
-STYLESSP_SCALE = "negative_guidance"
+#: StyleSSP's negative-guided inversion scale w_inv, named as the hook's argument.
+STYLESSP_SCALE = "inversion_guidance_scale"
 STYLE: dict[str, Param] = {p.name: p for p in [
     Param("content_image", str, None,
           "Style transfer: the content image (a path relative to the job file's folder, or absolute). Its layout is "
@@ -247,8 +247,8 @@ STYLE: dict[str, Param] = {p.name: p for p in [
           "Style transfer, stylessp: factor on the lowest and highest frequencies of the start point; 1 turns the "
           "frequency step off (StyleSSP's official 0.7).", min=0.0, max=1.0),
     Param(STYLESSP_SCALE, float, None,
-          "Style transfer, stylessp: scale s of the negative-guided inversion (official w_inv 1.5 = s 0.5); 0 turns "
-          "it off. Default: 0.5 with `style_prompt`, else 0.", min=0.0, max=10.0),
+          "Style transfer, stylessp: w_inv of the negative-guided inversion eps(c-) + w_inv (eps(c+) - eps(c-)) "
+          "(StyleSSP's official 1.5); 1 turns it off. Default: 1.5 with `style_prompt`, else 1.", min=1.0, max=11.0),
 ]}
 #: Fields of every job that a style-transfer job uses too (`steps` defaults to 50 there, StyleID's official).
 STYLE_SHARED = ("name", "steps")
@@ -466,10 +466,11 @@ def _parse_style(raw: dict, where: str, base: Optional[Path]) -> tuple[dict, dic
     else:
         scale = params[STYLESSP_SCALE]
         if scale is None:
-            params[STYLESSP_SCALE] = 0.5 if params["style_prompt"] else 0.0
-        elif scale > 0 and not params["style_prompt"]:
+            params[STYLESSP_SCALE] = 1.5 if params["style_prompt"] else 1.0
+        elif scale > 1 and not params["style_prompt"]:
             raise JobError(f"{where}{STYLESSP_SCALE}: {scale:g} needs style_prompt (what the style image shows, the "
-                           "negative side of the inversion guidance); accepted: a style_prompt, or 0")
+                           "negative side of the inversion guidance); accepted: a style_prompt, or 1 (no "
+                           "negative-guided inversion)")
     files = {}
     for name in ("content_image", "style_image"):
         path, digest, (w, h) = _image_file(params[name], name, where, base)
@@ -761,7 +762,8 @@ def style_hooks(params: dict) -> list:
         return []
     import guidekit
 
-    return [guidekit.StyleSSP(alpha=params["alpha"], **{STYLESSP_SCALE: params[STYLESSP_SCALE]})]
+    w_inv = params[STYLESSP_SCALE]
+    return [guidekit.StyleSSP(alpha=params["alpha"], inversion_guidance_scale=w_inv, negative_inversion=w_inv > 1)]
 
 
 def style_transfer(spipe, params: dict, seeds: Iterable[int], files: dict, generator_device: str = "cpu"):

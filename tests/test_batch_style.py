@@ -60,17 +60,17 @@ IMAGES = {"content_image": "img/content.png", "style_image": "img/style.png"}
 def test_style_fields_parse_and_default(folder):
     job = parse_job({**IMAGES, "style_prompt": " a red circle ", "seeds": "0-1"}, line=2, base=folder)
     p = job.params
-    assert (p["start_point"], p["steps"], p["gamma"], p["temperature"], p["alpha"], p["negative_guidance"]) == \
-        ("stylessp", 50, 0.75, 1.5, 0.7, 0.5)  # `guidekit style`'s defaults
+    assert (p["start_point"], p["steps"], p["gamma"], p["temperature"], p["alpha"], p["inversion_guidance_scale"]) \
+        == ("stylessp", 50, 0.75, 1.5, 0.7, 1.5)  # `guidekit style`'s defaults (w_inv 1.5: its scale 0.5)
     assert p["style_prompt"] == "a red circle" and p["content_prompt"] is None
     assert (p["width"], p["height"]) == (SIZE, SIZE) and job.seeds == [0, 1]
     assert p["content_image"] == "img/content.png"  # as written: the same key on any machine
     assert job.files["content_image"] == str(folder / "img" / "content.png") and len(p["style_image_sha256"]) == 64
     assert not {"prompt", "guidance", "guidance_scale"} & set(p)
     # no style prompt: frequency start point only; plain StyleID has no StyleSSP fields
-    assert parse_job(IMAGES, base=folder).params["negative_guidance"] == 0.0
+    assert parse_job(IMAGES, base=folder).params["inversion_guidance_scale"] == 1.0
     plain = parse_job({**IMAGES, "start_point": "styleid", "gamma": 0.3, "steps": 4}, base=folder).params
-    assert "alpha" not in plain and "negative_guidance" not in plain and plain["gamma"] == 0.3
+    assert "alpha" not in plain and "inversion_guidance_scale" not in plain and plain["gamma"] == 0.3
     # text-to-image jobs keep their parameters (and keys) as before
     assert "content_image" not in parse_job({"prompt": "x"}).params
     doc = fields_doc()
@@ -113,7 +113,9 @@ def test_paths_are_relative_to_the_job_file(folder, tmp_path, monkeypatch):
     ({"content_image": "img/content.png"}, "line 3: style_image: required with content_image"),
     ({**IMAGES, "start_point": "styleid", "alpha": 0.5},
      "line 3: alpha: only applies to start_point 'stylessp', but this job has start_point 'styleid'"),
-    ({**IMAGES, "negative_guidance": 0.5}, "line 3: negative_guidance: 0.5 needs style_prompt"),
+    ({**IMAGES, "inversion_guidance_scale": 1.5}, "line 3: inversion_guidance_scale: 1.5 needs style_prompt"),
+    ({**IMAGES, "style_prompt": "x", "inversion_guidance_scale": 0.5},
+     r"line 3: inversion_guidance_scale: expected a number in [1.0, 11.0], got 0.5"),
     ({**IMAGES, "gamma": 2}, r"line 3: gamma: expected a number in [0.0, 1.0], got 2"),
     ({**IMAGES, "temperature": 0}, "line 3: temperature: expected a number in (0.0, 100.0], got 0"),
     ({**IMAGES, "seed": 1, "seeds": "0-1"}, "line 3: seed and seeds: give one of them, not both"),
@@ -150,7 +152,7 @@ def test_style_jobs_generate_record_and_resume(folder, tmp_path, tiny_pipe, tiny
     assert sorted(rows) == [(1, 0), (1, 1), (2, 0), (4, 0)]
     first = rows[1, 0]
     assert first["file"].startswith("content-in-the-style-of-style-") and rows[2, 0]["file"].startswith("plain-")
-    assert first["params"]["start_point"] == "stylessp" and first["params"]["negative_guidance"] == 0.5
+    assert first["params"]["start_point"] == "stylessp" and first["params"]["inversion_guidance_scale"] == 1.5
     assert first["job"]["content_image"] == "img/content.png"
     for r in rows.values():
         assert batch_mod._sha256((out / r["file"]).read_bytes()) == r["sha256"]
@@ -160,7 +162,7 @@ def test_style_jobs_generate_record_and_resume(folder, tmp_path, tiny_pipe, tiny
     assert "content in the style of style" in png.text["parameters"] and "start_point: stylessp" in png.text["parameters"]
     assert str(folder) not in png.text["guidekit"]  # no local path in the image
 
-    # The images are the library's: StyleID + StyleSSP(alpha, negative_guidance) with the seed's generator.
+    # The images are the library's: StyleID + StyleSSP (alpha 0.7, w_inv 1.5) with the seed's generator.
     content, style = (Image.open(folder / IMAGES[k]).convert("RGB") for k in ("content_image", "style_image"))
     spipe = style_pipeline(tiny_pipe)
     expected = spipe.transfer(content, style, num_inference_steps=2, hooks=[guidekit.StyleSSP(alpha=0.7)],
