@@ -107,7 +107,8 @@ def run_transfer(spipe, content, style, *, stylessp: bool, steps: int = 50, gamm
 
     hooks = []
     if stylessp:
-        hooks = [guidekit.StyleSSP(alpha=alpha, negative_guidance=negative_scale_for(negative_scale, style_prompt))]
+        s = negative_scale_for(negative_scale, style_prompt)  # s = w_inv − 1; 0 turns the negative inversion off
+        hooks = [guidekit.StyleSSP(alpha=alpha, inversion_guidance_scale=1.0 + s, negative_inversion=s > 0)]
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     out = spipe.transfer(content, style, num_inference_steps=steps, gamma=gamma, temperature=temperature,
                          hooks=hooks, style_prompt=style_prompt or None, generator=generator)

@@ -70,7 +70,7 @@ def test_exports():
 
 
 def test_start_point_filters_the_inverted_content_latent_before_adain(pipe, images):
-    hook = StyleSSP(negative_guidance=0)
+    hook = StyleSSP(negative_inversion=False)
     out, rec = _run(pipe, images, hooks=[hook])
     ex = rec.extras
     assert torch.equal(ex["content_start_zT"], ex["content_zT"])  # no guided inversion at scale 0
@@ -85,20 +85,20 @@ def test_start_point_filters_the_inverted_content_latent_before_adain(pipe, imag
         torch.testing.assert_close(stat(expected).double(), stat(ex["style_zT"]).double(), atol=1e-4, rtol=1e-4)
 
     # the other order filters the AdaIN start; without AdaIN both filter the content's z_T
-    out, rec = _run(pipe, images, hooks=[StyleSSP(negative_guidance=0, order="adain_first")])
+    out, rec = _run(pipe, images, hooks=[StyleSSP(negative_inversion=False, order="adain_first")])
     assert torch.equal(out.start_latents, frequency_start_point(adain_latents(ex["content_zT"], ex["style_zT"]), _noise()))
     for order in ("frequency_first", "adain_first"):
-        out, _ = _run(pipe, images, hooks=[StyleSSP(negative_guidance=0, order=order)], init_adain=False)
+        out, _ = _run(pipe, images, hooks=[StyleSSP(negative_inversion=False, order=order)], init_adain=False)
         assert torch.equal(out.start_latents, frequency_start_point(ex["content_zT"], _noise()))
     # non-default parameters reach frequency_start_point
     params = dict(alpha=0.4, d_s=0.5, d_t=0.7, d_l=0.6, range_over="batch")
-    out, _ = _run(pipe, images, hooks=[StyleSSP(negative_guidance=0, **params)], init_adain=False)
+    out, _ = _run(pipe, images, hooks=[StyleSSP(negative_inversion=False, **params)], init_adain=False)
     assert torch.equal(out.start_latents, frequency_start_point(ex["content_zT"], _noise(), **params))
 
 
 def test_alpha_one_and_frequency_off_are_exactly_styleid(pipe, images):
     base, _ = _run(pipe, images)
-    for hook in (StyleSSP(alpha=1.0, negative_guidance=0), StyleSSP(frequency=False, negative_guidance=0)):
+    for hook in (StyleSSP(alpha=1.0, negative_inversion=False), StyleSSP(frequency=False, negative_inversion=False)):
         out, _ = _run(pipe, images, hooks=[hook])
         assert torch.equal(out.start_latents, base.start_latents)
         assert torch.equal(out.images, base.images)
@@ -110,7 +110,7 @@ def test_per_sample_generators_make_samples_independent_of_the_batch():
 
     def start(latents, seeds):
         state = SamplerState(num_steps=1, scheduler=None, generator=[torch.Generator().manual_seed(s) for s in seeds])
-        return StyleSSP(negative_guidance=0).init_latents(state, latents)
+        return StyleSSP(negative_inversion=False).init_latents(state, latents)
 
     batch = start(z, [10, 11, 12])
     for i, seed in enumerate((10, 11, 12)):
@@ -124,9 +124,9 @@ def test_per_sample_generators_make_samples_independent_of_the_batch():
 
 
 def test_list_generator_in_the_pipeline(pipe, images):
-    a = pipe.transfer(*images, num_inference_steps=2, hooks=[StyleSSP(negative_guidance=0)], output_type="pt",
+    a = pipe.transfer(*images, num_inference_steps=2, hooks=[StyleSSP(negative_inversion=False)], output_type="pt",
                       generator=torch.Generator().manual_seed(7))
-    b = pipe.transfer(*images, num_inference_steps=2, hooks=[StyleSSP(negative_guidance=0)], output_type="pt",
+    b = pipe.transfer(*images, num_inference_steps=2, hooks=[StyleSSP(negative_inversion=False)], output_type="pt",
                       generator=[torch.Generator().manual_seed(7)])
     assert torch.equal(a.images, b.images)
 
@@ -162,6 +162,21 @@ def test_guided_inversion_differs_and_costs_one_inversion_of_two_rows(pipe, imag
     far, rec2 = _run(pipe, images, negative_inversion_scale=2.0, style_prompt="a dog")
     gap = lambda r: float((r.extras["content_start_zT"] - r.extras["content_zT"]).norm())  # noqa: E731
     assert gap(rec2) > gap(rec) > 0
+
+
+def test_inversion_guidance_scale_is_w_inv_and_the_deprecated_alias_is_s(pipe, images):
+    """StyleSSP(inversion_guidance_scale=w) asks `transfer` for s = w − 1; negative_guidance=s (deprecated, with
+    a FutureWarning) gives the same images, and negative_guidance=0 the same as negative_inversion=False."""
+    explicit, _ = _run(pipe, images, negative_inversion_scale=1.0, style_prompt="a dog")
+    hooked, rec = _run(pipe, images, hooks=[StyleSSP(alpha=1.0, inversion_guidance_scale=2.0)], style_prompt="a dog")
+    assert rec.extras["negative_inversion_scale"] == 1.0 and torch.equal(hooked.images, explicit.images)
+    with pytest.warns(FutureWarning, match="inversion_guidance_scale=1 \\+ s"):
+        alias = StyleSSP(alpha=1.0, negative_guidance=1.0)
+    assert torch.equal(_run(pipe, images, hooks=[alias], style_prompt="a dog")[0].images, explicit.images)
+    with pytest.warns(FutureWarning):
+        off = StyleSSP(negative_guidance=0)
+    new, _ = _run(pipe, images, hooks=[StyleSSP(negative_inversion=False)])
+    assert torch.equal(_run(pipe, images, hooks=[off])[0].images, new.images)
 
 
 def test_one_step_guided_inversion_moves_along_the_positive_minus_negative_direction(pipe, images):
@@ -214,9 +229,11 @@ def test_one_step_guided_inversion_moves_along_the_positive_minus_negative_direc
         (dict(filter_type="ideal"), "not implemented"),
         (dict(filter_type="nope"), "filter_type"),
         (dict(range_over="all"), "range_over"),
-        (dict(negative_guidance=-0.5), "negative_guidance"),
-        (dict(negative_guidance=float("inf")), "negative_guidance"),
+        (dict(inversion_guidance_scale=-0.5), "inversion_guidance_scale"),
+        (dict(inversion_guidance_scale=0.9), "inversion_guidance_scale"),
+        (dict(inversion_guidance_scale=float("inf")), "inversion_guidance_scale"),
         (dict(frequency=1), "frequency"),
+        (dict(negative_inversion=None), "negative_inversion"),
         (dict(order="last"), "order"),
     ],
 )
@@ -231,7 +248,7 @@ def test_call_errors_before_any_model_call(pipe, images, counter):
         (dict(negative_inversion_scale=0.5), "style_prompt: None"),
         (dict(negative_inversion_scale=-1, style_prompt="a dog"), "negative_inversion_scale"),
         (dict(negative_inversion_scale=float("nan"), style_prompt="a dog"), "negative_inversion_scale"),
-        (dict(hooks=[StyleSSP(), StyleSSP(negative_guidance=1.0)], style_prompt="a dog"), "different negative"),
+        (dict(hooks=[StyleSSP(), StyleSSP(inversion_guidance_scale=2.0)], style_prompt="a dog"), "different negative"),
     ]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
@@ -240,4 +257,4 @@ def test_call_errors_before_any_model_call(pipe, images, counter):
     # a pipeline without the negative-guided inversion refuses a hook that asks for it
     with pytest.raises(ValueError, match="does not run"):
         StyleSSP().validate(SamplerState(num_steps=1, scheduler=None, extras={"style_prompt": "a dog"}))
-    StyleSSP(negative_guidance=0).validate(SamplerState(num_steps=1, scheduler=None))
+    StyleSSP(negative_inversion=False).validate(SamplerState(num_steps=1, scheduler=None))

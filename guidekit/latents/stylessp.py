@@ -1,22 +1,24 @@
-"""StyleSSP as a sampler hook: the frequency-manipulated start point, and the switch for the negative-guided
-inversion of the content.
+"""StyleSSP as a sampler hook: the frequency-manipulated start point, the switch for the negative-guided
+inversion of the content, and `StyleSSP.start_point` for any Stable Diffusion / SDXL pipeline.
 
 StyleSSP (Xu, Xi, Wang, Mao, Cheng; "StyleSSP: Sampling StartPoint Enhancement for Training-free Diffusion-based
 Method for Style Transfer", CVPR 2025, arXiv 2501.11319) changes only the sampling start point z_T of an
 inversion-based style transfer, in two ways (METHODS.md §5):
 
-1. *negative-guided inversion*: the content is inverted with classifier-free guidance whose negative side
-   describes what the style image shows, so the start point is pushed away from the style image's content
-   (less content leakage). The inversion runs inside the pipeline (`StyleIDStableDiffusionPipeline.transfer`,
-   argument ``negative_inversion_scale``); this hook only asks for it through its `negative_inversion_scale`
-   attribute.
+1. *negative-guided inversion*: the content is inverted with classifier-free guidance
+   ε(c⁻) + w_inv·(ε(c⁺) − ε(c⁻)) whose negative side c⁻ describes what the style image shows, so the start point
+   is pushed away from the style image's content (less content leakage). In `StyleIDStableDiffusionPipeline.transfer`
+   the pipeline runs it, asked for through this hook's `negative_inversion_scale`; `StyleSSP.start_point` runs it
+   itself on any diffusers SD 1.x/2.x or SDXL pipeline.
 2. *frequency manipulation*: the inverted content latent is filtered by `frequency_start_point` (its lowest and
-   highest 3-D FFT bands scaled by α, range-matched noise added); this hook does it in `init_latents`.
+   highest 3-D FFT bands scaled by α, range-matched noise added); this hook does it in `init_latents` and at the
+   end of `start_point`.
 """
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+import warnings
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -24,14 +26,26 @@ from ..checks import check_choice, check_number
 from ..hooks import SamplerHook, SamplerState
 from .frequency import RANGE_MODES, _check_filter_type, _check_stop_frequency, frequency_start_point
 
-__all__ = ["StyleSSP", "ORDERS", "DEFAULT_NEGATIVE_GUIDANCE"]
+__all__ = ["StyleSSP", "ORDERS", "DEFAULT_INVERSION_GUIDANCE_SCALE", "DEFAULT_NEGATIVE_GUIDANCE"]
 
 #: Where the frequency manipulation goes relative to StyleID's AdaIN of the start point.
 ORDERS = ("frequency_first", "adain_first")
 
-#: s = w_inv − 1 for the official inversion guidance scale w_inv = 1.5 (bytedance/StyleSSP src/config.py
-#: ``inv_guidance_scale``): ε(c⁻) + w_inv·(ε(c⁺) − ε(c⁻)) = ε(c⁺) + (w_inv − 1)·(ε(c⁺) − ε(c⁻)).
-DEFAULT_NEGATIVE_GUIDANCE = 0.5
+#: The official inversion guidance scale w_inv of ε(c⁻) + w_inv·(ε(c⁺) − ε(c⁻)) (bytedance/StyleSSP
+#: src/config.py ``inv_guidance_scale``).
+DEFAULT_INVERSION_GUIDANCE_SCALE = 1.5
+
+#: s = w_inv − 1, the same guidance written ε(c⁺) + s·(ε(c⁺) − ε(c⁻)): the scale the StyleID pipeline's
+#: ``negative_inversion_scale`` and the deprecated ``negative_guidance`` argument take.
+DEFAULT_NEGATIVE_GUIDANCE = DEFAULT_INVERSION_GUIDANCE_SCALE - 1.0
+
+
+class _DefaultScale(float):
+    """The default of `inversion_guidance_scale`, told apart from the same number passed by the caller (so that
+    passing it together with the deprecated `negative_guidance` is refused)."""
+
+
+_W_INV_DEFAULT = _DefaultScale(DEFAULT_INVERSION_GUIDANCE_SCALE)
 
 GeneratorInput = Union[None, torch.Generator, Sequence[torch.Generator]]
 
@@ -62,20 +76,32 @@ def draw_noise(shape, generator: GeneratorInput, device) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=where, dtype=torch.float32).to(device)
 
 
-class StyleSSP(SamplerHook):
-    r"""StyleSSP's start point (Xu et al., CVPR 2025) for `StyleIDStableDiffusionPipeline.transfer`.
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: {value!r} is not accepted; accepted: True or False")
+    return value
 
-    Usage: ``pipe.transfer(content, style, style_prompt="a lighthouse", hooks=[guidekit.StyleSSP()])``;
+
+class StyleSSP(SamplerHook):
+    r"""StyleSSP's start point (Xu et al., CVPR 2025): for `StyleIDStableDiffusionPipeline.transfer`, and through
+    `start_point` for any diffusers Stable Diffusion 1.x/2.x or SDXL pipeline that accepts ``latents=``.
+
+    Usage:
+
+    * StyleID: ``pipe.transfer(content, style, style_prompt="a lighthouse", hooks=[guidekit.StyleSSP()])``;
+    * any SD/SDXL pipeline: ``z = guidekit.StyleSSP().start_point(pipe, content, prompt=..., style_prompt=...)``,
+      then ``pipe(prompt, latents=z, ...)`` with a DDIM scheduler (see `start_point`).
+
     `style_prompt` says what the style image shows (the negative of the inversion guidance).
 
     What it does in `transfer` (defaults from the official bytedance/StyleSSP code, METHODS.md §5):
 
     1. Negative-guided inversion of the content (done by the pipeline, asked for through
-       `negative_inversion_scale`): each DDIM inversion step uses
-       ε̃ = ε(z, c⁺) + s·(ε(z, c⁺) − ε(z, c⁻)), with c⁺ the pipeline's ``content_prompt`` ("" when None) and
-       c⁻ its ``style_prompt``. This is the official ε(c⁻) + w_inv·(ε(c⁺) − ε(c⁻)) with s = w_inv − 1; the
-       official w_inv = 1.5 gives the default s = 0.5. The plain inversions still supply StyleID's injected
-       features; only the start point comes from the guided one.
+       `negative_inversion_scale`): each DDIM inversion step uses the official
+       ε̃ = ε(z, c⁻) + w_inv·(ε(z, c⁺) − ε(z, c⁻)), written there as ε(z, c⁺) + s·(ε(z, c⁺) − ε(z, c⁻)) with
+       s = w_inv − 1, c⁺ the pipeline's ``content_prompt`` ("" when None) and c⁻ its ``style_prompt``. The
+       official w_inv = 1.5 (s = 0.5). The plain inversions still supply StyleID's injected features; only the
+       start point comes from the guided one.
     2. Frequency manipulation (`frequency_start_point`) of the latent the official code filters: the content's
        inverted latent z_T (the negative-guided one), *before* StyleID's AdaIN. The official code has no AdaIN
        (it is built on InstantStyle-Plus), so ``order="frequency_first"`` (default) keeps its input and puts
@@ -87,39 +113,54 @@ class StyleSSP(SamplerHook):
     generator's device. A list of generators gives one per sample, so a sample's start point never depends on
     the batch it is in (see also `range_over`).
 
-    In pipelines other than StyleID's (no ``content_zT`` in `state.extras`), `init_latents` filters the start
-    latent it receives, and a positive `negative_guidance` is refused (no such inversion there).
+    In hooked pipelines other than StyleID's (no ``content_zT`` in `state.extras`), `init_latents` filters the
+    start latent it receives, and the negative-guided inversion is refused there (no such inversion runs):
+    pass ``negative_inversion=False``, or use `start_point`.
 
-    Args:
+    Args (all keyword-only):
+        d_s (`float`, defaults to `0.3`): stop frequency of the low-pass part of the mask, in (0, 1].
+        d_t (`float`, defaults to `0.9`): stop frequency of the high-pass part of the mask, in (0, 1].
         alpha (`float`, defaults to `0.7`): α in [0, 1], the factor on the lowest and highest frequencies; 1
             turns the frequency step off exactly (the official 0.7).
-        d_s, d_t, d_l (`float`, default `0.3`, `0.9`, `0.3`): stop frequencies of the low-pass, high-pass and
-            channel parts of the mask, in (0, 1] (the official values; d_l is fixed in the official code).
+        inversion_guidance_scale (`float`, defaults to `1.5`): w_inv ≥ 1 of the negative-guided inversion
+            ε(c⁻) + w_inv·(ε(c⁺) − ε(c⁻)) (the official 1.5); larger pushes the start point further from c⁻.
+            1 asks for no negative push (s = 0): `transfer` then runs its plain inversion, `start_point` inverts
+            with ε(c⁺) alone. Below 1 would pull the start towards the style image's content and is refused.
+        frequency (`bool`, defaults to `True`): False skips the frequency step (negative inversion only).
+        negative_inversion (`bool`, defaults to `True`): False turns the negative-guided inversion off (the
+            plain inversion's z_T is filtered; no ``style_prompt`` needed).
+        d_l (`float`, defaults to `0.3`): stop frequency of the channel axis of the mask, in (0, 1] (fixed in
+            the official code).
         filter_type (`str`, defaults to ``"gaussian_b"``): the mask (the official one; the only one implemented).
         range_over (`str`, defaults to ``"sample"``): the noise's range is matched per sample; ``"batch"`` over
             the whole batch, as the official code (the same for a batch of one).
-        negative_guidance (`float`, defaults to `0.5`): s ≥ 0 of the negative-guided inversion (official
-            w_inv = 1.5); 0 turns it off (the plain inversion's z_T is filtered).
-        frequency (`bool`, defaults to `True`): False skips the frequency step (negative inversion only).
-        order (`str`, defaults to ``"frequency_first"``): see 2. above.
+        order (`str`, defaults to ``"frequency_first"``): see 2. above (StyleID's AdaIN only; `start_point` has
+            no AdaIN).
+        negative_guidance (`float`, *optional*): deprecated, s = w_inv − 1 ≥ 0 (0 turned the inversion off);
+            use ``inversion_guidance_scale=1 + s`` (and ``negative_inversion=False`` for 0). Emits a
+            `FutureWarning`; passing it with `inversion_guidance_scale` is refused.
 
     Raises:
-        ValueError: a parameter out of range; at call time, a positive `negative_guidance` without a
-            ``style_prompt`` or in a pipeline without the negative-guided inversion, or a generator list whose
-            length is not the batch size.
+        ValueError: a parameter out of range, NaN or inf (naming it and what is accepted); both
+            `negative_guidance` and `inversion_guidance_scale`; at call time, the negative-guided inversion
+            without a ``style_prompt`` or in a pipeline without it, or a generator list whose length is not the
+            batch size.
     """
 
     def __init__(
         self,
-        alpha: float = 0.7,
+        *,
         d_s: float = 0.3,
         d_t: float = 0.9,
+        alpha: float = 0.7,
+        inversion_guidance_scale: float = _W_INV_DEFAULT,
+        frequency: bool = True,
+        negative_inversion: bool = True,
         d_l: float = 0.3,
         filter_type: str = "gaussian_b",
         range_over: str = "sample",
-        negative_guidance: float = DEFAULT_NEGATIVE_GUIDANCE,
-        frequency: bool = True,
         order: str = "frequency_first",
+        negative_guidance: Optional[float] = None,
     ):
         self.alpha = check_number("alpha", alpha, 0.0, 1.0)
         self.d_s = _check_stop_frequency("d_s", d_s)
@@ -127,38 +168,60 @@ class StyleSSP(SamplerHook):
         self.d_l = _check_stop_frequency("d_l", d_l)
         self.filter_type = _check_filter_type(filter_type)
         self.range_over = check_choice("range_over", range_over, RANGE_MODES)
-        self.negative_guidance = check_number("negative_guidance", negative_guidance, 0.0)
-        if not isinstance(frequency, bool):
-            raise ValueError(f"frequency: {frequency!r} is not accepted; accepted: True or False")
-        self.frequency = frequency
+        self.frequency = _check_flag("frequency", frequency)
+        self.negative_inversion = _check_flag("negative_inversion", negative_inversion)
         self.order = check_choice("order", order, ORDERS)
+        if negative_guidance is None:
+            self.inversion_guidance_scale = check_number("inversion_guidance_scale", inversion_guidance_scale, 1.0)
+        else:
+            self._from_negative_guidance(negative_guidance, inversion_guidance_scale)
+
+    def _from_negative_guidance(self, negative_guidance, inversion_guidance_scale) -> None:
+        """The deprecated s = w_inv − 1: w_inv = 1 + s, and s = 0 turns the inversion off (its old meaning)."""
+        warnings.warn(
+            "StyleSSP(negative_guidance=s) is deprecated; use StyleSSP(inversion_guidance_scale=1 + s), the official "
+            "w_inv (and negative_inversion=False instead of s = 0)",
+            FutureWarning,
+            stacklevel=3,
+        )
+        if type(inversion_guidance_scale) is not _DefaultScale:
+            raise ValueError(
+                f"negative_guidance: {negative_guidance!r} given together with inversion_guidance_scale="
+                f"{inversion_guidance_scale!r}; accepted: inversion_guidance_scale alone (negative_guidance, "
+                "s = w_inv − 1, is its deprecated form)"
+            )
+        s = check_number("negative_guidance", negative_guidance, 0.0)
+        self.inversion_guidance_scale = 1.0 + s
+        self.negative_inversion = self.negative_inversion and s > 0
 
     @property
     def negative_inversion_scale(self) -> float:
-        """The scale s the pipeline's negative-guided inversion uses (read by `transfer`; 0 = off)."""
-        return self.negative_guidance
+        """s = w_inv − 1 of the pipeline's negative-guided inversion (read by `transfer`; 0 = off)."""
+        return self.inversion_guidance_scale - 1.0 if self.negative_inversion else 0.0
 
     def __repr__(self) -> str:
         return (
-            f"StyleSSP(alpha={self.alpha}, d_s={self.d_s}, d_t={self.d_t}, d_l={self.d_l}, "
-            f"negative_guidance={self.negative_guidance}, frequency={self.frequency}, order={self.order!r})"
+            f"StyleSSP(d_s={self.d_s}, d_t={self.d_t}, alpha={self.alpha}, "
+            f"inversion_guidance_scale={self.inversion_guidance_scale}, frequency={self.frequency}, "
+            f"negative_inversion={self.negative_inversion}, d_l={self.d_l}, order={self.order!r})"
         )
 
     def validate(self, state: SamplerState) -> None:
-        if self.negative_guidance > 0:
+        if self.negative_inversion_scale > 0:
             if "negative_inversion_scale" not in state.extras:
                 raise ValueError(
                     f"hooks: {self!r} asks for a negative-guided inversion, which this pipeline does not run; "
-                    "accepted: negative_guidance=0 here, or StyleIDStableDiffusionPipeline.transfer"
+                    "accepted: negative_inversion=False here, StyleIDStableDiffusionPipeline.transfer, or "
+                    "StyleSSP.start_point before the call"
                 )
             if state.extras.get("style_prompt") is None:
                 raise ValueError(
                     "style_prompt: None is not accepted with StyleSSP's negative-guided inversion; accepted: a "
-                    "description of what the style image shows (the negative), or StyleSSP(negative_guidance=0)"
+                    "description of what the style image shows (the negative), or StyleSSP(negative_inversion=False)"
                 )
 
-    def _filter(self, latent: torch.Tensor, state: SamplerState) -> torch.Tensor:
-        noise = draw_noise(latent.shape, state.generator, latent.device)
+    def _filter(self, latent: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """`frequency_start_point` (METHODS.md §5.2) of `latent` with this hook's settings and `noise`."""
         return frequency_start_point(
             latent,
             noise,
@@ -170,16 +233,138 @@ class StyleSSP(SamplerHook):
             range_over=self.range_over,
         )
 
+    def _filter_with(self, latent: torch.Tensor, generator: GeneratorInput) -> torch.Tensor:
+        return self._filter(latent, draw_noise(latent.shape, generator, latent.device))
+
     def init_latents(self, state: SamplerState, latents: torch.Tensor) -> torch.Tensor:
         if not self.frequency:
             return latents
         extras = state.extras
         if self.order == "adain_first" or "content_zT" not in extras:
-            return self._filter(latents, state)
+            return self._filter_with(latents, state.generator)
         content = extras.get("content_start_zT", extras["content_zT"])
-        filtered = self._filter(content, state)
+        filtered = self._filter_with(content, state.generator)
         if extras.get("init_adain", False):
             from ..pipelines.styleid_sd import adain_latents  # the pipelines import diffusers: load on use
 
             return adain_latents(filtered, extras["style_zT"])
         return filtered
+
+    # ------------------------------------------------------------------ any SD / SDXL pipeline
+
+    def _check_style_prompt(self, style_prompt) -> Optional[str]:
+        """c⁻ when the negative-guided inversion runs (w_inv > 1; required there), else None (the plain inversion,
+        which is what w_inv = 1 computes: ε(c⁻) + 1·(ε(c⁺) − ε(c⁻)) = ε(c⁺))."""
+        if self.negative_inversion_scale == 0:
+            return None
+        if not isinstance(style_prompt, str) or not style_prompt.strip():
+            raise ValueError(
+                f"style_prompt: {style_prompt!r} is not accepted with StyleSSP's negative-guided inversion; accepted: "
+                "a non-empty description of what the style image shows (the negative), or "
+                "StyleSSP(negative_inversion=False)"
+            )
+        return style_prompt
+
+    @torch.no_grad()
+    def start_point(
+        self,
+        pipe,
+        content_image,
+        *,
+        prompt: Optional[str] = None,
+        style_prompt: Optional[str] = None,
+        num_inference_steps: int = 50,
+        generator: GeneratorInput = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+    ) -> torch.Tensor:
+        r"""StyleSSP's start latents z_T of `content_image` for `pipe(..., latents=z_T)` (METHODS.md §5.2–5.3).
+
+        1. z_0: the content encoded with `pipe`'s VAE (posterior mean; SDXL's `force_upcast` and per-channel
+           `latents_mean` / `latents_std` honoured as the stock pipelines do);
+        2. z_T: deterministic DDIM inversion of z_0 (`guidekit.inversion`) over `num_inference_steps`, each step
+           with ε̃ = ε(z, c⁻) + w_inv·(ε(z, c⁺) − ε(z, c⁻)), c⁺ = `prompt`, c⁻ = `style_prompt`,
+           w_inv = `inversion_guidance_scale` (one UNet call on the c⁺ and c⁻ rows together; SDXL with its
+           pooled text embeddings and time ids for the image's size). With ``negative_inversion=False`` each
+           step uses ε(z, c⁺) alone;
+        3. the frequency manipulation `frequency_start_point` of z_T with this hook's settings, its noise drawn
+           from `generator` (skipped with ``frequency=False``).
+
+        How to sample from it: use a `DDIMScheduler` built from the pipeline's scheduler config with the same
+        `num_inference_steps` (the inversion walks that schedule's timesteps up), and the image's height and
+        width. diffusers multiplies ``latents`` by ``scheduler.init_noise_sigma`` before the first step: it is 1
+        for DDIM (and UniPC, which the official code samples with), so z_T is used as it is; with a sigma
+        scheduler (Euler, init_noise_sigma ≫ 1) it would be rescaled, so this method warns
+        (`UserWarning`) when `pipe`'s scheduler is one. Any ``pipe.__call__`` that accepts ``latents=`` works:
+        text-to-image, ControlNet (the inversion runs without the ControlNet, as the official code's does),
+        IP-Adapter.
+
+        IP-Adapter: the inversion runs on the text-conditioned UNet only. The official code adds
+        IP-Adapter-Instruct image tokens to c⁺ and c⁻; with a standard IP-Adapter loaded that form is not
+        supported and this method raises a `ValueError`: call it before ``pipe.load_ip_adapter(...)`` (or after
+        ``pipe.unload_ip_adapter()``), then load the adapter and sample with ``ip_adapter_image``.
+
+        Example:
+
+        ```py
+        import torch
+        from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+        from PIL import Image
+
+        import guidekit
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            "stabilityai/stable-diffusion-xl-base-1.0", torch_dtype=torch.float16
+        ).to("cuda")
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        content = Image.open("content.png").convert("RGB").resize((1024, 1024))
+
+        z = guidekit.StyleSSP().start_point(
+            pipe, content, prompt="a photo of a lighthouse on a cliff", style_prompt="a starry night over a village",
+            num_inference_steps=50, generator=torch.Generator("cuda").manual_seed(0),
+        )
+        pipe.load_ip_adapter("h94/IP-Adapter", subfolder="sdxl_models", weight_name="ip-adapter_sdxl.bin")
+        image = pipe(
+            "a lighthouse on a cliff", latents=z, num_inference_steps=50, height=1024, width=1024,
+            ip_adapter_image=Image.open("style.png").convert("RGB"),
+        ).images[0]
+        ```
+
+        Args:
+            pipe: a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline (UNet2DConditionModel, VAE, CLIP text
+                encoders), e.g. `StableDiffusionPipeline`, `StableDiffusionXLPipeline`, their ControlNet variants.
+            content_image: the content: a PIL RGB image, numpy (H, W, 3) / (B, H, W, 3) (uint8 or floats in
+                [0, 1]), a list of them, or torch (3, H, W) / (B, 3, H, W) in [0, 1]; width and height multiples
+                of the VAE factor (8), not resized here. A batch gives one start latent per image.
+            prompt (`str`, *optional*): c⁺, a caption of the content (the official code: a BLIP-2 caption); ""
+                when None (zeros on SDXL checkpoints with `force_zeros_for_empty_prompt`).
+            style_prompt (`str`): c⁻, what the style image shows; required while the negative inversion is on
+                (w_inv > 1), ignored when it is off.
+            num_inference_steps (`int`, defaults to `50`): DDIM inversion steps; sample with the same number.
+            generator (`torch.Generator` or a list of them, *optional*): the frequency step's noise; a list
+                gives one generator per image.
+            height, width (`int`, *optional*): the size you will sample at, checked against the image's (no
+                resizing is done).
+
+        Returns:
+            `torch.Tensor`: z_T, (B, C, H/8, W/8), in the UNet's dtype on the pipeline's execution device.
+
+        Raises:
+            ValueError: before any model call: a pipeline that is not SD/SDXL (or has an IP-Adapter loaded, an
+                inpainting UNet, an SDXL refiner); a missing or unreadable image, a size that is not a multiple
+                of the VAE factor, or one that differs from `height` / `width`; no `style_prompt` while the
+                negative inversion is on; a bad `prompt`, step count or generator list.
+        """
+        negative = self._check_style_prompt(style_prompt)
+        from ..pipelines.stylessp_start import plan_content_inversion, scheduler_warning  # imports diffusers
+
+        plan = plan_content_inversion(
+            pipe, content_image, prompt=prompt, style_prompt=negative, num_inference_steps=num_inference_steps,
+            height=height, width=width,
+        )
+        noise = draw_noise(plan.latent_shape, generator, plan.device) if self.frequency else None
+        message = scheduler_warning(pipe)
+        if message is not None:
+            warnings.warn(message, UserWarning, stacklevel=3)
+        z_t = plan.invert(self.inversion_guidance_scale if negative is not None else None)
+        return self._filter(z_t, noise) if self.frequency else z_t

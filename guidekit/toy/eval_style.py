@@ -12,8 +12,8 @@ The ideal result (:func:`ideal_scene`) is the content's scene with the style's s
 texture (and its phase), tones and shading; the style's two colours already differ, so the ideal is a valid
 scene.
 
-Methods (:data:`METHODS`): StyleID; StyleID + StyleSSP (defaults: α = 0.7, negative-guided inversion s = 0.5);
-StyleSSP's frequency step only (``negative_guidance=0``); its negative-guided inversion only
+Methods (:data:`METHODS`): StyleID; StyleID + StyleSSP (defaults: α = 0.7, negative-guided inversion w_inv = 1.5);
+StyleSSP's frequency step only (``negative_inversion=False``); its negative-guided inversion only
 (``frequency=False``). The negative inversion's c⁻ (``style_prompt``) is what the style image shows,
 ``"a {colour} {shape}"`` of the style scene (:data:`STYLE_PROMPT`); c⁺ is the empty prompt. Every transfer
 draws StyleSSP's noise from ``torch.Generator().manual_seed(NOISE_SEED + i)``.
@@ -175,7 +175,7 @@ def transfer_kwargs(method: str, pair: Pair) -> dict:
     if method == "StyleID + StyleSSP":
         return {"hooks": [guidekit.StyleSSP()], "style_prompt": pair.style_prompt}
     if method == "StyleSSP, frequency only":
-        return {"hooks": [guidekit.StyleSSP(negative_guidance=0)]}
+        return {"hooks": [guidekit.StyleSSP(negative_inversion=False)]}
     if method == "StyleSSP, negative inversion only":
         return {"hooks": [guidekit.StyleSSP(frequency=False)], "style_prompt": pair.style_prompt}
     raise ValueError(f"method: got {method!r}; accepted: {', '.join(METHODS)}")
