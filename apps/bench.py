@@ -11,6 +11,11 @@ sampled every millisecond.
     guidekit bench                     # tiny SD pipeline + a ~110M-parameter UNet, 4 rounds x 3 calls
     guidekit bench --models tiny --rounds 3 --json bench.json
     guidekit bench --models tiny --rounds 1 --no-elucd --no-styleid --no-uam --pixel   # + the pixel EluCD row
+    guidekit bench --models tiny --rounds 3 --no-elucd --no-styleid --no-uam           # + StyleSSP vs StyleID
+
+The StyleSSP rows time one StyleID transfer with and without `guidekit.StyleSSP()` (its negative-guided inversion
+and frequency start point), each case in fresh processes like the stock comparison, so that the peak memory of
+the two can be compared too.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import click
 
 CASES = ("stock", "cfg", "apg")
 ELUCD_CASE = "elucd"  # CFG() + EluCD(tiny random classifier): compared with "cfg" as well as with stock
+TRANSFER_CASES = ("styleid-transfer", "stylessp-transfer")  # StyleID.transfer without / with StyleSSP()
 MODELS = ("tiny", "mid")
 
 
@@ -123,6 +129,45 @@ def measure(case: str, folder: str, steps: int, size: int, calls: int = 3, seed:
             call(steps)
             wall, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
         results.append({"case": case, "wall_s": wall, "cpu_s": cpu, "peak_mib": mem.peak / 2**20})
+    return results
+
+
+def measure_transfer(case: str, folder: str, steps: int, size: int, calls: int = 3, seed: int = 0) -> list[dict]:
+    """`calls` timed StyleID transfers of `case` ("styleid-transfer" or "stylessp-transfer": with
+    `guidekit.StyleSSP()` and a style prompt, so its negative-guided inversion runs) on the checkpoint in `folder`,
+    without the style cache (every transfer inverts the style), then `calls` more with the style cached (a style
+    reused for many contents). Wall seconds, thread CPU seconds and peak RSS (MiB) of each."""
+    import torch
+
+    import guidekit
+    from guidekit.pipelines import StyleIDStableDiffusionPipeline
+
+    if case not in TRANSFER_CASES:
+        raise ValueError(f"case: {case!r} is not accepted; accepted: {', '.join(TRANSFER_CASES)}")
+    torch.set_num_threads(int(os.environ.get("GUIDEKIT_BENCH_THREADS", "1")))
+    pipe = StyleIDStableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(1234)  # the same images in every process
+    content, style = torch.rand(1, 3, size, size, generator=gen), torch.rand(1, 3, size, size, generator=gen)
+
+    def call(n, cache):
+        hooks = [guidekit.StyleSSP()] if case == "stylessp-transfer" else []
+        return pipe.transfer(content, style, num_inference_steps=n, hooks=hooks, content_prompt="a red circle",
+                             style_prompt="a yellow square on a green background", cache_style=cache,
+                             generator=torch.Generator().manual_seed(seed), output_type="pt")
+
+    call(1, False)  # warm-up: lazy initialisations are not what we measure
+    results = []
+    for cache in (False, True):
+        if cache:
+            call(steps, True)  # fills the style cache
+        for _ in range(calls):
+            with PeakRSS() as mem:
+                start, cpu_start = time.perf_counter(), time.thread_time()
+                call(steps, cache)
+                wall, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
+            results.append({"case": case, "style_cache": cache, "wall_s": wall, "cpu_s": cpu,
+                            "peak_mib": mem.peak / 2**20})
     return results
 
 
@@ -314,6 +359,46 @@ def pixel_rows(steps: int = PIXEL_STEPS, repeats: int = PIXEL_REPEATS, size: int
     }]
 
 
+def stylessp_rows(models, rounds: int, steps: int, sizes: dict) -> tuple[list[dict], list[dict]]:
+    """StyleID + StyleSSP against StyleID, per transfer, on each of `models`: each case runs in its own process
+    `rounds` times (interleaved, the first case alternating), three timed transfers each without the style cache
+    and three with it. Rows: medians' ratios of wall time, thread CPU time and peak RSS, and the medians
+    themselves. Returns (rows, raw results)."""
+    rows, raw = [], []
+    with tempfile.TemporaryDirectory(prefix="guidekit-bench-stylessp-") as tmp:
+        for model in models:
+            folder = Path(tmp) / model
+            _build_model(model, folder)
+            results = []
+            with click.progressbar(length=rounds * len(TRANSFER_CASES), label=f"bench StyleSSP {model}") as bar:
+                for r in range(rounds):
+                    order = TRANSFER_CASES[r % 2:] + TRANSFER_CASES[: r % 2]
+                    for case in order:
+                        results.extend(_run_worker(case, folder, steps, sizes[model]))
+                        bar.update(1)
+            for row in results:
+                row["model"] = model
+            raw.extend(results)
+            for cache in (False, True):
+                med = {}
+                for case in TRANSFER_CASES:
+                    runs = [x for x in results if x["case"] == case and x["style_cache"] is cache]
+                    med[case] = {k: statistics.median(x[k] for x in runs) for k in ("wall_s", "cpu_s", "peak_mib")}
+                    med[case]["runs"] = len(runs)
+                ssp, sid = med["stylessp-transfer"], med["styleid-transfer"]
+                rows.append({
+                    "case": f"StyleID + StyleSSP() vs StyleID, {model}, style {'cached' if cache else 'not cached'}",
+                    "wall_ratio": ssp["wall_s"] / sid["wall_s"],
+                    "mem_ratio": round(ssp["peak_mib"] / sid["peak_mib"], 4),
+                    "cpu_ratio": round(ssp["cpu_s"] / sid["cpu_s"], 4),
+                    "stylessp_s": round(ssp["wall_s"], 4), "styleid_s": round(sid["wall_s"], 4),
+                    "stylessp_peak_mib": round(ssp["peak_mib"], 1), "styleid_peak_mib": round(sid["peak_mib"], 1),
+                    "model": model, "steps": steps, "size": sizes[model], "runs": ssp["runs"],
+                    "threads": int(os.environ.get("GUIDEKIT_BENCH_THREADS", "1")),
+                })
+    return rows, raw
+
+
 def _echo_ratio_table(case_header: str, ratio_header: str, rows: list) -> None:
     """Print rows of {"case", "wall_ratio", ...details} as a markdown table."""
     click.echo("")
@@ -340,9 +425,12 @@ def _echo_ratio_table(case_header: str, ratio_header: str, rows: list) -> None:
 @click.option("--styleid/--no-styleid", default=True,
               help="Add the StyleID rows: transfer against DDIM inversion + reconstruction of the content image "
                    "(on mid when chosen, else tiny; --steps steps, 3 alternated calls each).")
-def bench(models, rounds, steps, json_out, uam, elucd, pixel, styleid):
-    """Time and memory of hooked pipelines (CFG, APG, CFG + EluCD) against stock diffusers, as a table; StyleID
-    and UAM against their plain baselines."""
+@click.option("--stylessp/--no-stylessp", default=True,
+              help="Add the StyleSSP rows: StyleID + StyleSSP() against StyleID per transfer (wall time, CPU time and "
+                   "peak memory; each case in fresh processes, --rounds rounds, on every model of --models).")
+def bench(models, rounds, steps, json_out, uam, elucd, pixel, styleid, stylessp):
+    """Time and memory of hooked pipelines (CFG, APG, CFG + EluCD) against stock diffusers, as a table; StyleID,
+    StyleID + StyleSSP and UAM against their plain baselines."""
     chosen = [m.strip() for m in models.split(",") if m.strip()]
     for m in chosen:
         if m not in MODELS:
@@ -376,6 +464,9 @@ def bench(models, rounds, steps, json_out, uam, elucd, pixel, styleid):
         model = "mid" if "mid" in chosen else "tiny"
         styleid_summary = styleid_rows(model, steps=steps, size=sizes[model])
         _echo_ratio_table("StyleID case", "wall vs baseline", styleid_summary)
+    stylessp_summary, stylessp_raw = stylessp_rows(chosen, rounds, steps, sizes) if stylessp else ([], [])
+    if stylessp_summary:
+        _echo_ratio_table("StyleSSP case", "wall vs StyleID", stylessp_summary)
     extra = []
     if uam:
         try:
@@ -388,6 +479,7 @@ def bench(models, rounds, steps, json_out, uam, elucd, pixel, styleid):
     if json_out:
         json_out.write_text(json.dumps({"summary": tables, "runs": raw, "elucd": elucd_summary, "pixel": pixel_summary,
                                          "styleid": styleid_summary,
+                                         "stylessp": {"summary": stylessp_summary, "runs": stylessp_raw},
                                          "uam": extra}, indent=2))
 
 
@@ -395,7 +487,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--worker":
         case, folder, steps, size = argv[1], argv[2], int(argv[3]), int(argv[4])
-        print(json.dumps(measure(case, folder, steps, size)))
+        run = measure_transfer if case in TRANSFER_CASES else measure
+        print(json.dumps(run(case, folder, steps, size)))
         return
     bench(argv)
 
