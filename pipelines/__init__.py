@@ -5,6 +5,7 @@ from .guided_dit import GuidedDiTPipeline
 from .guided_sd import GuidedStableDiffusionPipeline
 from .guided_sdxl import GuidedStableDiffusionXLPipeline
 from .styleid_sd import StyleIDStableDiffusionPipeline
+from .styleid_sdxl import StyleIDStableDiffusionXLPipeline
 from .uam_sd import UAMStableDiffusionPipeline
 from .uam_sdxl import UAMStableDiffusionXLPipeline
 
@@ -14,6 +15,7 @@ __all__ = [
     "GuidedStableDiffusionPipeline",
     "GuidedStableDiffusionXLPipeline",
     "StyleIDStableDiffusionPipeline",
+    "StyleIDStableDiffusionXLPipeline",
     "UAMStableDiffusionPipeline",
     "UAMStableDiffusionXLPipeline",
 ]

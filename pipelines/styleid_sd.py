@@ -17,8 +17,9 @@ that needs no weights beyond the base model.
 4. decode.
 
 The style's inversion (its z_T and K/V features) is cached per pipeline, so one style applied to many
-contents is inverted once. The loop lives in `StyleIDPipelineMixin` so that other pipeline families can
-reuse it with their own prompt conditioning.
+contents is inverted once. The loop lives in `StyleIDPipelineMixin` so that other pipeline families reuse it
+with their own prompt conditioning: `pipelines/styleid_sdxl.py` (SDXL) adds only its `_encode_rows` and the VAE
+latent statistics.
 """
 
 from __future__ import annotations
@@ -127,15 +128,18 @@ class _StyleEntry:
 
 
 class StyleIDPipelineMixin(ImageLatentsMixin, SharedComponentsMixin):
-    """StyleID style transfer for a diffusers Stable Diffusion pipeline.
+    """StyleID style transfer for a diffusers Stable Diffusion pipeline (SD 1.x/2.x, SDXL).
 
     The host class provides `unet`, `vae`, `scheduler`, `image_processor`, `vae_scale_factor` and
     `_encode_rows(prompts, height, width)`, which returns the UNet conditioning of one row per prompt as
-    ``{"encoder_hidden_states": ..., "added_cond_kwargs": ... or None}``.
+    ``{"encoder_hidden_states": ..., "added_cond_kwargs": ... or None}``. The rows of one call are batched
+    into one UNet call (the negative-guided inversion's c⁺ and c⁻), so `_encode_rows` returns every
+    conditioning tensor with one row per prompt.
     """
 
     #: How many style inversions the pipeline keeps (most recently used first out last). Each holds the
-    #: style's K/V in every injection layer and step: about 1.2 GB in fp16 for SD 1.x at 512² and 50 steps.
+    #: style's K/V in every injection layer and step: about 1.2 GB in fp16 for SD 1.x at 512² and 50 steps,
+    #: about 3.1 GB for SDXL at 1024².
     style_cache_size: int = 1
 
     # ------------------------------------------------------------------ style cache
@@ -255,7 +259,9 @@ class StyleIDPipelineMixin(ImageLatentsMixin, SharedComponentsMixin):
             temperature (`float`, defaults to `1.5`): attention temperature T > 0; the injected layers'
                 logits are T · Q̃ K_sᵀ / √d (T > 1 sharpens the attention).
             layers (`str` or `list[str]`, *optional*): the injection layers: None or ``"paper"`` for the
-                official LDM code's (every self-attention of the last two up blocks: 6 layers on SD 1.x/2.x),
+                official LDM code's (every self-attention of the last two up blocks: 6 layers on SD 1.x/2.x;
+                on SDXL the same rule gives the 6 of ``up_blocks.1``, guidekit's extension, see
+                `pipelines/styleid_sdxl.py`),
                 ``"diffusers"`` for the official diffusers port's (the same without the first: 5 layers), or
                 a list of self-attention layer names (see `guidekit.attention.styleid_layers`).
             hooks (`list[SamplerHook]`, *optional*): run in the sampling loop (`init_latents` receives the
@@ -287,8 +293,8 @@ class StyleIDPipelineMixin(ImageLatentsMixin, SharedComponentsMixin):
                 None), c⁻ = `style_prompt`, and builds the start point from that z_T; the plain inversion
                 still supplies the injected queries. This is the official ε(c⁻) + w_inv·(ε(c⁺) − ε(c⁻)) with
                 s = w_inv − 1 (official w_inv = 1.5, i.e. s = 0.5). The official c⁺/c⁻ hold IP-Adapter-Instruct
-                image tokens (the style image's "composition" in c⁻) besides the caption; SD 1.x/2.x has no
-                such encoder here, so the style image's content enters as text, `style_prompt`. None (default)
+                image tokens (the style image's "composition" in c⁻) besides the caption; these pipelines
+                have no such encoder, so the style image's content enters as text, `style_prompt`. None (default)
                 takes the scale a hook asks for (`guidekit.StyleSSP`), else 0; 0 runs no second inversion
                 (exact StyleID). Costs one more inversion of 2 UNet rows per step.
         """
