@@ -1,0 +1,35 @@
+"""FreeNoise (Qiu et al., ICLR 2024): the torch-only math core of long and multi-prompt video sampling.
+
+* `plan_windows`: the temporal windows, shared by the noise rescheduling and the fusion;
+* `reschedule_noise`, `shuffle_sources`: the official block shuffle of the initial noise (and "repeat", "random");
+* `window_weights`, `fuse_windows`, `fusion_weights`, `WindowAccumulator`: weighted fusion of window outputs;
+* `interpolate_prompt_schedule`, `official_two_prompt_schedule`, `blend_embeddings`: per-frame prompt embeddings;
+* `uses_fixed_prompt`: the motion-injection step rule.
+"""
+
+from .noise import NOISE_MODES, reschedule_noise, shuffle_sources
+from .prompts import (
+    PromptBlend,
+    blend_embeddings,
+    interpolate_prompt_schedule,
+    official_two_prompt_schedule,
+    uses_fixed_prompt,
+)
+from .windows import WEIGHTINGS, WindowAccumulator, fuse_windows, fusion_weights, plan_windows, window_weights
+
+__all__ = [
+    "NOISE_MODES",
+    "PromptBlend",
+    "WEIGHTINGS",
+    "WindowAccumulator",
+    "blend_embeddings",
+    "fuse_windows",
+    "fusion_weights",
+    "interpolate_prompt_schedule",
+    "official_two_prompt_schedule",
+    "plan_windows",
+    "reschedule_noise",
+    "shuffle_sources",
+    "uses_fixed_prompt",
+    "window_weights",
+]
