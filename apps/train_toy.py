@@ -44,9 +44,11 @@ from guidekit.apps.cli import FiniteFloatRange
 @click.option("--export-partial", is_flag=True,
               help="With --stop-after: a run stopped in the UNet or decoder phase still writes its (unfinished) "
                    "EMA weights to --out.")
+@click.option("--stop-before", type=click.Choice(["unet", "decoder"]), default=None,
+              help="Checkpoint and stop when the run reaches this phase (e.g. to start UNet variants from one VAE).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def train_toy(out, ckpt_dir, device, seed, vae_steps, vae_batch, vae_lr, unet_arch, unet_steps, batch, lr, decoder_steps, decoder_lr, checkpoint_every, threads,
-              workers, stop_after, export_partial, no_progress):
+              workers, stop_after, export_partial, stop_before, no_progress):
     """Train the embedded toy model (VAE, then UNet + text encoder) and write a diffusers pipeline folder."""
     import torch
 
@@ -59,7 +61,7 @@ def train_toy(out, ckpt_dir, device, seed, vae_steps, vae_batch, vae_lr, unet_ar
                          lr=lr, decoder_steps=decoder_steps, decoder_lr=decoder_lr, checkpoint_every=checkpoint_every)
     t0 = time.perf_counter()
     summary = train(out, ckpt_dir, config, device=device, workers=workers, progress=not no_progress,
-                    stop_after=stop_after, export_partial=export_partial)
+                    stop_after=stop_after, export_partial=export_partial, stop_before=stop_before)
     summary["wall_s_this_run"] = round(time.perf_counter() - t0, 1)
     if not summary.get("finished"):
         click.echo(json.dumps(summary, indent=2, default=str))

@@ -206,3 +206,16 @@ def test_export_partial_writes_weights_when_stopped_in_the_decoder_phase(tmp_pat
     assert phases[:4] == [{"phase": "unet", "step": 0}, {"phase": "decoder", "step": 0},
                           {"phase": "decoder", "step": 2}, {"phase": "done", "step": 0}], phases
     assert json.loads((tmp_path / "m" / "training.json").read_text())["finished"]
+
+
+def test_stop_before_a_phase(tmp_path):
+    from guidekit.toy.train import TrainConfig, train
+
+    cfg = TrainConfig(vae_steps=2, vae_batch=2, unet_steps=2, batch=2, warmup=1, checkpoint_every=2, log_every=2,
+                      decoder_steps=2, psnr_images=4, scale_images=8)
+    first = train(tmp_path / "m", tmp_path / "ck", cfg, progress=False, stop_before="unet")
+    assert not first["finished"] and (first["phase"], first["step"]) == ("unet", 0)
+    second = train(tmp_path / "m", tmp_path / "ck", cfg, progress=False, stop_before="decoder")
+    assert not second["finished"] and (second["phase"], second["step"]) == ("decoder", 0)
+    with pytest.raises(ValueError, match="stop_before"):
+        train(tmp_path / "m", tmp_path / "ck", cfg, progress=False, stop_before="vae")

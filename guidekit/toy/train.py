@@ -169,17 +169,21 @@ def train(
     progress: bool = True,
     stop_after: Optional[float] = None,
     export_partial: bool = False,
+    stop_before: Optional[str] = None,
 ) -> dict:
     """Train (or resume) and write the pipeline folder to ``out``; returns the training summary.
 
     ``stop_after`` (seconds) checkpoints and returns early, for sessions that cannot finish in one go;
     with ``export_partial`` a run stopped in the UNet or decoder phase still writes its EMA weights (and the decoder
     as it stands) to ``out``, marked unfinished in training.json. Checkpoints are stop points, and so is the end of
-    each phase.
+    each phase. ``stop_before`` ("unet" or "decoder") checkpoints and returns when the run reaches that phase,
+    e.g. to start several UNet variants from one trained VAE.
     """
     from tqdm.auto import tqdm
 
     config = config or TrainConfig()
+    if stop_before not in (None, "unet", "decoder"):
+        raise ValueError(f"stop_before: got {stop_before!r}; accepted: None, 'unet', 'decoder'")
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = ckpt_dir / "checkpoint.pt"
@@ -252,6 +256,8 @@ def train(
     t_session = time.perf_counter()
 
     def out_of_time():
+        if stop_before is not None and state["phase"] == stop_before and state["step"] == 0:
+            return True
         return stop_after is not None and time.perf_counter() - t_session > stop_after
 
     def stopped_early():
