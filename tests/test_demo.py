@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -245,3 +246,93 @@ def test_browser_generate(server, tmp_path):
             page.screenshot(path=shot or str(tmp_path / "demo.png"), full_page=True)
         finally:
             browser.close()
+
+
+#: The browser rule of `test_browser_generate` for the other tabs' browser tests.
+needs_browser = pytest.mark.skipif(
+    _browser_missing() is not None and not os.environ.get("GUIDEKIT_REQUIRE_BROWSER"),
+    reason=str(_browser_missing()),
+)
+
+
+@contextlib.contextmanager
+def demo_page(server, tab: str):
+    """A real headless Chromium page on the demo at `server`, with the tab named `tab` open."""
+    # CI sets GUIDEKIT_REQUIRE_BROWSER=1: there a missing Chromium fails the test instead of skipping it.
+    assert _browser_missing() is None, _browser_missing()
+    from playwright.sync_api import sync_playwright
+
+    executable = CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(server, wait_until="domcontentloaded", timeout=60_000)
+            page.get_by_role("tab", name=tab, exact=True).click(timeout=60_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def set_number(page, elem_id: str, value) -> None:
+    """Type `value` into the number box of the slider or number field `elem_id`."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+@pytest.mark.browser
+@needs_browser
+def test_browser_style(server, tmp_path):
+    import re
+
+    from playwright.sync_api import expect
+
+    with demo_page(server, "Style") as page:
+        # The second example: a blue square in the style of a yellow circle on red, with its style prompt.
+        page.get_by_text("a yellow circle on a red background", exact=True).click(timeout=60_000)
+        expect(page.locator("#style-prompt textarea")).to_have_value("a yellow circle on a red background",
+                                                                      timeout=60_000)
+        set_number(page, "style-steps", 2)
+        set_number(page, "style-seed", 3)
+        set_number(page, "style-alpha", 0.5)
+        page.locator("#style-button").click()
+        for side in ("styleid", "stylessp"):
+            expect(page.locator(f"#style-{side} img")).to_be_visible(timeout=120_000)
+        summary = page.locator("#style-summary")
+        expect(summary).to_contain_text("StyleID+StyleSSP", timeout=120_000)
+        text = summary.inner_text()
+        assert "2 steps" in text and "alpha 0.5" in text and "seed 3" in text, text
+        assert len(re.findall(r"\d+\.\d+ dB", text)) == 2, text  # PSNR of each image
+        assert "Error" not in page.locator("body").inner_text()
+        page.screenshot(path=str(tmp_path / "style.png"), full_page=True)
+
+
+@pytest.mark.browser
+@needs_browser
+def test_browser_classifier_guidance(server, tmp_path):
+    import re
+
+    from playwright.sync_api import expect
+
+    from guidekit.apps.demo import embedded_classifier_path
+
+    if embedded_classifier_path() is None:
+        pytest.skip("no embedded classifier in this install")
+    with demo_page(server, "Classifier guidance") as page:
+        label = page.locator("#clf-label input")
+        label.fill("green square", timeout=60_000)
+        label.press("Enter")
+        set_number(page, "clf-scale", 5)
+        set_number(page, "clf-seed", 2)
+        set_number(page, "clf-steps", 2)
+        page.locator("#clf-button").click()
+        for key in ("unguided", "naive", "elucd"):
+            expect(page.locator(f"#clf-{key} img")).to_be_visible(timeout=120_000)
+        summary = page.locator("#clf-summary")
+        expect(summary).to_contain_text("p(requested class)", timeout=120_000)
+        text = summary.inner_text()
+        assert "Class green square (id 7)" in text and "classifier scale 5" in text and "seed 2" in text, text
+        assert len(re.findall(r"\(\d\.\d\d\)", text)) == 3, text  # each image's top-class probability
+        assert "Error" not in page.locator("body").inner_text()
+        page.screenshot(path=str(tmp_path / "classifier.png"), full_page=True)
