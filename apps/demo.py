@@ -864,12 +864,15 @@ def _classifier_tab(backend: DemoBackend, queue: dict):
                                               ("elucd", "EluCD"))]
                 summary = gr.Markdown(elem_id="clf-summary")
 
-        def load_classes(folder):
+        def load_classes(folder, current):
             names = backend.classifier_labels(folder)
-            return gr.Dropdown(choices=names, value=names[0] if names else None)
+            # leaving the folder box reloads the classes: a class the user chose stays if this classifier has it
+            keep = current in names or isinstance(current, str) and current.strip().isdigit() and \
+                int(current) < len(names)
+            return gr.Dropdown(choices=names, value=current if keep else names[0] if names else None)
 
         for event in (path.submit, path.blur):
-            event(_ui_errors(load_classes), [path], [label], api_name=False, **queue)
+            event(_ui_errors(load_classes), [path, label], [label], api_name=False, **queue)
         button.click(_ui_errors(backend.classifier_guidance), [path, label, scale, seed, steps], [*outs, summary],
                      api_name="classifier_guidance", **queue)
 

@@ -323,6 +323,10 @@ def test_browser_classifier_guidance(server, tmp_path):
         label = page.locator("#clf-label input")
         label.fill("green square", timeout=60_000)
         label.press("Enter")
+        page.locator("#clf-path textarea, #clf-path input").first.click()  # focus the folder box and leave it:
+        page.locator("#clf-scale input[type=number]").click()  # its classes reload, the chosen one stays
+        page.wait_for_timeout(1000)
+        expect(label).to_have_value("green square", timeout=60_000)
         set_number(page, "clf-scale", 5)
         set_number(page, "clf-seed", 2)
         set_number(page, "clf-steps", 2)
