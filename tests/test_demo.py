@@ -293,6 +293,14 @@ def test_browser_style(server, tmp_path):
         page.get_by_text("a yellow circle on a red background", exact=True).click(timeout=60_000)
         expect(page.locator("#style-prompt textarea")).to_have_value("a yellow circle on a red background",
                                                                       timeout=60_000)
+        # An uploaded content image of another size, with an alpha channel, replaces the example's.
+        from PIL import Image
+
+        upload = tmp_path / "content.png"
+        Image.new("RGBA", (48, 40), (30, 200, 30, 255)).save(upload)
+        page.locator("#style-content button[aria-label='Remove Image']").click()
+        page.locator("#style-content input[type=file]").set_input_files(str(upload))
+        expect(page.locator("#style-content img")).to_be_visible(timeout=60_000)
         set_number(page, "style-steps", 2)
         set_number(page, "style-seed", 3)
         set_number(page, "style-alpha", 0.5)
