@@ -33,8 +33,9 @@ def _scales(ctx, param, value):
 @click.option("--scales", default=None, callback=lambda c, p, v: None if v is None else _scales(c, p, v),
               help="Guidance scales of ClassifierGuidance and EluCD [default: RECOMMENDED_ELUCD's scale only].")
 @click.option("--ablation-scale", type=FiniteFloatRange(min=0, min_open=True), default=None, help="Scale of the ablation rows [default: the largest scale].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
 @click.option("--threads", type=click.IntRange(1), default=1, help="torch CPU threads.")
-def eval_elucd(out, model, classifier, samples, steps, scales, ablation_scale, threads):
+def eval_elucd(out, model, classifier, samples, steps, scales, ablation_scale, device, threads):
     """Unguided vs ClassifierGuidance vs EluCD (and its ablations) on the embedded model; prints the table."""
     import torch
 
@@ -45,8 +46,10 @@ def eval_elucd(out, model, classifier, samples, steps, scales, ablation_scale, t
     torch.set_num_threads(threads)
     if scales is None:
         scales = (float(RECOMMENDED_ELUCD["scale"]),)
-    pipe = load_pipeline(model)
-    clf = TransformersClassifier.from_pretrained(str(classifier or default_classifier_path()))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("cuda was asked for but torch sees no CUDA device", param_hint="--device")
+    pipe = load_pipeline(model, device)
+    clf = TransformersClassifier.from_pretrained(str(classifier or default_classifier_path())).to(device)
     result = ev.run(pipe, clf, scales=scales, samples=samples, steps=steps, ablation_scale=ablation_scale, log=click.echo)
     result["best_scale"] = ev.pick_scale(result)
     ev.save(result, out)
