@@ -133,7 +133,7 @@ def test_bench_prints_the_elucd_and_styleid_rows(monkeypatch, tmp_path):
     monkeypatch.setattr(bench_mod, "_run_worker", in_process)
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(main, ["bench", "--models", "tiny", "--rounds", "1", "--steps", "2", "--no-uam",
-                                       "--json", str(out)], catch_exceptions=False)
+                                       "--no-stylessp", "--json", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert sorted(cases) == ["apg", "cfg", "elucd", "stock"]
     assert "| tiny | guidekit CFG() + EluCD() |" in result.output
@@ -151,7 +151,7 @@ def test_bench_without_elucd_has_no_elucd_rows(monkeypatch):
     monkeypatch.setattr(bench_mod, "_run_worker",
                         lambda case, folder, steps, size: [{"case": case, "wall_s": 1.0, "cpu_s": 1.0, "peak_mib": 100.0}])
     result = CliRunner().invoke(main, ["bench", "--models", "tiny", "--rounds", "1", "--no-uam", "--no-elucd",
-                                       "--no-styleid"], catch_exceptions=False)
+                                       "--no-styleid", "--no-stylessp"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "EluCD" not in result.output and "StyleID" not in result.output
 
@@ -173,11 +173,32 @@ def test_bench_prints_the_pixel_elucd_row(monkeypatch, tmp_path):
     monkeypatch.setattr(bench_mod, "_run_worker", lambda case, folder, steps, size: [{"case": case, **fake}])
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(main, ["bench", "--models", "tiny", "--rounds", "1", "--no-uam", "--no-elucd",
-                                       "--no-styleid", "--pixel", "--json", str(out)], catch_exceptions=False)
+                                       "--no-styleid", "--no-stylessp", "--pixel", "--json", str(out)],
+                           catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert f"| {bench_mod.PIXEL_CASE} |" in result.output and "wall per step vs unguided" in result.output
     row = json.loads(out.read_text())["pixel"][0]
     assert row["case"] == bench_mod.PIXEL_CASE and row["wall_ratio"] > 0 and row["elucd_s_per_step"] > 0
     no_pixel = CliRunner().invoke(main, ["bench", "--models", "tiny", "--rounds", "1", "--no-uam", "--no-elucd",
-                                         "--no-styleid"], catch_exceptions=False)
+                                         "--no-styleid", "--no-stylessp"], catch_exceptions=False)
     assert "pixel" not in no_pixel.output  # off by default
+
+
+def test_bench_prints_the_stylessp_rows_from_fake_workers(monkeypatch):
+    """The StyleSSP rows are ratios of the medians of the two transfer cases, with and without a style cache."""
+    import guidekit.apps.bench as bench_mod
+
+    def fake(case, folder, steps, size):
+        if case not in bench_mod.TRANSFER_CASES:
+            return [{"case": case, "wall_s": 1.0, "cpu_s": 1.0, "peak_mib": 100.0}]
+        wall = {"styleid-transfer": 2.0, "stylessp-transfer": 3.0}[case]
+        return [{"case": case, "style_cache": cache, "wall_s": wall / (2 if cache else 1), "cpu_s": wall,
+                 "peak_mib": 100.0} for cache in (False, True)]
+
+    monkeypatch.setattr(bench_mod, "_run_worker", fake)
+    result = CliRunner().invoke(main, ["bench", "--models", "tiny", "--rounds", "1", "--no-uam", "--no-elucd",
+                                       "--no-styleid"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "StyleID + StyleSSP() vs StyleID, tiny, style not cached" in result.output
+    assert "StyleID + StyleSSP() vs StyleID, tiny, style cached" in result.output
+    assert "1.500x" in result.output or "1.50x" in result.output, result.output
