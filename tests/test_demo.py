@@ -218,37 +218,7 @@ def _browser_missing() -> str | None:
     return None
 
 
-@pytest.mark.browser
-@pytest.mark.skipif(
-    _browser_missing() is not None and not os.environ.get("GUIDEKIT_REQUIRE_BROWSER"),
-    reason=str(_browser_missing()),
-)
-def test_browser_generate(server, tmp_path):
-    # CI sets GUIDEKIT_REQUIRE_BROWSER=1: there a missing Chromium fails this test instead of skipping it.
-    assert _browser_missing() is None, _browser_missing()
-    from playwright.sync_api import expect, sync_playwright
-
-    executable = CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(server, wait_until="domcontentloaded", timeout=60_000)
-            prompt = page.locator("#gen-prompt textarea")
-            prompt.fill("a blue square on a red background", timeout=60_000)
-            page.locator("#gen-steps input[type=number]").fill("2")
-            page.locator("#gen-steps input[type=number]").press("Enter")
-            page.locator("#gen-button").click()
-            for side in ("cfg", "apg"):
-                expect(page.locator(f"#gen-{side} img")).to_be_visible(timeout=60_000)
-            expect(page.locator("#gen-summary")).to_contain_text("saturation", timeout=60_000)
-            shot = os.environ.get("GUIDEKIT_DEMO_SCREENSHOT")
-            page.screenshot(path=shot or str(tmp_path / "demo.png"), full_page=True)
-        finally:
-            browser.close()
-
-
-#: The browser rule of `test_browser_generate` for the other tabs' browser tests.
+#: Browser tests run where Chromium is installed; CI requires it (GUIDEKIT_REQUIRE_BROWSER=1).
 needs_browser = pytest.mark.skipif(
     _browser_missing() is not None and not os.environ.get("GUIDEKIT_REQUIRE_BROWSER"),
     reason=str(_browser_missing()),
@@ -272,6 +242,24 @@ def demo_page(server, tab: str):
             yield page
         finally:
             browser.close()
+
+
+@pytest.mark.browser
+@needs_browser
+def test_browser_generate(server, tmp_path):
+    from playwright.sync_api import expect
+
+    with demo_page(server, "Generate") as page:
+        prompt = page.locator("#gen-prompt textarea")
+        prompt.fill("a blue square on a red background", timeout=60_000)
+        page.locator("#gen-steps input[type=number]").fill("2")
+        page.locator("#gen-steps input[type=number]").press("Enter")
+        page.locator("#gen-button").click()
+        for side in ("cfg", "apg"):
+            expect(page.locator(f"#gen-{side} img")).to_be_visible(timeout=60_000)
+        expect(page.locator("#gen-summary")).to_contain_text("saturation", timeout=60_000)
+        shot = os.environ.get("GUIDEKIT_DEMO_SCREENSHOT")
+        page.screenshot(path=shot or str(tmp_path / "demo.png"), full_page=True)
 
 
 def set_number(page, elem_id: str, value) -> None:
