@@ -1,6 +1,7 @@
 """guidekit: training-free guidance and editing plugins for Hugging Face diffusers."""
 
 from .attach import attach
+from .freenoise import FreeNoise
 from .guidance import APG, CFG, ClassifierGuidance, EluCD
 from .hooks import HookChain, HookConflictError, SamplerHook, SamplerState
 from .latents import StyleSSP
@@ -13,6 +14,7 @@ __all__ = [
     "CFG",
     "ClassifierGuidance",
     "EluCD",
+    "FreeNoise",
     "HookChain",
     "HookConflictError",
     "SamplerHook",

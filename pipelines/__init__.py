@@ -1,5 +1,6 @@
 """diffusers pipelines whose denoising loops run guidekit hooks (installed as `guidekit.pipelines`)."""
 
+from .guided_animatediff import GuidedAnimateDiffPipeline
 from .guided_ddpm import GuidedDDPMPipeline
 from .guided_dit import GuidedDiTPipeline
 from .guided_sd import GuidedStableDiffusionPipeline
@@ -10,6 +11,7 @@ from .uam_sd import UAMStableDiffusionPipeline
 from .uam_sdxl import UAMStableDiffusionXLPipeline
 
 __all__ = [
+    "GuidedAnimateDiffPipeline",
     "GuidedDDPMPipeline",
     "GuidedDiTPipeline",
     "GuidedStableDiffusionPipeline",

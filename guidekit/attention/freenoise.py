@@ -1,0 +1,204 @@
+"""FreeNoise window fusion inside the motion modules of a diffusers `UNetMotionModel` (AnimateDiff).
+
+Per-block fusion (the AnimateDiff port of FreeNoise, and diffusers' `FreeNoiseTransformerBlock`): in every
+temporal transformer block, the two temporal self-attentions run on each window of `plan_windows(F, W, S)`,
+each window with its own positions 0…W−1; the windows' residual streams are fused with the core's
+`WindowAccumulator` (per-frame weights normalised to sum to exactly 1, the tail window included), and the
+feed-forward then runs once on the fused sequence.
+
+Clone-then-patch: the blocks' own `forward`s are shadowed for one call and put back afterwards; the
+weights, processors and module tree are never touched, so `end` leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..hooks import HookConflictError
+from ..video import WindowAccumulator, plan_windows
+
+__all__ = ["motion_blocks", "motion_max_length", "windowed_motion_blocks", "windowed_block_forward"]
+
+#: Marks a block whose `forward` is shadowed by a FreeNoise fusion, so that two fusions never stack.
+_MARK = "_guidekit_freenoise"
+
+
+def motion_blocks(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The temporal transformer blocks of a motion UNet: (name, block) for every block under `motion_modules`.
+
+    Args:
+        unet (`nn.Module`): a diffusers `UNetMotionModel` (or any model whose temporal blocks live in
+            `*.motion_modules.*.transformer_blocks`).
+    """
+    return [
+        (name, module)
+        for name, module in unet.named_modules()
+        if ".motion_modules." in f".{name}." and name.split(".")[-2:-1] == ["transformer_blocks"]
+    ]
+
+
+def motion_max_length(unet: nn.Module) -> Optional[int]:
+    """The motion model's positional limit (`motion_max_seq_length`), or None if its config has none."""
+    config = getattr(unet, "config", None)
+    value = config.get("motion_max_seq_length") if config is not None else None
+    return int(value) if value is not None else None
+
+
+def _attend(block: nn.Module, hidden_states: torch.Tensor, attention_mask, encoder_hidden_states,
+            encoder_attention_mask, cross_attention_kwargs: dict) -> torch.Tensor:
+    """The attention half of a layer-norm `BasicTransformerBlock` on one window (positions restart at 0)."""
+    norm_hidden_states = block.norm1(hidden_states)
+    if block.pos_embed is not None:
+        norm_hidden_states = block.pos_embed(norm_hidden_states)
+    attn_output = block.attn1(
+        norm_hidden_states,
+        encoder_hidden_states=encoder_hidden_states if block.only_cross_attention else None,
+        attention_mask=attention_mask,
+        **cross_attention_kwargs,
+    )
+    hidden_states = attn_output + hidden_states
+    if hidden_states.ndim == 4:
+        hidden_states = hidden_states.squeeze(1)
+    if block.attn2 is not None:
+        norm_hidden_states = block.norm2(hidden_states)
+        if block.pos_embed is not None:
+            norm_hidden_states = block.pos_embed(norm_hidden_states)
+        attn_output = block.attn2(
+            norm_hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            attention_mask=encoder_attention_mask,
+            **cross_attention_kwargs,
+        )
+        hidden_states = attn_output + hidden_states
+    return hidden_states
+
+
+def windowed_block_forward(
+    block: nn.Module,
+    hidden_states: torch.Tensor,
+    context_length: int,
+    context_stride: int,
+    weighting: Any = "pyramid",
+    attention_mask: Optional[torch.Tensor] = None,
+    encoder_hidden_states: Optional[torch.Tensor] = None,
+    encoder_attention_mask: Optional[torch.Tensor] = None,
+    cross_attention_kwargs: Optional[dict] = None,
+) -> torch.Tensor:
+    """One temporal `BasicTransformerBlock` with FreeNoise per-block window fusion.
+
+    Args:
+        block (`nn.Module`): a diffusers `BasicTransformerBlock` with `norm_type="layer_norm"` (AnimateDiff's).
+        hidden_states (`torch.Tensor`): (B·H·W, F, C), frames on axis 1.
+        context_length (`int`): W, the frames of one window.
+        context_stride (`int`): S, the frames between two window starts.
+        weighting (`str`, callable or sequence, defaults to `"pyramid"`): per-frame window weights, as
+            `guidekit.video.window_weights` accepts them.
+        attention_mask, encoder_hidden_states, encoder_attention_mask, cross_attention_kwargs: passed to the
+            attentions as the stock block passes them.
+    """
+    cross_attention_kwargs = dict(cross_attention_kwargs or {})
+    num_frames = hidden_states.size(1)
+    fused = WindowAccumulator(num_frames, frame_dim=1)
+    for start, stop in plan_windows(num_frames, context_length, context_stride):
+        window = _attend(
+            block, hidden_states[:, start:stop], attention_mask, encoder_hidden_states, encoder_attention_mask,
+            cross_attention_kwargs,
+        )
+        fused.accumulate((start, stop), window, weighting)
+    hidden_states = fused.normalise()
+
+    norm_hidden_states = block.norm3(hidden_states)
+    if block._chunk_size is not None:
+        from diffusers.models.attention import _chunked_feed_forward
+
+        ff_output = _chunked_feed_forward(block.ff, norm_hidden_states, block._chunk_dim, block._chunk_size)
+    else:
+        ff_output = block.ff(norm_hidden_states)
+    hidden_states = ff_output + hidden_states
+    if hidden_states.ndim == 4:
+        hidden_states = hidden_states.squeeze(1)
+    return hidden_states
+
+
+def _patched_forward(block: nn.Module, original, context_length: int, context_stride: int, weighting):
+    def forward(hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
+        # one window covers everything: the stock block, so F <= W gives exactly the plain model
+        if hidden_states.size(1) <= context_length:
+            return original(
+                hidden_states, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask, timestep=timestep,
+                cross_attention_kwargs=cross_attention_kwargs, class_labels=class_labels,
+                added_cond_kwargs=added_cond_kwargs,
+            )
+        return windowed_block_forward(
+            block, hidden_states, context_length, context_stride, weighting, attention_mask,
+            encoder_hidden_states, encoder_attention_mask, cross_attention_kwargs,
+        )
+
+    return forward
+
+
+@contextmanager
+def windowed_motion_blocks(
+    unet: nn.Module, context_length: int, context_stride: int, weighting: Any = "pyramid", owner: Any = None
+) -> Iterator[list[str]]:
+    """Run every temporal transformer block of `unet` with FreeNoise per-block fusion inside a `with` block.
+
+    Yields the names of the patched blocks. On exit (also when the body raises) each block's own `forward`
+    is back.
+
+    Args:
+        unet (`nn.Module`): a diffusers `UNetMotionModel`.
+        context_length (`int`): W.
+        context_stride (`int`): S.
+        weighting (`str`, callable or sequence, defaults to `"pyramid"`): the window weights.
+        owner (*optional*): who installs the fusion, named in the error when another fusion is already there.
+
+    Raises:
+        ValueError: the UNet has no temporal blocks, or a block is not a layer-norm `BasicTransformerBlock`
+            (e.g. diffusers' own `FreeNoiseTransformerBlock` after `pipe.enable_free_noise()`).
+        HookConflictError: the blocks already run another FreeNoise fusion.
+    """
+    blocks = motion_blocks(unet)
+    if not blocks:
+        raise ValueError(
+            f"unet: {type(unet).__name__} has no temporal transformer blocks (motion modules); accepted: a "
+            "diffusers UNetMotionModel, e.g. the UNet of an AnimateDiffPipeline"
+        )
+    for name, block in blocks:
+        if type(block).__name__ == "FreeNoiseTransformerBlock":
+            raise HookConflictError(
+                f"unet: diffusers' own FreeNoise is enabled ({name}); call pipe.disable_free_noise() before using "
+                "guidekit.FreeNoise"
+            )
+        if getattr(block, "norm_type", None) != "layer_norm" or not hasattr(block, "ff"):
+            raise ValueError(
+                f"unet: block {name} ({type(block).__name__}) is not accepted; accepted: layer-norm "
+                "BasicTransformerBlocks, as in AnimateDiff motion modules"
+            )
+        if _MARK in block.__dict__:
+            raise HookConflictError(
+                f"unet: {name} already runs the FreeNoise fusion of {block.__dict__[_MARK]!r}; pass one FreeNoise hook"
+            )
+    patched: list[tuple[nn.Module, Any]] = []
+    try:
+        for _, block in blocks:
+            # an instance attribute of the user's own, if any, is restored as it was
+            previous = block.__dict__.get("forward")
+            original = block.forward
+            block.forward = _patched_forward(block, original, context_length, context_stride, weighting)
+            block.__dict__[_MARK] = owner
+            patched.append((block, previous))
+        yield [name for name, _ in blocks]
+    finally:
+        for block, previous in reversed(patched):
+            del block.__dict__[_MARK]
+            if previous is None:
+                del block.__dict__["forward"]
+            else:
+                block.forward = previous

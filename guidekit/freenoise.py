@@ -1,0 +1,149 @@
+"""`guidekit.FreeNoise`: longer AnimateDiff videos by noise rescheduling and window fusion, as a sampler hook.
+
+FreeNoise (Qiu et al., ICLR 2024, arXiv 2310.15169) lets a motion model trained on W frames sample F > W
+frames: the initial noise after the first window is rescheduled (block-shuffled copies of earlier frames),
+and the temporal layers run on windows of W frames whose outputs are fused per frame. The math lives in
+`guidekit.video`; this hook applies it to a diffusers AnimateDiff UNet for one call.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any, Optional
+
+import torch
+
+from .checks import check_choice
+from .hooks import SamplerHook, SamplerState
+from .video import NOISE_MODES, reschedule_noise, window_weights
+from .video._args import check_context, check_int
+
+__all__ = ["FreeNoise", "FUSIONS"]
+
+#: Where the window outputs are fused: per temporal transformer block (AnimateDiff port, diffusers).
+FUSIONS = ("block",)
+#: Accepted later: per temporal-attention output (VideoCrafter); named in the error message.
+_PLANNED_FUSIONS = ("attention",)
+
+
+class FreeNoise(SamplerHook):
+    """FreeNoise for AnimateDiff pipelines (`guidekit.pipelines.GuidedAnimateDiffPipeline`).
+
+    With F frames, W = `context_length` and S = `context_stride`:
+
+    * before sampling, frames >= W of the initial noise are rescheduled by `noise` (`guidekit.video.reschedule_noise`;
+      user-given `latents` are kept as they are);
+    * every temporal transformer block runs its two temporal attentions on the windows of
+      `guidekit.video.plan_windows(F, W, S)` and fuses their outputs with per-frame weights that sum to 1,
+      then applies its feed-forward to the fused sequence.
+
+    F <= W runs the plain model (one window covers every frame). Unlike diffusers' `enable_free_noise`, the
+    tail window (when (F − W) mod S != 0) is normalised exactly, "repeat" repeats, a list of generators gives
+    each sample its own shuffle, and nothing is left on the model after the call.
+
+    Args:
+        context_length (`int`, defaults to `16`): W, the frames of one window; the motion model's training
+            length, at most its `motion_max_seq_length`.
+        context_stride (`int`, defaults to `4`): S, the frames between two window starts, 1 <= S <= W.
+        weighting (`str`, callable or sequence, defaults to `"pyramid"`): the per-frame window weights: "pyramid",
+            "flat", "delayed_reverse_sawtooth", "gaussian", a callable `length -> weights`, or W weights.
+        noise (`str`, defaults to `"shuffle"`): the rescheduling of the initial noise: "shuffle" (official),
+            "repeat" (the first window tiled) or "random" (fresh noise, no rescheduling).
+        fusion (`str`, defaults to `"block"`): where windows are fused; "block" (per temporal transformer block).
+        motion_injection (defaults to `None`): not available yet; only None is accepted.
+
+    Example:
+        >>> pipe = GuidedAnimateDiffPipeline.from_pretrained(path)
+        >>> video = pipe("a ball rolling", num_frames=64, hooks=[guidekit.FreeNoise()]).frames[0]
+    """
+
+    def __init__(
+        self,
+        context_length: int = 16,
+        context_stride: int = 4,
+        weighting: Any = "pyramid",
+        noise: str = "shuffle",
+        fusion: str = "block",
+        motion_injection: Optional[Any] = None,
+    ):
+        self.context_length, self.context_stride = check_context(context_length, context_stride)
+        window_weights(self.context_length, weighting)  # a bad weighting fails here, not mid-call
+        self.weighting = weighting
+        self.noise = check_choice("noise", noise, NOISE_MODES)
+        if fusion in _PLANNED_FUSIONS:
+            raise ValueError(
+                f"fusion: {fusion!r} (per temporal-attention output) is not available yet; accepted: "
+                f"{', '.join(repr(f) for f in FUSIONS)}"
+            )
+        self.fusion = check_choice("fusion", fusion, FUSIONS)
+        if motion_injection is not None:
+            raise ValueError(
+                f"motion_injection: {motion_injection!r} is not available yet; accepted: None"
+            )
+        self.motion_injection = None
+
+    def __repr__(self) -> str:
+        return (
+            f"FreeNoise(context_length={self.context_length}, context_stride={self.context_stride}, "
+            f"weighting={self.weighting!r}, noise={self.noise!r}, fusion={self.fusion!r})"
+        )
+
+    def _unet(self, state: SamplerState):
+        pipeline = state.extras.get("pipeline")
+        unet = getattr(pipeline, "unet", None)
+        if unet is None:
+            raise ValueError(
+                "FreeNoise: the pipeline has no `unet`; accepted: an AnimateDiff pipeline such as "
+                "guidekit.pipelines.GuidedAnimateDiffPipeline"
+            )
+        return unet
+
+    def validate(self, state: SamplerState) -> None:
+        from .attention.freenoise import motion_blocks, motion_max_length
+
+        unet = self._unet(state)
+        if not motion_blocks(unet):
+            raise ValueError(
+                f"FreeNoise: {type(unet).__name__} has no motion modules; accepted: an AnimateDiff pipeline such as "
+                "guidekit.pipelines.GuidedAnimateDiffPipeline"
+            )
+        limit = motion_max_length(unet)
+        if limit is not None:
+            check_int(
+                "context_length", self.context_length, 1, limit,
+                extra=" (the motion model's motion_max_seq_length)",
+            )
+
+    def begin(self, state: SamplerState) -> None:
+        from .attention.freenoise import windowed_motion_blocks
+
+        stack = ExitStack()
+        stack.enter_context(
+            windowed_motion_blocks(
+                self._unet(state), self.context_length, self.context_stride, self.weighting, owner=self
+            )
+        )
+        state.memory(self)["installed"] = stack
+
+    def init_latents(self, state: SamplerState, latents: torch.Tensor) -> torch.Tensor:
+        if latents.dim() != 5:
+            raise ValueError(
+                f"FreeNoise: latents of shape {tuple(latents.shape)} are not accepted; accepted: video latents "
+                "(B, C, F, H, W)"
+            )
+        if state.extras.get("user_latents", False):
+            return latents  # the user's own starting point is taken as it is
+        rescheduled = reschedule_noise(
+            latents, self.context_length, self.context_stride, generator=state.generator, mode=self.noise
+        )
+        if self.noise == "random" and latents.shape[2] > self.context_length:
+            # fresh noise is N(0, 1); the pipeline's latents were already scaled by init_noise_sigma
+            sigma = float(getattr(state.scheduler, "init_noise_sigma", 1.0))
+            if sigma != 1.0:
+                rescheduled[:, :, self.context_length:] *= sigma
+        return rescheduled
+
+    def end(self, state: SamplerState) -> None:
+        stack = state.memory(self).pop("installed", None)
+        if stack is not None:
+            stack.close()

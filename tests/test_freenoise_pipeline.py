@@ -1,0 +1,229 @@
+"""FreeNoise on AnimateDiff: GuidedAnimateDiffPipeline against the stock pipeline and diffusers' FreeNoise,
+the tail-window fix, generators, composition with APG, and argument errors."""
+
+import copy
+
+import pytest
+import torch
+from diffusers import AnimateDiffPipeline
+from diffusers.models.attention import FreeNoiseTransformerBlock
+
+import guidekit
+from guidekit.attention.freenoise import motion_blocks, windowed_block_forward
+from guidekit.hooks import HookConflictError, SamplerState
+from guidekit.pipelines import GuidedAnimateDiffPipeline, GuidedStableDiffusionPipeline
+from guidekit.testing.animatediff import make_tiny_animatediff
+from guidekit.video import fusion_weights, plan_windows
+from tolerance import assert_close_to_scale
+
+MAX_LENGTH = 16  # the tiny adapter's motion_max_seq_length: F = 20 frames need FreeNoise
+KW = dict(prompt="a red circle", height=16, width=16, num_inference_steps=2, output_type="latent")
+
+
+def load(cls, folder):
+    pipe = cls.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_animatediff(tmp_path_factory.mktemp("tiny-animatediff"), max_length=MAX_LENGTH)
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_dir):
+    return load(GuidedAnimateDiffPipeline, tiny_dir)
+
+
+@pytest.fixture()
+def stock(tiny_dir):
+    # a fresh one per test: enable_free_noise changes the model
+    return load(AnimateDiffPipeline, tiny_dir)
+
+
+def video(pipe, num_frames, seed=0, **kw):
+    generator = kw.pop("generator", None) or torch.Generator().manual_seed(seed)
+    return pipe(num_frames=num_frames, generator=generator, **{**KW, **kw}).frames
+
+
+# ---------------------------------------------------------------- stock equality
+
+
+@pytest.mark.parametrize("extra", [{}, {"guidance_scale": 1.0}, {"negative_prompt": "blurry", "guidance_scale": 5.0}])
+def test_no_hook_is_stock_bit_for_bit(ours, stock, extra):
+    torch.testing.assert_close(video(ours, 8, **extra), video(stock, 8, **extra), rtol=0, atol=0)
+
+
+def test_no_hook_decoded_frames_are_stock(ours, stock):
+    kw = dict(output_type="np", num_inference_steps=1)
+    torch.testing.assert_close(torch.as_tensor(video(ours, 4, **kw)), torch.as_tensor(video(stock, 4, **kw)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("noise", ["shuffle", "repeat", "random"])
+def test_short_video_with_freenoise_is_the_plain_pipeline(ours, noise):
+    # F <= W: one window covers every frame, so nothing is rescheduled or fused
+    plain = video(ours, 12)
+    torch.testing.assert_close(video(ours, 12, hooks=[guidekit.FreeNoise(noise=noise)]), plain, rtol=0, atol=0)
+
+
+def test_model_is_restored_after_the_call(ours):
+    video(ours, 20, hooks=[guidekit.FreeNoise()])
+    assert all("forward" not in block.__dict__ for _, block in motion_blocks(ours.unet))
+    torch.testing.assert_close(video(ours, 8), video(ours, 8), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- diffusers' FreeNoise
+
+
+def test_matches_diffusers_free_noise_where_it_is_correct(ours, stock):
+    # (F − W) mod S = 0: no tail window, where diffusers' fusion is right
+    hook = guidekit.FreeNoise(context_length=16, context_stride=4, weighting="pyramid", noise="shuffle", fusion="block")
+    result = video(ours, 20, hooks=[hook])
+    stock.enable_free_noise(context_length=16, context_stride=4, weighting_scheme="pyramid", noise_type="shuffle_context")
+    expected = video(stock, 20)
+    assert result.shape == (1, 4, 20, 8, 8)
+    assert_close_to_scale(result, expected, rel=1e-5)
+
+
+def test_initial_noise_is_diffusers_shuffle(ours, stock):
+    stock.enable_free_noise(context_length=16, context_stride=4, noise_type="shuffle_context")
+    g = torch.Generator().manual_seed(3)
+    expected = stock.prepare_latents(1, 4, 27, 16, 16, torch.float32, "cpu", g)
+    g = torch.Generator().manual_seed(3)
+    latents = ours.prepare_latents(1, 4, 27, 16, 16, torch.float32, "cpu", g)
+    state = SamplerState(num_steps=1, scheduler=ours.scheduler, generator=g)
+    torch.testing.assert_close(guidekit.FreeNoise().init_latents(state, latents), expected, rtol=0, atol=0)
+
+
+def _diffusers_block(block):
+    """diffusers' FreeNoiseTransformerBlock with `block`'s weights, built as `enable_free_noise` builds it."""
+    names = ("dim", "num_attention_heads", "attention_head_dim", "dropout", "cross_attention_dim", "activation_fn",
+             "attention_bias", "only_cross_attention", "double_self_attention", "positional_embeddings",
+             "num_positional_embeddings")
+    fused = FreeNoiseTransformerBlock(
+        **{name: getattr(block, name) for name in names}, context_length=16, context_stride=4, weighting_scheme="pyramid"
+    )
+    fused.load_state_dict(block.state_dict(), strict=True)
+    return fused
+
+
+@pytest.mark.parametrize("num_frames", [22, 27, 30])
+def test_tail_window_is_exact_where_diffusers_scales_it(ours, num_frames):
+    # (F − W) mod S >= 2: diffusers adds one scalar weight for the tail frames and shrinks them
+    assert (num_frames - 16) % 4 >= 2
+    plan = plan_windows(num_frames, 16, 4)
+    weights = fusion_weights(plan, num_frames, "pyramid")
+    torch.testing.assert_close(weights.sum(0), torch.ones(num_frames, dtype=torch.float64), rtol=0, atol=1e-15)
+
+    # zero attention outputs: every window's residual stream is its input, so a correct fusion is the
+    # identity and the block is x + FF(norm3(x)) (the plain block cannot run F > its positional limit)
+    block = copy.deepcopy(motion_blocks(ours.unet)[0][1])
+    for attn in (block.attn1, block.attn2):
+        torch.nn.init.zeros_(attn.to_out[0].weight)
+        torch.nn.init.zeros_(attn.to_out[0].bias)
+    hidden = torch.randn(3, num_frames, block.dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hidden + block.ff(block.norm3(hidden))
+        result = windowed_block_forward(block, hidden, 16, 4, "pyramid")
+        theirs = _diffusers_block(block)(hidden)
+    assert_close_to_scale(result, expected, rel=1e-6)
+    # diffusers: right before the tail window, wrong on its last frames
+    covered = plan[-2][1]
+    assert_close_to_scale(theirs[:, :covered], expected[:, :covered], rel=1e-6)
+    assert (theirs[:, -1] - expected[:, -1]).abs().max() > 1e-2
+
+
+def test_tail_video_differs_from_diffusers(ours, stock):
+    result = video(ours, 22, hooks=[guidekit.FreeNoise()])
+    stock.enable_free_noise(context_length=16, context_stride=4, weighting_scheme="pyramid", noise_type="shuffle_context")
+    expected = video(stock, 22)
+    assert torch.isfinite(result).all()
+    assert (result[:, :, -2:] - expected[:, :, -2:]).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- noise, generators, composition
+
+
+def test_list_of_generators_gives_each_sample_its_own_video(ours):
+    hook = guidekit.FreeNoise(context_stride=2)
+    both = video(ours, 20, prompt=["a red circle"] * 2, hooks=[hook],
+                 generator=[torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
+    second = video(ours, 20, hooks=[hook], generator=[torch.Generator().manual_seed(2)])
+    assert_close_to_scale(both[1:], second, rel=1e-5)
+    assert (both[0] - both[1]).abs().max() > 1e-2
+
+
+def test_repeat_and_random_noise():
+    latents = torch.randn(2, 4, 20, 3, 3)
+    state = SamplerState(num_steps=1, scheduler=None, generator=torch.Generator().manual_seed(0))
+    repeated = guidekit.FreeNoise(noise="repeat").init_latents(state, latents)
+    torch.testing.assert_close(repeated[:, :, 16:], latents[:, :, :4], rtol=0, atol=0)
+    fresh = guidekit.FreeNoise(noise="random").init_latents(state, latents)
+    torch.testing.assert_close(fresh[:, :, :16], latents[:, :, :16], rtol=0, atol=0)
+    assert not torch.equal(fresh[:, :, 16:], latents[:, :, 16:])
+    state.extras["user_latents"] = True  # the user's own latents are kept
+    torch.testing.assert_close(guidekit.FreeNoise().init_latents(state, latents), latents, rtol=0, atol=0)
+
+
+def test_apg_composes_with_freenoise(ours):
+    cfg = video(ours, 20, guidance_scale=9.0, hooks=[guidekit.FreeNoise()])
+    apg = video(ours, 20, guidance_scale=9.0, hooks=[guidekit.APG(), guidekit.FreeNoise()])
+    assert torch.isfinite(apg).all() and apg.shape == cfg.shape
+    assert (apg - cfg).abs().max() > 1e-4
+
+
+def test_prompt_schedule(ours):
+    torch.testing.assert_close(video(ours, 8, prompt={0: "a red circle"}), video(ours, 8), rtol=0, atol=0)
+    travel = video(ours, 20, prompt={0: "a red circle", 12: "a blue square"}, hooks=[guidekit.FreeNoise()])
+    assert torch.isfinite(travel).all()
+    with pytest.raises(ValueError, match="frame key 25"):
+        video(ours, 20, prompt={0: "a", 25: "b"})
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"context_length": 0}, "context_length"),
+        ({"context_length": 16.0}, "context_length"),
+        ({"context_stride": 0}, "context_stride"),
+        ({"context_stride": 17}, "context_stride"),
+        ({"weighting": "triangle"}, "weighting"),
+        ({"noise": "shuffle_context"}, "noise"),
+        ({"fusion": "attention"}, "fusion.*'block'"),
+        ({"fusion": "unet"}, "fusion"),
+        ({"motion_injection": {"steps": (5, 15)}}, "motion_injection"),
+    ],
+)
+def test_argument_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        guidekit.FreeNoise(**kwargs)
+
+
+def test_context_longer_than_the_motion_model_is_refused(ours):
+    with pytest.raises(ValueError, match="motion_max_seq_length"):
+        video(ours, 40, hooks=[guidekit.FreeNoise(context_length=24)])
+    assert all("forward" not in block.__dict__ for _, block in motion_blocks(ours.unet))
+
+
+def test_image_pipeline_is_refused(tiny_sd_dir):
+    pipe = load(GuidedStableDiffusionPipeline, tiny_sd_dir)
+    with pytest.raises(ValueError, match="motion modules"):
+        pipe("a", num_inference_steps=1, height=16, width=16, output_type="latent", hooks=[guidekit.FreeNoise()])
+
+
+def test_conflicts(ours, stock):
+    with pytest.raises(HookConflictError):
+        video(ours, 20, hooks=[guidekit.FreeNoise(), guidekit.FreeNoise()])
+    pipe = GuidedAnimateDiffPipeline.from_pipe(stock)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_free_noise()
+    with pytest.raises(HookConflictError, match="disable_free_noise"):
+        video(pipe, 20, hooks=[guidekit.FreeNoise()])
+    pipe.disable_free_noise()
+    pipe.enable_free_init(num_iters=2)
+    with pytest.raises(ValueError, match="FreeInit"):
+        video(pipe, 8)
