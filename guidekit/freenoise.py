@@ -20,10 +20,9 @@ from .video._args import check_context, check_int
 
 __all__ = ["FreeNoise", "FUSIONS"]
 
-#: Where the window outputs are fused: per temporal transformer block (AnimateDiff port, diffusers).
-FUSIONS = ("block",)
-#: Accepted later: per temporal-attention output (VideoCrafter); named in the error message.
-_PLANNED_FUSIONS = ("attention",)
+#: Where the window outputs are fused: per temporal transformer block (AnimateDiff port, diffusers) or per
+#: temporal-attention output (VideoCrafter, the paper's code).
+FUSIONS = ("block", "attention")
 
 
 class FreeNoise(SamplerHook):
@@ -34,8 +33,10 @@ class FreeNoise(SamplerHook):
     * before sampling, frames >= W of the initial noise are rescheduled by `noise` (`guidekit.video.reschedule_noise`;
       user-given `latents` are kept as they are);
     * every temporal transformer block runs its two temporal attentions on the windows of
-      `guidekit.video.plan_windows(F, W, S)` and fuses their outputs with per-frame weights that sum to 1,
-      then applies its feed-forward to the fused sequence.
+      `guidekit.video.plan_windows(F, W, S)`, each window with positions 0…W−1, and fuses the window outputs
+      with per-frame weights that sum to 1: with `fusion="block"` the windows' residual streams after both
+      attentions (diffusers, the AnimateDiff port), with `fusion="attention"` each attention's output
+      (the official VideoCrafter code); the feed-forward then runs once on the fused sequence.
 
     F <= W runs the plain model (one window covers every frame). Unlike diffusers' `enable_free_noise`, the
     tail window (when (F − W) mod S != 0) is normalised exactly, "repeat" repeats, a list of generators gives
@@ -49,7 +50,8 @@ class FreeNoise(SamplerHook):
             "flat", "delayed_reverse_sawtooth", "gaussian", a callable `length -> weights`, or W weights.
         noise (`str`, defaults to `"shuffle"`): the rescheduling of the initial noise: "shuffle" (official),
             "repeat" (the first window tiled) or "random" (fresh noise, no rescheduling).
-        fusion (`str`, defaults to `"block"`): where windows are fused; "block" (per temporal transformer block).
+        fusion (`str`, defaults to `"block"`): where windows are fused: "block" (per temporal transformer block)
+            or "attention" (per temporal-attention output).
         motion_injection (defaults to `None`): not available yet; only None is accepted.
 
     Example:
@@ -70,11 +72,6 @@ class FreeNoise(SamplerHook):
         window_weights(self.context_length, weighting)  # a bad weighting fails here, not mid-call
         self.weighting = weighting
         self.noise = check_choice("noise", noise, NOISE_MODES)
-        if fusion in _PLANNED_FUSIONS:
-            raise ValueError(
-                f"fusion: {fusion!r} (per temporal-attention output) is not available yet; accepted: "
-                f"{', '.join(repr(f) for f in FUSIONS)}"
-            )
         self.fusion = check_choice("fusion", fusion, FUSIONS)
         if motion_injection is not None:
             raise ValueError(
@@ -120,7 +117,8 @@ class FreeNoise(SamplerHook):
         stack = ExitStack()
         stack.enter_context(
             windowed_motion_blocks(
-                self._unet(state), self.context_length, self.context_stride, self.weighting, owner=self
+                self._unet(state), self.context_length, self.context_stride, self.weighting, owner=self,
+                fusion=self.fusion,
             )
         )
         state.memory(self)["installed"] = stack

@@ -13,7 +13,7 @@ from guidekit.attention.freenoise import motion_blocks, windowed_block_forward
 from guidekit.hooks import HookConflictError, SamplerState
 from guidekit.pipelines import GuidedAnimateDiffPipeline, GuidedStableDiffusionPipeline
 from guidekit.testing.animatediff import make_tiny_animatediff
-from guidekit.video import fusion_weights, plan_windows
+from guidekit.video import fuse_windows, fusion_weights, plan_windows
 from tolerance import assert_close_to_scale
 
 MAX_LENGTH = 16  # the tiny adapter's motion_max_seq_length: F = 20 frames need FreeNoise
@@ -134,6 +134,49 @@ def test_tail_window_is_exact_where_diffusers_scales_it(ours, num_frames):
     assert (theirs[:, -1] - expected[:, -1]).abs().max() > 1e-2
 
 
+def _random_block(ours):
+    block = copy.deepcopy(motion_blocks(ours.unet)[0][1])
+    hidden = torch.randn(3, 27, block.dim, generator=torch.Generator().manual_seed(1))
+    return block, hidden
+
+
+def test_attention_fusion_is_the_videocrafter_formula(ours):
+    # each attention's output fused over the windows (official attention_freenoise.py), written out here
+    block, hidden = _random_block(ours)
+    plan = plan_windows(27, 16, 4)
+
+    def fused(attn, norm, x):
+        outputs = [attn(block.pos_embed(norm(x[:, start:stop]))) for start, stop in plan]
+        return fuse_windows(outputs, plan, 27, "pyramid")
+
+    with torch.no_grad():
+        h = hidden + fused(block.attn1, block.norm1, hidden)
+        h = h + fused(block.attn2, block.norm2, h)
+        expected = h + block.ff(block.norm3(h))
+        result = windowed_block_forward(block, hidden, 16, 4, "pyramid", fusion="attention")
+        per_block = windowed_block_forward(block, hidden, 16, 4, "pyramid", fusion="block")
+    assert_close_to_scale(result, expected, rel=1e-6)
+    assert (per_block - result).abs().max() > 1e-3  # the two fusion points are different methods
+
+
+def test_fusions_agree_on_disjoint_windows(ours):
+    # S = W: every frame lies in one window, so where the fusion happens cannot matter
+    block, _ = _random_block(ours)
+    hidden = torch.randn(2, 32, block.dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a = windowed_block_forward(block, hidden, 16, 16, fusion="attention")
+        b = windowed_block_forward(block, hidden, 16, 16, fusion="block")
+    assert_close_to_scale(a, b, rel=1e-6)
+
+
+def test_attention_fusion_pipeline(ours):
+    plain = video(ours, 12)
+    torch.testing.assert_close(video(ours, 12, hooks=[guidekit.FreeNoise(fusion="attention")]), plain, rtol=0, atol=0)
+    a = video(ours, 22, hooks=[guidekit.FreeNoise(fusion="attention")])
+    b = video(ours, 22, hooks=[guidekit.FreeNoise(fusion="block")])
+    assert torch.isfinite(a).all() and (a - b).abs().max() > 1e-4
+
+
 def test_tail_video_differs_from_diffusers(ours, stock):
     result = video(ours, 22, hooks=[guidekit.FreeNoise()])
     stock.enable_free_noise(context_length=16, context_stride=4, weighting_scheme="pyramid", noise_type="shuffle_context")
@@ -193,7 +236,6 @@ def test_prompt_schedule(ours):
         ({"context_stride": 17}, "context_stride"),
         ({"weighting": "triangle"}, "weighting"),
         ({"noise": "shuffle_context"}, "noise"),
-        ({"fusion": "attention"}, "fusion.*'block'"),
         ({"fusion": "unet"}, "fusion"),
         ({"motion_injection": {"steps": (5, 15)}}, "motion_injection"),
     ],

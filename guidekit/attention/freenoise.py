@@ -1,10 +1,14 @@
 """FreeNoise window fusion inside the motion modules of a diffusers `UNetMotionModel` (AnimateDiff).
 
-Per-block fusion (the AnimateDiff port of FreeNoise, and diffusers' `FreeNoiseTransformerBlock`): in every
-temporal transformer block, the two temporal self-attentions run on each window of `plan_windows(F, W, S)`,
-each window with its own positions 0…W−1; the windows' residual streams are fused with the core's
-`WindowAccumulator` (per-frame weights normalised to sum to exactly 1, the tail window included), and the
-feed-forward then runs once on the fused sequence.
+In every temporal transformer block the temporal self-attentions run on each window of
+`plan_windows(F, W, S)`, each window with its own positions 0…W−1, and the window outputs are fused with
+the core's `WindowAccumulator` (per-frame weights normalised to sum to exactly 1, the tail window included):
+
+* "block" fusion (the AnimateDiff port of FreeNoise, diffusers' `FreeNoiseTransformerBlock`): both attentions
+  with their residuals run per window, the windows' residual streams are fused, and the feed-forward runs
+  once on the fused sequence;
+* "attention" fusion (the official VideoCrafter code): each attention's output is fused over the windows,
+  then added to the full residual stream, so the second attention sees the fused first one.
 
 Clone-then-patch: the blocks' own `forward`s are shadowed for one call and put back afterwards; the
 weights, processors and module tree are never touched, so `end` leaves the model exactly as it was.
@@ -48,33 +52,51 @@ def motion_max_length(unet: nn.Module) -> Optional[int]:
     return int(value) if value is not None else None
 
 
+def _self_attention(attn: nn.Module, norm: Optional[nn.Module], pos_embed: Optional[nn.Module],
+                    hidden_states: torch.Tensor, encoder_hidden_states, attention_mask,
+                    cross_attention_kwargs: dict) -> torch.Tensor:
+    """One attention of a layer-norm `BasicTransformerBlock`: norm → (+ positions from 0) → attention output."""
+    norm_hidden_states = norm(hidden_states)
+    if pos_embed is not None:
+        norm_hidden_states = pos_embed(norm_hidden_states)
+    return attn(norm_hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
+                **cross_attention_kwargs)
+
+
 def _attend(block: nn.Module, hidden_states: torch.Tensor, attention_mask, encoder_hidden_states,
             encoder_attention_mask, cross_attention_kwargs: dict) -> torch.Tensor:
     """The attention half of a layer-norm `BasicTransformerBlock` on one window (positions restart at 0)."""
-    norm_hidden_states = block.norm1(hidden_states)
-    if block.pos_embed is not None:
-        norm_hidden_states = block.pos_embed(norm_hidden_states)
-    attn_output = block.attn1(
-        norm_hidden_states,
-        encoder_hidden_states=encoder_hidden_states if block.only_cross_attention else None,
-        attention_mask=attention_mask,
-        **cross_attention_kwargs,
+    attn_output = _self_attention(
+        block.attn1, block.norm1, block.pos_embed, hidden_states,
+        encoder_hidden_states if block.only_cross_attention else None, attention_mask, cross_attention_kwargs,
     )
     hidden_states = attn_output + hidden_states
     if hidden_states.ndim == 4:
         hidden_states = hidden_states.squeeze(1)
     if block.attn2 is not None:
-        norm_hidden_states = block.norm2(hidden_states)
-        if block.pos_embed is not None:
-            norm_hidden_states = block.pos_embed(norm_hidden_states)
-        attn_output = block.attn2(
-            norm_hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
-            attention_mask=encoder_attention_mask,
-            **cross_attention_kwargs,
+        attn_output = _self_attention(
+            block.attn2, block.norm2, block.pos_embed, hidden_states, encoder_hidden_states,
+            encoder_attention_mask, cross_attention_kwargs,
         )
         hidden_states = attn_output + hidden_states
     return hidden_states
+
+
+def _fused_attention(attn: nn.Module, norm: nn.Module, pos_embed: Optional[nn.Module], hidden_states: torch.Tensor,
+                     plan, weighting, encoder_hidden_states, attention_mask, cross_attention_kwargs: dict):
+    """One attention run per window, the window outputs fused per frame (VideoCrafter's FreeNoise attention).
+
+    VideoCrafter fuses before `to_out`; `to_out` is affine, and the fusion weights of a frame sum to 1, so
+    fusing after it is the same map.
+    """
+    fused = WindowAccumulator(hidden_states.size(1), frame_dim=1)
+    for start, stop in plan:
+        output = _self_attention(
+            attn, norm, pos_embed, hidden_states[:, start:stop], encoder_hidden_states, attention_mask,
+            cross_attention_kwargs,
+        )
+        fused.accumulate((start, stop), output, weighting)
+    return fused.normalise()
 
 
 def windowed_block_forward(
@@ -87,8 +109,9 @@ def windowed_block_forward(
     encoder_hidden_states: Optional[torch.Tensor] = None,
     encoder_attention_mask: Optional[torch.Tensor] = None,
     cross_attention_kwargs: Optional[dict] = None,
+    fusion: str = "block",
 ) -> torch.Tensor:
-    """One temporal `BasicTransformerBlock` with FreeNoise per-block window fusion.
+    """One temporal `BasicTransformerBlock` with FreeNoise window fusion.
 
     Args:
         block (`nn.Module`): a diffusers `BasicTransformerBlock` with `norm_type="layer_norm"` (AnimateDiff's).
@@ -99,17 +122,38 @@ def windowed_block_forward(
             `guidekit.video.window_weights` accepts them.
         attention_mask, encoder_hidden_states, encoder_attention_mask, cross_attention_kwargs: passed to the
             attentions as the stock block passes them.
+        fusion (`str`, defaults to `"block"`): "block": both attentions (with their residuals) run per window
+            and the windows' residual streams are fused once (AnimateDiff port, diffusers); "attention": each
+            attention's output is fused over the windows before its residual (VideoCrafter).
     """
     cross_attention_kwargs = dict(cross_attention_kwargs or {})
     num_frames = hidden_states.size(1)
-    fused = WindowAccumulator(num_frames, frame_dim=1)
-    for start, stop in plan_windows(num_frames, context_length, context_stride):
-        window = _attend(
-            block, hidden_states[:, start:stop], attention_mask, encoder_hidden_states, encoder_attention_mask,
-            cross_attention_kwargs,
+    plan = plan_windows(num_frames, context_length, context_stride)
+    if fusion == "block":
+        fused = WindowAccumulator(num_frames, frame_dim=1)
+        for start, stop in plan:
+            window = _attend(
+                block, hidden_states[:, start:stop], attention_mask, encoder_hidden_states, encoder_attention_mask,
+                cross_attention_kwargs,
+            )
+            fused.accumulate((start, stop), window, weighting)
+        hidden_states = fused.normalise()
+    elif fusion == "attention":
+        attn_output = _fused_attention(
+            block.attn1, block.norm1, block.pos_embed, hidden_states, plan, weighting,
+            encoder_hidden_states if block.only_cross_attention else None, attention_mask, cross_attention_kwargs,
         )
-        fused.accumulate((start, stop), window, weighting)
-    hidden_states = fused.normalise()
+        hidden_states = attn_output + hidden_states
+        if hidden_states.ndim == 4:
+            hidden_states = hidden_states.squeeze(1)
+        if block.attn2 is not None:
+            attn_output = _fused_attention(
+                block.attn2, block.norm2, block.pos_embed, hidden_states, plan, weighting, encoder_hidden_states,
+                encoder_attention_mask, cross_attention_kwargs,
+            )
+            hidden_states = attn_output + hidden_states
+    else:
+        raise ValueError(f"fusion: {fusion!r} is not accepted; accepted: 'block', 'attention'")
 
     norm_hidden_states = block.norm3(hidden_states)
     if block._chunk_size is not None:
@@ -124,7 +168,7 @@ def windowed_block_forward(
     return hidden_states
 
 
-def _patched_forward(block: nn.Module, original, context_length: int, context_stride: int, weighting):
+def _patched_forward(block: nn.Module, original, context_length: int, context_stride: int, weighting, fusion: str):
     def forward(hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
         # one window covers everything: the stock block, so F <= W gives exactly the plain model
@@ -137,7 +181,7 @@ def _patched_forward(block: nn.Module, original, context_length: int, context_st
             )
         return windowed_block_forward(
             block, hidden_states, context_length, context_stride, weighting, attention_mask,
-            encoder_hidden_states, encoder_attention_mask, cross_attention_kwargs,
+            encoder_hidden_states, encoder_attention_mask, cross_attention_kwargs, fusion,
         )
 
     return forward
@@ -145,9 +189,14 @@ def _patched_forward(block: nn.Module, original, context_length: int, context_st
 
 @contextmanager
 def windowed_motion_blocks(
-    unet: nn.Module, context_length: int, context_stride: int, weighting: Any = "pyramid", owner: Any = None
+    unet: nn.Module,
+    context_length: int,
+    context_stride: int,
+    weighting: Any = "pyramid",
+    owner: Any = None,
+    fusion: str = "block",
 ) -> Iterator[list[str]]:
-    """Run every temporal transformer block of `unet` with FreeNoise per-block fusion inside a `with` block.
+    """Run every temporal transformer block of `unet` with FreeNoise window fusion inside a `with` block.
 
     Yields the names of the patched blocks. On exit (also when the body raises) each block's own `forward`
     is back.
@@ -158,12 +207,15 @@ def windowed_motion_blocks(
         context_stride (`int`): S.
         weighting (`str`, callable or sequence, defaults to `"pyramid"`): the window weights.
         owner (*optional*): who installs the fusion, named in the error when another fusion is already there.
+        fusion (`str`, defaults to `"block"`): "block" or "attention" (see `windowed_block_forward`).
 
     Raises:
         ValueError: the UNet has no temporal blocks, or a block is not a layer-norm `BasicTransformerBlock`
             (e.g. diffusers' own `FreeNoiseTransformerBlock` after `pipe.enable_free_noise()`).
         HookConflictError: the blocks already run another FreeNoise fusion.
     """
+    if fusion not in ("block", "attention"):
+        raise ValueError(f"fusion: {fusion!r} is not accepted; accepted: 'block', 'attention'")
     blocks = motion_blocks(unet)
     if not blocks:
         raise ValueError(
@@ -191,7 +243,7 @@ def windowed_motion_blocks(
             # an instance attribute of the user's own, if any, is restored as it was
             previous = block.__dict__.get("forward")
             original = block.forward
-            block.forward = _patched_forward(block, original, context_length, context_stride, weighting)
+            block.forward = _patched_forward(block, original, context_length, context_stride, weighting, fusion)
             block.__dict__[_MARK] = owner
             patched.append((block, previous))
         yield [name for name, _ in blocks]
