@@ -15,7 +15,7 @@ import torch
 
 from .checks import check_choice
 from .hooks import SamplerHook, SamplerState
-from .video import NOISE_MODES, reschedule_noise, window_weights
+from .video import NOISE_MODES, reschedule_noise, uses_fixed_prompt, window_weights
 from .video._args import check_context, check_int
 
 __all__ = ["FreeNoise", "FUSIONS"]
@@ -23,6 +23,22 @@ __all__ = ["FreeNoise", "FUSIONS"]
 #: Where the window outputs are fused: per temporal transformer block (AnimateDiff port, diffusers) or per
 #: temporal-attention output (VideoCrafter, the paper's code).
 FUSIONS = ("block", "attention")
+
+
+def _check_injection(value) -> Optional[tuple[float, float]]:
+    """None, or the (t_a, t_b) step bounds of motion injection (True: the official (0.1, 0.3))."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return (0.1, 0.3)
+    accepted = "None, True (official steps), or a pair (t_a, t_b) with 0 <= t_a <= t_b <= 1"
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"motion_injection: {value!r} is not accepted; accepted: {accepted}")
+    try:
+        uses_fixed_prompt(0, 1, value[0], value[1])
+    except ValueError as error:
+        raise ValueError(f"motion_injection: {value!r} is not accepted ({error}); accepted: {accepted}") from None
+    return (float(value[0]), float(value[1]))
 
 
 class FreeNoise(SamplerHook):
@@ -52,7 +68,11 @@ class FreeNoise(SamplerHook):
             "repeat" (the first window tiled) or "random" (fresh noise, no rescheduling).
         fusion (`str`, defaults to `"block"`): where windows are fused: "block" (per temporal transformer block)
             or "attention" (per temporal-attention output).
-        motion_injection (defaults to `None`): not available yet; only None is accepted.
+        motion_injection (`bool` or `tuple[float, float]`, *optional*): FreeNoise's motion injection for a
+            `{frame: prompt}` schedule (official code): at steps i < t_a·N or i > t_b·N the spatial
+            cross-attention of the down and mid blocks reads the last prompt for every frame (conditional pass
+            only), while the other layers and steps read the per-frame prompts. `True` takes the official
+            (t_a, t_b) = (0.1, 0.3), i.e. steps 0–4 and 16–49 of 50; a pair gives (t_a, t_b). None: off.
 
     Example:
         >>> pipe = GuidedAnimateDiffPipeline.from_pretrained(path)
@@ -73,16 +93,16 @@ class FreeNoise(SamplerHook):
         self.weighting = weighting
         self.noise = check_choice("noise", noise, NOISE_MODES)
         self.fusion = check_choice("fusion", fusion, FUSIONS)
-        if motion_injection is not None:
-            raise ValueError(
-                f"motion_injection: {motion_injection!r} is not available yet; accepted: None"
-            )
-        self.motion_injection = None
+        self.motion_injection = _check_injection(motion_injection)
+        if self.motion_injection is not None:
+            # it replaces the processors of every down/mid cross-attention layer for the call
+            self.attention_layers = frozenset({"<all cross-attention layers>"})
 
     def __repr__(self) -> str:
         return (
             f"FreeNoise(context_length={self.context_length}, context_stride={self.context_stride}, "
-            f"weighting={self.weighting!r}, noise={self.noise!r}, fusion={self.fusion!r})"
+            f"weighting={self.weighting!r}, noise={self.noise!r}, fusion={self.fusion!r}, "
+            f"motion_injection={self.motion_injection!r})"
         )
 
     def _unet(self, state: SamplerState):
@@ -110,18 +130,52 @@ class FreeNoise(SamplerHook):
                 "context_length", self.context_length, 1, limit,
                 extra=" (the motion model's motion_max_seq_length)",
             )
+        if self.motion_injection is not None and state.extras.get("fixed_prompt_embeds") is None:
+            raise ValueError(
+                "motion_injection: needs a {frame: prompt} dict prompt (its last prompt is the injected one); "
+                "accepted: such a prompt, or motion_injection=None"
+            )
 
     def begin(self, state: SamplerState) -> None:
-        from .attention.freenoise import windowed_motion_blocks
-
-        stack = ExitStack()
-        stack.enter_context(
-            windowed_motion_blocks(
-                self._unet(state), self.context_length, self.context_stride, self.weighting, owner=self,
-                fusion=self.fusion,
-            )
+        from .attention.freenoise import (
+            InjectionControl,
+            MotionInjectionProcessor,
+            injection_layers,
+            windowed_motion_blocks,
         )
-        state.memory(self)["installed"] = stack
+        from .attention.install import replaced_processors
+
+        unet = self._unet(state)
+        memory = state.memory(self)
+        stack = ExitStack()
+        try:
+            stack.enter_context(
+                windowed_motion_blocks(
+                    unet, self.context_length, self.context_stride, self.weighting, owner=self, fusion=self.fusion
+                )
+            )
+            if self.motion_injection is not None:
+                control = InjectionControl(state.extras["fixed_prompt_embeds"], rows=0)
+                processors = unet.attn_processors
+                stack.enter_context(
+                    replaced_processors(
+                        unet,
+                        {name: MotionInjectionProcessor(processors[name], control) for name in injection_layers(unet)},
+                    )
+                )
+                memory["control"] = control
+        except BaseException:
+            stack.close()
+            raise
+        memory["installed"] = stack
+
+    def step_begin(self, state: SamplerState) -> None:
+        control = state.memory(self).get("control")
+        if control is not None:
+            batch, _, num_frames = state.latents.shape[:3]
+            control.rows = batch * num_frames  # the conditional videos' frames, last in the UNet batch
+            t_a, t_b = self.motion_injection
+            control.active = uses_fixed_prompt(state.step_index, state.num_steps, t_a, t_b)
 
     def init_latents(self, state: SamplerState, latents: torch.Tensor) -> torch.Tensor:
         if latents.dim() != 5:

@@ -40,8 +40,12 @@ class GuidedAnimateDiffPipeline(HookedPipelineMixin, AnimateDiffPipeline):
         device: torch.device,
         negative_prompt: Optional[str],
         lora_scale: Optional[float],
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Per-frame embeddings of a `{frame: prompt}` schedule, linearly blended between key frames."""
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        """Per-frame embeddings of a `{frame: prompt}` schedule, linearly blended between key frames.
+
+        Returns (positive per frame, negative per frame or None, the last key frame's prompt embedding); the
+        last one is what FreeNoise's motion injection reads.
+        """
         if not prompt:
             raise ValueError("prompt: an empty dict is not accepted; accepted: {frame: prompt} with at least one entry")
         for frame, text in prompt.items():
@@ -70,7 +74,8 @@ class GuidedAnimateDiffPipeline(HookedPipelineMixin, AnimateDiffPipeline):
         negative_frames = None
         if self.do_classifier_free_guidance:
             negative_frames = negative[:1].expand(num_frames, *negative.shape[1:])
-        return frames, negative_frames
+        last = positive[texts.index(prompt[max(prompt)])]
+        return frames, negative_frames, last
 
     @torch.no_grad()
     def __call__(
@@ -179,7 +184,7 @@ class GuidedAnimateDiffPipeline(HookedPipelineMixin, AnimateDiffPipeline):
                     "prompt: a {frame: prompt} dict is not accepted together with prompt_embeds or "
                     "negative_prompt_embeds; accepted: one of them"
                 )
-            prompt_embeds, negative_prompt_embeds = self._encode_prompt_schedule(
+            prompt_embeds, negative_prompt_embeds, state.extras["fixed_prompt_embeds"] = self._encode_prompt_schedule(
                 prompt, num_frames, device, negative_prompt, lora_scale
             )
             if self.do_classifier_free_guidance:

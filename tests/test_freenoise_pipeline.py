@@ -224,6 +224,65 @@ def test_prompt_schedule(ours):
         video(ours, 20, prompt={0: "a", 25: "b"})
 
 
+# ---------------------------------------------------------------- motion injection
+
+TRAVEL = {0: "a red circle", 12: "a blue square"}
+
+
+class _Spy:
+    """Records the encoder_hidden_states each cross-attention layer sees, then runs the layer's processor."""
+
+    def __init__(self, name, original, log):
+        self.name, self.original, self.log = name, original, log
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        self.log.append((self.name, encoder_hidden_states.clone()))
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+
+def test_motion_injection_reads_the_last_prompt_in_down_and_mid_layers(ours):
+    from guidekit.attention import attention_layers
+
+    processors = ours.unet.attn_processors
+    cross = attention_layers(ours.unet, "cross")
+    log = []
+    ours.unet.set_attn_processor({**processors, **{n: _Spy(n, processors[n], log) for n in cross}})
+    try:
+        hook = guidekit.FreeNoise(motion_injection=True)  # steps i < 0.1·N or i > 0.3·N
+        video(ours, 20, prompt=TRAVEL, num_inference_steps=4, guidance_scale=5.0, hooks=[hook])
+    finally:
+        ours.unet.set_attn_processor(processors)
+    last = ours.encode_prompt(TRAVEL[12], "cpu", 1, False)[0][0]
+    per_layer_calls = len(log) // 4
+    for index, (name, states) in enumerate(log):
+        step = index // per_layer_calls
+        uncond, cond = states.chunk(2)
+        injected = step in (0, 2, 3) and name.split(".")[0] in ("down_blocks", "mid_block")
+        assert torch.equal(cond.eq(last).all(dim=(1, 2)).all(), torch.tensor(injected)), (name, step)
+        assert not uncond.eq(last).all(dim=(1, 2)).any()  # the unconditional pass is never injected
+
+
+def test_motion_injection_without_effect(ours):
+    plain = video(ours, 20, prompt=TRAVEL, hooks=[guidekit.FreeNoise()])
+    # never active: i < 0 or i > N never holds
+    never = video(ours, 20, prompt=TRAVEL, hooks=[guidekit.FreeNoise(motion_injection=(0.0, 1.0))])
+    torch.testing.assert_close(never, plain, rtol=0, atol=0)
+    # one prompt everywhere: the injected prompt is the per-frame one
+    same = {0: "a red circle", 12: "a red circle"}
+    torch.testing.assert_close(
+        video(ours, 20, prompt=same, hooks=[guidekit.FreeNoise(motion_injection=True)]),
+        video(ours, 20, prompt=same, hooks=[guidekit.FreeNoise()]), rtol=0, atol=0,
+    )
+    injected = video(ours, 20, prompt=TRAVEL, hooks=[guidekit.FreeNoise(motion_injection=True)])
+    assert (injected - plain).abs().max() > 1e-4
+    assert all(type(p).__name__ != "MotionInjectionProcessor" for p in ours.unet.attn_processors.values())
+
+
+def test_motion_injection_needs_a_prompt_schedule(ours):
+    with pytest.raises(ValueError, match="motion_injection: needs a"):
+        video(ours, 20, hooks=[guidekit.FreeNoise(motion_injection=True)])
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -238,6 +297,8 @@ def test_prompt_schedule(ours):
         ({"noise": "shuffle_context"}, "noise"),
         ({"fusion": "unet"}, "fusion"),
         ({"motion_injection": {"steps": (5, 15)}}, "motion_injection"),
+        ({"motion_injection": (0.5, 0.2)}, "motion_injection"),
+        ({"motion_injection": (0.1, 1.5)}, "motion_injection"),
     ],
 )
 def test_argument_errors(kwargs, match):

@@ -24,8 +24,18 @@ from torch import nn
 
 from ..hooks import HookConflictError
 from ..video import WindowAccumulator, plan_windows
+from .install import attention_layers
+from .wrapping import WrappingProcessor
 
-__all__ = ["motion_blocks", "motion_max_length", "windowed_motion_blocks", "windowed_block_forward"]
+__all__ = [
+    "InjectionControl",
+    "MotionInjectionProcessor",
+    "injection_layers",
+    "motion_blocks",
+    "motion_max_length",
+    "windowed_block_forward",
+    "windowed_motion_blocks",
+]
 
 #: Marks a block whose `forward` is shadowed by a FreeNoise fusion, so that two fusions never stack.
 _MARK = "_guidekit_freenoise"
@@ -254,3 +264,51 @@ def windowed_motion_blocks(
                 del block.__dict__["forward"]
             else:
                 block.forward = previous
+
+
+class InjectionControl:
+    """Per-step switch of motion injection, shared by the processors of one call.
+
+    Attributes:
+        fixed (`torch.Tensor` or None): the fixed prompt's embedding (tokens, dim), or None when off.
+        rows (`int`): the conditional rows of the UNet batch (B·F), the last rows of `encoder_hidden_states`.
+        active (`bool`): whether the injected layers read `fixed` at this step.
+    """
+
+    def __init__(self, fixed: torch.Tensor, rows: int):
+        self.fixed = fixed
+        self.rows = rows
+        self.active = False
+
+
+class MotionInjectionProcessor(WrappingProcessor):
+    """Cross-attention processor of FreeNoise's motion injection (official `use_injection`).
+
+    While `control.active`, the conditional rows of `encoder_hidden_states` are replaced by the fixed prompt's
+    embedding before the layer's own processor runs; the unconditional rows are never changed.
+
+    Args:
+        original: the layer's processor, which does the attention.
+        control (`InjectionControl`): the call's switch and fixed embedding.
+    """
+
+    def __init__(self, original, control: InjectionControl):
+        super().__init__(original)
+        self.control = control
+
+    def _call(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        control = self.control
+        if control.active and encoder_hidden_states is not None:
+            encoder_hidden_states = encoder_hidden_states.clone()
+            fixed = control.fixed.to(dtype=encoder_hidden_states.dtype, device=encoder_hidden_states.device)
+            encoder_hidden_states[-control.rows:] = fixed
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+
+def injection_layers(unet: nn.Module) -> list[str]:
+    """The layers motion injection reads the fixed prompt in: spatial cross-attention of the down and mid blocks.
+
+    The official code builds these with `injection=True` (input and middle blocks); the up blocks keep the
+    per-frame prompts.
+    """
+    return [name for name in attention_layers(unet, "cross") if name.split(".")[0] in ("down_blocks", "mid_block")]
