@@ -10,6 +10,7 @@ from diffusers import AnimateDiffPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.animatediff.pipeline_output import AnimateDiffPipelineOutput
 
+from guidekit.freenoise import FreeNoise
 from guidekit.hooks import SamplerHook
 from guidekit.video import blend_embeddings, interpolate_prompt_schedule
 
@@ -129,6 +130,14 @@ class GuidedAnimateDiffPipeline(HookedPipelineMixin, AnimateDiffPipeline):
             )
         chain, state = self.start_hooks(hooks, guidance_scale, 0.0, generator)
         state.extras["user_latents"] = latents is not None
+        limit = self.unet.config.get("motion_max_seq_length")
+        windowed = self.free_noise_enabled or any(isinstance(hook, FreeNoise) for hook in chain.others)
+        if limit is not None and isinstance(num_frames, int) and num_frames > limit and not windowed:
+            # the positional embedding has `limit` entries: stock fails deep inside the UNet
+            raise ValueError(
+                f"num_frames: {num_frames} is above the motion model's motion_max_seq_length {limit}; accepted: "
+                f"at most {limit} frames, or longer videos with hooks=[guidekit.FreeNoise()]"
+            )
 
         # 0. Default height and width to unet
         height = height or self.unet.config.sample_size * self.vae_scale_factor

@@ -220,8 +220,8 @@ def test_prompt_schedule(ours):
     torch.testing.assert_close(video(ours, 8, prompt={0: "a red circle"}), video(ours, 8), rtol=0, atol=0)
     travel = video(ours, 20, prompt={0: "a red circle", 12: "a blue square"}, hooks=[guidekit.FreeNoise()])
     assert torch.isfinite(travel).all()
-    with pytest.raises(ValueError, match="frame key 25"):
-        video(ours, 20, prompt={0: "a", 25: "b"})
+    with pytest.raises(ValueError, match="frame key 10"):
+        video(ours, 8, prompt={0: "a", 10: "b"})
 
 
 # ---------------------------------------------------------------- motion injection
@@ -310,6 +310,11 @@ def test_context_longer_than_the_motion_model_is_refused(ours):
     with pytest.raises(ValueError, match="motion_max_seq_length"):
         video(ours, 40, hooks=[guidekit.FreeNoise(context_length=24)])
     assert all("forward" not in block.__dict__ for _, block in motion_blocks(ours.unet))
+
+
+def test_long_video_without_freenoise_is_refused(ours):
+    with pytest.raises(ValueError, match="num_frames: 20 is above the motion model's motion_max_seq_length 16"):
+        video(ours, 20)
 
 
 def test_image_pipeline_is_refused(tiny_sd_dir):
