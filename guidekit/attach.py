@@ -7,9 +7,16 @@ from .guidance.cfg import CFG
 
 
 def _hooked_classes():
-    from diffusers import DDPMPipeline, DiTPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (
+        AnimateDiffPipeline,
+        DDPMPipeline,
+        DiTPipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     from guidekit.pipelines import (
+        GuidedAnimateDiffPipeline,
         GuidedDDPMPipeline,
         GuidedDiTPipeline,
         GuidedStableDiffusionPipeline,
@@ -22,10 +29,12 @@ def _hooked_classes():
         (GuidedStableDiffusionPipeline, GuidedStableDiffusionPipeline),
         (GuidedDiTPipeline, GuidedDiTPipeline),
         (GuidedDDPMPipeline, GuidedDDPMPipeline),
+        (GuidedAnimateDiffPipeline, GuidedAnimateDiffPipeline),
         (StableDiffusionXLPipeline, GuidedStableDiffusionXLPipeline),
         (StableDiffusionPipeline, GuidedStableDiffusionPipeline),
         (DiTPipeline, GuidedDiTPipeline),
         (DDPMPipeline, GuidedDDPMPipeline),
+        (AnimateDiffPipeline, GuidedAnimateDiffPipeline),
     ]
 
 

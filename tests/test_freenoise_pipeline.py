@@ -86,6 +86,14 @@ def test_matches_diffusers_free_noise_where_it_is_correct(ours, stock):
     assert_close_to_scale(result, expected, rel=1e-5)
 
 
+def test_attach_gives_a_hooked_copy_of_a_stock_animatediff_pipeline(ours, stock):
+    hook = guidekit.FreeNoise(context_length=16, context_stride=4)
+    attached = guidekit.attach(stock, hook)
+    assert isinstance(attached, GuidedAnimateDiffPipeline) and type(stock) is AnimateDiffPipeline
+    attached.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(video(attached, 20), video(ours, 20, hooks=[hook]), rtol=0, atol=0)
+
+
 def test_initial_noise_is_diffusers_shuffle(ours, stock):
     stock.enable_free_noise(context_length=16, context_stride=4, noise_type="shuffle_context")
     g = torch.Generator().manual_seed(3)
