@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "train-toy-classifier": "guidekit.apps.train_toy_classifier:train_toy_classifier",
     "eval-elucd": "guidekit.apps.eval_elucd:eval_elucd",
     "eval-style": "guidekit.apps.eval_style:eval_style",
+    "video": "guidekit.apps.video:video",
 }
 
 

@@ -4,9 +4,11 @@
 * `reschedule_noise`, `shuffle_sources`: the official block shuffle of the initial noise (and "repeat", "random");
 * `window_weights`, `fuse_windows`, `fusion_weights`, `WindowAccumulator`: weighted fusion of window outputs;
 * `interpolate_prompt_schedule`, `official_two_prompt_schedule`, `blend_embeddings`: per-frame prompt embeddings;
-* `uses_fixed_prompt`: the motion-injection step rule.
+* `uses_fixed_prompt`: the motion-injection step rule;
+* `save_video`: frames to an animated GIF or WebP file (Pillow).
 """
 
+from .export import save_video
 from .noise import NOISE_MODES, reschedule_noise, shuffle_sources
 from .prompts import (
     PromptBlend,
@@ -29,6 +31,7 @@ __all__ = [
     "official_two_prompt_schedule",
     "plan_windows",
     "reschedule_noise",
+    "save_video",
     "shuffle_sources",
     "uses_fixed_prompt",
     "window_weights",
