@@ -16,8 +16,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-
+from .core import attention_input, attention_output, multihead_attention
 from .wrapping import WrappingProcessor
 
 __all__ = ["mutual_self_attention", "MutualControl", "MutualSelfAttnProcessor", "pair_kv_rows"]
@@ -32,38 +31,10 @@ def mutual_self_attention(attn, hidden_states: torch.Tensor, kv_rows: torch.Tens
         kv_rows (`torch.LongTensor`): (B,) row indices; ``arange(B)`` is ordinary self-attention.
         temb (`torch.Tensor`, *optional*): for layers with a spatial norm.
     """
-    residual = hidden_states
-    if attn.spatial_norm is not None:
-        hidden_states = attn.spatial_norm(hidden_states, temb)
-    input_ndim = hidden_states.ndim
-    if input_ndim == 4:
-        batch, channel, height, width = hidden_states.shape
-        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-    batch = hidden_states.shape[0]
-    if attn.group_norm is not None:
-        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-    query = attn.to_q(hidden_states)
+    hidden_states, residual, shape = attention_input(attn, hidden_states, temb)
     source = hidden_states[kv_rows.to(hidden_states.device)]
-    key = attn.to_k(source)
-    value = attn.to_v(source)
-    head_dim = key.shape[-1] // attn.heads
-    query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-    key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-    value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
-
-    out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=attn.scale)
-    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-    out = attn.to_out[1](attn.to_out[0](out))
-    if input_ndim == 4:
-        out = out.transpose(-1, -2).reshape(batch, channel, height, width)
-    if attn.residual_connection:
-        out = out + residual
-    return out / attn.rescale_output_factor
+    out = multihead_attention(attn, attn.to_q(hidden_states), attn.to_k(source), attn.to_v(source))
+    return attention_output(attn, out, residual, shape)
 
 
 def pair_kv_rows(num_pairs: int, num_groups: int) -> torch.Tensor:

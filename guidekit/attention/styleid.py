@@ -24,8 +24,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
-
+from .core import attention_input, attention_output, multihead_attention
 from .install import attention_layers
 from .wrapping import WrappingProcessor
 
@@ -136,21 +135,6 @@ def resolve_styleid_layers(unet, layers: Union[None, str, Sequence[str]]) -> Tup
 # ---------------------------------------------------------------------------- attention
 
 
-def _attention_input(attn, hidden_states: torch.Tensor, temb=None):
-    """The tokens (B, L, C) the layer's projections see, plus what is needed to shape the output back."""
-    residual = hidden_states
-    if attn.spatial_norm is not None:
-        hidden_states = attn.spatial_norm(hidden_states, temb)
-    shape = None
-    if hidden_states.ndim == 4:
-        shape = hidden_states.shape
-        batch, channel, height, width = shape
-        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-    if attn.group_norm is not None:
-        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    return hidden_states, residual, shape
-
-
 def _rows(feature: torch.Tensor, batch: int, name: str) -> torch.Tensor:
     if feature.shape[0] == batch:
         return feature
@@ -186,32 +170,15 @@ def styleid_attention(
         temperature (`float`, defaults to `1.5`): T > 0, multiplies the attention logits.
         temb (`torch.Tensor`, *optional*): for layers with a spatial norm.
     """
-    x, residual, shape = _attention_input(attn, hidden_states, temb)
+    x, residual, shape = attention_input(attn, hidden_states, temb)
     batch = x.shape[0]
     query = attn.to_q(x)
     query_content = _rows(query_content, batch, "query_content").to(query.dtype)
     query = gamma * query_content + (1.0 - gamma) * query
     key = _rows(key_style, batch, "key_style").to(query.dtype)
     value = _rows(value_style, batch, "value_style").to(query.dtype)
-    head_dim = key.shape[-1] // attn.heads
-    query = query.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
-    key = key.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
-    value = value.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
-
-    out = F.scaled_dot_product_attention(
-        query, key, value, dropout_p=0.0, is_causal=False, scale=float(temperature) * attn.scale
-    )
-    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-    out = attn.to_out[1](attn.to_out[0](out))
-    if shape is not None:
-        out = out.transpose(-1, -2).reshape(shape)
-    if attn.residual_connection:
-        out = out + residual
-    return out / attn.rescale_output_factor
+    out = multihead_attention(attn, query, key, value, scale=float(temperature) * attn.scale)
+    return attention_output(attn, out, residual, shape)
 
 
 # ---------------------------------------------------------------------------- processor
@@ -289,7 +256,7 @@ class StyleIDAttnProcessor(WrappingProcessor):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         key = (self.name, int(control.timestep))
         if control.mode == "record":
-            x, _, _ = _attention_input(attn, hidden_states, temb)
+            x, _, _ = attention_input(attn, hidden_states, temb)
             projections = {"q": attn.to_q, "k": attn.to_k, "v": attn.to_v}
             control.store.setdefault(key, {}).update({k: projections[k](x) for k in control.record_keys})
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
