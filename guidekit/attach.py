@@ -9,6 +9,7 @@ from .guidance.cfg import CFG
 def _hooked_classes():
     from diffusers import (
         AnimateDiffPipeline,
+        AnimateDiffSDXLPipeline,
         DDPMPipeline,
         DiTPipeline,
         StableDiffusionPipeline,
@@ -17,6 +18,7 @@ def _hooked_classes():
 
     from guidekit.pipelines import (
         GuidedAnimateDiffPipeline,
+        GuidedAnimateDiffSDXLPipeline,
         GuidedDDPMPipeline,
         GuidedDiTPipeline,
         GuidedStableDiffusionPipeline,
@@ -30,11 +32,13 @@ def _hooked_classes():
         (GuidedDiTPipeline, GuidedDiTPipeline),
         (GuidedDDPMPipeline, GuidedDDPMPipeline),
         (GuidedAnimateDiffPipeline, GuidedAnimateDiffPipeline),
+        (GuidedAnimateDiffSDXLPipeline, GuidedAnimateDiffSDXLPipeline),
         (StableDiffusionXLPipeline, GuidedStableDiffusionXLPipeline),
         (StableDiffusionPipeline, GuidedStableDiffusionPipeline),
         (DiTPipeline, GuidedDiTPipeline),
         (DDPMPipeline, GuidedDDPMPipeline),
         (AnimateDiffPipeline, GuidedAnimateDiffPipeline),
+        (AnimateDiffSDXLPipeline, GuidedAnimateDiffSDXLPipeline),
     ]
 
 

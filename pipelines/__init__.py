@@ -1,6 +1,7 @@
 """diffusers pipelines whose denoising loops run guidekit hooks (installed as `guidekit.pipelines`)."""
 
 from .guided_animatediff import GuidedAnimateDiffPipeline
+from .guided_animatediff_sdxl import GuidedAnimateDiffSDXLPipeline
 from .guided_ddpm import GuidedDDPMPipeline
 from .guided_dit import GuidedDiTPipeline
 from .guided_sd import GuidedStableDiffusionPipeline
@@ -12,6 +13,7 @@ from .uam_sdxl import UAMStableDiffusionXLPipeline
 
 __all__ = [
     "GuidedAnimateDiffPipeline",
+    "GuidedAnimateDiffSDXLPipeline",
     "GuidedDDPMPipeline",
     "GuidedDiTPipeline",
     "GuidedStableDiffusionPipeline",

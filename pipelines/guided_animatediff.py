@@ -12,8 +12,8 @@ from diffusers.pipelines.animatediff.pipeline_output import AnimateDiffPipelineO
 
 from guidekit.freenoise import FreeNoise
 from guidekit.hooks import SamplerHook
-from guidekit.video import blend_embeddings, interpolate_prompt_schedule
 
+from ._prompt_schedule import blend_prompt_schedule, check_prompt_schedule
 from .hooked import HookedPipelineMixin
 
 
@@ -47,19 +47,7 @@ class GuidedAnimateDiffPipeline(HookedPipelineMixin, AnimateDiffPipeline):
         Returns (positive per frame, negative per frame or None, the last key frame's prompt embedding); the
         last one is what FreeNoise's motion injection reads.
         """
-        if not prompt:
-            raise ValueError("prompt: an empty dict is not accepted; accepted: {frame: prompt} with at least one entry")
-        for frame, text in prompt.items():
-            if not isinstance(frame, int) or isinstance(frame, bool) or not 0 <= frame < num_frames:
-                raise ValueError(
-                    f"prompt: frame key {frame!r} is not accepted; accepted: integer frames from 0 to {num_frames - 1}"
-                )
-            if not isinstance(text, str):
-                raise ValueError(f"prompt[{frame}]: a {type(text).__name__} is not accepted; accepted: a str")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise ValueError(
-                "negative_prompt: with a {frame: prompt} dict, accepted: a single str or None"
-            )
+        check_prompt_schedule(prompt, num_frames, {"negative_prompt": negative_prompt})
         texts = list(dict.fromkeys(prompt.values()))  # each distinct prompt is encoded once
         positive, negative = self.encode_prompt(
             texts,
@@ -70,8 +58,7 @@ class GuidedAnimateDiffPipeline(HookedPipelineMixin, AnimateDiffPipeline):
             lora_scale=lora_scale,
             clip_skip=self.clip_skip,
         )
-        schedule = interpolate_prompt_schedule(prompt, num_frames)
-        frames = blend_embeddings({text: positive[i] for i, text in enumerate(texts)}, schedule)
+        frames = blend_prompt_schedule(prompt, num_frames, {text: positive[i] for i, text in enumerate(texts)})
         negative_frames = None
         if self.do_classifier_free_guidance:
             negative_frames = negative[:1].expand(num_frames, *negative.shape[1:])
