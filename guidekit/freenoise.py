@@ -17,8 +17,12 @@ from .checks import check_choice
 from .hooks import SamplerHook, SamplerState
 from .video import NOISE_MODES, reschedule_noise, uses_fixed_prompt, window_weights
 from .video._args import check_context, check_int
+from .video.motion import NORM_SCOPES
 
-__all__ = ["FreeNoise", "FUSIONS"]
+__all__ = ["FreeNoise", "FUSIONS", "NORM_SCOPES"]
+
+#: W when `context_length=None` and the motion model states no `motion_max_seq_length`.
+DEFAULT_CONTEXT_LENGTH = 16
 
 #: Where the window outputs are fused: per temporal transformer block (AnimateDiff port, diffusers) or per
 #: temporal-attention output (VideoCrafter, the paper's code).
@@ -56,11 +60,17 @@ class FreeNoise(SamplerHook):
 
     F <= W runs the plain model (one window covers every frame). Unlike diffusers' `enable_free_noise`, the
     tail window (when (F − W) mod S != 0) is normalised exactly, "repeat" repeats, a list of generators gives
-    each sample its own shuffle, and nothing is left on the model after the call.
+    each sample its own shuffle, an odd W works with every weighting, and nothing is left on the model after
+    the call.
+
+    Memory: the windows run one at a time into a running weighted mean, so the temporal attention never holds
+    more than one window's scores. `spatial_chunk` and `temporal_chunk` split the remaining layers whose
+    intermediates grow with F; both are exact (the same video up to float rounding).
 
     Args:
-        context_length (`int`, defaults to `16`): W, the frames of one window; the motion model's training
-            length, at most its `motion_max_seq_length`.
+        context_length (`int`, *optional*, defaults to `16`): W, the frames of one window; the motion model's
+            training length, at most its `motion_max_seq_length`. None: the motion model's
+            `motion_max_seq_length` (16 if its config has none), as diffusers documents for `enable_free_noise`.
         context_stride (`int`, defaults to `4`): S, the frames between two window starts, 1 <= S <= W.
         weighting (`str`, callable or sequence, defaults to `"pyramid"`): the per-frame window weights: "pyramid",
             "flat", "delayed_reverse_sawtooth", "gaussian", a callable `length -> weights`, or W weights.
@@ -73,6 +83,16 @@ class FreeNoise(SamplerHook):
             cross-attention of the down and mid blocks reads the last prompt for every frame (conditional pass
             only), while the other layers and steps read the per-frame prompts. `True` takes the official
             (t_a, t_b) = (0.1, 0.3), i.e. steps 0–4 and 16–49 of 50; a pair gives (t_a, t_b). None: off.
+        norm_scope (`str`, defaults to `"all"`): the frames over which each motion module's GroupNorm takes its
+            statistics: "all" F frames (diffusers' `AnimateDiffTransformer3D`, so every frame depends on the whole
+            video), or each "window" on its own, the windows' normalised features fused per frame with the window
+            weights (`guidekit.video.window_group_norm`), so a frame depends only on the windows that cover it,
+            as when the whole temporal module runs per window. Both are the same for F <= W.
+        spatial_chunk (`int`, *optional*): run the UNet's per-frame spatial layers (resnets, spatial
+            transformers, down/up samplers) over the batch×frames axis in chunks of this many frames (with
+            guidance the batch holds two copies of each frame). None: unsplit.
+        temporal_chunk (`int`, *optional*): run the temporal transformer blocks over the batch×height×width
+            axis in chunks of this many pixel rows (each row is one pixel's F frames). None: unsplit.
 
     Example:
         >>> pipe = GuidedAnimateDiffPipeline.from_pretrained(path)
@@ -87,13 +107,23 @@ class FreeNoise(SamplerHook):
         noise: str = "shuffle",
         fusion: str = "block",
         motion_injection: Optional[Any] = None,
+        norm_scope: str = "all",
+        spatial_chunk: Optional[int] = None,
+        temporal_chunk: Optional[int] = None,
     ):
-        self.context_length, self.context_stride = check_context(context_length, context_stride)
-        window_weights(self.context_length, weighting)  # a bad weighting fails here, not mid-call
+        if context_length is None:
+            # resolved per call from the motion model; S <= W is checked then
+            self.context_length, self.context_stride = None, check_int("context_stride", context_stride, 1)
+        else:
+            self.context_length, self.context_stride = check_context(context_length, context_stride)
+        window_weights(self.context_length or self.context_stride, weighting)  # a bad weighting fails here
         self.weighting = weighting
         self.noise = check_choice("noise", noise, NOISE_MODES)
         self.fusion = check_choice("fusion", fusion, FUSIONS)
         self.motion_injection = _check_injection(motion_injection)
+        self.norm_scope = check_choice("norm_scope", norm_scope, NORM_SCOPES)
+        self.spatial_chunk = None if spatial_chunk is None else check_int("spatial_chunk", spatial_chunk, 1)
+        self.temporal_chunk = None if temporal_chunk is None else check_int("temporal_chunk", temporal_chunk, 1)
         if self.motion_injection is not None:
             # it replaces the processors of every down/mid cross-attention layer for the call
             self.attention_layers = frozenset({"<all cross-attention layers>"})
@@ -102,7 +132,8 @@ class FreeNoise(SamplerHook):
         return (
             f"FreeNoise(context_length={self.context_length}, context_stride={self.context_stride}, "
             f"weighting={self.weighting!r}, noise={self.noise!r}, fusion={self.fusion!r}, "
-            f"motion_injection={self.motion_injection!r})"
+            f"motion_injection={self.motion_injection!r}, norm_scope={self.norm_scope!r}, "
+            f"spatial_chunk={self.spatial_chunk!r}, temporal_chunk={self.temporal_chunk!r})"
         )
 
     def _unet(self, state: SamplerState):
@@ -114,6 +145,19 @@ class FreeNoise(SamplerHook):
                 "guidekit.pipelines.GuidedAnimateDiffPipeline"
             )
         return unet
+
+    def _context_length(self, state: SamplerState) -> int:
+        """W for this call: `context_length`, or for None the motion model's `motion_max_seq_length`."""
+        if self.context_length is not None:
+            return self.context_length
+        memory = state.memory(self)
+        if "context_length" not in memory:
+            from .attention.freenoise import motion_max_length
+
+            unet = getattr(state.extras.get("pipeline"), "unet", None)
+            limit = motion_max_length(unet) if unet is not None else None
+            memory["context_length"] = limit or DEFAULT_CONTEXT_LENGTH
+        return memory["context_length"]
 
     def validate(self, state: SamplerState) -> None:
         from .attention.freenoise import motion_blocks, motion_max_length
@@ -127,9 +171,10 @@ class FreeNoise(SamplerHook):
         limit = motion_max_length(unet)
         if limit is not None:
             check_int(
-                "context_length", self.context_length, 1, limit,
+                "context_length", self._context_length(state), 1, limit,
                 extra=" (the motion model's motion_max_seq_length)",
             )
+        check_context(self._context_length(state), self.context_stride)
         if self.motion_injection is not None and state.extras.get("fixed_prompt_embeds") is None:
             raise ValueError(
                 "motion_injection: needs a {frame: prompt} dict prompt (its last prompt is the injected one); "
@@ -144,16 +189,21 @@ class FreeNoise(SamplerHook):
             windowed_motion_blocks,
         )
         from .attention.install import replaced_processors
+        from .video.motion import chunked_layers, windowed_group_norms
 
         unet = self._unet(state)
         memory = state.memory(self)
+        length = self._context_length(state)
         stack = ExitStack()
         try:
             stack.enter_context(
-                windowed_motion_blocks(
-                    unet, self.context_length, self.context_stride, self.weighting, owner=self, fusion=self.fusion
-                )
+                windowed_motion_blocks(unet, length, self.context_stride, self.weighting, owner=self, fusion=self.fusion)
             )
+            if self.norm_scope == "window":
+                stack.enter_context(windowed_group_norms(unet, length, self.context_stride, self.weighting))
+            if self.spatial_chunk is not None or self.temporal_chunk is not None:
+                # entered after the window fusion, so the temporal chunks wrap the windowed blocks
+                stack.enter_context(chunked_layers(unet, self.spatial_chunk, self.temporal_chunk))
             if self.motion_injection is not None:
                 control = InjectionControl(state.extras["fixed_prompt_embeds"], rows=0)
                 processors = unet.attn_processors
@@ -183,16 +233,21 @@ class FreeNoise(SamplerHook):
                 f"FreeNoise: latents of shape {tuple(latents.shape)} are not accepted; accepted: video latents "
                 "(B, C, F, H, W)"
             )
+        length = self._context_length(state)
+        given, wanted = latents.shape[2], state.extras.get("num_frames")
         if state.extras.get("user_latents", False):
-            return latents  # the user's own starting point is taken as it is
+            # the user's own starting point is taken as it is, except that the first W frames of a longer
+            # video are extended by the rescheduling (diffusers' documented use, which fails in its shuffle)
+            if wanted is None or given != length or wanted <= length:
+                return latents
         rescheduled = reschedule_noise(
-            latents, self.context_length, self.context_stride, generator=state.generator, mode=self.noise
+            latents, length, self.context_stride, generator=state.generator, mode=self.noise, num_frames=wanted or given
         )
-        if self.noise == "random" and latents.shape[2] > self.context_length:
+        if self.noise == "random" and rescheduled.shape[2] > length:
             # fresh noise is N(0, 1); the pipeline's latents were already scaled by init_noise_sigma
             sigma = float(getattr(state.scheduler, "init_noise_sigma", 1.0))
             if sigma != 1.0:
-                rescheduled[:, :, self.context_length:] *= sigma
+                rescheduled[:, :, length:] *= sigma
         return rescheduled
 
     def end(self, state: SamplerState) -> None:

@@ -5,10 +5,13 @@
 * `window_weights`, `fuse_windows`, `fusion_weights`, `WindowAccumulator`: weighted fusion of window outputs;
 * `interpolate_prompt_schedule`, `official_two_prompt_schedule`, `blend_embeddings`: per-frame prompt embeddings;
 * `uses_fixed_prompt`: the motion-injection step rule;
+* `window_group_norm`, `windowed_group_norms`, `chunked_layers`: per-window GroupNorm statistics and exact
+  chunking of a motion UNet's layers (`guidekit.video.motion`);
 * `save_video`: frames to an animated GIF or WebP file (Pillow).
 """
 
 from .export import save_video
+from .motion import NORM_SCOPES, chunked_layers, window_group_norm, windowed_group_norms
 from .noise import NOISE_MODES, reschedule_noise, shuffle_sources
 from .prompts import (
     PromptBlend,
@@ -21,10 +24,12 @@ from .windows import WEIGHTINGS, WindowAccumulator, fuse_windows, fusion_weights
 
 __all__ = [
     "NOISE_MODES",
+    "NORM_SCOPES",
     "PromptBlend",
     "WEIGHTINGS",
     "WindowAccumulator",
     "blend_embeddings",
+    "chunked_layers",
     "fuse_windows",
     "fusion_weights",
     "interpolate_prompt_schedule",
@@ -34,5 +39,7 @@ __all__ = [
     "save_video",
     "shuffle_sources",
     "uses_fixed_prompt",
+    "window_group_norm",
     "window_weights",
+    "windowed_group_norms",
 ]
