@@ -96,7 +96,9 @@ class GuidedAnimateDiffSDXLPipeline(HookedPipelineMixin, AnimateDiffSDXLPipeline
     own `enable_free_noise` exists for the SD 1.5 AnimateDiff pipelines only.
 
     `prompt` may be a `{frame: prompt}` schedule. Both text encoders' token embeddings (cross-attention) and
-    the pooled embedding (SDXL's added conditioning) are blended linearly per frame between the key frames.
+    the pooled embedding (SDXL's added conditioning) are blended linearly per frame between the key frames;
+    FreeNoise's motion injection (`FreeNoise(motion_injection=...)`) swaps the token embeddings of the down
+    and mid cross-attention layers only and keeps the per-frame pooled embeddings.
 
     When built from an SDXL image UNet (`from_pretrained(sdxl_model, motion_adapter=adapter)`), the image
     UNet's added-embedding weights (`add_embedding`, which reads the pooled text embedding and the size/crop
@@ -339,10 +341,20 @@ class GuidedAnimateDiffSDXLPipeline(HookedPipelineMixin, AnimateDiffSDXLPipeline
         lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs is not None else None
         frame_pooled = None  # (F, P): the pooled embedding of every frame, when the frames' differ
         if schedule:
-            if prompt_embeds is not None or negative_prompt_embeds is not None:
+            given = [
+                name
+                for name, value in (
+                    ("prompt_embeds", prompt_embeds),
+                    ("negative_prompt_embeds", negative_prompt_embeds),
+                    ("pooled_prompt_embeds", pooled_prompt_embeds),
+                    ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds),
+                )
+                if value is not None
+            ]
+            if given:
                 raise ValueError(
-                    "prompt: a {frame: prompt} dict is not accepted together with prompt_embeds or "
-                    "negative_prompt_embeds; accepted: one of them"
+                    f"prompt: a {{frame: prompt}} dict is not accepted together with {', '.join(given)}; accepted: "
+                    "either the dict or precomputed embeddings"
                 )
             (
                 prompt_embeds,

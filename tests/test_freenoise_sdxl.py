@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from diffusers import AnimateDiffSDXLPipeline, MotionAdapter, UNet2DConditionModel
+from diffusers import AnimateDiffSDXLPipeline, MotionAdapter, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 
 import guidekit
@@ -81,9 +81,35 @@ def test_added_embedding_comes_from_the_image_unet(tiny_dir):
     # diffusers' from_unet2d leaves the SDXL add_embedding random; the hooked pipeline copies the image model's
     image_unet = UNet2DConditionModel.from_pretrained(str(tiny_dir / "_image"), subfolder="unet")
     adapter = MotionAdapter.from_pretrained(str(tiny_dir / "_adapter"))
-    pipe = load(GuidedAnimateDiffSDXLPipeline, tiny_dir / "_image", motion_adapter=adapter)
-    for name, value in image_unet.add_embedding.state_dict().items():
-        torch.testing.assert_close(pipe.unet.add_embedding.state_dict()[name], value, rtol=0, atol=0)
+    loaded = load(GuidedAnimateDiffSDXLPipeline, tiny_dir / "_image", motion_adapter=adapter)
+    image_pipe = load(StableDiffusionXLPipeline, tiny_dir / "_image")
+    piped = GuidedAnimateDiffSDXLPipeline.from_pipe(image_pipe, motion_adapter=adapter)
+    for pipe in (loaded, piped):
+        for name, value in image_unet.add_embedding.state_dict().items():
+            torch.testing.assert_close(pipe.unet.add_embedding.state_dict()[name], value, rtol=0, atol=0)
+    piped.set_progress_bar_config(disable=True)
+    assert torch.isfinite(video(piped, 4, num_inference_steps=1)).all()
+
+
+def test_callback_sees_the_stock_tensors(ours, stock):
+    names = list(AnimateDiffSDXLPipeline._callback_tensor_inputs)
+
+    def run(pipe):
+        seen = []
+
+        def callback(pipe, step, t, tensors):
+            seen.append({name: tensors[name].clone() for name in names})
+            return {}
+
+        latents = video(pipe, 4, guidance_scale=5.0, callback_on_step_end=callback,
+                        callback_on_step_end_tensor_inputs=names)
+        return latents, seen
+
+    (ours_latents, ours_seen), (stock_latents, stock_seen) = run(ours), run(stock)
+    torch.testing.assert_close(ours_latents, stock_latents, rtol=0, atol=0)
+    for a, b in zip(ours_seen, stock_seen, strict=True):
+        for name in names:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
 
 
 # ---------------------------------------------------------------- FreeNoise
@@ -175,13 +201,20 @@ def _frame_independent(unet):
             torch.nn.init.zeros_(module.bias)
 
 
-def test_key_frames_get_their_prompts_token_and_pooled_embeddings(ours):
+def _guidance_off_after_first_step(pipe, step, t, tensors):
+    pipe._guidance_scale = 1.0  # later steps run the conditional batch alone
+    return tensors
+
+
+@pytest.mark.parametrize("callback", [None, _guidance_off_after_first_step])
+def test_key_frames_get_their_prompts_token_and_pooled_embeddings(ours, callback):
     # with frames independent, a key frame of a schedule is that frame of its own prompt's plain video; this
     # holds only if the pooled embedding (SDXL's added conditioning) follows the schedule too
     pipe = variant(ours, _frame_independent)
-    travel = video(pipe, 8, prompt=TRAVEL, guidance_scale=5.0)
-    first = video(pipe, 8, prompt=TRAVEL[0], guidance_scale=5.0)
-    last = video(pipe, 8, prompt=TRAVEL[7], guidance_scale=5.0)
+    kw = dict(guidance_scale=5.0, callback_on_step_end=callback)
+    travel = video(pipe, 8, prompt=TRAVEL, **kw)
+    first = video(pipe, 8, prompt=TRAVEL[0], **kw)
+    last = video(pipe, 8, prompt=TRAVEL[7], **kw)
     assert_close_to_scale(travel[:, :, 0], first[:, :, 0], rel=1e-5)
     assert_close_to_scale(travel[:, :, 7], last[:, :, 7], rel=1e-5)
     assert (travel[:, :, 3] - first[:, :, 3]).abs().max() > 1e-4  # in between: a blend
@@ -236,3 +269,9 @@ def test_free_init_is_refused(ours):
     pipe.enable_free_init(num_iters=2)
     with pytest.raises(ValueError, match="FreeInit"):
         video(pipe, 8)
+
+
+def test_schedule_with_precomputed_embeddings_is_refused(ours):
+    pooled = torch.zeros(1, 32)
+    with pytest.raises(ValueError, match="pooled_prompt_embeds"):
+        video(ours, 8, prompt=TRAVEL, pooled_prompt_embeds=pooled)
