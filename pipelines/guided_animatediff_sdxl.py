@@ -110,12 +110,18 @@ class GuidedAnimateDiffSDXLPipeline(HookedPipelineMixin, AnimateDiffSDXLPipeline
         >>> import guidekit
         >>> from diffusers import DDIMScheduler, MotionAdapter
         >>> from guidekit.pipelines import GuidedAnimateDiffSDXLPipeline
-        >>> adapter = MotionAdapter.from_pretrained("guoyww/animatediff-motion-adapter-sdxl-beta", torch_dtype=torch.float16)
+        >>> adapter = MotionAdapter.from_pretrained(
+        ...     "guoyww/animatediff-motion-adapter-sdxl-beta", torch_dtype=torch.float16
+        ... )
         >>> pipe = GuidedAnimateDiffSDXLPipeline.from_pretrained(
         ...     "stabilityai/stable-diffusion-xl-base-1.0", motion_adapter=adapter, torch_dtype=torch.float16
         ... ).to("cuda")
         >>> pipe.scheduler = DDIMScheduler.from_config(
-        ...     pipe.scheduler.config, beta_schedule="linear", clip_sample=False, timestep_spacing="linspace", steps_offset=1
+        ...     pipe.scheduler.config,
+        ...     beta_schedule="linear",
+        ...     clip_sample=False,
+        ...     timestep_spacing="linspace",
+        ...     steps_offset=1,
         ... )
         >>> frames = pipe(
         ...     {0: "a red panda in a forest, autumn", 32: "a red panda in a forest, winter snow"},

@@ -63,7 +63,11 @@ def variant(ours, edit):
         {},
         {"guidance_scale": 1.0},
         {"negative_prompt": "blurry", "guidance_scale": 7.0, "hooks": [guidekit.CFG()]},
-        {"prompt": ["a red circle", "a blue square"], "negative_original_size": (8, 8), "negative_target_size": (16, 16)},
+        {
+            "prompt": ["a red circle", "a blue square"],
+            "negative_original_size": (8, 8),
+            "negative_target_size": (16, 16),
+        },
         {"guidance_rescale": 0.7, "prompt_2": "a square"},
     ],
 )
@@ -74,7 +78,8 @@ def test_no_hook_is_stock_bit_for_bit(ours, stock, extra):
 
 def test_no_hook_decoded_frames_are_stock(ours, stock):
     kw = dict(output_type="np", num_inference_steps=1)
-    torch.testing.assert_close(torch.as_tensor(video(ours, 4, **kw)), torch.as_tensor(video(stock, 4, **kw)), rtol=0, atol=0)
+    ours_frames, stock_frames = torch.as_tensor(video(ours, 4, **kw)), torch.as_tensor(video(stock, 4, **kw))
+    torch.testing.assert_close(ours_frames, stock_frames, rtol=0, atol=0)
 
 
 def test_added_embedding_comes_from_the_image_unet(tiny_dir):
