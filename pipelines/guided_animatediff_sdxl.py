@@ -291,6 +291,7 @@ class GuidedAnimateDiffSDXLPipeline(HookedPipelineMixin, AnimateDiffSDXLPipeline
             )
         chain, state = self.start_hooks(hooks, guidance_scale, guidance_rescale, generator)
         state.extras["user_latents"] = latents is not None
+        state.extras["num_frames"] = num_frames  # FreeNoise extends user latents of W frames to F
         limit = self.unet.config.get("motion_max_seq_length")
         windowed = any(isinstance(hook, FreeNoise) for hook in chain.others)
         if limit is not None and isinstance(num_frames, int) and num_frames > limit and not windowed:

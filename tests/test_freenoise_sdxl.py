@@ -166,6 +166,20 @@ def test_tail_window_is_exact(ours, num_frames, fusion):
     assert_close_to_scale(windowed, plain, rel=1e-5)
 
 
+def test_chunked_layers_with_per_frame_pooled_embeddings_are_exact(ours):
+    # the per-frame added embedding reaches every chunk of the spatial layers
+    travel = {0: "a red circle", 12: "a blue square"}
+    whole = video(ours, 20, prompt=travel, hooks=[guidekit.FreeNoise()])
+    chunked = video(ours, 20, prompt=travel, hooks=[guidekit.FreeNoise(spatial_chunk=7, temporal_chunk=5)])
+    assert_close_to_scale(chunked, whole, rel=1e-5)
+
+
+def test_user_latents_of_one_window_are_extended(ours):
+    latents = torch.randn(1, 4, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    result = video(ours, 20, latents=latents, hooks=[guidekit.FreeNoise()])
+    assert result.shape == (1, 4, 20, 8, 8) and torch.isfinite(result).all()
+
+
 def test_apg_composes_with_freenoise(ours):
     cfg = video(ours, 20, guidance_scale=9.0, hooks=[guidekit.FreeNoise()])
     apg = video(ours, 20, guidance_scale=9.0, hooks=[guidekit.APG(), guidekit.FreeNoise()])
