@@ -1,5 +1,6 @@
 """The guidekit web demo: CFG vs APG side by side, a guidance-scale sweep, UAM reconstruct/edit, StyleID
-style transfer with and without StyleSSP, and classifier guidance (naive vs EluCD).
+style transfer with and without StyleSSP, classifier guidance (naive vs EluCD), and long videos (plain
+sliding windows vs FreeNoise, on the embedded video model or --video-model).
 
 Start it with::
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 import functools
 import math
 import logging
+import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +29,8 @@ import click
 
 from guidekit.checks import MAX_IMAGE_SIDE
 
-from .jobs import COMMON, GUIDANCE, JobError, generate, is_embedded_pipe, parse_job, resolve, to_pil, vae_factor
+from .jobs import (COMMON, GUIDANCE, JobError, generate, is_embedded_pipe, parse_job, resolve, to_pil,
+                   vae_factor)
 
 log = logging.getLogger("guidekit.demo")
 
@@ -54,6 +58,7 @@ class Limits:
     max_size: int = 512
     max_sweep: int = 6  # guidance scales per sweep: 2 x max_sweep images per request
     max_scale: float = 30.0
+    max_frames: int = 64  # frames of one Long video request (two videos are made)
     queue_size: int = 16
 
     def check(self, params: dict, images: int = 2) -> None:
@@ -67,6 +72,12 @@ class Limits:
         if params["guidance_scale"] > self.max_scale:
             raise JobError(f"guidance_scale: {_num(params['guidance_scale'])} is over this demo's limit; "
                            f"accepted: 0 to {_num(self.max_scale)}")
+
+
+    def check_frames(self, frames: int) -> None:
+        if frames > self.max_frames:
+            raise JobError(f"frames: {frames} is over this demo's limit; accepted: 1 to {self.max_frames} "
+                           "(start the demo with --max-frames to change it)")
 
 
 def _ui_errors(fn):
@@ -336,6 +347,155 @@ class DemoBackend:
                    "\n\nThe same start noise for all three; the classifier reads the final images."
                    + (" The judge reads the toy world's shapes by their pixels." if self.embedded else ""))
         return images[0], images[1], images[2], summary
+
+
+#----------------------------------------------------------------------------
+# Long video (FreeNoise).
+
+#: The Long video tab's default prompt schedule (one `FRAME: prompt` per line).
+EXAMPLE_SCHEDULE = "0: a red circle on a blue background\n24: a yellow circle on a blue background"
+#: Frames per second of the tab's videos.
+VIDEO_FPS = 8
+#: How the tab's videos are written (guidekit.video.save_video): lossless animated WebP.
+VIDEO_SUFFIX = ".webp"
+_KEY_LINE = re.compile(r"\s*(\d+)\s*:(.*)", flags=re.DOTALL)
+PROMPT_ACCEPTED = "one prompt, or one `FRAME: prompt` per line (e.g. `0: a red circle`) with frames below the frame count"
+
+
+def parse_prompt_text(text, frames: int):
+    """The Long video tab's prompt field: a plain prompt (str), or {frame: prompt} when every non-empty line is
+    `FRAME: prompt` (one such line: its prompt, a str). Raises JobError naming the line at fault."""
+    if not isinstance(text, str) or not text.strip():
+        raise JobError(f"prompt: required; accepted: {PROMPT_ACCEPTED}")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    matches = [_KEY_LINE.fullmatch(line) for line in lines]
+    if not any(matches):
+        return " ".join(lines)
+    schedule = {}
+    for line, match in zip(lines, matches):
+        if match is None or not match.group(2).strip():
+            raise JobError(f"prompt: the line {line!r} is not `FRAME: prompt`; accepted: {PROMPT_ACCEPTED}")
+        frame = int(match.group(1))
+        if frame >= frames:
+            raise JobError(f"prompt: frame {frame} ({line!r}) is not below the number of frames {frames}; accepted: "
+                           f"frames from 0 to {frames - 1}")
+        if frame in schedule:
+            raise JobError(f"prompt: frame {frame} is given twice; accepted: one prompt per frame")
+        schedule[frame] = match.group(2).strip()
+    return next(iter(schedule.values())) if len(schedule) == 1 else dict(sorted(schedule.items()))
+
+
+class VideoBackend:
+    """The Long video tab's work: one video model, the same seed with plain sliding windows (i.i.d. noise) and
+    with FreeNoise, each written as an animated WebP into a folder of its own (the last request's files only)."""
+
+    def __init__(self, vpipe, limits: Limits = Limits()):
+        from .jobs import motion_limit
+
+        self.pipe = vpipe
+        self.limits = limits
+        self.max_length = motion_limit(vpipe) or 16
+        self.factor = math.lcm(8, vae_factor(vpipe))
+        self.default_size = int(vpipe.unet.config.sample_size) * vae_factor(vpipe)
+        self._folder = tempfile.TemporaryDirectory(prefix="guidekit-demo-video-")
+        self._count = 0
+
+    def params(self, prompt, frames, context_length, context_stride, seed, guidance_scale, steps, size) -> dict:
+        """Validated, resolved parameters of the FreeNoise video (a video job's; messages name the field)."""
+        from .jobs import resolve_video
+
+        frames = _as_count(frames, "frames")
+        self.limits.check_frames(frames)
+        text = parse_prompt_text(prompt, frames)
+        raw = {"frames": frames, "seed": _as_int(seed, "seed") or 0, "steps": steps, "width": size, "height": size,
+               "guidance_scale": guidance_scale, "format": VIDEO_SUFFIX[1:], "fps": VIDEO_FPS,
+               "freenoise": {"context_length": _as_count(context_length, "context length"),
+                             "context_stride": _as_count(context_stride, "context stride")}}
+        raw.update({"prompts": {str(k): v for k, v in text.items()}} if isinstance(text, dict) else {"prompt": text})
+        job = parse_job(raw)
+        self.limits.check(job.params)
+        params = resolve_video(job.params, self.pipe)
+        params["seed"] = job.seeds[0]
+        return params
+
+    def long_video(self, prompt, frames, context_length, context_stride, seed, guidance_scale, steps, size,
+                   progress=None):
+        """(plain sliding-windows video, FreeNoise video, Markdown numbers): paths of two animated WebP files."""
+        from .jobs import frame_change, generate_video
+
+        params = self.params(prompt, frames, context_length, context_stride, seed, guidance_scale, steps, size)
+        runs = [("Sliding windows, i.i.d. noise", "random"), ("FreeNoise", params["freenoise"]["noise"])]
+        self._clear()
+        paths, rows = [], []
+        for i, (name, noise) in enumerate(runs):
+            run = {**params, "freenoise": {**params["freenoise"], "noise": noise}}
+            tell = None
+            if progress is not None:
+                def tell(step, steps, i=i, name=name):
+                    progress((i * steps + step) / (2 * steps), desc=f"{name}: step {step}/{steps}")
+            t0 = time.perf_counter()
+            frames_ = generate_video(self.pipe, run, params["seed"], callback=tell)
+            dt = time.perf_counter() - t0
+            mean, largest = frame_change(frames_)
+            paths.append(self._save(frames_, "plain" if noise == "random" else "freenoise"))
+            rows.append(f"| **{name}** | {mean:.2f} | {largest:.2f} | {dt:.1f} s |")
+        return str(paths[0]), str(paths[1]), self._summary(params, rows)
+
+    def _summary(self, params: dict, rows: list[str]) -> str:
+        fn = params["freenoise"]
+        keys = f", {len(params['prompts'])} key prompts" if params.get("prompts") else ""
+        windowed = (f"windows of {fn['context_length']} frames every {fn['context_stride']}"
+                    if params["frames"] > fn["context_length"] else
+                    f"one window (frames <= context length {fn['context_length']}: both are the plain model)")
+        return (f"{params['frames']} frames, {params['width']}x{params['height']}, {params['steps']} steps, guidance "
+                f"scale {params['guidance_scale']:g}, seed {params['seed']}{keys}; {windowed}, fused at each temporal "
+                f"attention, {VIDEO_FPS} fps.\n\n"
+                "| | frame-to-frame change (mean) | largest change | time |\n|---|---|---|---|\n" + "\n".join(rows) +
+                "\n\nChange: mean absolute difference of consecutive frames' 8-bit pixel values (0 to 255); jumps "
+                "at window seams raise the largest one. Both videos have the same start noise in the first window; "
+                "after it, the left one draws fresh noise, FreeNoise reschedules the first window's noise.")
+
+    def _save(self, frames, stem: str) -> Path:
+        from guidekit.video import save_video
+
+        self._count += 1
+        return save_video(frames, Path(self._folder.name) / f"{stem}-{self._count}{VIDEO_SUFFIX}", fps=VIDEO_FPS)
+
+    def _clear(self) -> None:
+        """Delete the previous request's videos (the page has its own copies by then)."""
+        for old in Path(self._folder.name).glob(f"*{VIDEO_SUFFIX}"):
+            old.unlink(missing_ok=True)
+
+
+def _as_count(value, name: str) -> int:
+    """A slider's whole number (Gradio may send 8.0) as an int; JobError for anything else."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise JobError(f"{name}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+def video_backend(pipe, video_model: Optional[str], limits: Limits) -> tuple[Optional[VideoBackend], str]:
+    """The Long video tab's backend and, when there is none, the message the tab shows instead.
+
+    `video_model`: an AnimateDiff pipeline folder or a MotionAdapter folder (paired with `pipe`); None: the
+    embedded video model, when installed. A `video_model` that cannot be loaded raises JobError; a missing or
+    broken embedded one is a message."""
+    from .jobs import GET_VIDEO_MODEL, embedded_video_model_path, load_video_pipeline
+
+    if video_model is not None:
+        return VideoBackend(load_video_pipeline(video_model, pipe, device=pipe.device, dtype=pipe.dtype), limits), ""
+    path = embedded_video_model_path()
+    if path is None:
+        return None, ("**No video model here**: the embedded video model is not installed. To use this tab, restart "
+                      f"the demo and {GET_VIDEO_MODEL}.")
+    try:
+        vpipe = load_video_pipeline(path, pipe, device=pipe.device, dtype=pipe.dtype)
+    except JobError as e:
+        log.exception("the embedded video model cannot be loaded")
+        return None, f"**No video model here**: the embedded video model cannot be loaded ({e})."
+    return VideoBackend(vpipe, limits), ""
 
 
 GET_CLASSIFIER = ("reinstall guidekit (its package ships it in guidekit/assets), or give the folder of any "
@@ -655,13 +815,19 @@ def _model_label(model_name: str) -> str:
     return f"`{model_name or 'custom'}`"
 
 
-def build_demo(pipe, model_name: str = "", limits: Limits = Limits(), embedded: Optional[bool] = None):
+def build_demo(pipe, model_name: str = "", limits: Limits = Limits(), embedded: Optional[bool] = None,
+               video_model: Optional[str] = None):
     """The Gradio Blocks app around one loaded pipeline. `embedded`: whether it is the embedded toy model
-    (None: from `model_name` or the pipeline's folder); it sets where the APG sliders start."""
+    (None: from `model_name` or the pipeline's folder); it sets where the APG sliders start.
+
+    `video_model`: the Long video tab's model, an AnimateDiff pipeline folder or a MotionAdapter folder (paired
+    with `pipe`); None: the embedded video model (without it, the tab says how to get one). A `video_model`
+    that cannot be loaded raises JobError."""
     import gradio as gr
 
     pipe.set_progress_bar_config(disable=True)
     backend = DemoBackend(pipe, model_name, limits, embedded=embedded)
+    video, video_note = video_backend(pipe, video_model, limits)
     scale_param = COMMON["guidance_scale"]
     queue = dict(concurrency_limit=1, concurrency_id="model")  # one shared model: one request at a time
 
@@ -719,6 +885,7 @@ def build_demo(pipe, model_name: str = "", limits: Limits = Limits(), embedded: 
             _style_tab(backend, queue)
         if classifier_tab_available(pipe):
             _classifier_tab(backend, queue)
+        _video_tab(video, video_note, queue)
     demo.queue(max_size=limits.queue_size)
     return demo
 
@@ -877,6 +1044,58 @@ def _classifier_tab(backend: DemoBackend, queue: dict):
                      api_name="classifier_guidance", **queue)
 
 
+def _video_tab(video: Optional[VideoBackend], note: str, queue: dict):
+    import gradio as gr
+
+    with gr.Tab("Long video"):
+        gr.Markdown("FreeNoise: videos longer than the motion model was trained on. The temporal layers run on "
+                    "overlapping windows whose outputs are fused; on the right, FreeNoise also reschedules the start "
+                    "noise (shuffled copies of the first window's), on the left each frame draws fresh noise. Same "
+                    "seed, same settings; the numbers say how much the picture changes from frame to frame.")
+        if video is None:
+            gr.Markdown(note, elem_id="video-missing")
+            return
+        lim, f = video.limits, video.factor
+        with gr.Row():
+            with gr.Column(scale=2):
+                prompt = gr.Textbox(label="Prompt", value=EXAMPLE_SCHEDULE, lines=3, elem_id="video-prompt",
+                                    info="One prompt, or a prompt schedule: one `FRAME: prompt` per line (frames "
+                                         "between two keys blend their prompts).")
+                frames = Slider(1, lim.max_frames, value=min(32, lim.max_frames), step=1, label="Frames",
+                                info=f"Length of the video (this demo allows up to {lim.max_frames}).",
+                                elem_id="video-frames")
+                length = Slider(1, video.max_length, value=video.max_length, step=1, label="Context length W",
+                                info=f"Frames per window: the motion model's training length (at most its "
+                                     f"{video.max_length}).", elem_id="video-length")
+                stride = Slider(1, video.max_length, value=min(4, video.max_length), step=1, label="Context stride S",
+                                info="Frames between two window starts, at most W (official: 4).",
+                                elem_id="video-stride")
+                seed = Number(label="Seed", value=0, precision=0, minimum=0, maximum=2**31 - 1,
+                              info="Same seed for both videos.", elem_id="video-seed")
+                scale = Slider(0.0, lim.max_scale, value=min(7.5, lim.max_scale), step=0.5, label="Guidance scale w",
+                               info="CFG scale; 1 turns guidance off (stock default 7.5).", elem_id="video-scale")
+                steps = Slider(1, lim.max_steps, value=min(25, lim.max_steps), step=1, label="Steps",
+                               info=f"Denoising steps (this demo allows up to {lim.max_steps}).", elem_id="video-steps")
+                low = f * 4 if f * 4 <= video.default_size else f
+                size = Slider(low, max(low, lim.max_size), value=min(video.default_size, lim.max_size), step=f,
+                              label="Size", info=f"Square frames, a multiple of {f}; the model's native size is "
+                                                 f"{video.default_size}.", elem_id="video-size")
+                button = gr.Button("Render both", variant="primary", elem_id="video-button")
+            with gr.Column(scale=3):
+                with gr.Row():
+                    plain = gr.Image(label="Sliding windows, i.i.d. noise", type="filepath", interactive=False,
+                                     elem_id="video-plain", **OUTPUT_IMAGE)
+                    freenoise = gr.Image(label="FreeNoise", type="filepath", interactive=False,
+                                         elem_id="video-freenoise", **OUTPUT_IMAGE)
+                summary = gr.Markdown(elem_id="video-summary")
+
+        def render(prompt, frames, length, stride, seed, scale, steps, size, progress=gr.Progress()):
+            return video.long_video(prompt, frames, length, stride, seed, scale, steps, size, progress=progress)
+
+        button.click(_ui_errors(render), [prompt, frames, length, stride, seed, scale, steps, size],
+                     [plain, freenoise, summary], api_name="long_video", **queue)
+
+
 def launch(demo, host: str = "127.0.0.1", port: Optional[int] = None, **kwargs):
     """Launch with the demo's file policy: only the shipped assets besides Gradio's own cache."""
     return demo.launch(server_name=host, server_port=port, show_error=True, allowed_paths=[str(ASSETS / "examples")],
@@ -896,11 +1115,16 @@ def launch(demo, host: str = "127.0.0.1", port: Optional[int] = None, **kwargs):
 @click.option("--max-size", default=Limits.max_size, metavar="INT", type=click.IntRange(8, MAX_IMAGE_SIDE),
               help="Largest width/height one request may ask for, in pixels (sizes that cannot be decoded in "
                    "the free memory are refused too).")
+@click.option("--max-frames", default=Limits.max_frames, metavar="INT", type=click.IntRange(1, 1024),
+              help="Most frames one Long video request may ask for.")
+@click.option("--video-model", metavar="DIR", default=None,
+              help="Long video tab: a local AnimateDiff pipeline folder, or a MotionAdapter folder paired with "
+                   "--model; default: the embedded video model.")
 @click.option("--device", default=None, metavar="DEVICE",
               help="Torch device, e.g. cuda or cpu; default: cuda when available, else cpu.")
-def demo(model, host, port, max_steps, max_size, device):
-    """Start the web demo: CFG vs APG, a guidance-scale sweep, UAM reconstruct/edit, StyleID style transfer and
-    classifier guidance (naive vs EluCD).
+def demo(model, host, port, max_steps, max_size, max_frames, video_model, device):
+    """Start the web demo: CFG vs APG, a guidance-scale sweep, UAM reconstruct/edit, StyleID style transfer,
+    classifier guidance (naive vs EluCD) and long videos (sliding windows vs FreeNoise).
 
     \b
     Examples:
@@ -914,7 +1138,11 @@ def demo(model, host, port, max_steps, max_size, device):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe, name = load_pipeline(model, device=device, dtype=torch.float16 if device.type == "cuda" else None)
     pipe.set_progress_bar_config(disable=True)
-    app = build_demo(pipe, name, Limits(max_steps=max_steps, max_size=max_size))
+    try:
+        app = build_demo(pipe, name, Limits(max_steps=max_steps, max_size=max_size, max_frames=max_frames),
+                         video_model=video_model)
+    except JobError as e:
+        raise click.BadParameter(str(e).removeprefix("--video-model: "), param_hint="'--video-model'") from None
     launch(app, host=host, port=port)
 
 

@@ -50,6 +50,12 @@ __all__ = [
     "generate",
     "job_key",
     "fields_doc",
+    "VIDEO",
+    "is_video",
+    "resolve_video",
+    "generate_video",
+    "load_video_pipeline",
+    "frame_change",
 ]
 
 
@@ -258,12 +264,41 @@ STYLESSP_ONLY = ("alpha", STYLESSP_SCALE)
 
 SEED_FIELDS = ("seed", "seeds")
 
+#: Video jobs (AnimateDiff, with FreeNoise for videos longer than the motion model's training length): a job with
+#: `frames` writes one animated file per seed. `prompts` and `freenoise` are objects, checked by
+#: `_parse_prompts` and `_parse_freenoise`; their `Param` entries here are for the docs.
+MAX_FRAMES = 1024
+VIDEO_FORMATS = ("gif", "webp")
+VIDEO: dict[str, Param] = {p.name: p for p in [
+    Param("frames", int, None,
+          "Video: the number of frames. A job with `frames` is a video job: one animated file per seed, made by the "
+          "video model (`--video-model`).", min=1, max=MAX_FRAMES),
+    Param("prompts", str, None,
+          "Video: prompt travel, an object {frame: prompt} such as {\"0\": \"a red circle\", \"24\": \"a blue "
+          "circle\"} (frames below `frames`; in CSV, the object as JSON text). Frames between two keys blend their "
+          "prompts linearly. With `prompt` too, `prompt` is frame 0's prompt (then `prompts` must not have frame 0)."),
+    Param("freenoise", str, None,
+          "Video: true (the default) for guidekit.FreeNoise with `guidekit video`'s settings (context_length 16, "
+          "context_stride 4, fusion \"attention\"), false for the plain pipeline (at most the motion model's "
+          "motion_max_seq_length frames), or an object of guidekit.FreeNoise keyword arguments that replace those: "
+          + ", ".join(("context_length", "context_stride", "weighting", "noise", "fusion", "motion_injection"))
+          + " (motion_injection: true, or [t_a, t_b]; it needs `prompts`)."),
+    Param("fps", float, 8.0, "Video: frames per second of the file.", min=0.0, max=100.0),
+    Param("format", str, "gif", "Video: the file format, and the file's suffix.", choices=VIDEO_FORMATS),
+]}
+#: `freenoise: true`: `guidekit video`'s settings (the official W = 16, S = 4 and fusion point).
+FREENOISE_DEFAULTS = {"context_length": 16, "context_stride": 4, "weighting": "pyramid", "noise": "shuffle",
+                      "fusion": "attention", "motion_injection": None}
+#: Fields of a text-to-image job that a video job does not take (the classifier reads single images;
+#: AnimateDiff has no CFG rescale).
+VIDEO_REFUSED = ("guidance_rescale",) + tuple(CLASSIFIER)
+
 
 def all_fields() -> list[str]:
     names = list(COMMON) + list(SEED_FIELDS)
     for g in GUIDANCE.values():
         names += [n for n in g.params if n not in names]
-    return names + list(CLASSIFIER) + list(STYLE)
+    return names + list(CLASSIFIER) + list(STYLE) + list(VIDEO)
 
 
 def fields_doc() -> str:
@@ -284,6 +319,13 @@ def fields_doc() -> str:
         if p.name == "temperature":
             accepted = "a number in (0.0, 100.0]"
         default = "per `style_prompt`" if p.name == STYLESSP_SCALE else repr(p.default)
+        rows.append(f"| `{p.name}` | {accepted} | {default} | {p.help} |")
+    for p in VIDEO.values():
+        accepted = {"prompts": "an object {frame: prompt}", "freenoise": "true, false or an object"}.get(
+            p.name, p.bounds_text())
+        if p.name == "fps":
+            accepted = "a number in (0.0, 100.0]"
+        default = "true" if p.name == "freenoise" else repr(p.default)
         rows.append(f"| `{p.name}` | {accepted} | {default} | {p.help} |")
     return "\n".join(rows)
 
@@ -368,6 +410,8 @@ def parse_job(raw: Any, line: int = 0, base: Optional[Path] = None) -> Job:
         if "seed" in raw and "seeds" in raw:
             raise JobError(f"{where}seed and seeds: give one of them, not both")
         params, files = _parse_style(raw, where, base)
+    elif any(raw.get(k) is not None for k in VIDEO):
+        params = _parse_video(raw, where)
     else:
         params = _parse_generation(raw, where)
     seeds = _parse_job_seeds(raw, where)
@@ -378,6 +422,13 @@ def _parse_generation(raw: dict, where: str) -> dict:
     """The parameters of a text-to-image job (prompt, guidance method, optional classifier)."""
     if raw.get("prompt") in (None, ""):
         raise JobError(f"{where}prompt: required, a non-empty string")
+    params = _parse_method(raw, where)
+    params.update(_parse_classifier(raw, where))
+    return params
+
+
+def _parse_method(raw: dict, where: str) -> dict:
+    """The fields every generation job has (`COMMON`) and those of its guidance method."""
     if "seed" in raw and "seeds" in raw:
         raise JobError(f"{where}seed and seeds: give one of them, not both")
 
@@ -398,9 +449,104 @@ def _parse_generation(raw: dict, where: str) -> dict:
                                f"guidance {method.name!r}; remove it or set \"guidance\": \"{g.name}\"")
     if params["guidance"] == "apg" and params["start"] >= params["stop"]:
         raise JobError(f"{where}start/stop: start ({params['start']}) must be below stop ({params['stop']})")
-
-    params.update(_parse_classifier(raw, where))
     return params
+
+
+def is_video(params: dict) -> bool:
+    """Whether `params` (of `parse_job`) are a video job's."""
+    return params.get("frames") is not None
+
+
+def _parse_video(raw: dict, where: str) -> dict:
+    """A video job's parameters: the common and guidance fields, `frames`, `prompts`, `freenoise`, `fps`, `format`."""
+    if raw.get("frames") is None:
+        names = ", ".join(k for k in VIDEO if raw.get(k) is not None)
+        raise JobError(f"{where}frames: required with {names} (a video job); accepted: an integer in [1, "
+                       f"{MAX_FRAMES}], or remove {names}")
+    refused = [k for k in VIDEO_REFUSED if raw.get(k) is not None]
+    if refused:
+        raise JobError(f"{where}{', '.join(refused)}: not accepted in a video job (one with frames); remove "
+                       f"{'it' if len(refused) == 1 else 'them'}")
+    if raw.get("prompt") in (None, "") and raw.get("prompts") is None:
+        raise JobError(f"{where}prompt: required, a non-empty string (or prompts, an object {{frame: prompt}})")
+    params = _parse_method({k: v for k, v in raw.items() if k != "prompt" or v != ""}, where)
+    params.pop("guidance_rescale", None)
+    for p in VIDEO.values():
+        if p.name not in ("prompts", "freenoise"):
+            params[p.name] = p.default if raw.get(p.name) is None else p.check(raw[p.name], where)
+    if params["fps"] <= 0:
+        raise JobError(f"{where}fps: expected a number in (0.0, 100.0], got {raw['fps']!r}")
+    params["prompts"] = _parse_prompts(raw.get("prompts"), params, where)
+    params["freenoise"] = _parse_freenoise(raw.get("freenoise", True), params, where)
+    return params
+
+
+def _json_cell(value: Any) -> Any:
+    """A CSV cell holding JSON (an object, true, false) as its value; other values unchanged."""
+    if isinstance(value, str) and value.strip()[:1] in ("{", "[") or value in ("true", "false"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _parse_prompts(value: Any, params: dict, where: str) -> Optional[dict]:
+    """`prompts` as {frame: prompt} with int frames in order (`prompt`, if given, as frame 0), or None."""
+    if value is None:
+        return None
+    accepted = (f"an object {{frame: prompt}} with frames from 0 to {params['frames'] - 1} (integers, or strings of "
+                "digits as JSON keys) and non-empty prompts, e.g. {\"0\": \"a red circle\", \"8\": \"a blue circle\"}")
+    value = _json_cell(value)
+    if not isinstance(value, dict) or not value:
+        raise JobError(f"{where}prompts: expected {accepted}, got {value!r}")
+    schedule = {}
+    for key, text in value.items():
+        frame = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+        if isinstance(frame, bool) or not isinstance(frame, int) or not 0 <= frame < params["frames"]:
+            raise JobError(f"{where}prompts: frame {key!r} is not accepted; expected {accepted}")
+        if not isinstance(text, str) or not text.strip():
+            raise JobError(f"{where}prompts: the prompt of frame {key!r} is {text!r}; expected {accepted}")
+        if frame in schedule:
+            raise JobError(f"{where}prompts: frame {frame} is given twice; accepted: one prompt per frame")
+        schedule[frame] = text.strip()
+    if params["prompt"] is not None:
+        if 0 in schedule:
+            raise JobError(f"{where}prompt and prompts: both give frame 0's prompt; accepted: one of them (prompt is "
+                           "frame 0's prompt when prompts has no frame 0)")
+        schedule[0] = params["prompt"]
+    return dict(sorted(schedule.items()))
+
+
+def _parse_freenoise(value: Any, params: dict, where: str) -> Optional[dict]:
+    """`freenoise` as the full guidekit.FreeNoise keyword arguments (`FREENOISE_DEFAULTS` filled in), or None (off)."""
+    accepted = ("true, false, or an object of guidekit.FreeNoise keyword arguments ("
+                + ", ".join(FREENOISE_DEFAULTS) + ")")
+    value = _json_cell(value)
+    if value is False:
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, dict):
+        raise JobError(f"{where}freenoise: expected {accepted}, got {value!r}")
+    unknown = [k for k in value if k not in FREENOISE_DEFAULTS]
+    if unknown:
+        raise JobError(f"{where}freenoise: unknown key(s) {', '.join(map(repr, unknown))}; accepted: "
+                       + ", ".join(FREENOISE_DEFAULTS))
+    kwargs = {**FREENOISE_DEFAULTS, **value}
+    if isinstance(kwargs["motion_injection"], list):
+        kwargs["motion_injection"] = tuple(kwargs["motion_injection"])
+    if kwargs["motion_injection"] is not None and kwargs["motion_injection"] is not False and not params["prompts"]:
+        raise JobError(f"{where}freenoise: motion_injection needs prompt travel; accepted: it with \"prompts\", or "
+                       "without motion_injection")
+    import guidekit
+
+    try:
+        hook = guidekit.FreeNoise(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise JobError(f"{where}freenoise: {e}") from None
+    kwargs["motion_injection"] = None if hook.motion_injection is None else list(hook.motion_injection)
+    return kwargs
 
 
 def _parse_job_seeds(raw: dict, where: str) -> list[int]:
@@ -851,3 +997,165 @@ def load_pipeline(model: Optional[str] = None, device="cpu", dtype=None):
     from .generate import load_pipeline as shared
 
     return shared(model, device=device, dtype=dtype)
+
+
+#----------------------------------------------------------------------------
+# Videos (AnimateDiff with FreeNoise).
+
+#: Frames decoded per VAE call (`guidekit video`'s, and GuidedAnimateDiffPipeline's default).
+DECODE_CHUNK = 16
+GET_VIDEO_MODEL = ("pass --video-model with a diffusers AnimateDiff pipeline folder (model_index.json), or a "
+                   "MotionAdapter folder to pair with the image model")
+
+
+def embedded_video_model_path() -> Optional[Path]:
+    """The embedded video model's folder, or None when this guidekit has none or it is not installed."""
+    try:
+        from guidekit.toy import default_video_model_path
+
+        path = Path(default_video_model_path())
+    except (ImportError, AttributeError, OSError):  # FileNotFoundError: not installed
+        return None
+    return path if (path / "model_index.json").is_file() or (path / "config.json").is_file() else None
+
+
+def load_video_pipeline(path, image_pipe=None, device="cpu", dtype=None, option: str = "--video-model"):
+    """A `GuidedAnimateDiffPipeline` from `path`: an AnimateDiff pipeline folder (model_index.json), or a
+    MotionAdapter folder (config.json) added to `image_pipe` (a Stable Diffusion 1.x pipeline, whose modules
+    it shares). Raises JobError naming `option` and what is accepted."""
+    import torch
+
+    from guidekit.pipelines import GuidedAnimateDiffPipeline
+
+    folder = Path(path).expanduser()
+    accepted = ("a local diffusers AnimateDiff pipeline folder (model_index.json), or a MotionAdapter folder "
+                "(config.json) to pair with the image model")
+    if not folder.is_dir():
+        raise JobError(f"{option}: {str(path)!r} is not a folder; accepted: {accepted}")
+    dtype = dtype or torch.float32
+    try:
+        if (folder / "model_index.json").is_file():
+            kind = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+            if kind not in ("AnimateDiffPipeline", "GuidedAnimateDiffPipeline"):
+                raise JobError(f"{option}: {str(path)!r} is a {kind} (model_index.json); accepted: {accepted}")
+            pipe = GuidedAnimateDiffPipeline.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
+        elif (folder / "config.json").is_file():
+            pipe = _adapter_pipeline(folder, image_pipe, dtype, option)
+        else:
+            raise JobError(f"{option}: {str(path)!r} has neither model_index.json nor config.json; accepted: {accepted}")
+    except JobError:
+        raise
+    except Exception as e:  # noqa: BLE001 - diffusers' OSError, ValueError...: say which folder failed
+        raise JobError(f"{option}: cannot load {str(path)!r}: {type(e).__name__}: {e}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _adapter_pipeline(folder: Path, image_pipe, dtype, option: str):
+    from diffusers import MotionAdapter, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from guidekit.pipelines import GuidedAnimateDiffPipeline
+
+    if not isinstance(image_pipe, StableDiffusionPipeline) or isinstance(image_pipe, StableDiffusionXLPipeline):
+        raise JobError(f"{option}: {folder} is a motion adapter, which needs a Stable Diffusion 1.x image model; the "
+                       f"image model is a {type(image_pipe).__name__}; accepted: an AnimateDiff pipeline folder")
+    kind = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_class_name")
+    if kind != "MotionAdapter":
+        raise JobError(f"{option}: {folder} holds a {kind} (config.json); accepted: a MotionAdapter folder, or an "
+                       "AnimateDiff pipeline folder")
+    adapter = MotionAdapter.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
+    return GuidedAnimateDiffPipeline.from_pipe(image_pipe, motion_adapter=adapter)
+
+
+def motion_limit(vpipe) -> Optional[int]:
+    """The video model's motion_max_seq_length: the frames one window of its temporal layers may hold."""
+    value = vpipe.unet.config.get("motion_max_seq_length")
+    return None if value is None else int(value)
+
+
+def check_video_windows(vpipe, frames: int, freenoise: Optional[dict], where: str = "",
+                        names: tuple[str, str] = ("frames", "freenoise: context_length")) -> None:
+    """Raise JobError when the video model cannot run `frames` frames with `freenoise` (None: off)."""
+    limit = motion_limit(vpipe)
+    if limit is None:
+        return
+    if freenoise is None and frames > limit:
+        raise JobError(f"{where}{names[0]}: {frames} is above the video model's motion_max_seq_length {limit}, which the "
+                       f"plain pipeline cannot exceed; accepted: at most {limit} frames, or FreeNoise")
+    if freenoise is not None and freenoise["context_length"] > limit:
+        raise JobError(f"{where}{names[1]}: {freenoise['context_length']} is above the video model's "
+                       f"motion_max_seq_length {limit}; accepted: an integer from 1 to {limit}")
+
+
+def resolve_video(params: dict, vpipe, where: str = "") -> dict:
+    """A video job's params with the model-dependent defaults filled (width and height: the video model's native
+    size; APG: the paper's values), checked against the video model: size, memory of one decode chunk, window."""
+    out = dict(params)
+    for key in ("width", "height"):
+        if out[key] is None:
+            out[key] = default_size(vpipe)
+    if any(out.get(n) is None for n in MODEL_DEPENDENT.get(out.get("guidance"), ())):
+        out = apg_defaults(out, embedded=False)  # the recommended setting is the embedded image model's
+    try:
+        check_image_size(out["width"], out["height"], multiple_of=math.lcm(8, vae_factor(vpipe)))
+        check_image_memory(vpipe, out["width"], out["height"], images=min(out["frames"], DECODE_CHUNK),
+                           name="width/height")
+    except ValueError as e:
+        raise JobError(f"{where}{e}") from None
+    check_video_windows(vpipe, out["frames"], out["freenoise"], where)
+    return out
+
+
+def video_prompt(params: dict):
+    """The pipeline's prompt of a video job: its `prompt`, or its {frame: prompt} schedule."""
+    if params.get("prompts"):
+        return {int(k): v for k, v in params["prompts"].items()}
+    return params["prompt"]
+
+
+def generate_video(vpipe, params: dict, seed: int, generator_device: str = "cpu", callback=None):
+    """One video of resolved video `params`: float numpy frames (F, H, W, 3) in [0, 1]. `callback(step, steps)`
+    is called after each denoising step."""
+    import guidekit
+    import torch
+
+    hooks = list(GUIDANCE[params["guidance"]].build(params))
+    if params["freenoise"] is not None:
+        kwargs = dict(params["freenoise"])
+        if kwargs["motion_injection"] is not None:
+            kwargs["motion_injection"] = tuple(kwargs["motion_injection"])
+        hooks.append(guidekit.FreeNoise(**kwargs))
+    step_end = None
+    if callback is not None:
+        def step_end(pipe, step, timestep, tensors):
+            callback(step + 1, params["steps"])
+            return tensors
+    out = vpipe(video_prompt(params), num_frames=params["frames"], width=params["width"], height=params["height"],
+                num_inference_steps=params["steps"], guidance_scale=params["guidance_scale"],
+                negative_prompt=params.get("negative_prompt") or None, output_type="np", hooks=hooks,
+                generator=torch.Generator(device=generator_device).manual_seed(int(seed)),
+                decode_chunk_size=DECODE_CHUNK, callback_on_step_end=step_end)
+    return out.frames[0]
+
+
+def frame_change(frames) -> tuple[float, float]:
+    """(mean, largest) change between consecutive frames: the mean absolute difference of their 8-bit pixel values
+    (0 to 255). Flicker and jumps at window seams raise both; (0, 0) for a single frame."""
+    import numpy as np
+
+    arr = np.asarray(frames, dtype=np.float64)
+    if len(arr) < 2:
+        return 0.0, 0.0
+    per_pair = np.abs(np.diff(arr, axis=0)).reshape(len(arr) - 1, -1).mean(axis=1) * 255.0
+    return float(per_pair.mean()), float(per_pair.max())
+
+
+def video_bytes(frames, fmt: str, fps: float) -> bytes:
+    """`frames` encoded as an animated file of format `fmt` ("gif" or "webp") by `guidekit.video.save_video`."""
+    import tempfile
+
+    from guidekit.video import save_video
+
+    with tempfile.TemporaryDirectory(prefix="guidekit-video-") as folder:
+        path = save_video(frames, Path(folder) / f"video.{fmt}", fps=fps)
+        return path.read_bytes()
