@@ -294,3 +294,36 @@ def test_schedule_with_precomputed_embeddings_is_refused(ours):
     pooled = torch.zeros(1, 32)
     with pytest.raises(ValueError, match="pooled_prompt_embeds"):
         video(ours, 8, prompt=TRAVEL, pooled_prompt_embeds=pooled)
+
+
+class _Spy:
+    """Records the encoder_hidden_states a cross-attention layer sees, then runs the layer's processor."""
+
+    def __init__(self, name, original, log):
+        self.name, self.original, self.log = name, original, log
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        self.log.append((self.name, encoder_hidden_states.clone()))
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+
+def test_motion_injection_reads_the_last_prompt_of_both_text_encoders(ours):
+    from guidekit.attention import attention_layers
+
+    travel = {0: "a red circle", 12: "a blue square"}
+    processors = ours.unet.attn_processors
+    cross = attention_layers(ours.unet, "cross")
+    log = []
+    ours.unet.set_attn_processor({**processors, **{n: _Spy(n, processors[n], log) for n in cross}})
+    try:
+        # one step: i < 0.1·N holds, so the down and mid layers read the last prompt
+        video(ours, 20, prompt=travel, num_inference_steps=1, guidance_scale=5.0,
+              hooks=[guidekit.FreeNoise(motion_injection=True)])
+    finally:
+        ours.unet.set_attn_processor(processors)
+    last = ours.encode_prompt(travel[12], device="cpu", do_classifier_free_guidance=False)[0][0]
+    assert {name.split(".")[0] for name, _ in log} == {"down_blocks", "mid_block", "up_blocks"}
+    for name, states in log:
+        cond = states[20:]
+        injected = name.split(".")[0] in ("down_blocks", "mid_block")
+        assert bool(cond.eq(last).all()) == injected, name
