@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "demo": "guidekit.apps.demo:demo",
     "batch": "guidekit.apps.batch:batch",
     "train-toy": "guidekit.apps.train_toy:train_toy",
+    "train-toy-motion": "guidekit.apps.train_toy_motion:train_toy_motion",
     "eval-toy": "guidekit.apps.eval_toy:eval_toy",
     "eval-uam": "guidekit.apps.eval_uam:eval_uam",
     "eval-apg": "guidekit.apps.eval_apg:eval_apg",
@@ -25,6 +26,7 @@ SUBCOMMANDS = {
     "eval-elucd": "guidekit.apps.eval_elucd:eval_elucd",
     "eval-style": "guidekit.apps.eval_style:eval_style",
     "video": "guidekit.apps.video:video",
+    "eval-video": "guidekit.apps.eval_video:eval_video",
 }
 
 

@@ -12,6 +12,11 @@ imports torch and diffusers lazily.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from .world import COLOURS, SHAPES, TEXTURES, caption, generate, generate_batch, parse_caption
@@ -34,12 +39,18 @@ __all__ = [
     "default_model_path",
     "CLASSIFIER_NAME",
     "default_classifier_path",
+    "MOTION_NAME",
+    "default_motion_adapter_path",
+    "default_video_model_path",
 ]
 
 #: Folder name of the embedded model inside ``guidekit.assets``.
 MODEL_NAME = "toy-sd"
 #: Folder name of the embedded image classifier (clean world images -> "{colour} {shape}") inside ``guidekit.assets``.
 CLASSIFIER_NAME = "toy-classifier"
+#: Folder name of the embedded motion model (a diffusers ``MotionAdapter`` for the toy image model) inside
+#: ``guidekit.assets``.
+MOTION_NAME = "toy-motion"
 #: Guidance scale at which the model card's accuracies were measured (CFG); see assets/toy-sd/README.md.
 DEFAULT_GUIDANCE_SCALE = 3.0
 #: DDIM steps used by the evaluation.
@@ -110,3 +121,68 @@ def default_classifier_path() -> Path:
     in a checkout. Load it with ``AutoModelForImageClassification.from_pretrained`` or
     ``guidekit.guidance.TransformersClassifier.from_pretrained``."""
     return _asset_path(CLASSIFIER_NAME, "classifier")
+
+
+def default_motion_adapter_path() -> Path:
+    """Folder of the embedded motion model, a diffusers ``MotionAdapter`` trained on the toy video world on top of
+    the embedded image model (``MotionAdapter.from_pretrained`` loads it)."""
+    return _asset_path(MOTION_NAME, "motion model")
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("GUIDEKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "guidekit")
+    return Path(root)
+
+
+def _video_model_index(image_path: Path) -> dict:
+    index = json.loads((image_path / "model_index.json").read_text())
+    out = {"_class_name": "AnimateDiffPipeline", "_diffusers_version": index.get("_diffusers_version")}
+    for name in ("scheduler", "text_encoder", "tokenizer", "unet", "vae"):
+        out[name] = index[name]
+    out["motion_adapter"] = ["diffusers", "MotionAdapter"]
+    out["feature_extractor"] = [None, None]
+    out["image_encoder"] = [None, None]
+    return out
+
+
+def default_video_model_path() -> Path:
+    """Folder of the embedded text-to-video model, laid out as a diffusers ``AnimateDiffPipeline``:
+
+    >>> from diffusers import AnimateDiffPipeline
+    >>> pipe = AnimateDiffPipeline.from_pretrained(guidekit.toy.default_video_model_path())
+
+    It is the embedded image model (:func:`default_model_path`) with the embedded motion adapter
+    (:func:`default_motion_adapter_path`). So that the image model's weights are not shipped twice, the folder is
+    assembled on first use under ``$GUIDEKIT_CACHE`` (default ``~/.cache/guidekit``) from links to those two
+    folders (copies where links are not allowed); a folder of the same name is reused, never overwritten.
+    """
+    image_path, adapter_path = default_model_path(), default_motion_adapter_path()
+    stamp = hashlib.sha1()
+    for path in (image_path / "unet" / "diffusion_pytorch_model.safetensors",
+                 adapter_path / "diffusion_pytorch_model.safetensors"):
+        info = path.stat()
+        stamp.update(f"{path.resolve()}:{info.st_size}:{info.st_mtime_ns}".encode())
+    folder = _cache_root() / f"toy-video-{stamp.hexdigest()[:12]}"
+    if (folder / "model_index.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        links = {name: image_path / name for name in ("scheduler", "text_encoder", "tokenizer", "unet", "vae")}
+        links["motion_adapter"] = adapter_path
+        for name, target in links.items():
+            try:
+                os.symlink(target.resolve(), tmp / name, target_is_directory=True)
+            except OSError:  # no symlinks here (e.g. some Windows setups): copy instead
+                shutil.copytree(target, tmp / name)
+        (tmp / "model_index.json").write_text(json.dumps(_video_model_index(image_path), indent=2) + "\n")
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process assembled it first
+            if not (folder / "model_index.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
