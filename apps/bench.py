@@ -12,10 +12,18 @@ sampled every millisecond.
     guidekit bench --models tiny --rounds 3 --json bench.json
     guidekit bench --models tiny --rounds 1 --no-elucd --no-styleid --no-uam --pixel   # + the pixel EluCD row
     guidekit bench --models tiny --rounds 3 --no-elucd --no-styleid --no-uam           # + StyleSSP vs StyleID
+    guidekit bench --no-sd --no-elucd --no-styleid --no-stylessp --no-uam --freenoise  # FreeNoise rows only
 
 The StyleSSP rows time one StyleID transfer with and without `guidekit.StyleSSP()` (its negative-guided inversion
 and frequency start point), each case in fresh processes like the stock comparison, so that the peak memory of
 the two can be compared too.
+
+The FreeNoise rows (`--freenoise`) run `guidekit.FreeNoise()` on a random AnimateDiff model (the tiny or mid
+image model plus a matching motion adapter, window 16, stride 4): time per frame at a long and a short
+video (F=64 against F=16; F=16 is a single window, i.e. the plain model), guidekit against diffusers' own
+`enable_free_noise` at F=64, and the peak memory of the call (the rise of the resident set over what the
+process held before its first call) at F=16, 64 and 128 with and without FreeNoise's exact splitting
+(`FREENOISE_SPLIT`).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import click
 
@@ -36,6 +45,10 @@ CASES = ("stock", "cfg", "apg")
 ELUCD_CASE = "elucd"  # CFG() + EluCD(tiny random classifier): compared with "cfg" as well as with stock
 TRANSFER_CASES = ("styleid-transfer", "stylessp-transfer")  # StyleID.transfer without / with StyleSSP()
 MODELS = ("tiny", "mid")
+FREENOISE_CASES = ("guidekit", "guidekit-split", "diffusers")
+#: The splitting the memory rows measure: spatial layers in chunks of 16 of the batch×frames rows,
+#: temporal blocks in chunks of 1024 of the batch×pixel rows.
+FREENOISE_SPLIT = {"spatial_chunk": 16, "temporal_chunk": 1024}
 
 
 # ----------------------------------------------------------------------------- worker (one measurement)
@@ -171,7 +184,159 @@ def measure_transfer(case: str, folder: str, steps: int, size: int, calls: int =
     return results
 
 
+def _build_animatediff(kind: str, folder: Path) -> None:
+    """Write a random AnimateDiff checkpoint: the tiny or mid SD image model plus a matching motion adapter."""
+    from diffusers import AnimateDiffPipeline, MotionAdapter
+
+    from guidekit.testing.animatediff import make_tiny_animatediff
+
+    if kind == "tiny":
+        make_tiny_animatediff(folder, max_length=16)
+        return
+    image_dir = folder / "_image"
+    _build_model(kind, image_dir)
+    import torch
+
+    torch.manual_seed(0)
+    adapter = MotionAdapter(block_out_channels=(192, 384, 768), motion_layers_per_block=1,
+                            motion_num_attention_heads=8, motion_norm_num_groups=32, motion_max_seq_length=16)
+    AnimateDiffPipeline.from_pretrained(str(image_dir), motion_adapter=adapter).save_pretrained(str(folder))
+
+
+def measure_freenoise(case: str, folder: str, num_frames: int, steps: int, size: int, calls: int = 2,
+                      seed: int = 0, warm_up: bool = True) -> list[dict]:
+    """`calls` timed AnimateDiff calls of `case` with FreeNoise (window 16, stride 4, pyramid, shuffle) at
+    `num_frames` frames: "guidekit" (`guidekit.FreeNoise()`), "guidekit-split" (with `FREENOISE_SPLIT`) or
+    "diffusers" (`enable_free_noise`). Wall and thread CPU seconds, and `peak_delta_mib`: the peak resident set
+    during the call minus the resident set before it. With `warm_up` a one-step call runs first (for timing);
+    without, the first call is measured, so its peak includes every buffer the call allocates (for memory:
+    after a warm-up the allocator hands the same pages back and the rise hides)."""
+    import torch
+    from diffusers import AnimateDiffPipeline
+
+    import guidekit
+    from guidekit.pipelines import GuidedAnimateDiffPipeline
+
+    if case not in FREENOISE_CASES:
+        raise ValueError(f"case: {case!r} is not accepted; accepted: {', '.join(FREENOISE_CASES)}")
+    torch.set_num_threads(int(os.environ.get("GUIDEKIT_BENCH_THREADS", "1")))
+    kwargs = dict(num_frames=num_frames, height=size, width=size, guidance_scale=7.5, output_type="latent")
+    if case == "diffusers":
+        pipe = AnimateDiffPipeline.from_pretrained(folder)
+        pipe.enable_free_noise(context_length=16, context_stride=4, weighting_scheme="pyramid",
+                               noise_type="shuffle_context")
+    else:
+        pipe = GuidedAnimateDiffPipeline.from_pretrained(folder)
+        split = FREENOISE_SPLIT if case == "guidekit-split" else {}
+        kwargs["hooks"] = [guidekit.FreeNoise(context_length=16, context_stride=4, **split)]
+    pipe.set_progress_bar_config(disable=True)
+
+    def call(n):
+        with torch.no_grad():
+            return pipe("a red circle on a blue background", num_inference_steps=n,
+                        generator=torch.Generator().manual_seed(seed), **kwargs)
+
+    if warm_up:
+        call(1)
+    results = []
+    for _ in range(calls):
+        before = _rss_bytes()
+        with PeakRSS() as mem:
+            start, cpu_start = time.perf_counter(), time.thread_time()
+            call(steps)
+            wall, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
+        results.append({"case": case, "frames": num_frames, "wall_s": wall, "cpu_s": cpu,
+                        "peak_delta_mib": (mem.peak - before) / 2**20})
+    return results
+
+
 # ----------------------------------------------------------------------------- driver
+
+
+def _run_freenoise_worker(case: str, folder, num_frames: int, steps: int, size: int, calls: int,
+                          warm_up: bool) -> list[dict]:
+    args = json.dumps([case, str(folder), num_frames, steps, size, calls, warm_up])
+    cmd = [sys.executable, "-m", "guidekit.apps.bench", "--freenoise-worker", args]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if out.returncode != 0:
+        raise click.ClickException(f"benchmark worker FreeNoise {case} F={num_frames} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _median(results: list[dict], case: str, frames: int, key: str) -> float:
+    return statistics.median(r[key] for r in results if r["case"] == case and r["frames"] == frames)
+
+
+def freenoise_rows(model: str, rounds: int, steps: int, size: int, frames: tuple[int, int] = (16, 64),
+                   memory_frames: tuple[int, ...] = (16, 64, 128), calls: int = 2) -> tuple[list[dict], list[dict],
+                                                                                              list[dict]]:
+    """The FreeNoise tables on the `model` AnimateDiff checkpoint: (time rows, memory rows, raw results).
+
+    Time: `rounds` interleaved rounds (rotating order), each case in a fresh process with a warm-up call and
+    `calls` timed calls: guidekit at the short and long length of `frames`, diffusers' FreeNoise at the long one.
+    Memory: one fresh process per (length of `memory_frames`, split or not), first call measured.
+    """
+    short, long = frames
+    time_cases = [("guidekit", short), ("guidekit", long), ("diffusers", long)]
+    raw = []
+    with tempfile.TemporaryDirectory(prefix="guidekit-bench-freenoise-") as tmp:
+        folder = Path(tmp) / model
+        _build_animatediff(model, folder)
+        total = rounds * len(time_cases) + 2 * len(memory_frames)
+        with click.progressbar(length=total, label=f"bench FreeNoise {model}") as bar:
+            for r in range(rounds):
+                for case, f in time_cases[r % 3:] + time_cases[: r % 3]:
+                    raw.extend(_run_freenoise_worker(case, folder, f, steps, size, calls, True))
+                    bar.update(1)
+            memory = []
+            for f in memory_frames:
+                for case in ("guidekit", "guidekit-split"):
+                    memory.extend(_run_freenoise_worker(case, folder, f, steps, size, 1, False))
+                    bar.update(1)
+    for row in raw + memory:
+        row.update(model=model, steps=steps, size=size)
+
+    def per_frame(case, f, key):
+        return _median(raw, case, f, key) / f
+
+    common = {"model": model, "steps": steps, "size": size, "runs": rounds * calls}
+    time_rows = [
+        {"case": f"guidekit FreeNoise, time per frame F={long} vs F={short}", "target": "<= 1.10",
+         "wall_ratio": per_frame("guidekit", long, "wall_s") / per_frame("guidekit", short, "wall_s"),
+         "cpu_ratio": per_frame("guidekit", long, "cpu_s") / per_frame("guidekit", short, "cpu_s"),
+         "a_ms_per_frame": 1e3 * per_frame("guidekit", long, "cpu_s"),
+         "b_ms_per_frame": 1e3 * per_frame("guidekit", short, "cpu_s"), **common},
+        {"case": f"guidekit FreeNoise vs diffusers enable_free_noise, F={long}", "target": "<= 1.00",
+         "wall_ratio": _median(raw, "guidekit", long, "wall_s") / _median(raw, "diffusers", long, "wall_s"),
+         "cpu_ratio": _median(raw, "guidekit", long, "cpu_s") / _median(raw, "diffusers", long, "cpu_s"),
+         "a_ms_per_frame": 1e3 * per_frame("guidekit", long, "cpu_s"),
+         "b_ms_per_frame": 1e3 * per_frame("diffusers", long, "cpu_s"), **common},
+    ]
+    memory_rows = []
+    for f in memory_frames:
+        plain = _median(memory, "guidekit", f, "peak_delta_mib")
+        split = _median(memory, "guidekit-split", f, "peak_delta_mib")
+        memory_rows.append({"frames": f, "unsplit_mib": plain, "split_mib": split,
+                            "split_ratio": split / plain if plain > 0 else float("nan"), "model": model,
+                            "steps": steps, "size": size})
+    return time_rows, memory_rows, raw + memory
+
+
+def format_freenoise_tables(time_rows: list[dict], memory_rows: list[dict]) -> str:
+    """The FreeNoise time and memory tables as markdown."""
+    lines = ["| FreeNoise case | target | wall ratio | CPU ratio | CPU ms/frame (first) | CPU ms/frame (second) "
+             "| model, size, steps | runs |", "|---|---|---|---|---|---|---|---|"]
+    for row in time_rows:
+        lines.append(f"| {row['case']} | {row['target']} | {row['wall_ratio']:.3f}x | {row['cpu_ratio']:.3f}x | "
+                     f"{row['a_ms_per_frame']:.1f} | {row['b_ms_per_frame']:.1f} | "
+                     f"{row['model']}, {row['size']} px, {row['steps']} | {row['runs']} |")
+    split = ", ".join(f"{k}={v}" for k, v in FREENOISE_SPLIT.items())
+    lines += ["", f"| frames | peak RSS rise, unsplit (MiB) | peak RSS rise, split ({split}) (MiB) | split / unsplit "
+              "| model, size, steps |", "|---|---|---|---|---|"]
+    for row in memory_rows:
+        lines.append(f"| {row['frames']} | {row['unsplit_mib']:.0f} | {row['split_mib']:.0f} | "
+                     f"{row['split_ratio']:.3f} | {row['model']}, {row['size']} px, {row['steps']} |")
+    return "\n".join(lines)
 
 
 def _run_worker(case, folder, steps, size):
@@ -409,7 +574,19 @@ def _echo_ratio_table(case_header: str, ratio_header: str, rows: list) -> None:
         click.echo(f"| {row['case']} | {row['wall_ratio']:.3f}x | {detail} |")
 
 
+def _frames(text: str, name: str, count: Optional[int] = None) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values) or (count is not None and len(values) != count):
+        wanted = f"{count} " if count else ""
+        raise click.BadParameter(f"{text!r}; accepted: {wanted}comma-separated frame counts >= 1", param_hint=name)
+    return values
+
+
 @click.command(context_settings={"show_default": True})
+@click.option("--sd/--no-sd", default=True, help="The main table: stock SD against guidekit CFG, APG (and EluCD).")
 @click.option("--models", default="tiny,mid", help="Comma-separated: tiny (tiny SD), mid (~110M-parameter UNet).")
 @click.option("--rounds", type=click.IntRange(1, 50), default=4, help="Interleaved rounds (one process per case each).")
 @click.option("--steps", type=click.IntRange(1, 200), default=20, help="Denoising steps per timed call.")
@@ -428,18 +605,31 @@ def _echo_ratio_table(case_header: str, ratio_header: str, rows: list) -> None:
 @click.option("--stylessp/--no-stylessp", default=True,
               help="Add the StyleSSP rows: StyleID + StyleSSP() against StyleID per transfer (wall time, CPU time and "
                    "peak memory; each case in fresh processes, --rounds rounds, on every model of --models).")
-def bench(models, rounds, steps, json_out, uam, elucd, pixel, styleid, stylessp):
+@click.option("--freenoise/--no-freenoise", default=False,
+              help="Add the FreeNoise rows: time per frame at F=64 vs F=16, guidekit vs diffusers' enable_free_noise "
+                   "at F=64, and peak memory at F=16, 64, 128 with and without splitting (AnimateDiff; see the "
+                   "--freenoise-* options).")
+@click.option("--freenoise-model", type=click.Choice(MODELS), default="tiny",
+              help="The image model under the random motion adapter of the FreeNoise rows.")
+@click.option("--freenoise-size", type=click.IntRange(8, 512), default=64, help="FreeNoise rows: height and width (px).")
+@click.option("--freenoise-steps", type=click.IntRange(1, 200), default=2, help="FreeNoise rows: denoising steps.")
+@click.option("--freenoise-frames", default="16,64", help="FreeNoise time rows: the short and the long length.")
+@click.option("--freenoise-memory-frames", default="16,64,128", help="FreeNoise memory rows: the lengths.")
+def bench(sd, models, rounds, steps, json_out, uam, elucd, pixel, styleid, stylessp, freenoise, freenoise_model,
+          freenoise_size, freenoise_steps, freenoise_frames, freenoise_memory_frames):
     """Time and memory of hooked pipelines (CFG, APG, CFG + EluCD) against stock diffusers, as a table; StyleID,
-    StyleID + StyleSSP and UAM against their plain baselines."""
+    StyleID + StyleSSP and UAM against their plain baselines; FreeNoise against itself and diffusers'."""
     chosen = [m.strip() for m in models.split(",") if m.strip()]
     for m in chosen:
         if m not in MODELS:
             raise click.BadParameter(f"{m!r}; accepted: {', '.join(MODELS)}", param_hint="--models")
+    time_frames = _frames(freenoise_frames, "--freenoise-frames", 2)
+    memory_frames = _frames(freenoise_memory_frames, "--freenoise-memory-frames")
     sizes = {"tiny": 32, "mid": 64}
     cases = CASES + ((ELUCD_CASE,) if elucd else ())
     tables, raw = {}, {}
     with tempfile.TemporaryDirectory(prefix="guidekit-bench-") as tmp:
-        for model in chosen:
+        for model in chosen if sd else ():
             folder = Path(tmp) / model
             _build_model(model, folder)
             results = []
@@ -451,7 +641,8 @@ def bench(models, rounds, steps, json_out, uam, elucd, pixel, styleid, stylessp)
                         bar.update(1)
             tables[model] = summarise(results, cases)
             raw[model] = results
-    click.echo(format_table(tables))
+    if tables:
+        click.echo(format_table(tables))
     elucd_summary = elucd_rows(tables) if elucd else []
     if elucd_summary:
         click.echo("")
@@ -476,15 +667,26 @@ def bench(models, rounds, steps, json_out, uam, elucd, pixel, styleid, stylessp)
         if uam_rows is not None:
             extra = uam_rows()
             _echo_ratio_table("UAM case", "wall vs baseline", extra)
+    freenoise_summary = {}
+    if freenoise:
+        time_rows, memory_rows, freenoise_raw = freenoise_rows(
+            freenoise_model, rounds, freenoise_steps, freenoise_size, time_frames, memory_frames)
+        click.echo("")
+        click.echo(format_freenoise_tables(time_rows, memory_rows))
+        freenoise_summary = {"time": time_rows, "memory": memory_rows, "runs": freenoise_raw}
     if json_out:
         json_out.write_text(json.dumps({"summary": tables, "runs": raw, "elucd": elucd_summary, "pixel": pixel_summary,
                                          "styleid": styleid_summary,
                                          "stylessp": {"summary": stylessp_summary, "runs": stylessp_raw},
-                                         "uam": extra}, indent=2))
+                                         "uam": extra, "freenoise": freenoise_summary}, indent=2))
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--freenoise-worker":
+        case, folder, frames, steps, size, calls, warm_up = json.loads(argv[1])
+        print(json.dumps(measure_freenoise(case, folder, frames, steps, size, calls, warm_up=warm_up)))
+        return
     if argv and argv[0] == "--worker":
         case, folder, steps, size = argv[1], argv[2], int(argv[3]), int(argv[4])
         run = measure_transfer if case in TRANSFER_CASES else measure
