@@ -117,6 +117,7 @@ class GuidedAnimateDiffPipeline(HookedPipelineMixin, AnimateDiffPipeline):
             )
         chain, state = self.start_hooks(hooks, guidance_scale, 0.0, generator)
         state.extras["user_latents"] = latents is not None
+        state.extras["num_frames"] = num_frames  # FreeNoise extends user latents of W frames to F
         limit = self.unet.config.get("motion_max_seq_length")
         windowed = self.free_noise_enabled or any(isinstance(hook, FreeNoise) for hook in chain.others)
         if limit is not None and isinstance(num_frames, int) and num_frames > limit and not windowed:
