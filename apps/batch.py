@@ -1,4 +1,4 @@
-"""Scripted batch generation: a job file in, one PNG per image and a manifest out.
+"""Scripted batch generation: a job file in, one PNG per image (one GIF/WebP per video) and a manifest out.
 
 Examples::
 
@@ -13,9 +13,13 @@ Examples::
     # Style transfer jobs (StyleID, or StyleID + StyleSSP) name two images, relative to the job file:
     #   {"content_image": "content.png", "style_image": "style.png", "start_point": "stylessp"}
 
+    # Video jobs (AnimateDiff + FreeNoise, on the embedded video model or --video-model) have `frames`:
+    #   {"prompts": {"0": "a red circle", "24": "a blue circle"}, "frames": 48, "freenoise": true, "format": "webp"}
+
 Layout of --out::
 
     DIR/<name>-<key>-s<seed>.png   one finished image (written to a temporary file, then renamed)
+    DIR/<name>-<key>-s<seed>.gif   one finished video (or .webp: the job's `format`), written the same way
     DIR/manifest.jsonl             one row per finished image, merged at the end of each run
     DIR/.parts/*.jsonl             rows written while a run is going on (merged into manifest.jsonl)
     DIR/.lock                      held by the run using DIR: a second run on DIR at the same time is refused
@@ -38,8 +42,8 @@ from typing import Optional
 
 import click
 
-from .jobs import (CLASSIFIER, GUIDANCE, STYLE, ClassifierCache, Job, JobError, generate, is_style, job_key, read_jobs,
-                   resolve, style_transfer, to_pil)
+from .jobs import (CLASSIFIER, GUIDANCE, STYLE, ClassifierCache, Job, JobError, generate, generate_video, is_style,
+                   is_video, job_key, read_jobs, resolve, resolve_video, style_transfer, to_pil, video_bytes)
 
 LOCK = ".lock"
 MANIFEST = "manifest.jsonl"
@@ -47,6 +51,7 @@ MANIFEST = "manifest.jsonl"
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]"
 PARTS = ".parts"
 EMBEDDED_ID = "guidekit-toy-sd"  # the model id recorded for the embedded model
+EMBEDDED_VIDEO_ID = "guidekit-toy-video"  # the model id recorded for the embedded video model
 
 
 #----------------------------------------------------------------------------
@@ -138,13 +143,17 @@ class Item:
     @property
     def file(self) -> str:
         prefix = self.job.params["name"] or _slug(_title(self.params))
-        return f"{prefix}-{self.key}-s{self.seed}.png"
+        suffix = self.params["format"] if is_video(self.params) else "png"
+        return f"{prefix}-{self.key}-s{self.seed}.{suffix}"
 
 
 def _title(params: dict) -> str:
-    """What a job makes, in words: its prompt, or "<content> in the style of <style>" for a style transfer."""
+    """What a job makes, in words: its prompt (a video's first key prompt), or "<content> in the style of <style>"
+    for a style transfer."""
     if is_style(params):
         return f"{Path(params['content_image']).stem} in the style of {Path(params['style_image']).stem}"
+    if params.get("prompts"):
+        return next(iter(params["prompts"].values()))
     return params["prompt"]
 
 
@@ -345,10 +354,13 @@ def _hang_for_tests(done: int) -> None:
             time.sleep(3600)
 
 
-def run_batch(jobs_file, out, model=None, strict=False, batch_size=1, dtype="auto", pipe=None) -> int:
+def run_batch(jobs_file, out, model=None, strict=False, batch_size=1, dtype="auto", pipe=None,
+              video_model=None) -> int:
     """Run a job file; returns the exit status (0 all done, 1 some image failed, 2 bad input with --strict).
 
-    Raises `OutputLocked` when another run is using `out`.
+    `video_model`: the video jobs' model (an AnimateDiff pipeline folder, or a MotionAdapter folder paired with
+    the image model); None: the embedded video model. Raises `OutputLocked` when another run is using `out`,
+    JobError when `video_model` cannot be loaded.
     """
     from accelerate import PartialState
 
@@ -373,10 +385,69 @@ def run_batch(jobs_file, out, model=None, strict=False, batch_size=1, dtype="aut
     with launch_lock(state, out) as go_on:
         if not go_on:
             return 1
-        return _run_jobs(state, jobs, errors, jobs_file, out, model, strict, batch_size, dtype, pipe)
+        return _run_jobs(state, jobs, errors, jobs_file, out, model, strict, batch_size, dtype, pipe, video_model)
 
 
-def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_size, dtype, pipe) -> int:
+def _image_model(pipe, model, run_dtype, device) -> tuple:
+    """The image model (loaded unless given) in the run's dtype on its device, and its identity."""
+    if pipe is None:
+        pipe, model = load_model(model, dtype=run_dtype)
+    if pipe.dtype != run_dtype:  # a pipeline passed in by the caller
+        pipe = pipe.to(dtype=run_dtype)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    ident = model_identity(pipe, model)
+    ident["scheduler"] = type(pipe.scheduler).__name__
+    return pipe, ident
+
+
+def _video_path(video_model) -> Optional[Path]:
+    from .jobs import embedded_video_model_path
+
+    return Path(video_model).expanduser() if video_model is not None else embedded_video_model_path()
+
+
+def _is_adapter(path: Optional[Path]) -> bool:
+    """Whether the video model at `path` is a motion adapter, which runs on the image model."""
+    return path is not None and not (path / "model_index.json").is_file() and (path / "config.json").is_file()
+
+
+def _needs_image_model(jobs: list, video_model) -> bool:
+    """Whether the run needs the image model: for image or style jobs, or for a motion adapter's video jobs."""
+    videos = [job for job in jobs if is_video(job.params)]
+    return len(videos) < len(jobs) or _is_adapter(_video_path(video_model))
+
+
+def _video_model(jobs: list, video_model, pipe, run_dtype, device, image_ident) -> tuple:
+    """(video pipeline, its identity, why there is none): (None, None, "") when no job is a video job. A
+    `video_model` that cannot be loaded raises JobError; a missing embedded one is the message of each video job."""
+    from .jobs import GET_VIDEO_MODEL, load_video_pipeline
+
+    if not any(is_video(job.params) for job in jobs):
+        return None, None, ""
+    path = _video_path(video_model)
+    if path is None:
+        return None, None, f"frames: a video job needs a video model, and the embedded one is not installed; {GET_VIDEO_MODEL}"
+    vpipe = load_video_pipeline(path, pipe, device=device, dtype=run_dtype)
+    return vpipe, video_identity(vpipe, path, image_ident), ""
+
+
+def video_identity(vpipe, path: Path, image_ident: Optional[dict]) -> dict:
+    """The video model as the manifest records it; a motion adapter's id names the image model it runs on."""
+    from .jobs import embedded_video_model_path
+
+    embedded = embedded_video_model_path()
+    ident = {"id": str(path), "path": str(path), "class": type(vpipe).__name__, "revision": None,
+             "sha256": _folder_hash(path), "scheduler": type(vpipe.scheduler).__name__}
+    if embedded is not None and path.resolve() == embedded.resolve():
+        ident["id"] = EMBEDDED_VIDEO_ID  # the same id (and file names) wherever the package is installed
+    if _is_adapter(path) and image_ident is not None:
+        ident["image_model"] = {k: image_ident[k] for k in ("id", "sha256")}
+        ident["id"] = f"{image_ident['id']}+{ident['id']}"
+    return ident
+
+
+def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_size, dtype, pipe, video_model) -> int:
     """Load the model (unless given), generate every unfinished image, merge the manifest: `run_batch`'s work
     while this launch holds the output folder."""
     import torch
@@ -388,17 +459,14 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
     device = state.device
     run_dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32,
                  "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    if pipe is None:
-        pipe, model = load_model(model, dtype=run_dtype)
-    if pipe.dtype != run_dtype:  # a pipeline passed in by the caller
-        pipe = pipe.to(dtype=run_dtype)
-    pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    ident = model_identity(pipe, model)
-    ident["scheduler"] = type(pipe.scheduler).__name__
-    # A job that leaves APG's eta / norm_threshold / momentum out gets the embedded model's recommended
-    # setting, or the paper's values on other models; the resolved values name its files and are recorded.
-    embedded = bool(ident["path"]) and _is_embedded(ident["path"])
+    ident, embedded = None, False
+    if pipe is not None or _needs_image_model(jobs, video_model):
+        pipe, ident = _image_model(pipe, model, run_dtype, device)
+        # A job that leaves APG's eta / norm_threshold / momentum out gets the embedded model's recommended
+        # setting, or the paper's values on other models; the resolved values name its files and are recorded.
+        embedded = bool(ident["path"]) and _is_embedded(ident["path"])
+    # Video jobs run on the video model, loaded only when the file has one; without it they are bad lines.
+    vpipe, vident, no_video = _video_model(jobs, video_model, pipe, run_dtype, device, ident)
     # Each classifier a job names is loaded once per run; its label is resolved to a class id, which (with the
     # classifier's path, scale and calibration) is recorded and names the files like any other parameter.
     classifiers = ClassifierCache()
@@ -410,9 +478,15 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
     seen: set[str] = set()
     bad_after_load = 0
     for job in jobs:
+        where = f"line {job.line}: "
         try:
-            params = resolve(job.params, pipe, where=f"line {job.line}: ", images=min(batch_size, len(job.seeds)),
-                             embedded=embedded, classifiers=classifiers)
+            if is_video(job.params):
+                if vpipe is None:
+                    raise JobError(where + no_video)
+                params = resolve_video(job.params, vpipe, where=where)
+            else:
+                params = resolve(job.params, pipe, where=where, images=min(batch_size, len(job.seeds)),
+                                 embedded=embedded, classifiers=classifiers)
         except JobError as e:
             bad_after_load += 1
             if main:
@@ -420,7 +494,7 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
             if strict:
                 return 2
             continue
-        key = job_key(params, ident["id"] or "")
+        key = job_key(params, (vident if is_video(params) else ident)["id"] or "")
         if params.get("classifier") is not None and params["classifier"] not in classifier_ids:
             classifier_ids[params["classifier"]] = classifier_identity(params["classifier"])
         for seed in job.seeds:
@@ -456,14 +530,19 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
             params = chunk[0].params
             t0 = time.perf_counter()
             try:
-                if is_style(params):
-                    if spipe is None:
-                        from .style import style_pipeline
-
-                        spipe = style_pipeline(pipe)
-                    images, nsfw = style_transfer(spipe, params, [it.seed for it in chunk], chunk[0].job.files), None
+                if is_video(params):  # a chunk of one video
+                    frames = generate_video(vpipe, params, chunk[0].seed)
+                    outputs, nsfw = [video_bytes(frames, params["format"], params["fps"])], None
                 else:
-                    images, nsfw = generate(pipe, params, [it.seed for it in chunk], classifiers=classifiers)
+                    if is_style(params):
+                        if spipe is None:
+                            from .style import style_pipeline
+
+                            spipe = style_pipeline(pipe)
+                        images, nsfw = style_transfer(spipe, params, [it.seed for it in chunk], chunk[0].job.files), None
+                    else:
+                        images, nsfw = generate(pipe, params, [it.seed for it in chunk], classifiers=classifiers)
+                    outputs = [_png(image, params, it.seed, ident) for it, image in zip(chunk, to_pil(images))]
             except Exception as e:  # one failed call must not lose the others
                 failed += len(chunk)
                 _say(f"line {chunk[0].job.line}: seeds {[it.seed for it in chunk]} failed: {type(e).__name__}: {e}")
@@ -474,13 +553,7 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
                 bar.update(len(chunk))
                 continue
             dt = time.perf_counter() - t0
-            for i, (it, image) in enumerate(zip(chunk, to_pil(images))):
-                # No local path or timing in the PNG: the same image is the same file on any process or machine.
-                meta = {"prompt": _title(params), "params": params, "seed": it.seed,
-                        "model": {k: v for k, v in ident.items() if k != "path"},
-                        "guidekit_version": guidekit.__version__}
-                data = png_bytes(image, {"parameters": a1111_parameters(params, it.seed, ident),
-                                         "guidekit": json.dumps(meta, sort_keys=True)})
+            for i, (it, data) in enumerate(zip(chunk, outputs)):
                 row = {
                     "file": it.file,
                     "sha256": _sha256(data),
@@ -488,7 +561,7 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
                     "job": it.job.raw,
                     "params": params,
                     "seed": it.seed,
-                    "model": ident,
+                    "model": vident if is_video(params) else ident,
                     **({"classifier": classifier_ids[params["classifier"]]} if params.get("classifier") else {}),
                     "guidekit_version": guidekit.__version__,
                     "versions": _versions(),
@@ -530,6 +603,17 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
     return 1 if failed or no_valid_line else 0
 
 
+def _png(image, params: dict, seed: int, ident: dict) -> bytes:
+    """One image as PNG bytes with its parameters in text chunks. No local path or timing: the same image is the
+    same file on any process or machine."""
+    import guidekit
+
+    meta = {"prompt": _title(params), "params": params, "seed": seed,
+            "model": {k: v for k, v in ident.items() if k != "path"}, "guidekit_version": guidekit.__version__}
+    return png_bytes(image, {"parameters": a1111_parameters(params, seed, ident),
+                             "guidekit": json.dumps(meta, sort_keys=True)})
+
+
 def _cpu_only() -> bool:
     """Whether this machine has no accelerator: accelerate then runs launched processes as MULTI_CPU (gloo)."""
     import torch
@@ -543,10 +627,10 @@ def _cpu_only() -> bool:
 
 
 def _chunks(items, size):
-    """Consecutive items of the same job, at most `size` per call."""
+    """Consecutive items of the same job, at most `size` per call (one per call for videos)."""
     chunk: list = []
     for it in items:
-        if chunk and (len(chunk) == size or it.key != chunk[0].key):
+        if chunk and (len(chunk) == (1 if is_video(it.params) else size) or it.key != chunk[0].key):
             yield chunk
             chunk = []
         chunk.append(it)
@@ -576,7 +660,10 @@ def _versions() -> dict:
               help="Images per pipeline call (seeds of one job). Images do not depend on it.")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
               help="Model dtype; auto is fp16 on CUDA and fp32 elsewhere.")
-def batch(jobs, out, model, strict, batch_size, dtype):
+@click.option("--video-model", metavar="DIR", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Model of the video jobs (those with frames): a local AnimateDiff pipeline folder, or a "
+                   "MotionAdapter folder run on --model; default: the embedded video model.")
+def batch(jobs, out, model, strict, batch_size, dtype, video_model):
     """Generate every image of a JSONL/CSV job file into DIR, resumably.
 
     \b
@@ -590,6 +677,10 @@ def batch(jobs, out, model, strict, batch_size, dtype):
     (stylessp),
     with name, seed | seeds, steps (default 50), e.g.
       {"content_image": "a.png", "style_image": "b.png", "start_point": "stylessp", "style_prompt": "a red circle"}
+    Video jobs (one animated file per seed, on --video-model) add frames, and optionally prompts (an object
+    {frame: prompt}; prompt, if given, is frame 0's), freenoise (true, false, or an object of guidekit.FreeNoise
+    arguments), fps and format (gif|webp), e.g.
+      {"prompts": {"0": "a red circle", "24": "a blue circle"}, "frames": 48, "freenoise": {"context_stride": 2}}
     APG's eta / norm_threshold / momentum default to the embedded model's recommended setting
     (guidekit.toy.RECOMMENDED_APG) with that model, else to the paper's 0 / 15 / -0.5.
 
@@ -599,7 +690,8 @@ def batch(jobs, out, model, strict, batch_size, dtype):
       accelerate launch -m guidekit.apps.batch assets/examples/jobs.jsonl --out runs/example
     """
     try:
-        code = run_batch(jobs, out, model=model, strict=strict, batch_size=batch_size, dtype=dtype)
+        code = run_batch(jobs, out, model=model, strict=strict, batch_size=batch_size, dtype=dtype,
+                         video_model=video_model)
     except JobError as e:
         raise click.UsageError(str(e)) from None
     except OutputLocked as e:
