@@ -2,6 +2,7 @@
 model's training length with FreeNoise, saved as an animated GIF or WebP.
 
 Examples:
+    guidekit video "a red circle on a blue background" --frames 64 --out circle.gif   # the embedded video model
     guidekit video "a red ball rolling" --model SD15_DIR --motion-adapter ADAPTER_DIR --frames 64 --out ball.gif
     guidekit video --prompt 0:"a red circle" --prompt 40:"a blue circle" --model SD15_DIR \\
         --motion-adapter ADAPTER_DIR --frames 64 --motion-injection --apg --out travel.webp
@@ -130,17 +131,20 @@ FREENOISE_OPTIONS = ("context_length", "context_stride", "fusion", "motion_injec
 
 @click.command(context_settings={"show_default": True})
 @click.argument("prompt", required=False)
-@click.option("--model", type=click.Path(path_type=Path), required=True, metavar="DIR",
-              help="Local diffusers SD 1.x pipeline folder (the image model).")
-@click.option("--motion-adapter", "adapter", type=click.Path(path_type=Path), required=True, metavar="DIR",
-              help="Local diffusers MotionAdapter folder (AnimateDiff's motion modules).")
+@click.option("--model", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Local diffusers SD 1.x pipeline folder (the image model), with --motion-adapter. Default: the "
+                   "embedded toy video model (image model and motion adapter).")
+@click.option("--motion-adapter", "adapter", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Local diffusers MotionAdapter folder (AnimateDiff's motion modules), with --model.")
 @click.option("--prompt", "specs", type=PromptSpec(), multiple=True,
               help="Prompt travel: the prompt at key frame FRAME, e.g. --prompt 0:'a red circle' --prompt "
                    "40:'a blue circle'; repeat for each key frame. Frames between keys blend linearly.")
 @click.option("--frames", type=click.IntRange(min=1), default=16, help="Frames of the video.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=25, help="Denoising steps.")
-@click.option("--scale", type=FiniteFloatRange(min=0.0), default=7.5, help="Guidance scale w (CFG, or APG's).")
-@click.option("--apg", is_flag=True, help="Guide with guidekit.APG() (its default settings) instead of CFG.")
+@click.option("--scale", type=FiniteFloatRange(min=0.0), default=None,
+              help="Guidance scale w (CFG, or APG's). Default: 3 on the embedded model (its card's), else 7.5.")
+@click.option("--apg", is_flag=True, help="Guide with guidekit.APG() instead of CFG (on the embedded model with its "
+                                          "recommended settings, guidekit.toy.RECOMMENDED_APG; else APG's defaults).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the start noise.")
 @click.option("--size", type=ImageSize(), default=None,
               help="Frame size in pixels, N or WxH, a multiple of the model's VAE factor. Default: the model's.")
@@ -189,6 +193,20 @@ def video(ctx, prompt, model, adapter, specs, frames, steps, scale, apg, seed, s
     if context_stride > context_length:
         raise click.BadParameter(f"{context_stride} is above --context-length {context_length}; accepted: an "
                                  f"integer from 1 to {context_length}", param_hint="'--context-stride'")
+    import guidekit.toy
+
+    embedded = model is None and adapter is None
+    if embedded:
+        try:
+            model, adapter = guidekit.toy.default_model_path(), guidekit.toy.default_motion_adapter_path()
+        except FileNotFoundError as exc:
+            raise VideoError(f"{exc}; accepted: --model DIR --motion-adapter DIR") from None
+    elif model is None or adapter is None:
+        missing = "--model" if model is None else "--motion-adapter"
+        raise click.BadParameter("is needed with the other one; accepted: both --model and --motion-adapter, or "
+                                 "neither (the embedded video model)", param_hint=f"'{missing}'")
+    if scale is None:
+        scale = guidekit.toy.DEFAULT_GUIDANCE_SCALE if embedded else 7.5
     model = _check_folder(model, "--model", "model_index.json", "diffusers pipeline")
     adapter_dir = _check_folder(adapter, "--motion-adapter", "config.json", "diffusers MotionAdapter")
 
@@ -212,7 +230,9 @@ def video(ctx, prompt, model, adapter, specs, frames, steps, scale, apg, seed, s
     width, height = check_video_size(pipe, size, frames)
     hooks = []
     if apg:
-        hooks.append(guidekit.APG())
+        from guidekit.toy import apg_settings
+
+        hooks.append(guidekit.APG(**apg_settings(embedded)))
     windowed = not no_freenoise and frames > context_length
     if not no_freenoise:
         hooks.append(guidekit.FreeNoise(context_length=context_length, context_stride=context_stride, fusion=fusion,

@@ -213,3 +213,32 @@ def test_missing_folders_are_clear_errors(tiny, tmp_path, which):
     result = CliRunner().invoke(main, ["video", "x", "--model", paths["--model"], "--motion-adapter",
                                        paths["--motion-adapter"], "--out", str(tmp_path / "v.gif")])
     assert result.exit_code == 2 and f"'{which}'" in result.output and "has no" in result.output
+
+
+@pytest.mark.parametrize("given", ["--model", "--motion-adapter"])
+def test_model_and_adapter_come_together(tiny, tmp_path, given):
+    paths = dict(zip(["--model", "--motion-adapter"], map(str, tiny)))
+    result = CliRunner().invoke(main, ["video", "x", given, paths[given], "--out", str(tmp_path / "v.gif")])
+    assert result.exit_code != 0
+    missing = "--motion-adapter" if given == "--model" else "--model"
+    assert missing in result.output and "neither" in result.output
+    assert not (tmp_path / "v.gif").exists()
+
+
+def test_embedded_video_model_is_the_default(tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+    from PIL import Image
+
+    import guidekit.toy
+    from guidekit.toy.train_motion import build_motion_adapter
+
+    unet = UNet2DConditionModel.from_pretrained(str(guidekit.toy.default_model_path()), subfolder="unet")
+    build_motion_adapter(unet).save_pretrained(str(tmp_path / "adapter"))
+    monkeypatch.setattr(guidekit.toy, "default_motion_adapter_path", lambda: tmp_path / "adapter")
+    out = tmp_path / "v.gif"
+    result = CliRunner().invoke(main, ["video", "a red circle on a blue background", "--frames", "3", "--steps", "2",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "w=3" in result.output  # the embedded model's guidance scale
+    with Image.open(out) as image:
+        assert image.n_frames == 3 and image.size == (64, 64)
