@@ -11,6 +11,7 @@ One plan (`plan_windows`) drives both the fusion here and the noise rescheduling
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional, Sequence, Union
 
@@ -65,7 +66,13 @@ def plan_windows(
     return plan
 
 
-def _named_weights(length: int, weighting: str) -> list[float]:
+@functools.lru_cache(maxsize=64)
+def _named_weights(length: int, weighting: str) -> tuple[float, ...]:
+    """The named scheme's weights (cached: every window of every temporal block of every step asks)."""
+    return tuple(_named_weight_list(length, weighting))
+
+
+def _named_weight_list(length: int, weighting: str) -> list[float]:
     """diffusers' `_get_frame_weights` schemes, plus "gaussian"; the odd-length sawtooth fixed to `length` entries."""
     if weighting == "flat":
         return [1.0] * length
@@ -220,9 +227,10 @@ class WindowAccumulator:
         view = [1] * self._mean.dim()
         view[self._dim] = stop - start
         # w / Σw is 1 for a frame's first window, so m = O there exactly, and stays O while the windows agree
+        # (lerp computes m + step·(O − m) in one pass, and gives O exactly at step 1)
         step = (w / sums).to(dtype=self._mean.dtype, device=self._mean.device).view(view)
         part = self._mean.narrow(self._dim, start, stop - start)
-        part.add_(step * (output.to(self._mean.dtype) - part))
+        part.lerp_(output.to(self._mean.dtype), step)
         self._sums[start:stop] = sums
 
     def normalise(self) -> torch.Tensor:
