@@ -268,7 +268,7 @@ SEED_FIELDS = ("seed", "seeds")
 #: `frames` writes one animated file per seed. `prompts` and `freenoise` are objects, checked by
 #: `_parse_prompts` and `_parse_freenoise`; their `Param` entries here are for the docs.
 MAX_FRAMES = 1024
-VIDEO_FORMATS = ("gif", "webp")
+VIDEO_FORMATS = ("gif", "webp", "mp4")  # mp4: with PyAV installed (pip install "guidekit[mp4]")
 VIDEO: dict[str, Param] = {p.name: p for p in [
     Param("frames", int, None,
           "Video: the number of frames. A job with `frames` is a video job: one animated file per seed, made by the "
@@ -284,7 +284,8 @@ VIDEO: dict[str, Param] = {p.name: p for p in [
           + ", ".join(("context_length", "context_stride", "weighting", "noise", "fusion", "motion_injection"))
           + " (motion_injection: true, or [t_a, t_b]; it needs `prompts`)."),
     Param("fps", float, 8.0, "Video: frames per second of the file.", min=0.0, max=100.0),
-    Param("format", str, "gif", "Video: the file format, and the file's suffix.", choices=VIDEO_FORMATS),
+    Param("format", str, "gif", "Video: the file format, and the file's suffix; mp4 (H.264, even sizes only) needs "
+          "PyAV: pip install \"guidekit[mp4]\".", choices=VIDEO_FORMATS),
 ]}
 #: `freenoise: true`: `guidekit video`'s settings (the official W = 16, S = 4 and fusion point).
 FREENOISE_DEFAULTS = {"context_length": 16, "context_stride": 4, "weighting": "pyramid", "noise": "shuffle",
@@ -476,6 +477,12 @@ def _parse_video(raw: dict, where: str) -> dict:
             params[p.name] = p.default if raw.get(p.name) is None else p.check(raw[p.name], where)
     if params["fps"] <= 0:
         raise JobError(f"{where}fps: expected a number in (0.0, 100.0], got {raw['fps']!r}")
+    if params["format"] == "mp4":
+        from guidekit.video.export import INSTALL_MP4, mp4_available
+
+        if not mp4_available():
+            raise JobError(f"{where}format: 'mp4' needs PyAV with an H.264 encoder, which is not installed; install it "
+                           f"with {INSTALL_MP4}; accepted without it: 'gif', 'webp'")
     params["prompts"] = _parse_prompts(raw.get("prompts"), params, where)
     params["freenoise"] = _parse_freenoise(raw.get("freenoise", True), params, where)
     return params

@@ -94,7 +94,7 @@ def test_video_job_fields():
     ({"prompt": "x", "frames": 4, "freenoise": {"motion_injection": True}}, "freenoise: motion_injection needs "
                                                                            "prompt travel"),
     ({"prompt": "x", "frames": 4, "fps": 0}, r"fps: expected a number in \(0.0, 100.0\], got 0"),
-    ({"prompt": "x", "frames": 4, "format": "mp4"}, "format: expected one of 'gif', 'webp', got 'mp4'"),
+    ({"prompt": "x", "frames": 4, "format": "avi"}, "format: expected one of 'gif', 'webp', 'mp4', got 'avi'"),
     ({"prompt": "x", "frames": 4, "classifier": "c", "label": 1}, "classifier, label: not accepted in a video job"),
     ({"prompt": "x", "frames": 4, "guidance_rescale": 0.7}, "guidance_rescale: not accepted in a video job"),
 ])
@@ -224,3 +224,19 @@ def test_cli_names_a_bad_video_model(tmp_path):
                                        str(tmp_path / "empty")])
     assert result.exit_code == 2, result.output
     assert "--video-model:" in result.output and "has neither model_index.json nor config.json" in result.output
+
+
+def test_mp4_jobs_with_pyav(tmp_path, tiny_video_dir, no_image_model):
+    from guidekit.video.export import mp4_available
+
+    if not mp4_available():
+        pytest.skip('PyAV not installed (pip install "guidekit[mp4]")')
+    import av
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", {"prompt": "x", "frames": 10, "format": "mp4", **FAST})
+    out = tmp_path / "out"
+    assert batch_mod.run_batch(jobs, out, video_model=str(tiny_video_dir)) == 0
+    (row,) = manifest(out)
+    assert row["file"].endswith("-s0.mp4")
+    with av.open(str(out / row["file"])) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 10
