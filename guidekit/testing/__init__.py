@@ -14,6 +14,7 @@ from .tiny import (
     tiny_sdxl_pipeline,
     tiny_vae,
 )
+from .ip_adapter import TINY_IP_ADAPTER_WEIGHTS, save_tiny_ip_adapter, tiny_image_encoder
 from .classifiers import CONVNEXT_PROCESSOR, PLAIN_PROCESSOR, TinyReLUClassifier, make_tiny_classifier
 from .tokenizer import build_clip_tokenizer
 
@@ -31,4 +32,7 @@ __all__ = [
     "sd_ddim_scheduler",
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
+    "TINY_IP_ADAPTER_WEIGHTS",
+    "save_tiny_ip_adapter",
+    "tiny_image_encoder",
 ]
