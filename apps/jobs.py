@@ -882,6 +882,8 @@ def resolve(params: dict, pipe, where: str = "", images: int = 1, embedded: Opti
         except ValueError as e:
             raise JobError(f"{where}{e}") from None
         return out
+    if is_video(params):
+        raise JobError(f"{where}frames: a video job is resolved by resolve_video, on the video model")
     out = resolve_classifier(params, classifiers, where)
     for key in ("width", "height"):
         if out[key] is None:
@@ -954,6 +956,8 @@ def generate(pipe, params: dict, seeds: Iterable[int], generator_device: str = "
 
     if is_style(params):
         raise JobError("content_image: a style-transfer job runs through style_transfer, not generate")
+    if is_video(params):
+        raise JobError("frames: a video job runs through generate_video, not generate")
     seeds = list(seeds)
     if any(params.get(n) is None for n in MODEL_DEPENDENT.get(params["guidance"], ())):  # not through `resolve`
         params = apg_defaults(params, is_embedded_pipe(pipe))

@@ -209,3 +209,16 @@ def test_browser_long_video_plays(server, tmp_path):
             assert distinct_screenshots(page, img) > 1, f"the {side} video does not play"
         assert "Error" not in page.locator("body").inner_text()
         page.screenshot(path=str(tmp_path / "long-video.png"), full_page=True)
+
+
+def test_cli_names_a_bad_video_model(tmp_path):
+    from click.testing import CliRunner
+
+    from guidekit.apps.demo import demo
+    from guidekit.apps.generate import _embedded_model_path
+
+    if _embedded_model_path() is None or not (_embedded_model_path() / "model_index.json").is_file():
+        pytest.skip("no embedded image model in this install")
+    result = CliRunner().invoke(demo, ["--video-model", str(tmp_path / "missing"), "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--video-model'" in result.output and "is not a folder" in result.output
