@@ -18,7 +18,7 @@ inversion-based style transfer, in two ways (METHODS.md §5):
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -252,11 +252,21 @@ class StyleSSP(SamplerHook):
 
     # ------------------------------------------------------------------ any SD / SDXL pipeline
 
-    def _check_style_prompt(self, style_prompt) -> Optional[str]:
-        """c⁻ when the negative-guided inversion runs (w_inv > 1; required there), else None (the plain inversion,
-        which is what w_inv = 1 computes: ε(c⁻) + 1·(ε(c⁺) − ε(c⁻)) = ε(c⁺))."""
+    def _check_style_prompt(self, style_prompt, image_form: bool = False) -> Optional[str]:
+        """c⁻'s text when the negative-guided inversion runs (w_inv > 1), else None (the plain inversion, which is
+        what w_inv = 1 computes: ε(c⁻) + 1·(ε(c⁺) − ε(c⁻)) = ε(c⁺)).
+
+        In the text form c⁻ is the text alone, so it is required. In the image-embedding form (IP-Adapters loaded)
+        the images carry c⁻, and its text defaults to "" (the official zero text)."""
         if self.negative_inversion_scale == 0:
             return None
+        if image_form:
+            if style_prompt is not None and not isinstance(style_prompt, str):
+                raise ValueError(
+                    f"style_prompt: {style_prompt!r} is not accepted; accepted: a string (c⁻'s text) or None (\"\", "
+                    "the official zero text of the image-embedding form)"
+                )
+            return style_prompt or ""
         if not isinstance(style_prompt, str) or not style_prompt.strip():
             raise ValueError(
                 f"style_prompt: {style_prompt!r} is not accepted with StyleSSP's negative-guided inversion; accepted: "
@@ -277,6 +287,11 @@ class StyleSSP(SamplerHook):
         generator: GeneratorInput = None,
         height: Optional[int] = None,
         width: Optional[int] = None,
+        style_image=None,
+        ip_adapter_image=None,
+        negative_ip_adapter_image=None,
+        ip_adapter_image_embeds: Optional[List[torch.Tensor]] = None,
+        negative_ip_adapter_image_embeds: Optional[List[torch.Tensor]] = None,
     ) -> torch.Tensor:
         r"""StyleSSP's start latents z_T of `content_image` for `pipe(..., latents=z_T)` (METHODS.md §5.2–5.3).
 
@@ -355,12 +370,18 @@ class StyleSSP(SamplerHook):
                 of the VAE factor, or one that differs from `height` / `width`; no `style_prompt` while the
                 negative inversion is on; a bad `prompt`, step count or generator list.
         """
-        negative = self._check_style_prompt(style_prompt)
-        from ..pipelines.stylessp_start import plan_content_inversion, scheduler_warning  # imports diffusers
+        from ..pipelines.stylessp_start import (  # imports diffusers
+            loaded_ip_adapters,
+            plan_content_inversion,
+            scheduler_warning,
+        )
 
+        negative = self._check_style_prompt(style_prompt, image_form=loaded_ip_adapters(pipe) > 0)
         plan = plan_content_inversion(
             pipe, content_image, prompt=prompt, style_prompt=negative, num_inference_steps=num_inference_steps,
-            height=height, width=width,
+            height=height, width=width, style_image=style_image, ip_adapter_image=ip_adapter_image,
+            negative_ip_adapter_image=negative_ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
+            negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds,
         )
         noise = draw_noise(plan.latent_shape, generator, plan.device) if self.frequency else None
         message = scheduler_warning(pipe)
