@@ -29,8 +29,7 @@ import click
 
 from guidekit.checks import MAX_IMAGE_SIDE
 
-from .jobs import (COMMON, GUIDANCE, JobError, generate, is_embedded_pipe, parse_job, resolve, to_pil,
-                   vae_factor)
+from .jobs import COMMON, GUIDANCE, JobError, generate, is_embedded_pipe, parse_job, resolve, to_pil, vae_factor
 
 log = logging.getLogger("guidekit.demo")
 
@@ -72,7 +71,6 @@ class Limits:
         if params["guidance_scale"] > self.max_scale:
             raise JobError(f"guidance_scale: {_num(params['guidance_scale'])} is over this demo's limit; "
                            f"accepted: 0 to {_num(self.max_scale)}")
-
 
     def check_frames(self, frames: int) -> None:
         if frames > self.max_frames:
@@ -358,6 +356,9 @@ EXAMPLE_SCHEDULE = "0: a red circle on a blue background\n24: a yellow circle on
 VIDEO_FPS = 8
 #: How the tab's videos are written (guidekit.video.save_video): lossless animated WebP.
 VIDEO_SUFFIX = ".webp"
+#: The tab's two videos: (title, guidekit.FreeNoise's `noise`): fresh noise after the first window (the windows'
+#: fusion alone), then FreeNoise's rescheduling (the official block shuffle).
+VIDEO_RUNS = (("Sliding windows, i.i.d. noise", "random"), ("FreeNoise", "shuffle"))
 _KEY_LINE = re.compile(r"\s*(\d+)\s*:(.*)", flags=re.DOTALL)
 PROMPT_ACCEPTED = "one prompt, or one `FRAME: prompt` per line (e.g. `0: a red circle`) with frames below the frame count"
 
@@ -420,26 +421,27 @@ class VideoBackend:
 
     def long_video(self, prompt, frames, context_length, context_stride, seed, guidance_scale, steps, size,
                    progress=None):
-        """(plain sliding-windows video, FreeNoise video, Markdown numbers): paths of two animated WebP files."""
+        """(plain sliding-windows video, FreeNoise video, Markdown numbers): paths of two animated WebP files.
+        `progress(share, desc)`, if given, is told after each denoising step."""
+        params = self.params(prompt, frames, context_length, context_stride, seed, guidance_scale, steps, size)
+        self._clear()
+        runs = [self._render(params, i, name, noise, progress) for i, (name, noise) in enumerate(VIDEO_RUNS)]
+        return str(runs[0][0]), str(runs[1][0]), self._summary(params, [row for _, row in runs])
+
+    def _render(self, params: dict, index: int, name: str, noise: str, progress) -> tuple[Path, str]:
+        """One video of the pair with FreeNoise's `noise` mode: (its file, its row of the table)."""
         from .jobs import frame_change, generate_video
 
-        params = self.params(prompt, frames, context_length, context_stride, seed, guidance_scale, steps, size)
-        runs = [("Sliding windows, i.i.d. noise", "random"), ("FreeNoise", params["freenoise"]["noise"])]
-        self._clear()
-        paths, rows = [], []
-        for i, (name, noise) in enumerate(runs):
-            run = {**params, "freenoise": {**params["freenoise"], "noise": noise}}
-            tell = None
-            if progress is not None:
-                def tell(step, steps, i=i, name=name):
-                    progress((i * steps + step) / (2 * steps), desc=f"{name}: step {step}/{steps}")
-            t0 = time.perf_counter()
-            frames_ = generate_video(self.pipe, run, params["seed"], callback=tell)
-            dt = time.perf_counter() - t0
-            mean, largest = frame_change(frames_)
-            paths.append(self._save(frames_, "plain" if noise == "random" else "freenoise"))
-            rows.append(f"| **{name}** | {mean:.2f} | {largest:.2f} | {dt:.1f} s |")
-        return str(paths[0]), str(paths[1]), self._summary(params, rows)
+        def tell(step, steps):
+            progress((index * steps + step) / (2 * steps), desc=f"{name}: step {step}/{steps}")
+
+        run = {**params, "freenoise": {**params["freenoise"], "noise": noise}}
+        t0 = time.perf_counter()
+        frames = generate_video(self.pipe, run, params["seed"], callback=tell if progress is not None else None)
+        dt = time.perf_counter() - t0
+        mean, largest = frame_change(frames)
+        path = self._save(frames, "freenoise" if noise == "shuffle" else "plain")
+        return path, f"| **{name}** | {mean:.2f} | {largest:.2f} | {dt:.1f} s |"
 
     def _summary(self, params: dict, rows: list[str]) -> str:
         fn = params["freenoise"]
