@@ -268,7 +268,10 @@ SEED_FIELDS = ("seed", "seeds")
 #: `frames` writes one animated file per seed. `prompts` and `freenoise` are objects, checked by
 #: `_parse_prompts` and `_parse_freenoise`; their `Param` entries here are for the docs.
 MAX_FRAMES = 1024
-VIDEO_FORMATS = ("gif", "webp", "mp4")  # mp4: with PyAV installed (pip install "guidekit[mp4]")
+#: `freenoise: true`: `guidekit video`'s settings (the official W = 16, S = 4 and fusion point).
+FREENOISE_DEFAULTS = {"context_length": 16, "context_stride": 4, "weighting": "pyramid", "noise": "shuffle",
+                      "fusion": "attention", "motion_injection": None}
+VIDEO_FILE_FORMATS = ("gif", "webp", "mp4")  # mp4: with PyAV installed (pip install "guidekit[mp4]")
 VIDEO: dict[str, Param] = {p.name: p for p in [
     Param("frames", int, None,
           "Video: the number of frames. A job with `frames` is a video job: one animated file per seed, made by the "
@@ -281,15 +284,12 @@ VIDEO: dict[str, Param] = {p.name: p for p in [
           "Video: true (the default) for guidekit.FreeNoise with `guidekit video`'s settings (context_length 16, "
           "context_stride 4, fusion \"attention\"), false for the plain pipeline (at most the motion model's "
           "motion_max_seq_length frames), or an object of guidekit.FreeNoise keyword arguments that replace those: "
-          + ", ".join(("context_length", "context_stride", "weighting", "noise", "fusion", "motion_injection"))
+          + ", ".join(FREENOISE_DEFAULTS)
           + " (motion_injection: true, or [t_a, t_b]; it needs `prompts`)."),
     Param("fps", float, 8.0, "Video: frames per second of the file.", min=0.0, max=100.0),
     Param("format", str, "gif", "Video: the file format, and the file's suffix; mp4 (H.264, even sizes only) needs "
-          "PyAV: pip install \"guidekit[mp4]\".", choices=VIDEO_FORMATS),
+          "PyAV: pip install \"guidekit[mp4]\".", choices=VIDEO_FILE_FORMATS),
 ]}
-#: `freenoise: true`: `guidekit video`'s settings (the official W = 16, S = 4 and fusion point).
-FREENOISE_DEFAULTS = {"context_length": 16, "context_stride": 4, "weighting": "pyramid", "noise": "shuffle",
-                      "fusion": "attention", "motion_injection": None}
 #: Fields of a text-to-image job that a video job does not take (the classifier reads single images;
 #: AnimateDiff has no CFG rescale).
 VIDEO_REFUSED = ("guidance_rescale",) + tuple(CLASSIFIER)
