@@ -427,7 +427,8 @@ def _video_model(jobs: list, video_model, pipe, run_dtype, device, image_ident) 
         return None, None, ""
     path = _video_path(video_model)
     if path is None:
-        return None, None, f"frames: a video job needs a video model, and the embedded one is not installed; {GET_VIDEO_MODEL}"
+        return None, None, ("frames: a video job needs a video model, and the embedded one is not installed; "
+                            + GET_VIDEO_MODEL)
     vpipe = load_video_pipeline(path, pipe, device=device, dtype=run_dtype)
     return vpipe, video_identity(vpipe, path, image_ident), ""
 
@@ -539,7 +540,8 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
                             from .style import style_pipeline
 
                             spipe = style_pipeline(pipe)
-                        images, nsfw = style_transfer(spipe, params, [it.seed for it in chunk], chunk[0].job.files), None
+                        seeds = [it.seed for it in chunk]
+                        images, nsfw = style_transfer(spipe, params, seeds, chunk[0].job.files), None
                     else:
                         images, nsfw = generate(pipe, params, [it.seed for it in chunk], classifiers=classifiers)
                     outputs = [_png(image, params, it.seed, ident) for it, image in zip(chunk, to_pil(images))]

@@ -360,7 +360,8 @@ VIDEO_SUFFIX = ".webp"
 #: fusion alone), then FreeNoise's rescheduling (the official block shuffle).
 VIDEO_RUNS = (("Sliding windows, i.i.d. noise", "random"), ("FreeNoise", "shuffle"))
 _KEY_LINE = re.compile(r"\s*(\d+)\s*:(.*)", flags=re.DOTALL)
-PROMPT_ACCEPTED = "one prompt, or one `FRAME: prompt` per line (e.g. `0: a red circle`) with frames below the frame count"
+PROMPT_ACCEPTED = ("one prompt, or one `FRAME: prompt` per line (e.g. `0: a red circle`) with frames below the "
+                   "frame count")
 
 
 def parse_prompt_text(text, frames: int):

@@ -1053,7 +1053,8 @@ def load_video_pipeline(path, image_pipe=None, device="cpu", dtype=None, option:
         elif (folder / "config.json").is_file():
             pipe = _adapter_pipeline(folder, image_pipe, dtype, option)
         else:
-            raise JobError(f"{option}: {str(path)!r} has neither model_index.json nor config.json; accepted: {accepted}")
+            raise JobError(f"{option}: {str(path)!r} has neither model_index.json nor config.json; "
+                           f"accepted: {accepted}")
     except JobError:
         raise
     except Exception as e:  # noqa: BLE001 - diffusers' OSError, ValueError...: say which folder failed
@@ -1091,8 +1092,8 @@ def check_video_windows(vpipe, frames: int, freenoise: Optional[dict], where: st
     if limit is None:
         return
     if freenoise is None and frames > limit:
-        raise JobError(f"{where}{names[0]}: {frames} is above the video model's motion_max_seq_length {limit}, which the "
-                       f"plain pipeline cannot exceed; accepted: at most {limit} frames, or FreeNoise")
+        raise JobError(f"{where}{names[0]}: {frames} is above the video model's motion_max_seq_length {limit}, which "
+                       f"the plain pipeline cannot exceed; accepted: at most {limit} frames, or FreeNoise")
     if freenoise is not None and freenoise["context_length"] > limit:
         raise JobError(f"{where}{names[1]}: {freenoise['context_length']} is above the video model's "
                        f"motion_max_seq_length {limit}; accepted: an integer from 1 to {limit}")

@@ -73,7 +73,8 @@ def test_video_job_fields():
 
 
 @pytest.mark.parametrize("job, message", [
-    ({"prompt": "x", "fps": 4}, r"frames: required with fps \(a video job\); accepted: an integer in \[1, 1024\], or remove fps"),
+    ({"prompt": "x", "fps": 4}, r"frames: required with fps \(a video job\); accepted: an integer in \[1, 1024\], "
+                                r"or remove fps"),
     ({"prompt": "x", "format": "webp"}, "frames: required with format"),
     ({"prompt": "x", "frames": 0}, r"frames: expected an integer in \[1, 1024\], got 0"),
     ({"prompt": "x", "frames": 4.5}, "frames: expected an integer"),
@@ -196,8 +197,9 @@ def test_without_a_video_model_image_jobs_still_run(tmp_path, tiny_sd_dir, monke
                       {"prompt": "x", "steps": 1, "width": 32, "height": 32})
     out = tmp_path / "out"
     assert batch_mod.run_batch(jobs, out, model=str(tiny_sd_dir)) == 0
+    err = capsys.readouterr().err
     assert "line 1: frames: a video job needs a video model, and the embedded one is not installed; pass " \
-           "--video-model" in capsys.readouterr().err
+           "--video-model" in err
     assert [row["file"][-4:] for row in manifest(out)] == [".png"]
 
 
