@@ -9,7 +9,8 @@ inversion-based style transfer, in two ways (METHODS.md §5):
    ε(c⁻) + w_inv·(ε(c⁺) − ε(c⁻)) whose negative side c⁻ describes what the style image shows, so the start point
    is pushed away from the style image's content (less content leakage). In `StyleIDStableDiffusionPipeline.transfer`
    the pipeline runs it, asked for through this hook's `negative_inversion_scale`; `StyleSSP.start_point` runs it
-   itself on any diffusers SD 1.x/2.x or SDXL pipeline.
+   itself on any diffusers SD 1.x/2.x or SDXL pipeline, with c⁺ and c⁻ as text or, with IP-Adapters loaded, as
+   image embeddings (the official form uses IP-Adapter-Instruct embeddings; see `StyleSSP.start_point`).
 2. *frequency manipulation*: the inverted content latent is filtered by `frequency_start_point` (its lowest and
    highest 3-D FFT bands scaled by α, range-matched noise added); this hook does it in `init_latents` and at the
    end of `start_point`.
@@ -90,7 +91,10 @@ class StyleSSP(SamplerHook):
 
     * StyleID: ``pipe.transfer(content, style, style_prompt="a lighthouse", hooks=[guidekit.StyleSSP()])``;
     * any SD/SDXL pipeline: ``z = guidekit.StyleSSP().start_point(pipe, content, prompt=..., style_prompt=...)``,
-      then ``pipe(prompt, latents=z, ...)`` with a DDIM scheduler (see `start_point`).
+      then ``pipe(prompt, latents=z, ...)`` with a DDIM scheduler (see `start_point`);
+    * with two IP-Adapters loaded on the pipeline (one on the style blocks, one on the layout blocks):
+      ``start_point(pipe, content, prompt=..., style_image=style)``, the image-embedding form of the official
+      negative inversion (see `start_point`).
 
     `style_prompt` says what the style image shows (the negative of the inversion guidance).
 
@@ -298,12 +302,36 @@ class StyleSSP(SamplerHook):
         1. z_0: the content encoded with `pipe`'s VAE (posterior mean; SDXL's `force_upcast` and per-channel
            `latents_mean` / `latents_std` honoured as the stock pipelines do);
         2. z_T: deterministic DDIM inversion of z_0 (`guidekit.inversion`) over `num_inference_steps`, each step
-           with ε̃ = ε(z, c⁻) + w_inv·(ε(z, c⁺) − ε(z, c⁻)), c⁺ = `prompt`, c⁻ = `style_prompt`,
-           w_inv = `inversion_guidance_scale` (one UNet call on the c⁺ and c⁻ rows together; SDXL with its
-           pooled text embeddings and time ids for the image's size). With ``negative_inversion=False`` each
-           step uses ε(z, c⁺) alone;
+           with ε̃ = ε(z, c⁻) + w_inv·(ε(z, c⁺) − ε(z, c⁻)), w_inv = `inversion_guidance_scale` (one UNet call on
+           the c⁺ and c⁻ rows together; SDXL with its pooled text embeddings and time ids for the image's size).
+           With ``negative_inversion=False`` (or w_inv = 1) each step uses ε(z, c⁺) alone and c⁻ is not computed;
         3. the frequency manipulation `frequency_start_point` of z_T with this hook's settings, its noise drawn
            from `generator` (skipped with ``frequency=False``).
+
+        c⁺ and c⁻ take one of two forms, chosen by whether IP-Adapters are loaded on `pipe`:
+
+        * *text form* (no IP-Adapter): c⁺ = `prompt`, c⁻ = `style_prompt` (what the style image shows; required);
+        * *image-embedding form* (``pipe.load_ip_adapter(...)`` done): every UNet call of the inversion also gets
+          image embeddings, one entry per loaded adapter, c⁺'s rows from c⁺'s images and c⁻'s rows from c⁻'s.
+          The official code puts four IP-Adapter-Instruct embeddings into the text context:
+          c⁺ = [style query on the style image ; composition query on the content ; caption] and
+          c⁻ = [style query on the content ; composition query on the style image ; zero text]. With standard
+          IP-Adapters, style and composition are told apart by InstantStyle's per-block scales instead: load the
+          same adapter twice, scale the first to the style blocks and the second to the layout blocks, and pass
+          `style_image`. Then c⁺ = (style image → style adapter, content → layout adapter; text `prompt`) and
+          c⁻ = (content → style adapter, style image → layout adapter; text `style_prompt`, "" by default: zeros
+          on SDXL, the official zero text). Row b of a batch gets content image b. Block scales
+          (`pipe.set_ip_adapter_scale([style, layout])`): on SDXL base ``{"up": {"block_0": [0.0, 1.0, 0.0]}}``
+          and ``{"down": {"block_2": [0.0, 1.0]}}`` (InstantStyle's style and layout attention layers); on SD 1.5
+          ``{"up": {"block_1": 1.0}}`` and ``{"down": {"block_2": 1.0}}`` (InstantStyle's experimental SD 1.5
+          blocks). For other setups give each side's inputs per adapter: `ip_adapter_image` /
+          `negative_ip_adapter_image`, or `ip_adapter_image_embeds` / `negative_ip_adapter_image_embeds`.
+          What differs from the official form: the image tokens go through the adapters' own cross-attention
+          (decoupled keys and values, scaled per block), not through the text cross-attention of a UNet without
+          IP-Adapter layers; style and composition are separated by where the adapter acts, not by an
+          instruction query; the standard adapter has 4 image tokens from the pooled CLIP embedding ("plus"
+          adapters: their resampler's tokens) where IP-Adapter-Instruct has 16. The guidance equation, w_inv,
+          which image goes to which role on each side, and the zero negative text are the same.
 
         How to sample from it: use a `DDIMScheduler` built from the pipeline's scheduler config with the same
         `num_inference_steps` (the inversion walks that schedule's timesteps up), and the image's height and
@@ -312,14 +340,9 @@ class StyleSSP(SamplerHook):
         scheduler (Euler, init_noise_sigma ≫ 1) it would be rescaled, so this method warns
         (`UserWarning`) when `pipe`'s scheduler is one. Any ``pipe.__call__`` that accepts ``latents=`` works:
         text-to-image, ControlNet (the inversion runs without the ControlNet, as the official code's does),
-        IP-Adapter.
+        IP-Adapter (with the adapters loaded, ``ip_adapter_image`` has one entry per adapter there too).
 
-        IP-Adapter: the inversion runs on the text-conditioned UNet only. The official code adds
-        IP-Adapter-Instruct image tokens to c⁺ and c⁻; with a standard IP-Adapter loaded that form is not
-        supported and this method raises a `ValueError`: call it before ``pipe.load_ip_adapter(...)`` (or after
-        ``pipe.unload_ip_adapter()``), then load the adapter and sample with ``ip_adapter_image``.
-
-        Example:
+        Examples:
 
         ```py
         import torch
@@ -333,42 +356,77 @@ class StyleSSP(SamplerHook):
         ).to("cuda")
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         content = Image.open("content.png").convert("RGB").resize((1024, 1024))
+        style = Image.open("style.png").convert("RGB")
 
+        # text form: c⁻ is a description of the style image
         z = guidekit.StyleSSP().start_point(
             pipe, content, prompt="a photo of a lighthouse on a cliff", style_prompt="a starry night over a village",
             num_inference_steps=50, generator=torch.Generator("cuda").manual_seed(0),
         )
-        pipe.load_ip_adapter("h94/IP-Adapter", subfolder="sdxl_models", weight_name="ip-adapter_sdxl.bin")
+
+        # image-embedding form: one IP-Adapter twice, on the style blocks and on the layout blocks
+        pipe.load_ip_adapter("h94/IP-Adapter", subfolder="sdxl_models", weight_name=["ip-adapter_sdxl.bin"] * 2)
+        pipe.set_ip_adapter_scale([{"up": {"block_0": [0.0, 1.0, 0.0]}}, {"down": {"block_2": [0.0, 1.0]}}])
+        z = guidekit.StyleSSP().start_point(
+            pipe, content, prompt="a photo of a lighthouse on a cliff", style_image=style,
+            num_inference_steps=50, generator=torch.Generator("cuda").manual_seed(0),
+        )
+
+        # sampling with the style adapter only (the official sampling stage: style blocks, scale 2.5)
+        pipe.set_ip_adapter_scale([{"up": {"block_0": [0.0, 2.5, 0.0]}}, 0.0])
         image = pipe(
             "a lighthouse on a cliff", latents=z, num_inference_steps=50, height=1024, width=1024,
-            ip_adapter_image=Image.open("style.png").convert("RGB"),
+            ip_adapter_image=[style, content],
         ).images[0]
         ```
 
         Args:
             pipe: a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline (UNet2DConditionModel, VAE, CLIP text
-                encoders), e.g. `StableDiffusionPipeline`, `StableDiffusionXLPipeline`, their ControlNet variants.
+                encoders), e.g. `StableDiffusionPipeline`, `StableDiffusionXLPipeline`, their ControlNet variants;
+                with or without IP-Adapters loaded.
             content_image: the content: a PIL RGB image, numpy (H, W, 3) / (B, H, W, 3) (uint8 or floats in
                 [0, 1]), a list of them, or torch (3, H, W) / (B, 3, H, W) in [0, 1]; width and height multiples
                 of the VAE factor (8), not resized here. A batch gives one start latent per image.
-            prompt (`str`, *optional*): c⁺, a caption of the content (the official code: a BLIP-2 caption); ""
-                when None (zeros on SDXL checkpoints with `force_zeros_for_empty_prompt`).
-            style_prompt (`str`): c⁻, what the style image shows; required while the negative inversion is on
-                (w_inv > 1), ignored when it is off.
+            prompt (`str`, *optional*): c⁺'s text, a caption of the content (the official code: a BLIP-2
+                caption); "" when None (zeros on SDXL checkpoints with `force_zeros_for_empty_prompt`).
+            style_prompt (`str`, *optional*): c⁻'s text. Text form: what the style image shows, required while
+                the negative inversion is on (w_inv > 1). Image-embedding form: "" when None (the official zero
+                text). Ignored when the negative inversion is off.
             num_inference_steps (`int`, defaults to `50`): DDIM inversion steps; sample with the same number.
             generator (`torch.Generator` or a list of them, *optional*): the frequency step's noise; a list
                 gives one generator per image.
             height, width (`int`, *optional*): the size you will sample at, checked against the image's (no
                 resizing is done).
+            style_image (*optional*): the style image, as `content_image` takes it (one image, any size): the
+                style-transfer default of the image-embedding form, with exactly two IP-Adapters loaded
+                ([style blocks, layout blocks]): c⁺ images (style image, content), c⁻ images (content, style
+                image). Not together with the four per-adapter arguments below.
+            ip_adapter_image (*optional*): c⁺'s images, one entry per loaded adapter in load order, each as the
+                pipeline's ``ip_adapter_image`` takes it for one adapter (a PIL image, or a list of images for
+                that adapter); a single image when one adapter is loaded. Encoded with `pipe.image_encoder` and
+                shared by every content image.
+            negative_ip_adapter_image (*optional*): c⁻'s images, as `ip_adapter_image`; required with it while
+                the negative inversion is on.
+            ip_adapter_image_embeds (`List[torch.Tensor]`, *optional*): c⁺'s precomputed image embeddings instead
+                of `ip_adapter_image`: one tensor per loaded adapter, (rows, num_images, dim) or (rows,
+                num_images, tokens, dim), rows 1 (shared) or B (row b for content image b). Unlike the
+                pipeline's argument of that name they hold no classifier-free-guidance rows: c⁻ has its own.
+            negative_ip_adapter_image_embeds (`List[torch.Tensor]`, *optional*): c⁻'s, as
+                `ip_adapter_image_embeds`.
 
         Returns:
             `torch.Tensor`: z_T, (B, C, H/8, W/8), in the UNet's dtype on the pipeline's execution device.
 
         Raises:
-            ValueError: before any model call: a pipeline that is not SD/SDXL (or has an IP-Adapter loaded, an
-                inpainting UNet, an SDXL refiner); a missing or unreadable image, a size that is not a multiple
-                of the VAE factor, or one that differs from `height` / `width`; no `style_prompt` while the
-                negative inversion is on; a bad `prompt`, step count or generator list.
+            ValueError: before any model call: a pipeline that is not SD/SDXL (an inpainting UNet, an SDXL
+                refiner, another image-conditioned UNet); a missing or unreadable image, a size that is not a
+                multiple of the VAE factor, or one that differs from `height` / `width`; no `style_prompt` while
+                the negative inversion of the text form is on; a bad `prompt`, step count or generator list.
+                IP-Adapters: adapters loaded and no image input, or image inputs and no adapter loaded; a number
+                of entries that is not the number of loaded adapters; `style_image` with other than two adapters
+                or with the per-adapter arguments; c⁻'s images missing while the negative inversion is on; an
+                image and an embedding argument for the same side; images without an image encoder on `pipe`;
+                embeddings of another shape, row count or number of images than the other side's.
         """
         from ..pipelines.stylessp_start import (  # imports diffusers
             loaded_ip_adapters,
