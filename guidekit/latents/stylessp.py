@@ -147,8 +147,8 @@ class StyleSSP(SamplerHook):
     Raises:
         ValueError: a parameter out of range, NaN or inf (naming it and what is accepted); both
             `negative_guidance` and `inversion_guidance_scale`; at call time, the negative-guided inversion
-            without a ``style_prompt`` or in a pipeline without it, or a generator list whose length is not the
-            batch size.
+            without a ``style_prompt`` (text form) or in a pipeline without it, or a generator list whose length is
+            not the batch size (`start_point` lists its own, the IP-Adapter inputs included).
     """
 
     def __init__(
