@@ -268,7 +268,9 @@ SEED_FIELDS = ("seed", "seeds")
 #: `frames` writes one animated file per seed. `prompts` and `freenoise` are objects, checked by
 #: `_parse_prompts` and `_parse_freenoise`; their `Param` entries here are for the docs.
 MAX_FRAMES = 1024
-#: `freenoise: true`: `guidekit video`'s settings (the official W = 16, S = 4 and fusion point).
+#: `freenoise: true`: `guidekit video`'s settings (the official W = 16, S = 4 and fusion point). A job's `freenoise`
+#: object may hold any other guidekit.FreeNoise argument too; only the ones it gives are added to these (and to the
+#: parameters that name its files).
 FREENOISE_DEFAULTS = {"context_length": 16, "context_stride": 4, "weighting": "pyramid", "noise": "shuffle",
                       "fusion": "attention", "motion_injection": None}
 VIDEO_FILE_FORMATS = ("gif", "webp", "mp4")  # mp4: with PyAV installed (pip install "guidekit[mp4]")
@@ -283,9 +285,9 @@ VIDEO: dict[str, Param] = {p.name: p for p in [
     Param("freenoise", str, None,
           "Video: true (the default) for guidekit.FreeNoise with `guidekit video`'s settings (context_length 16, "
           "context_stride 4, fusion \"attention\"), false for the plain pipeline (at most the motion model's "
-          "motion_max_seq_length frames), or an object of guidekit.FreeNoise keyword arguments that replace those: "
-          + ", ".join(FREENOISE_DEFAULTS)
-          + " (motion_injection: true, or [t_a, t_b]; it needs `prompts`)."),
+          "motion_max_seq_length frames), or an object of guidekit.FreeNoise keyword arguments that replace those, "
+          "such as " + ", ".join(FREENOISE_DEFAULTS) + " (motion_injection: true, or [t_a, t_b]; it needs "
+          "`prompts`)."),
     Param("fps", float, 8.0, "Video: frames per second of the file.", min=0.0, max=100.0),
     Param("format", str, "gif", "Video: the file format, and the file's suffix; mp4 (H.264, even sizes only) needs "
           "PyAV: pip install \"guidekit[mp4]\".", choices=VIDEO_FILE_FORMATS),
@@ -525,10 +527,20 @@ def _parse_prompts(value: Any, params: dict, where: str) -> Optional[dict]:
     return dict(sorted(schedule.items()))
 
 
+def _freenoise_arguments() -> list[str]:
+    """The keyword arguments of guidekit.FreeNoise, in its order."""
+    import inspect
+
+    import guidekit
+
+    return [name for name in inspect.signature(guidekit.FreeNoise.__init__).parameters if name != "self"]
+
+
 def _parse_freenoise(value: Any, params: dict, where: str) -> Optional[dict]:
-    """`freenoise` as the full guidekit.FreeNoise keyword arguments (`FREENOISE_DEFAULTS` filled in), or None (off)."""
-    accepted = ("true, false, or an object of guidekit.FreeNoise keyword arguments ("
-                + ", ".join(FREENOISE_DEFAULTS) + ")")
+    """`freenoise` as keyword arguments of guidekit.FreeNoise (`FREENOISE_DEFAULTS` updated with the job's own), or
+    None (off)."""
+    names = _freenoise_arguments()
+    accepted = f"true, false, or an object of guidekit.FreeNoise keyword arguments ({', '.join(names)})"
     value = _json_cell(value)
     if value is False:
         return None
@@ -536,10 +548,10 @@ def _parse_freenoise(value: Any, params: dict, where: str) -> Optional[dict]:
         value = {}
     if not isinstance(value, dict):
         raise JobError(f"{where}freenoise: expected {accepted}, got {value!r}")
-    unknown = [k for k in value if k not in FREENOISE_DEFAULTS]
+    unknown = [k for k in value if k not in names]
     if unknown:
         raise JobError(f"{where}freenoise: unknown key(s) {', '.join(map(repr, unknown))}; accepted: "
-                       + ", ".join(FREENOISE_DEFAULTS))
+                       + ", ".join(names))
     kwargs = {**FREENOISE_DEFAULTS, **value}
     if isinstance(kwargs["motion_injection"], list):
         kwargs["motion_injection"] = tuple(kwargs["motion_injection"])
@@ -1094,7 +1106,7 @@ def check_video_windows(vpipe, frames: int, freenoise: Optional[dict], where: st
     if freenoise is None and frames > limit:
         raise JobError(f"{where}{names[0]}: {frames} is above the video model's motion_max_seq_length {limit}, which "
                        f"the plain pipeline cannot exceed; accepted: at most {limit} frames, or FreeNoise")
-    if freenoise is not None and freenoise["context_length"] > limit:
+    if freenoise is not None and freenoise["context_length"] is not None and freenoise["context_length"] > limit:
         raise JobError(f"{where}{names[1]}: {freenoise['context_length']} is above the video model's "
                        f"motion_max_seq_length {limit}; accepted: an integer from 1 to {limit}")
 

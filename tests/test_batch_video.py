@@ -242,3 +242,19 @@ def test_mp4_jobs_with_pyav(tmp_path, tiny_video_dir, no_image_model):
     assert row["file"].endswith("-s0.mp4")
     with av.open(str(out / row["file"])) as container:
         assert sum(1 for _ in container.decode(video=0)) == 10
+
+
+def test_any_freenoise_argument_is_accepted_and_only_given_ones_are_recorded():
+    import inspect
+
+    import guidekit
+
+    arguments = inspect.signature(guidekit.FreeNoise.__init__).parameters
+    names = [n for n in arguments if n != "self"]
+    plain = parse_job({"prompt": "x", "frames": 4}).params["freenoise"]
+    assert set(plain) == {"context_length", "context_stride", "weighting", "noise", "fusion", "motion_injection"}
+    for name in (n for n in names if n not in plain):  # arguments beyond those go through as given
+        given = {name: arguments[name].default}
+        assert parse_job({"prompt": "x", "frames": 4, "freenoise": given}).params["freenoise"] == {**plain, **given}
+    with pytest.raises(JobError, match="freenoise: unknown key.*accepted: " + ", ".join(names)):
+        parse_job({"prompt": "x", "frames": 4, "freenoise": {"window": 8}})
