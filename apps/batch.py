@@ -108,10 +108,23 @@ def _is_embedded(path) -> bool:
         return False
 
 
+def _walk(folder: Path):
+    """Every path under `folder`, through linked folders too (a model folder may be assembled from links to the
+    folders of others, as the embedded video model is); each real folder is entered once."""
+    seen = set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        yield from (Path(root) / name for name in names)
+
+
 def _folder_hash(folder: Path, full_limit: int = 256 * 2**20) -> str:
     """SHA-256 over a model folder: file names and contents for folders up to 256 MiB, otherwise names,
     sizes and the first/last MiB of each file (prefixed "partial:") so that large checkpoints hash fast."""
-    files = sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith("."))
+    files = sorted(f for f in _walk(folder) if f.is_file() and not f.name.startswith("."))
     total = sum(f.stat().st_size for f in files)
     h = hashlib.sha256()
     partial = total > full_limit

@@ -258,3 +258,29 @@ def test_any_freenoise_argument_is_accepted_and_only_given_ones_are_recorded():
         assert parse_job({"prompt": "x", "frames": 4, "freenoise": given}).params["freenoise"] == {**plain, **given}
     with pytest.raises(JobError, match="freenoise: unknown key.*accepted: " + ", ".join(names)):
         parse_job({"prompt": "x", "frames": 4, "freenoise": {"window": 8}})
+
+
+def test_the_embedded_video_model_is_the_default(tmp_path, tiny_sd_dir, no_image_model, monkeypatch):
+    """Laid out as guidekit.toy lays it: links to the image model's folders and to a motion adapter."""
+    import guidekit.apps.jobs as jobs_mod
+    from guidekit.testing.animatediff import tiny_motion_adapter
+    from guidekit.toy import _video_model_index
+
+    tiny_motion_adapter(max_length=MAX_LENGTH).save_pretrained(str(tmp_path / "adapter"))
+    linked = tmp_path / "toy-video"
+    linked.mkdir()
+    for name in ("scheduler", "text_encoder", "tokenizer", "unet", "vae"):
+        (linked / name).symlink_to(Path(tiny_sd_dir).resolve() / name, target_is_directory=True)
+    (linked / "motion_adapter").symlink_to(tmp_path / "adapter", target_is_directory=True)
+    (linked / "model_index.json").write_text(json.dumps(_video_model_index(Path(tiny_sd_dir))))
+    monkeypatch.setattr(jobs_mod, "embedded_video_model_path", lambda: linked)
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", {"prompt": "x", "frames": 4, **FAST})
+    out = tmp_path / "out"
+    assert batch_mod.run_batch(jobs, out) == 0
+    (row,) = manifest(out)
+    assert row["model"]["id"] == batch_mod.EMBEDDED_VIDEO_ID
+    # the content hash reads the linked folders' weights, not only model_index.json
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "model_index.json").write_bytes((linked / "model_index.json").read_bytes())
+    assert row["model"]["sha256"] != batch_mod._folder_hash(tmp_path / "alone")

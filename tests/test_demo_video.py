@@ -222,3 +222,17 @@ def test_cli_names_a_bad_video_model(tmp_path):
     result = CliRunner().invoke(demo, ["--video-model", str(tmp_path / "missing"), "--device", "cpu"])
     assert result.exit_code == 2, result.output
     assert "Invalid value for '--video-model'" in result.output and "is not a folder" in result.output
+
+
+def test_the_embedded_video_model_is_the_default(pipe, tiny_video_dir, tmp_path, monkeypatch):
+    import guidekit.apps.jobs as jobs
+    from guidekit.apps.demo import Limits, video_backend
+
+    monkeypatch.setattr(jobs, "embedded_video_model_path", lambda: tiny_video_dir)
+    backend, note = video_backend(pipe, None, Limits(**LIMITS))
+    assert backend is not None and note == "" and backend.max_length == 8
+    # installed but broken: a message in the tab, not a crash
+    (tmp_path / "model_index.json").write_text('{"_class_name": "AnimateDiffPipeline"}')
+    monkeypatch.setattr(jobs, "embedded_video_model_path", lambda: tmp_path)
+    backend, note = video_backend(pipe, None, Limits(**LIMITS))
+    assert backend is None and "the embedded video model cannot be loaded" in note
