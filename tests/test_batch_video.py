@@ -264,7 +264,6 @@ def test_the_embedded_video_model_is_the_default(tmp_path, tiny_sd_dir, no_image
     """Laid out as guidekit.toy lays it: links to the image model's folders and to a motion adapter."""
     import guidekit.apps.jobs as jobs_mod
     from guidekit.testing.animatediff import tiny_motion_adapter
-    from guidekit.toy import _video_model_index
 
     tiny_motion_adapter(max_length=MAX_LENGTH).save_pretrained(str(tmp_path / "adapter"))
     linked = tmp_path / "toy-video"
@@ -272,7 +271,11 @@ def test_the_embedded_video_model_is_the_default(tmp_path, tiny_sd_dir, no_image
     for name in ("scheduler", "text_encoder", "tokenizer", "unet", "vae"):
         (linked / name).symlink_to(Path(tiny_sd_dir).resolve() / name, target_is_directory=True)
     (linked / "motion_adapter").symlink_to(tmp_path / "adapter", target_is_directory=True)
-    (linked / "model_index.json").write_text(json.dumps(_video_model_index(Path(tiny_sd_dir))))
+    index = json.loads((Path(tiny_sd_dir) / "model_index.json").read_text())
+    index = {**{k: index[k] for k in ("scheduler", "text_encoder", "tokenizer", "unet", "vae")},
+             "_class_name": "AnimateDiffPipeline", "motion_adapter": ["diffusers", "MotionAdapter"],
+             "feature_extractor": [None, None], "image_encoder": [None, None]}
+    (linked / "model_index.json").write_text(json.dumps(index))
     monkeypatch.setattr(jobs_mod, "embedded_video_model_path", lambda: linked)
 
     jobs = write_jobs(tmp_path / "jobs.jsonl", {"prompt": "x", "frames": 4, **FAST})
