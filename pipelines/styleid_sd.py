@@ -320,6 +320,14 @@ class StyleIDPipelineMixin(ImageLatentsMixin, SharedComponentsMixin):
         for name, tensor in (("content_image", content01), ("style_image", style01)):
             if tensor.shape[0] != 1:
                 raise ValueError(f"{name}: {tensor.shape[0]} images; accepted: one image per call (batches are not supported yet)")
+        if getattr(self.unet, "encoder_hid_proj", None) is not None:
+            # every UNet call of StyleID (inversions and sampling) is text-only; an adapter's image tokens have no
+            # place in its recorded and injected features
+            raise ValueError(
+                "pipe: an IP-Adapter (or another image-embedding projection) is loaded on its UNet, which transfer "
+                "does not feed; accepted: pipe.unload_ip_adapter() first, or guidekit.StyleSSP().start_point(...) "
+                "on an IP-Adapter pipeline, which runs the image-embedding form of the negative inversion"
+            )
         layer_names = resolve_styleid_layers(self.unet, layers)
         for hook in hook_list:
             if isinstance(hook, SamplerHook) and hook.slot == "guidance":

@@ -345,3 +345,16 @@ def test_adapter_count_encoder_and_no_adapter_errors(tiny_sdxl_dir, tmp_path, co
     e = [torch.randn(1, 1, EMBED_DIM, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     z = _start(pipe, content, ip_adapter_image_embeds=e, negative_ip_adapter_image_embeds=e[::-1])
     assert bool(torch.isfinite(z).all())
+
+
+def test_styleid_transfer_refuses_a_loaded_ip_adapter(tiny_sd_dir, tmp_path):
+    from guidekit.pipelines import StyleIDStableDiffusionPipeline
+
+    pipe = StyleIDStableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    _with_adapters(pipe, tmp_path / "ip", "sd", count=1)
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=r"pipe: an IP-Adapter.*unload_ip_adapter.*start_point"):
+        pipe.transfer(_pil(0), _pil(1), num_inference_steps=2)
+    handle.remove()
+    assert not calls  # refused before any model call
