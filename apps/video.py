@@ -165,19 +165,23 @@ FREENOISE_OPTIONS = ("context_length", "context_stride", "fusion", "motion_injec
 @click.option("--negative-prompt", default=None, help="Negative prompt.")
 @click.option("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Output .gif or .webp. Default: <prompt>-<seed>.gif in the current folder.")
+              help="Output .gif or .webp (or .mp4 with PyAV installed). Default: <prompt>-<seed>.gif in the current "
+                   "folder.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (refused otherwise).")
 @click.pass_context
 def video(ctx, prompt, model, adapter, specs, frames, steps, scale, apg, seed, size, fps, context_length,
           context_stride, fusion, no_freenoise, motion_injection, negative_prompt, device, out, overwrite):
     """Generate an AnimateDiff video from PROMPT (or --prompt FRAME:TEXT key frames), with FreeNoise for videos
     longer than the motion model's training length."""
-    from guidekit.video.export import VIDEO_FORMATS
+    from guidekit.video.export import MP4_SUFFIX, VIDEO_FORMATS, mp4_available
 
     text = prompt_schedule(prompt, specs, frames)
     out = out or _default_out(text, seed)
-    if out.suffix.lower() not in VIDEO_FORMATS:
-        raise click.BadParameter(f"{out}; accepted: a path ending in {' or '.join(VIDEO_FORMATS)}", param_hint="'--out'")
+    suffixes = list(VIDEO_FORMATS) + ([MP4_SUFFIX] if mp4_available() else [])
+    if out.suffix.lower() not in suffixes:
+        hint = "" if mp4_available() else f" ({MP4_SUFFIX} with pip install \"guidekit[mp4]\")"
+        raise click.BadParameter(f"{out}; accepted: a path ending in {' or '.join(suffixes)}{hint}",
+                                 param_hint="'--out'")
     if out.exists() and not overwrite:
         raise click.ClickException(f"--out: {out} exists; pass --overwrite to replace it, or choose another path")
     if motion_injection and not specs:
