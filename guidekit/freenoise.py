@@ -8,8 +8,8 @@ and the temporal layers run on windows of W frames whose outputs are fused per f
 
 from __future__ import annotations
 
-from contextlib import ExitStack
-from typing import Any, Optional
+from contextlib import ExitStack, contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -43,6 +43,27 @@ def _check_injection(value) -> Optional[tuple[float, float]]:
     except ValueError as error:
         raise ValueError(f"motion_injection: {value!r} is not accepted ({error}); accepted: {accepted}") from None
     return (float(value[0]), float(value[1]))
+
+
+def _injection_chunks(control):
+    """Around each spatial chunk: the number of motion injection's conditional rows inside the chunk.
+
+    The conditional rows are the last `control.rows` of the UNet batch, so inside a chunk [start, stop) they
+    are again its last rows; a chunk without any is not injected.
+    """
+
+    @contextmanager
+    def around(start: int, stop: int, rows: int) -> Iterator[None]:
+        saved = control.rows, control.active
+        first_conditional = rows - min(control.rows, rows)
+        inside = max(0, stop - max(start, first_conditional))
+        control.rows, control.active = inside, control.active and inside > 0
+        try:
+            yield
+        finally:
+            control.rows, control.active = saved
+
+    return around
 
 
 class FreeNoise(SamplerHook):
@@ -201,11 +222,14 @@ class FreeNoise(SamplerHook):
             )
             if self.norm_scope == "window":
                 stack.enter_context(windowed_group_norms(unet, length, self.context_stride, self.weighting))
-            if self.spatial_chunk is not None or self.temporal_chunk is not None:
-                # entered after the window fusion, so the temporal chunks wrap the windowed blocks
-                stack.enter_context(chunked_layers(unet, self.spatial_chunk, self.temporal_chunk))
+            control = None
             if self.motion_injection is not None:
                 control = InjectionControl(state.extras["fixed_prompt_embeds"], rows=0)
+            if self.spatial_chunk is not None or self.temporal_chunk is not None:
+                # entered after the window fusion, so the temporal chunks wrap the windowed blocks
+                around = _injection_chunks(control) if control is not None else None
+                stack.enter_context(chunked_layers(unet, self.spatial_chunk, self.temporal_chunk, around))
+            if control is not None:
                 processors = unet.attn_processors
                 stack.enter_context(
                     replaced_processors(

@@ -159,3 +159,15 @@ def test_bench_freenoise_tables_build(monkeypatch, tmp_path):
 def test_bench_frame_options_are_checked():
     result = CliRunner().invoke(main, ["bench", "--freenoise", "--freenoise-frames", "64"])
     assert result.exit_code != 0 and "--freenoise-frames" in result.output
+
+
+def test_split_with_motion_injection_equals_unsplit(ours):
+    # injection replaces the conditional rows (the last ones of the batch) of the down/mid cross-attention;
+    # a chunk holds some of them, or none, and must be injected on exactly those
+    travel = {0: "a red circle", 12: "a blue square"}
+    kw = dict(prompt=travel, num_inference_steps=3)
+    plain = video(ours, 20, hooks=[guidekit.FreeNoise(motion_injection=True)], **kw)
+    split = video(ours, 20, hooks=[guidekit.FreeNoise(motion_injection=True, spatial_chunk=7)], **kw)
+    assert_close_to_scale(split, plain, rel=1e-5)
+    uninjected = video(ours, 20, hooks=[guidekit.FreeNoise()], **kw)
+    assert (plain - uninjected).abs().max() > 1e-4  # the injection shows in this video

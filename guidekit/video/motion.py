@@ -12,8 +12,8 @@ duration of a `with` block and put back afterwards; weights and the module tree 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -205,8 +205,12 @@ def _join(outputs: list) -> Any:
     return first  # None and other constants are the same for every chunk
 
 
-def _chunked(chunk: int) -> Callable[[nn.Module, Callable], Callable]:
-    """A `make_forward` that runs the module over axis 0 in chunks of `chunk` rows."""
+ChunkContext = Callable[[int, int, int], ContextManager]
+
+
+def _chunked(chunk: int, around: Optional[ChunkContext] = None) -> Callable[[nn.Module, Callable], Callable]:
+    """A `make_forward` that runs the module over axis 0 in chunks of `chunk` rows, each chunk inside
+    `around(start, stop, rows)` when given."""
 
     def make_forward(module: nn.Module, original: Callable) -> Callable:
         def forward(*args, **kwargs):
@@ -216,12 +220,13 @@ def _chunked(chunk: int) -> Callable[[nn.Module, Callable], Callable]:
             outputs = []
             for start in range(0, rows, chunk):
                 stop = min(start + chunk, rows)
-                outputs.append(
-                    original(
-                        *_split(args, rows, start, stop),
-                        **{key: _split(value, rows, start, stop) for key, value in kwargs.items()},
+                with around(start, stop, rows) if around is not None else nullcontext():
+                    outputs.append(
+                        original(
+                            *_split(args, rows, start, stop),
+                            **{key: _split(value, rows, start, stop) for key, value in kwargs.items()},
+                        )
                     )
-                )
             return _join(outputs)
 
         return forward
@@ -231,7 +236,10 @@ def _chunked(chunk: int) -> Callable[[nn.Module, Callable], Callable]:
 
 @contextmanager
 def chunked_layers(
-    unet: nn.Module, spatial_chunk: Optional[int] = None, temporal_chunk: Optional[int] = None
+    unet: nn.Module,
+    spatial_chunk: Optional[int] = None,
+    temporal_chunk: Optional[int] = None,
+    spatial_chunk_context: Optional[ChunkContext] = None,
 ) -> Iterator[None]:
     """Inside a `with` block, run the UNet's row-independent layers in chunks along their batch axis.
 
@@ -246,6 +254,9 @@ def chunked_layers(
             None: unsplit.
         temporal_chunk (`int`, *optional*): rows of the batch×height×width axis per chunk for every temporal
             transformer block (each row is one pixel's sequence of frames). None: unsplit.
+        spatial_chunk_context (callable, *optional*): `(start, stop, rows) -> context manager` entered around
+            each spatial chunk [start, stop) of `rows` rows, for attention processors that address rows of the
+            whole batch (e.g. motion injection's conditional rows, the last ones of the batch).
     """
     if spatial_chunk is not None:
         check_int("spatial_chunk", spatial_chunk, 1)
@@ -253,5 +264,6 @@ def chunked_layers(
         check_int("temporal_chunk", temporal_chunk, 1)
     spatial = [module for _, module in spatial_layers(unet)] if spatial_chunk is not None else []
     temporal = [block for _, block in _temporal_blocks(unet)] if temporal_chunk is not None else []
-    with _shadowed(spatial, _chunked(spatial_chunk or 1)), _shadowed(temporal, _chunked(temporal_chunk or 1)):
+    spatial_forward = _chunked(spatial_chunk or 1, spatial_chunk_context)
+    with _shadowed(spatial, spatial_forward), _shadowed(temporal, _chunked(temporal_chunk or 1)):
         yield
