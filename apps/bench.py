@@ -47,8 +47,8 @@ TRANSFER_CASES = ("styleid-transfer", "stylessp-transfer")  # StyleID.transfer w
 MODELS = ("tiny", "mid")
 FREENOISE_CASES = ("guidekit", "guidekit-split", "diffusers")
 #: The splitting the memory rows measure: spatial layers in chunks of 16 of the batch×frames rows,
-#: temporal blocks in chunks of 1024 of the batch×pixel rows.
-FREENOISE_SPLIT = {"spatial_chunk": 16, "temporal_chunk": 1024}
+#: temporal blocks in chunks of 256 of the batch×pixel rows.
+FREENOISE_SPLIT = {"spatial_chunk": 16, "temporal_chunk": 256}
 
 
 # ----------------------------------------------------------------------------- worker (one measurement)
