@@ -20,10 +20,10 @@ the two can be compared too.
 
 The FreeNoise rows (`--freenoise`) run `guidekit.FreeNoise()` on a random AnimateDiff model (the tiny or mid
 image model plus a matching motion adapter, window 16, stride 4): time per frame at a long and a short
-video (F=64 against F=16; F=16 is a single window, i.e. the plain model), guidekit against diffusers' own
-`enable_free_noise` at F=64, and the peak memory of the call (the rise of the resident set over what the
-process held before its first call) at F=16, 64 and 128 with and without FreeNoise's exact splitting
-(`FREENOISE_SPLIT`).
+video (F=64 against F=16; F=16 is a single window, i.e. the plain model) and guidekit against diffusers' own
+`enable_free_noise` at F=64, alternated call by call in one process; and the peak memory of the call (the
+rise of the resident set over what the process held before its first call) at F=16, 64 and 128 with and
+without FreeNoise's exact splitting (`FREENOISE_SPLIT`), each in a fresh process.
 """
 
 from __future__ import annotations
@@ -203,15 +203,10 @@ def _build_animatediff(kind: str, folder: Path) -> None:
     AnimateDiffPipeline.from_pretrained(str(image_dir), motion_adapter=adapter).save_pretrained(str(folder))
 
 
-def measure_freenoise(case: str, folder: str, num_frames: int, steps: int, size: int, calls: int = 2,
-                      seed: int = 0, warm_up: bool = True) -> list[dict]:
-    """`calls` timed AnimateDiff calls of `case` with FreeNoise (window 16, stride 4, pyramid, shuffle) at
-    `num_frames` frames: "guidekit" (`guidekit.FreeNoise()`), "guidekit-split" (with `FREENOISE_SPLIT`) or
-    "diffusers" (`enable_free_noise`). Wall and thread CPU seconds, and `peak_delta_mib`: the peak resident set
-    during the call minus the resident set before it. With `warm_up` a one-step call runs first (for timing);
-    without, the first call is measured, so its peak includes every buffer the call allocates (for memory:
-    after a warm-up the allocator hands the same pages back and the rise hides)."""
-    import torch
+def _freenoise_pipeline(case: str, folder: str):
+    """The AnimateDiff pipeline of `case` and its call's extra arguments: "guidekit" (`guidekit.FreeNoise()`),
+    "guidekit-split" (with `FREENOISE_SPLIT`) or "diffusers" (`enable_free_noise`); window 16, stride 4,
+    pyramid weights, shuffled noise in all three."""
     from diffusers import AnimateDiffPipeline
 
     import guidekit
@@ -219,47 +214,78 @@ def measure_freenoise(case: str, folder: str, num_frames: int, steps: int, size:
 
     if case not in FREENOISE_CASES:
         raise ValueError(f"case: {case!r} is not accepted; accepted: {', '.join(FREENOISE_CASES)}")
-    torch.set_num_threads(int(os.environ.get("GUIDEKIT_BENCH_THREADS", "1")))
-    kwargs = dict(num_frames=num_frames, height=size, width=size, guidance_scale=7.5, output_type="latent")
     if case == "diffusers":
         pipe = AnimateDiffPipeline.from_pretrained(folder)
         pipe.enable_free_noise(context_length=16, context_stride=4, weighting_scheme="pyramid",
                                noise_type="shuffle_context")
+        extra = {}
     else:
         pipe = GuidedAnimateDiffPipeline.from_pretrained(folder)
         split = FREENOISE_SPLIT if case == "guidekit-split" else {}
-        kwargs["hooks"] = [guidekit.FreeNoise(context_length=16, context_stride=4, **split)]
+        extra = {"hooks": [guidekit.FreeNoise(context_length=16, context_stride=4, **split)]}
     pipe.set_progress_bar_config(disable=True)
+    return pipe, extra
 
-    def call(n):
-        with torch.no_grad():
-            return pipe("a red circle on a blue background", num_inference_steps=n,
-                        generator=torch.Generator().manual_seed(seed), **kwargs)
 
-    if warm_up:
-        call(1)
+def _freenoise_call(pipe, extra: dict, num_frames: int, steps: int, size: int, seed: int = 0):
+    import torch
+
+    with torch.no_grad():
+        return pipe("a red circle on a blue background", num_frames=num_frames, height=size, width=size,
+                    num_inference_steps=steps, guidance_scale=7.5, output_type="latent",
+                    generator=torch.Generator().manual_seed(seed), **extra)
+
+
+def measure_freenoise_memory(case: str, folder: str, num_frames: int, steps: int, size: int) -> list[dict]:
+    """Peak memory of the first call of `case` at `num_frames` frames in this process: `peak_delta_mib` is the
+    peak resident set during the call minus the resident set before it (after a warm-up call the allocator
+    would hand the same pages back and the rise would hide); wall and thread CPU seconds too."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("GUIDEKIT_BENCH_THREADS", "1")))
+    pipe, extra = _freenoise_pipeline(case, folder)
+    before = _rss_bytes()
+    with PeakRSS() as mem:
+        start, cpu_start = time.perf_counter(), time.thread_time()
+        _freenoise_call(pipe, extra, num_frames, steps, size)
+        wall, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
+    return [{"case": case, "frames": num_frames, "wall_s": wall, "cpu_s": cpu,
+             "peak_delta_mib": (mem.peak - before) / 2**20}]
+
+
+def time_freenoise(folder: str, frames: tuple[int, int], steps: int, size: int, rounds: int) -> list[dict]:
+    """Time per call, in this process: guidekit's FreeNoise at the short and the long length of `frames` and
+    diffusers' `enable_free_noise` at the long one, after one warm-up call each, then `rounds` rounds of one
+    call each, alternated in a rotating order (so that a slow spell of a shared machine falls on all three).
+    Wall and thread CPU seconds of each call."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("GUIDEKIT_BENCH_THREADS", "1")))
+    short, long = frames
+    pipes = {case: _freenoise_pipeline(case, folder) for case in ("guidekit", "diffusers")}
+    cases = [("guidekit", short), ("guidekit", long), ("diffusers", long)]
+    for case, num_frames in cases:
+        _freenoise_call(*pipes[case], num_frames, 1, size)  # warm-up: lazy initialisations are not measured
     results = []
-    for _ in range(calls):
-        before = _rss_bytes()
-        with PeakRSS() as mem:
+    for r in range(rounds):
+        for case, num_frames in cases[r % 3:] + cases[: r % 3]:
             start, cpu_start = time.perf_counter(), time.thread_time()
-            call(steps)
+            _freenoise_call(*pipes[case], num_frames, steps, size)
             wall, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
-        results.append({"case": case, "frames": num_frames, "wall_s": wall, "cpu_s": cpu,
-                        "peak_delta_mib": (mem.peak - before) / 2**20})
+            results.append({"case": case, "frames": num_frames, "wall_s": wall, "cpu_s": cpu})
     return results
 
 
 # ----------------------------------------------------------------------------- driver
 
 
-def _run_freenoise_worker(case: str, folder, num_frames: int, steps: int, size: int, calls: int,
-                          warm_up: bool) -> list[dict]:
-    args = json.dumps([case, str(folder), num_frames, steps, size, calls, warm_up])
-    cmd = [sys.executable, "-m", "guidekit.apps.bench", "--freenoise-worker", args]
+def _run_freenoise_worker(kind: str, *args) -> list[dict]:
+    """Run `time_freenoise(*args)` ("time") or `measure_freenoise_memory(*args)` ("memory") in a fresh process."""
+    payload = json.dumps([kind, [str(a) if isinstance(a, Path) else a for a in args]])
+    cmd = [sys.executable, "-m", "guidekit.apps.bench", "--freenoise-worker", payload]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if out.returncode != 0:
-        raise click.ClickException(f"benchmark worker FreeNoise {case} F={num_frames} failed:\n{out.stderr[-2000:]}")
+        raise click.ClickException(f"benchmark worker FreeNoise {kind} {args[1:]} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -268,30 +294,23 @@ def _median(results: list[dict], case: str, frames: int, key: str) -> float:
 
 
 def freenoise_rows(model: str, rounds: int, steps: int, size: int, frames: tuple[int, int] = (16, 64),
-                   memory_frames: tuple[int, ...] = (16, 64, 128), calls: int = 2) -> tuple[list[dict], list[dict],
-                                                                                              list[dict]]:
+                   memory_frames: tuple[int, ...] = (16, 64, 128)) -> tuple[list[dict], list[dict], list[dict]]:
     """The FreeNoise tables on the `model` AnimateDiff checkpoint: (time rows, memory rows, raw results).
 
-    Time: `rounds` interleaved rounds (rotating order), each case in a fresh process with a warm-up call and
-    `calls` timed calls: guidekit at the short and long length of `frames`, diffusers' FreeNoise at the long one.
-    Memory: one fresh process per (length of `memory_frames`, split or not), first call measured.
+    Time: one fresh process runs `time_freenoise` (`rounds` alternated calls per case). Memory: one fresh
+    process per length of `memory_frames`, with and without splitting, its first call measured.
     """
     short, long = frames
-    time_cases = [("guidekit", short), ("guidekit", long), ("diffusers", long)]
-    raw = []
     with tempfile.TemporaryDirectory(prefix="guidekit-bench-freenoise-") as tmp:
         folder = Path(tmp) / model
         _build_animatediff(model, folder)
-        total = rounds * len(time_cases) + 2 * len(memory_frames)
-        with click.progressbar(length=total, label=f"bench FreeNoise {model}") as bar:
-            for r in range(rounds):
-                for case, f in time_cases[r % 3:] + time_cases[: r % 3]:
-                    raw.extend(_run_freenoise_worker(case, folder, f, steps, size, calls, True))
-                    bar.update(1)
+        with click.progressbar(length=1 + 2 * len(memory_frames), label=f"bench FreeNoise {model}") as bar:
+            raw = _run_freenoise_worker("time", folder, list(frames), steps, size, rounds)
+            bar.update(1)
             memory = []
             for f in memory_frames:
                 for case in ("guidekit", "guidekit-split"):
-                    memory.extend(_run_freenoise_worker(case, folder, f, steps, size, 1, False))
+                    memory.extend(_run_freenoise_worker("memory", case, folder, f, steps, size))
                     bar.update(1)
     for row in raw + memory:
         row.update(model=model, steps=steps, size=size)
@@ -299,7 +318,7 @@ def freenoise_rows(model: str, rounds: int, steps: int, size: int, frames: tuple
     def per_frame(case, f, key):
         return _median(raw, case, f, key) / f
 
-    common = {"model": model, "steps": steps, "size": size, "runs": rounds * calls}
+    common = {"model": model, "steps": steps, "size": size, "runs": rounds}
     time_rows = [
         {"case": f"guidekit FreeNoise, time per frame F={long} vs F={short}", "target": "<= 1.10",
          "wall_ratio": per_frame("guidekit", long, "wall_s") / per_frame("guidekit", short, "wall_s"),
@@ -684,8 +703,9 @@ def bench(sd, models, rounds, steps, json_out, uam, elucd, pixel, styleid, style
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--freenoise-worker":
-        case, folder, frames, steps, size, calls, warm_up = json.loads(argv[1])
-        print(json.dumps(measure_freenoise(case, folder, frames, steps, size, calls, warm_up=warm_up)))
+        kind, args = json.loads(argv[1])
+        run = time_freenoise if kind == "time" else measure_freenoise_memory
+        print(json.dumps(run(*args)))
         return
     if argv and argv[0] == "--worker":
         case, folder, steps, size = argv[1], argv[2], int(argv[3]), int(argv[4])

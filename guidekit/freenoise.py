@@ -137,7 +137,9 @@ class FreeNoise(SamplerHook):
             self.context_length, self.context_stride = None, check_int("context_stride", context_stride, 1)
         else:
             self.context_length, self.context_stride = check_context(context_length, context_stride)
-        window_weights(self.context_length or self.context_stride, weighting)  # a bad weighting fails here
+        if self.context_length is not None or isinstance(weighting, str) or callable(weighting):
+            # a bad weighting fails here, not mid-call (W weights given for W=None are checked at the call)
+            window_weights(self.context_length or self.context_stride, weighting)
         self.weighting = weighting
         self.noise = check_choice("noise", noise, NOISE_MODES)
         self.fusion = check_choice("fusion", fusion, FUSIONS)
@@ -196,6 +198,7 @@ class FreeNoise(SamplerHook):
                 extra=" (the motion model's motion_max_seq_length)",
             )
         check_context(self._context_length(state), self.context_stride)
+        window_weights(self._context_length(state), self.weighting)
         if self.motion_injection is not None and state.extras.get("fixed_prompt_embeds") is None:
             raise ValueError(
                 "motion_injection: needs a {frame: prompt} dict prompt (its last prompt is the injected one); "

@@ -134,26 +134,30 @@ def test_bench_freenoise_tables_build(monkeypatch, tmp_path):
 
     calls = []
 
-    def in_process(case, folder, num_frames, steps, size, calls_, warm_up):
-        calls.append((case, num_frames, warm_up))
-        return bench_mod.measure_freenoise(case, str(folder), num_frames, steps, size, calls=1, warm_up=warm_up)
+    def in_process(kind, *args):
+        calls.append((kind, *args[:-2]) if kind == "memory" else (kind, args[1], args[-1]))
+        run = bench_mod.time_freenoise if kind == "time" else bench_mod.measure_freenoise_memory
+        return run(*[str(a) if isinstance(a, type(tmp_path)) else a for a in args])
 
     monkeypatch.setattr(bench_mod, "_run_freenoise_worker", in_process)
     out = tmp_path / "bench.json"
     args = ["bench", "--no-sd", "--no-elucd", "--no-styleid", "--no-stylessp", "--no-uam", "--freenoise",
-            "--rounds", "1", "--freenoise-size", "16", "--freenoise-steps", "1", "--freenoise-frames", "4,20",
+            "--rounds", "2", "--freenoise-size", "16", "--freenoise-steps", "1", "--freenoise-frames", "4,20",
             "--freenoise-memory-frames", "4,20", "--json", str(out)]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert sorted(calls) == sorted([("guidekit", 4, True), ("guidekit", 20, True), ("diffusers", 20, True),
-                                    ("guidekit", 4, False), ("guidekit-split", 4, False),
-                                    ("guidekit", 20, False), ("guidekit-split", 20, False)])
+    assert [c[0] for c in calls] == ["time"] + ["memory"] * 4
+    assert calls[0][1:] == ([4, 20], 2)
+    assert sorted((c[1], c[3]) for c in calls[1:]) == [("guidekit", 4), ("guidekit", 20), ("guidekit-split", 4),
+                                                      ("guidekit-split", 20)]
     assert "| guidekit FreeNoise, time per frame F=20 vs F=4 | <= 1.10 |" in result.output
     assert "| guidekit FreeNoise vs diffusers enable_free_noise, F=20 | <= 1.00 |" in result.output
     assert "peak RSS rise, unsplit (MiB)" in result.output
     data = json.loads(out.read_text())["freenoise"]
     assert [row["frames"] for row in data["memory"]] == [4, 20]
-    assert all(row["wall_ratio"] > 0 and row["cpu_ratio"] > 0 for row in data["time"])
+    assert all(row["wall_ratio"] > 0 and row["cpu_ratio"] > 0 and row["runs"] == 2 for row in data["time"])
+    assert sorted((r["case"], r["frames"]) for r in data["runs"][:6]) == [("diffusers", 20)] * 2 + [
+        ("guidekit", 4)] * 2 + [("guidekit", 20)] * 2
 
 
 def test_bench_frame_options_are_checked():

@@ -223,3 +223,12 @@ def test_odd_window_sawtooth_pipeline(ours):
     pyramid = video(ours, 13, hooks=[guidekit.FreeNoise(context_length=5, context_stride=2)])
     assert (long - pyramid).abs().max() > 1e-5
     torch.testing.assert_close(video(ours, 5, hooks=[hook]), video(ours, 5), rtol=0, atol=0)
+
+
+def test_context_length_none_with_explicit_weights(ours):
+    # W weights for W = None are checked against the motion model's length at the call
+    flat = video(ours, 20, hooks=[guidekit.FreeNoise(weighting="flat")])
+    given = video(ours, 20, hooks=[guidekit.FreeNoise(context_length=None, weighting=[2.0] * 16)])
+    torch.testing.assert_close(given, flat, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="weighting"):
+        video(ours, 20, hooks=[guidekit.FreeNoise(context_length=None, weighting=[1.0] * 5)])
