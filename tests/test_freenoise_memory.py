@@ -175,3 +175,16 @@ def test_split_with_motion_injection_equals_unsplit(ours):
     assert_close_to_scale(split, plain, rel=1e-5)
     uninjected = video(ours, 20, hooks=[guidekit.FreeNoise()], **kw)
     assert (plain - uninjected).abs().max() > 1e-4  # the injection shows in this video
+
+
+def test_split_sdxl_equals_unsplit(tmp_path_factory):
+    # SDXL's added embeddings reach the resnets through temb, one row per frame like the rest
+    from guidekit.pipelines import GuidedAnimateDiffSDXLPipeline
+    from guidekit.testing.animatediff import make_tiny_animatediff_sdxl
+
+    folder = make_tiny_animatediff_sdxl(tmp_path_factory.mktemp("tiny-animatediff-sdxl-memory"))
+    pipe = GuidedAnimateDiffSDXLPipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    plain = video(pipe, 20, hooks=[guidekit.FreeNoise(norm_scope="window")])
+    split = video(pipe, 20, hooks=[guidekit.FreeNoise(norm_scope="window", spatial_chunk=6, temporal_chunk=10)])
+    assert_close_to_scale(split, plain, rel=1e-5)

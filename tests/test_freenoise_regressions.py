@@ -73,27 +73,13 @@ def test_user_latents_of_one_window_are_extended_by_the_shuffle():
     torch.testing.assert_close(guidekit.FreeNoise().init_latents(state, full[:, :, :16]), full[:, :, :16], rtol=0, atol=0)
 
 
-class _PassesNumFrames(GuidedAnimateDiffPipeline):
-    """The pipeline with the call's `num_frames` in `state.extras` (what FreeNoise needs to extend W frames)."""
-
-    def __call__(self, *args, num_frames=16, **kwargs):
-        self._num_frames = num_frames
-        return super().__call__(*args, num_frames=num_frames, **kwargs)
-
-    def start_hooks(self, *args, **kwargs):
-        chain, state = super().start_hooks(*args, **kwargs)
-        state.extras["num_frames"] = self._num_frames
-        return chain, state
-
-
-def test_user_latents_of_one_window_give_the_video_of_their_shuffle(tiny_dir):
-    pipe = load(_PassesNumFrames, tiny_dir)
+def test_user_latents_of_one_window_give_the_video_of_their_shuffle(ours):
     first = torch.randn(1, 4, 16, 8, 8, generator=torch.Generator().manual_seed(1))
     filler = torch.randn(1, 4, 4, 8, 8)  # frames 16–19 are overwritten by the shuffle
     extended = official_shuffle(torch.cat([first, filler], dim=2), 16, 4, torch.Generator().manual_seed(2))
     hook = guidekit.FreeNoise()
-    result = video(pipe, 20, latents=first, hooks=[hook], generator=torch.Generator().manual_seed(2))
-    expected = video(pipe, 20, latents=extended, hooks=[hook], generator=torch.Generator().manual_seed(2))
+    result = video(ours, 20, latents=first, hooks=[hook], generator=torch.Generator().manual_seed(2))
+    expected = video(ours, 20, latents=extended, hooks=[hook], generator=torch.Generator().manual_seed(2))
     assert result.shape == (1, 4, 20, 8, 8)
     assert_close_to_scale(result, expected, rel=1e-6)
 
