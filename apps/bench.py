@@ -18,7 +18,8 @@ The StyleSSP rows time one StyleID transfer with and without `guidekit.StyleSSP(
 and frequency start point), each case in fresh processes like the stock comparison, so that the peak memory of
 the two can be compared too.
 
-The FreeNoise rows (`--freenoise`) run `guidekit.FreeNoise()` on a random AnimateDiff model (the tiny or mid
+The FreeNoise rows (`--freenoise`) run `guidekit.FreeNoise(fusion="block")` (diffusers' fusion point, so the
+comparison with diffusers is like for like) on a random AnimateDiff model (the tiny or mid
 image model plus a matching motion adapter, window 16, stride 4): time per frame at a long and a short
 video (F=64 against F=16; F=16 is a single window, i.e. the plain model) and guidekit against diffusers' own
 `enable_free_noise` at F=64, alternated call by call in one process; and the peak memory of the call (the
@@ -204,8 +205,8 @@ def _build_animatediff(kind: str, folder: Path) -> None:
 
 
 def _freenoise_pipeline(case: str, folder: str):
-    """The AnimateDiff pipeline of `case` and its call's extra arguments: "guidekit" (`guidekit.FreeNoise()`),
-    "guidekit-split" (with `FREENOISE_SPLIT`) or "diffusers" (`enable_free_noise`); window 16, stride 4,
+    """The AnimateDiff pipeline of `case` and its call's extra arguments: "guidekit"
+    (`guidekit.FreeNoise(fusion="block")`), "guidekit-split" (with `FREENOISE_SPLIT`) or "diffusers" (`enable_free_noise`); window 16, stride 4,
     pyramid weights, shuffled noise in all three."""
     from diffusers import AnimateDiffPipeline
 
@@ -222,7 +223,8 @@ def _freenoise_pipeline(case: str, folder: str):
     else:
         pipe = GuidedAnimateDiffPipeline.from_pretrained(folder)
         split = FREENOISE_SPLIT if case == "guidekit-split" else {}
-        extra = {"hooks": [guidekit.FreeNoise(context_length=16, context_stride=4, **split)]}
+        # block fusion: the same work as diffusers' enable_free_noise, so the ratio compares like with like
+        extra = {"hooks": [guidekit.FreeNoise(context_length=16, context_stride=4, fusion="block", **split)]}
     pipe.set_progress_bar_config(disable=True)
     return pipe, extra
 

@@ -97,8 +97,9 @@ class FreeNoise(SamplerHook):
             "flat", "delayed_reverse_sawtooth", "gaussian", a callable `length -> weights`, or W weights.
         noise (`str`, defaults to `"shuffle"`): the rescheduling of the initial noise: "shuffle" (official),
             "repeat" (the first window tiled) or "random" (fresh noise, no rescheduling).
-        fusion (`str`, defaults to `"block"`): where windows are fused: "block" (per temporal transformer block)
-            or "attention" (per temporal-attention output).
+        fusion (`str`, defaults to `"attention"`): where windows are fused: "attention" (per temporal-attention
+            output, the official VideoCrafter code) or "block" (per temporal transformer block, diffusers and the
+            AnimateDiff port; `fusion="block"` reproduces diffusers' `enable_free_noise` where it is correct).
         motion_injection (`bool` or `tuple[float, float]`, *optional*): FreeNoise's motion injection for a
             `{frame: prompt}` schedule (official code): at steps i < t_a·N or i > t_b·N the spatial
             cross-attention of the down and mid blocks reads the last prompt for every frame (conditional pass
@@ -126,7 +127,7 @@ class FreeNoise(SamplerHook):
         context_stride: int = 4,
         weighting: Any = "pyramid",
         noise: str = "shuffle",
-        fusion: str = "block",
+        fusion: str = "attention",
         motion_injection: Optional[Any] = None,
         norm_scope: str = "all",
         spatial_chunk: Optional[int] = None,

@@ -126,7 +126,7 @@ def test_motion_module_norms_use_window_statistics_inside_the_block(ours):
 def test_all_keeps_parity_with_diffusers(ours, tiny_dir):
     stock = load(AnimateDiffPipeline, tiny_dir)
     stock.enable_free_noise(context_length=16, context_stride=4, weighting_scheme="pyramid", noise_type="shuffle_context")
-    result = video(ours, 20, hooks=[guidekit.FreeNoise(norm_scope="all")])
+    result = video(ours, 20, hooks=[guidekit.FreeNoise(norm_scope="all", fusion="block")])
     assert_close_to_scale(result, video(stock, 20), rel=1e-5)
 
 

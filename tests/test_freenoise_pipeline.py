@@ -186,7 +186,7 @@ def test_attention_fusion_pipeline(ours):
 
 
 def test_tail_video_differs_from_diffusers(ours, stock):
-    result = video(ours, 22, hooks=[guidekit.FreeNoise()])
+    result = video(ours, 22, hooks=[guidekit.FreeNoise(fusion="block")])
     stock.enable_free_noise(context_length=16, context_stride=4, weighting_scheme="pyramid", noise_type="shuffle_context")
     expected = video(stock, 22)
     assert torch.isfinite(result).all()

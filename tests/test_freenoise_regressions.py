@@ -140,7 +140,7 @@ def test_no_mid_motion_block(no_mid_dir):
     assert motion_blocks(ours.unet) and not any(name.startswith("mid_block") for name, _ in motion_blocks(ours.unet))
     before = video(ours, 8)
     result = video(ours, 20, hooks=[guidekit.FreeNoise(norm_scope="window", spatial_chunk=8)])
-    plain_norm = video(ours, 20, hooks=[guidekit.FreeNoise()])
+    plain_norm = video(ours, 20, hooks=[guidekit.FreeNoise(fusion="block")])
     stock = load(AnimateDiffPipeline, no_mid_dir)
     stock.enable_free_noise(context_length=16, context_stride=4, weighting_scheme="pyramid", noise_type="shuffle_context")
     assert_close_to_scale(plain_norm, video(stock, 20), rel=1e-5)
