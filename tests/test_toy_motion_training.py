@@ -9,7 +9,7 @@ from diffusers import AnimateDiffPipeline, MotionAdapter, UNet2DConditionModel
 
 import guidekit.toy as toy
 from guidekit.testing.tiny import make_tiny_sd
-from guidekit.toy.train_motion import MotionConfig, build_motion_adapter, motion_modules, train_motion
+from guidekit.toy.train_motion import MotionConfig, build_motion_adapter, motion_module_groups, train_motion
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_training_moves_only_the_motion_modules_and_resumes_exactly(tiny_sd, tmp
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    trained = [p for m in motion_modules(MotionAdapter.from_pretrained(str(tmp_path / "a"))) for n, p in
+    trained = [p for m in motion_module_groups(MotionAdapter.from_pretrained(str(tmp_path / "a"))) for n, p in
                m.named_parameters() if "proj_out" in n]
     assert any(p.abs().max() > 0 for p in trained)  # it learned something
     log = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]

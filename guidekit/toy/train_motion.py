@@ -27,7 +27,7 @@ from . import video_world
 from .model import SCHEDULER_KWARGS, build_train_scheduler
 from .train import _ema_update, _log, _lr_factor, _step_generator, images_to_tensor
 
-__all__ = ["MotionConfig", "build_motion_adapter", "motion_modules", "train_motion", "MOTION_MAX_SEQ_LENGTH"]
+__all__ = ["MotionConfig", "build_motion_adapter", "motion_module_groups", "train_motion", "MOTION_MAX_SEQ_LENGTH"]
 
 #: The longest sequence the motion model's positional table covers (twice the 16 training frames).
 MOTION_MAX_SEQ_LENGTH = 32
@@ -92,7 +92,7 @@ def build_motion_adapter(unet, heads: int = 4, max_seq_length: int = MOTION_MAX_
     return adapter
 
 
-def motion_modules(model) -> list:
+def motion_module_groups(model) -> list:
     """The `MotionModules` containers of a `MotionAdapter` or `UNetMotionModel`, in one fixed order."""
     out = [block.motion_modules for block in model.down_blocks]
     if getattr(model, "mid_block", None) is not None and hasattr(model.mid_block, "motion_modules"):
@@ -102,7 +102,7 @@ def motion_modules(model) -> list:
 
 
 def _copy_motion_modules(source, target) -> None:
-    for src, dst in zip(motion_modules(source), motion_modules(target)):
+    for src, dst in zip(motion_module_groups(source), motion_module_groups(target)):
         dst.load_state_dict(src.state_dict())
 
 
@@ -186,8 +186,8 @@ def train_motion(
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         ema_adapter.load_state_dict(ckpt["ema"])
-    ema_params = [p for m in motion_modules(ema_adapter) for p in m.parameters()]
-    live_params = [p for m in motion_modules(model) for p in m.parameters()]
+    ema_params = [p for m in motion_module_groups(ema_adapter) for p in m.parameters()]
+    live_params = [p for m in motion_module_groups(model) for p in m.parameters()]
     ema_adapter.to(device)
 
     def save_checkpoint():
