@@ -12,19 +12,13 @@ from guidekit.pipelines import GuidedAnimateDiffPipeline
 from guidekit.testing.animatediff import make_tiny_animatediff
 from guidekit.video import plan_windows, window_group_norm, windowed_group_norms
 from guidekit.video.motion import motion_modules
+from animatediff_calls import load, video
 from tolerance import assert_close_to_scale
 
-KW = dict(prompt="a red circle", height=16, width=16, num_inference_steps=2, output_type="latent")
 
 # F = 11 frames, W = 4, S = 3: three windows and a tail window, worked out by hand
 PLAN = [(0, 4), (3, 7), (6, 10), (7, 11)]
 PYRAMID_4 = [1.0, 2.0, 2.0, 1.0]
-
-
-def load(cls, folder):
-    pipe = cls.from_pretrained(str(folder))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +29,6 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ours(tiny_dir):
     return load(GuidedAnimateDiffPipeline, tiny_dir)
-
-
-def video(pipe, num_frames, seed=0, **kw):
-    return pipe(num_frames=num_frames, generator=torch.Generator().manual_seed(seed), **{**KW, **kw}).frames
 
 
 def literal_window_norm(x, groups, weight, bias, eps, plan, window_weights):

@@ -14,16 +14,10 @@ from guidekit.hooks import HookConflictError, SamplerState
 from guidekit.pipelines import GuidedAnimateDiffPipeline, GuidedStableDiffusionPipeline
 from guidekit.testing.animatediff import make_tiny_animatediff
 from guidekit.video import fuse_windows, fusion_weights, plan_windows
+from animatediff_calls import load, video
 from tolerance import assert_close_to_scale
 
 MAX_LENGTH = 16  # the tiny adapter's motion_max_seq_length: F = 20 frames need FreeNoise
-KW = dict(prompt="a red circle", height=16, width=16, num_inference_steps=2, output_type="latent")
-
-
-def load(cls, folder):
-    pipe = cls.from_pretrained(str(folder))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +34,6 @@ def ours(tiny_dir):
 def stock(tiny_dir):
     # a fresh one per test: enable_free_noise changes the model
     return load(AnimateDiffPipeline, tiny_dir)
-
-
-def video(pipe, num_frames, seed=0, **kw):
-    generator = kw.pop("generator", None) or torch.Generator().manual_seed(seed)
-    return pipe(num_frames=num_frames, generator=generator, **{**KW, **kw}).frames
 
 
 # ---------------------------------------------------------------- stock equality

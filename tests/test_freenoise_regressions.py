@@ -16,15 +16,8 @@ from guidekit.attention.freenoise import motion_blocks, windowed_block_forward
 from guidekit.hooks import SamplerState
 from guidekit.pipelines import GuidedAnimateDiffPipeline
 from guidekit.testing.animatediff import make_tiny_animatediff
+from animatediff_calls import load, video
 from tolerance import assert_close_to_scale
-
-KW = dict(prompt="a red circle", height=16, width=16, num_inference_steps=2, output_type="latent")
-
-
-def load(cls, folder, **kwargs):
-    pipe = cls.from_pretrained(str(folder), **kwargs)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +28,6 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ours(tiny_dir):
     return load(GuidedAnimateDiffPipeline, tiny_dir)
-
-
-def video(pipe, num_frames, seed=0, **kw):
-    generator = kw.pop("generator", None) or torch.Generator().manual_seed(seed)
-    return pipe(num_frames=num_frames, generator=generator, **{**KW, **kw}).frames
 
 
 def official_shuffle(noise, window, stride, generator):
