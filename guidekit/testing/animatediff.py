@@ -11,8 +11,9 @@ from diffusers import AnimateDiffPipeline, AnimateDiffSDXLPipeline, MotionAdapte
 from .tiny import make_tiny_sd, make_tiny_sdxl
 
 
-def tiny_motion_adapter(max_length: int = 16, seed: int = 0) -> MotionAdapter:
-    """A random `MotionAdapter` matching `make_tiny_sd`'s UNet (blocks (16, 32), one layer per block).
+def tiny_motion_adapter(max_length: int = 16, seed: int = 0, use_motion_mid_block: bool = True) -> MotionAdapter:
+    """A random `MotionAdapter` matching `make_tiny_sd`'s and `make_tiny_sdxl`'s UNets (blocks (16, 32), one
+    layer per block).
 
     Its `proj_out` layers keep diffusers' random initialisation (not AnimateDiff's zero one), so the motion
     modules change the output and any mistake in running them shows.
@@ -21,6 +22,8 @@ def tiny_motion_adapter(max_length: int = 16, seed: int = 0) -> MotionAdapter:
         max_length (`int`, defaults to `16`): `motion_max_seq_length`, the longest sequence the positional
             embedding covers.
         seed (`int`, defaults to `0`): the seed of the random weights.
+        use_motion_mid_block (`bool`, defaults to `True`): whether the mid block gets a motion module (the SDXL
+            AnimateDiff adapters, e.g. "sdxl-beta", have none).
     """
     torch.manual_seed(seed)
     return MotionAdapter(
@@ -29,6 +32,7 @@ def tiny_motion_adapter(max_length: int = 16, seed: int = 0) -> MotionAdapter:
         motion_num_attention_heads=2,
         motion_norm_num_groups=8,
         motion_max_seq_length=max_length,
+        use_motion_mid_block=use_motion_mid_block,
     )
 
 
@@ -51,29 +55,6 @@ def make_tiny_animatediff(folder: str | os.PathLike, max_length: int = 16, seed:
     return folder
 
 
-def tiny_sdxl_motion_adapter(max_length: int = 16, seed: int = 0, use_motion_mid_block: bool = False) -> MotionAdapter:
-    """A random `MotionAdapter` matching `make_tiny_sdxl`'s UNet (blocks (16, 32), one layer per block).
-
-    Like the SDXL AnimateDiff adapters (e.g. the "sdxl-beta" one), it has no mid-block motion module by default.
-    `proj_out` keeps diffusers' random initialisation, so the motion modules change the output.
-
-    Args:
-        max_length (`int`, defaults to `16`): `motion_max_seq_length`, the longest sequence the positional
-            embedding covers.
-        seed (`int`, defaults to `0`): the seed of the random weights.
-        use_motion_mid_block (`bool`, defaults to `False`): whether the mid block gets a motion module too.
-    """
-    torch.manual_seed(seed)
-    return MotionAdapter(
-        block_out_channels=(16, 32),
-        motion_layers_per_block=1,
-        motion_num_attention_heads=2,
-        motion_norm_num_groups=8,
-        motion_max_seq_length=max_length,
-        use_motion_mid_block=use_motion_mid_block,
-    )
-
-
 def make_tiny_animatediff_sdxl(
     folder: str | os.PathLike, max_length: int = 16, seed: int = 0, use_motion_mid_block: bool = False
 ) -> Path:
@@ -94,7 +75,7 @@ def make_tiny_animatediff_sdxl(
     folder = Path(folder)
     image_dir, adapter_dir = folder / "_image", folder / "_adapter"
     make_tiny_sdxl(image_dir, seed=seed)
-    tiny_sdxl_motion_adapter(max_length, seed, use_motion_mid_block).save_pretrained(str(adapter_dir))
+    tiny_motion_adapter(max_length, seed, use_motion_mid_block).save_pretrained(str(adapter_dir))
     pipe = AnimateDiffSDXLPipeline.from_pretrained(
         str(image_dir), motion_adapter=MotionAdapter.from_pretrained(str(adapter_dir))
     )

@@ -191,10 +191,9 @@ def train_motion(
     ema_adapter.to(device)
 
     def save_checkpoint():
-        trained = build_motion_adapter(image_unet, heads=config.heads)
-        _copy_motion_modules(model, trained)
+        _copy_motion_modules(model, adapter)  # the adapter object is free once from_unet2d copied it in
         tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"config": asdict(config), "state": state, "adapter": trained.state_dict(),
+        torch.save({"config": asdict(config), "state": state, "adapter": adapter.state_dict(),
                     "ema": ema_adapter.state_dict(), "optimizer": opt.state_dict()}, tmp)
         os.replace(tmp, ckpt_path)
 
