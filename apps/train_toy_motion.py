@@ -32,13 +32,19 @@ from guidekit.apps.cli import FiniteFloatRange
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=5e-4)
 @click.option("--heads", type=click.IntRange(1), default=4, help="Temporal attention heads per motion module.")
 @click.option("--checkpoint-every", type=click.IntRange(1), default=100)
+@click.option("--init-from", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Continue training from this exported adapter folder (e.g. assets/toy-motion) instead of zeroed "
+                   "proj_out.")
+@click.option("--step-offset", type=click.IntRange(0), default=0,
+              help="Draw the clips and noise of step k as those of step k + OFFSET (a continuation sets it to the "
+                   "first run's steps, so that it sees new clips).")
 @click.option("--threads", type=click.IntRange(1), default=1, help="torch CPU threads.")
 @click.option("--stop-after", type=FiniteFloatRange(min=0), default=None,
               help="Checkpoint and stop after this many seconds (resume later).")
 @click.option("--export-partial", is_flag=True, help="A run stopped by --stop-after still writes its EMA adapter.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def train_toy_motion(out, ckpt_dir, model, device, seed, steps, batch, frames, lr, heads, checkpoint_every, threads,
-                     stop_after, export_partial, no_progress):
+def train_toy_motion(out, ckpt_dir, model, device, seed, steps, batch, frames, lr, heads, checkpoint_every, init_from,
+                     step_offset, threads, stop_after, export_partial, no_progress):
     """Train the embedded motion model on 16-frame clips of the toy video world (image model frozen)."""
     import torch
 
@@ -48,7 +54,9 @@ def train_toy_motion(out, ckpt_dir, model, device, seed, steps, batch, frames, l
     if device == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("cuda was asked for but torch sees no CUDA device", param_hint="--device")
     config = MotionConfig(seed=seed, steps=steps, batch=batch, frames=frames, lr=lr, heads=heads,
-                          checkpoint_every=checkpoint_every)
+                          checkpoint_every=checkpoint_every,
+                          init_from=os.path.abspath(init_from) if init_from is not None else None,
+                          step_offset=step_offset)
     t0 = time.perf_counter()
     try:
         summary = train_motion(out, ckpt_dir, config, model_path=model, device=device, progress=not no_progress,

@@ -62,6 +62,23 @@ def test_training_moves_only_the_motion_modules_and_resumes_exactly(tiny_sd, tmp
     assert [r["step"] for r in log] == [1, 2, 3]
 
 
+def test_continued_training_starts_from_the_given_adapter(tiny_sd, tmp_path):
+    first = train_motion(tmp_path / "a", tmp_path / "ck-a", _config(), model_path=tiny_sd, progress=False)
+    assert first["finished"]
+    # lr 1e-12: the continuation's weights stay those it started from (a fresh start has zero proj_out)
+    cont = _config(steps=1, lr=1e-12, init_from=str(tmp_path / "a"), step_offset=3)
+    train_motion(tmp_path / "c", tmp_path / "ck-c", cont, model_path=tiny_sd, progress=False)
+    a = MotionAdapter.from_pretrained(str(tmp_path / "a")).state_dict()
+    c = MotionAdapter.from_pretrained(str(tmp_path / "c")).state_dict()
+    proj_out = [k for k in a if "proj_out" in k]
+    assert proj_out and any(a[k].abs().max() > 0 for k in proj_out)
+    for k in a:
+        torch.testing.assert_close(c[k], a[k], rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="init_from"):
+        train_motion(tmp_path / "d", tmp_path / "ck-d", _config(init_from=str(tmp_path)), model_path=tiny_sd,
+                     progress=False)
+
+
 def test_resume_with_other_settings_is_refused(tiny_sd, tmp_path):
     train_motion(tmp_path / "a", tmp_path / "ck", _config(steps=1), model_path=tiny_sd, progress=False)
     with pytest.raises(ValueError, match="lr"):

@@ -50,6 +50,10 @@ class MotionConfig:
     heads: int = 4  # temporal attention heads per motion module
     checkpoint_every: int = 100
     log_every: int = 25
+    # continued training: start from an exported adapter folder instead of zeroed proj_out, and draw the clips
+    # and noise of step k as those of step k + step_offset (so a continuation sees clips the first run did not)
+    init_from: Optional[str] = None
+    step_offset: int = 0
 
     @classmethod
     def from_dict(cls, d: dict) -> "MotionConfig":
@@ -58,7 +62,7 @@ class MotionConfig:
 
 # Settings that decide the result; a checkpoint resumes only with the same values (bookkeeping may change).
 _LOCKED = ("seed", "steps", "batch", "frames", "lr", "warmup", "min_lr_fraction", "caption_dropout",
-           "min_snr_gamma", "ema_decay", "grad_clip", "heads")
+           "min_snr_gamma", "ema_decay", "grad_clip", "heads", "init_from", "step_offset")
 
 
 def build_motion_adapter(unet, heads: int = 4, max_seq_length: int = MOTION_MAX_SEQ_LENGTH, zero_out: bool = True):
@@ -117,6 +121,21 @@ def _load_image_model(model_path):
             UNet2DConditionModel.from_pretrained(path, subfolder="unet"))
 
 
+def _load_init(adapter, folder) -> None:
+    """Load an exported adapter's weights into ``adapter`` (same architecture, else a clear error)."""
+    from diffusers import MotionAdapter
+
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise ValueError(f"init_from: {folder} is not a MotionAdapter folder (no config.json); accepted: a folder "
+                         "written by train-toy-motion, e.g. assets/toy-motion")
+    source = MotionAdapter.from_pretrained(str(folder))
+    try:
+        adapter.load_state_dict(source.state_dict())
+    except RuntimeError as err:
+        raise ValueError(f"init_from: {folder} does not match this adapter's architecture (heads, widths): {err}") from None
+
+
 def clips_to_tensor(clips: np.ndarray) -> torch.Tensor:
     """uint8 (N, F, H, W, 3) -> float (N * F, 3, H, W) in [-1, 1], frames of a clip consecutive."""
     n, f = clips.shape[:2]
@@ -155,6 +174,8 @@ def train_motion(
     model_path = Path(model_path) if model_path is not None else default_model_path()
     vae, text_encoder, tokenizer, image_unet = _load_image_model(model_path)
     adapter = build_motion_adapter(image_unet, heads=config.heads)
+    if config.init_from is not None:
+        _load_init(adapter, config.init_from)
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = ckpt_dir / "motion.pt", ckpt_dir / "train_log.jsonl"
@@ -216,8 +237,9 @@ def train_motion(
     bar = tqdm(total=config.steps, initial=state["step"], desc="motion", disable=not progress)
     t_last, running = time.perf_counter(), []
     for step in range(state["step"], config.steps):
-        gen = _step_generator(config.seed, 4, step)
-        seeds = range(_MOTION_BASE + step * n, _MOTION_BASE + (step + 1) * n)
+        data_step = step + config.step_offset
+        gen = _step_generator(config.seed, 4, data_step)
+        seeds = range(_MOTION_BASE + data_step * n, _MOTION_BASE + (data_step + 1) * n)
         clips, captions = video_world.generate_clips(seeds, f)
         drop = torch.rand(n, generator=gen) < config.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
