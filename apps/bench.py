@@ -19,9 +19,10 @@ and frequency start point), each case in fresh processes like the stock comparis
 the two can be compared too.
 
 The FreeNoise rows (`--freenoise`) run `guidekit.FreeNoise(fusion="block")` (diffusers' fusion point, so the
-comparison with diffusers is like for like) on a random AnimateDiff model (the tiny or mid
-image model plus a matching motion adapter, window 16, stride 4): time per frame at a long and a short
-video (F=64 against F=16; F=16 is a single window, i.e. the plain model) and guidekit against diffusers' own
+comparison with diffusers is like for like; `--freenoise-fusion attention` times FreeNoise's default fusion
+instead) on a random AnimateDiff model (the tiny or mid image model plus a matching motion adapter, window 16,
+stride 4): time per frame at a long and a short video (F=64 against F=16; F=16 is a single window, i.e. the
+plain model) and guidekit against diffusers' own
 `enable_free_noise` at F=64, alternated call by call in one process; and the peak memory of the call (the
 rise of the resident set over what the process held before its first call) at F=16, 64 and 128 with and
 without FreeNoise's exact splitting (`FREENOISE_SPLIT`), each in a fresh process.
@@ -204,9 +205,9 @@ def _build_animatediff(kind: str, folder: Path) -> None:
     AnimateDiffPipeline.from_pretrained(str(image_dir), motion_adapter=adapter).save_pretrained(str(folder))
 
 
-def _freenoise_pipeline(case: str, folder: str):
+def _freenoise_pipeline(case: str, folder: str, fusion: str = "block"):
     """The AnimateDiff pipeline of `case` and its call's extra arguments: "guidekit"
-    (`guidekit.FreeNoise(fusion="block")`), "guidekit-split" (with `FREENOISE_SPLIT`) or "diffusers" (`enable_free_noise`); window 16, stride 4,
+    (`guidekit.FreeNoise(fusion=fusion)`), "guidekit-split" (with `FREENOISE_SPLIT`) or "diffusers" (`enable_free_noise`); window 16, stride 4,
     pyramid weights, shuffled noise in all three."""
     from diffusers import AnimateDiffPipeline
 
@@ -223,8 +224,8 @@ def _freenoise_pipeline(case: str, folder: str):
     else:
         pipe = GuidedAnimateDiffPipeline.from_pretrained(folder)
         split = FREENOISE_SPLIT if case == "guidekit-split" else {}
-        # block fusion: the same work as diffusers' enable_free_noise, so the ratio compares like with like
-        extra = {"hooks": [guidekit.FreeNoise(context_length=16, context_stride=4, fusion="block", **split)]}
+        # block fusion (the default here): the same work as diffusers' enable_free_noise, like with like
+        extra = {"hooks": [guidekit.FreeNoise(context_length=16, context_stride=4, fusion=fusion, **split)]}
     pipe.set_progress_bar_config(disable=True)
     return pipe, extra
 
@@ -238,14 +239,15 @@ def _freenoise_call(pipe, extra: dict, num_frames: int, steps: int, size: int, s
                     generator=torch.Generator().manual_seed(seed), **extra)
 
 
-def measure_freenoise_memory(case: str, folder: str, num_frames: int, steps: int, size: int) -> list[dict]:
+def measure_freenoise_memory(case: str, folder: str, num_frames: int, steps: int, size: int,
+                             fusion: str = "block") -> list[dict]:
     """Peak memory of the first call of `case` at `num_frames` frames in this process: `peak_delta_mib` is the
     peak resident set during the call minus the resident set before it (after a warm-up call the allocator
     would hand the same pages back and the rise would hide); wall and thread CPU seconds too."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("GUIDEKIT_BENCH_THREADS", "1")))
-    pipe, extra = _freenoise_pipeline(case, folder)
+    pipe, extra = _freenoise_pipeline(case, folder, fusion)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             # weights may be memory-mapped from the checkpoint and paged in on first use: read them now, so
@@ -261,7 +263,8 @@ def measure_freenoise_memory(case: str, folder: str, num_frames: int, steps: int
              "peak_delta_mib": (mem.peak - before) / 2**20}]
 
 
-def time_freenoise(folder: str, frames: tuple[int, int], steps: int, size: int, rounds: int) -> list[dict]:
+def time_freenoise(folder: str, frames: tuple[int, int], steps: int, size: int, rounds: int,
+                   fusion: str = "block") -> list[dict]:
     """Time per call, in this process: guidekit's FreeNoise at the short and the long length of `frames` and
     diffusers' `enable_free_noise` at the long one, after one warm-up call each, then `rounds` rounds of one
     call each, alternated in a rotating order (so that a slow spell of a shared machine falls on all three).
@@ -270,7 +273,7 @@ def time_freenoise(folder: str, frames: tuple[int, int], steps: int, size: int, 
 
     torch.set_num_threads(int(os.environ.get("GUIDEKIT_BENCH_THREADS", "1")))
     short, long = frames
-    pipes = {case: _freenoise_pipeline(case, folder) for case in ("guidekit", "diffusers")}
+    pipes = {case: _freenoise_pipeline(case, folder, fusion) for case in ("guidekit", "diffusers")}
     cases = [("guidekit", short), ("guidekit", long), ("diffusers", long)]
     for case, num_frames in cases:
         _freenoise_call(*pipes[case], num_frames, 1, size)  # warm-up: lazy initialisations are not measured
@@ -302,8 +305,10 @@ def _median(results: list[dict], case: str, frames: int, key: str) -> float:
 
 
 def freenoise_rows(model: str, rounds: int, steps: int, size: int, frames: tuple[int, int] = (16, 64),
-                   memory_frames: tuple[int, ...] = (16, 64, 128)) -> tuple[list[dict], list[dict], list[dict]]:
-    """The FreeNoise tables on the `model` AnimateDiff checkpoint: (time rows, memory rows, raw results).
+                   memory_frames: tuple[int, ...] = (16, 64, 128),
+                   fusion: str = "block") -> tuple[list[dict], list[dict], list[dict]]:
+    """The FreeNoise tables on the `model` AnimateDiff checkpoint: (time rows, memory rows, raw results), with
+    guidekit's FreeNoise at `fusion` ("block" or "attention").
 
     Time: one fresh process runs `time_freenoise` (`rounds` alternated calls per case). Memory: one fresh
     process per length of `memory_frames`, with and without splitting, its first call measured.
@@ -313,27 +318,28 @@ def freenoise_rows(model: str, rounds: int, steps: int, size: int, frames: tuple
         folder = Path(tmp) / model
         _build_animatediff(model, folder)
         with click.progressbar(length=1 + 2 * len(memory_frames), label=f"bench FreeNoise {model}") as bar:
-            raw = _run_freenoise_worker("time", folder, list(frames), steps, size, rounds)
+            raw = _run_freenoise_worker("time", folder, list(frames), steps, size, rounds, fusion)
             bar.update(1)
             memory = []
             for f in memory_frames:
                 for case in ("guidekit", "guidekit-split"):
-                    memory.extend(_run_freenoise_worker("memory", case, folder, f, steps, size))
+                    memory.extend(_run_freenoise_worker("memory", case, folder, f, steps, size, fusion))
                     bar.update(1)
     for row in raw + memory:
-        row.update(model=model, steps=steps, size=size)
+        row.update(model=model, steps=steps, size=size, fusion=fusion)
 
     def per_frame(case, f, key):
         return _median(raw, case, f, key) / f
 
-    common = {"model": model, "steps": steps, "size": size, "runs": rounds}
+    common = {"model": model, "steps": steps, "size": size, "runs": rounds, "fusion": fusion}
+    label = "" if fusion == "block" else f" ({fusion} fusion)"
     time_rows = [
-        {"case": f"guidekit FreeNoise, time per frame F={long} vs F={short}", "target": "<= 1.10",
+        {"case": f"guidekit FreeNoise{label}, time per frame F={long} vs F={short}", "target": "<= 1.10",
          "wall_ratio": per_frame("guidekit", long, "wall_s") / per_frame("guidekit", short, "wall_s"),
          "cpu_ratio": per_frame("guidekit", long, "cpu_s") / per_frame("guidekit", short, "cpu_s"),
          "a_ms_per_frame": 1e3 * per_frame("guidekit", long, "cpu_s"),
          "b_ms_per_frame": 1e3 * per_frame("guidekit", short, "cpu_s"), **common},
-        {"case": f"guidekit FreeNoise vs diffusers enable_free_noise, F={long}", "target": "<= 1.00",
+        {"case": f"guidekit FreeNoise{label} vs diffusers enable_free_noise, F={long}", "target": "<= 1.00",
          "wall_ratio": _median(raw, "guidekit", long, "wall_s") / _median(raw, "diffusers", long, "wall_s"),
          "cpu_ratio": _median(raw, "guidekit", long, "cpu_s") / _median(raw, "diffusers", long, "cpu_s"),
          "a_ms_per_frame": 1e3 * per_frame("guidekit", long, "cpu_s"),
@@ -642,8 +648,12 @@ def _frames(text: str, name: str, count: Optional[int] = None) -> tuple[int, ...
 @click.option("--freenoise-steps", type=click.IntRange(1, 200), default=2, help="FreeNoise rows: denoising steps.")
 @click.option("--freenoise-frames", default="16,64", help="FreeNoise time rows: the short and the long length.")
 @click.option("--freenoise-memory-frames", default="16,64,128", help="FreeNoise memory rows: the lengths.")
+@click.option("--freenoise-fusion", type=click.Choice(("block", "attention")), default="block",
+              help="FreeNoise rows: guidekit's fusion. block (default): diffusers' fusion point, the same work as "
+                   "enable_free_noise; attention: FreeNoise's default, with each frame's projections shared by its "
+                   "windows.")
 def bench(sd, models, rounds, steps, json_out, uam, elucd, pixel, styleid, stylessp, freenoise, freenoise_model,
-          freenoise_size, freenoise_steps, freenoise_frames, freenoise_memory_frames):
+          freenoise_size, freenoise_steps, freenoise_frames, freenoise_memory_frames, freenoise_fusion):
     """Time and memory of hooked pipelines (CFG, APG, CFG + EluCD) against stock diffusers, as a table; StyleID,
     StyleID + StyleSSP and UAM against their plain baselines; FreeNoise against itself and diffusers'."""
     chosen = [m.strip() for m in models.split(",") if m.strip()]
@@ -697,7 +707,7 @@ def bench(sd, models, rounds, steps, json_out, uam, elucd, pixel, styleid, style
     freenoise_summary = {}
     if freenoise:
         time_rows, memory_rows, freenoise_raw = freenoise_rows(
-            freenoise_model, rounds, freenoise_steps, freenoise_size, time_frames, memory_frames)
+            freenoise_model, rounds, freenoise_steps, freenoise_size, time_frames, memory_frames, freenoise_fusion)
         click.echo("")
         click.echo(format_freenoise_tables(time_rows, memory_rows))
         freenoise_summary = {"time": time_rows, "memory": memory_rows, "runs": freenoise_raw}

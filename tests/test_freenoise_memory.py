@@ -51,10 +51,11 @@ class _Rows:
 
 
 def _probes(unet):
-    """The first convolution of every resnet (rows: batch×frames) and every temporal block's first attention
-    (rows: batch×pixels): inner modules, so they see the chunks the layers are run on."""
+    """The first convolution of every resnet (rows: batch×frames) and every temporal block's first norm
+    (rows: batch×pixels; run by the per-window and the shared-projection attention fusion alike): inner
+    modules, so they see the chunks the layers are run on."""
     resnets = [m.conv1 for name, m in spatial_layers(unet) if ".resnets." in name]
-    attentions = [block.attn1 for _, block in motion_blocks(unet)]
+    attentions = [block.norm1 for _, block in motion_blocks(unet)]
     return _Rows(resnets), _Rows(attentions)
 
 
@@ -135,7 +136,7 @@ def test_bench_freenoise_tables_build(monkeypatch, tmp_path):
     calls = []
 
     def in_process(kind, *args):
-        calls.append((kind, *args[:-2]) if kind == "memory" else (kind, args[1], args[-1]))
+        calls.append((kind, *args[:-3]) if kind == "memory" else (kind, args[1], args[-2]))
         run = bench_mod.time_freenoise if kind == "time" else bench_mod.measure_freenoise_memory
         return run(*[str(a) if isinstance(a, type(tmp_path)) else a for a in args])
 

@@ -9,6 +9,7 @@ from diffusers import AnimateDiffSDXLPipeline, MotionAdapter, StableDiffusionXLP
 from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 
 import guidekit
+from guidekit.attention import freenoise
 from guidekit.attention.freenoise import motion_blocks
 from guidekit.pipelines import GuidedAnimateDiffSDXLPipeline
 from guidekit.testing.animatediff import make_tiny_animatediff_sdxl
@@ -127,10 +128,14 @@ def test_short_video_with_freenoise_is_the_plain_pipeline(ours, noise):
     torch.testing.assert_close(video(ours, 12, hooks=[guidekit.FreeNoise(noise=noise)]), plain, rtol=0, atol=0)
 
 
-def test_long_video_runs_the_temporal_attention_on_windows(ours):
+def test_long_video_runs_the_temporal_attention_on_windows(ours, monkeypatch):
     _, block = motion_blocks(ours.unet)[0]
     lengths = []
+    # the window loop runs the attention module per window; the shared-projection form attends all windows at once
     handle = block.attn1.register_forward_hook(lambda module, args, output: lengths.append(output.shape[1]))
+    attend = freenoise._window_attention
+    monkeypatch.setattr(freenoise, "_window_attention",
+                        lambda attn, query, key, value: lengths.append(query.shape[2]) or attend(attn, query, key, value))
     try:
         result = video(ours, 20, hooks=[guidekit.FreeNoise(context_length=16, context_stride=4)])
     finally:

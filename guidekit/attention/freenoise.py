@@ -10,6 +10,11 @@ the core's `WindowAccumulator` (per-frame weights normalised to sum to exactly 1
 * "attention" fusion (the official VideoCrafter code): each attention's output is fused over the windows,
   then added to the full residual stream, so the second attention sees the fused first one.
 
+With the stock attention processors, "attention" fusion computes each frame's layer norm and query, key,
+value and output projections once instead of once per window (`_shared_projection_attention`): only the
+positional term differs between a frame's windows, and the projections are affine. Any other processor,
+mask or attention option runs the per-window loop (`_windowed_attention`), the reference form.
+
 Clone-then-patch: the blocks' own `forward`s are shadowed for one call and put back afterwards; the
 weights, processors and module tree are never touched, so `end` leaves the model exactly as it was.
 """
@@ -23,7 +28,7 @@ import torch
 from torch import nn
 
 from ..hooks import HookConflictError
-from ..video import WindowAccumulator, plan_windows
+from ..video import WindowAccumulator, fusion_weights, plan_windows
 from .install import attention_layers
 from .wrapping import WrappingProcessor
 
@@ -92,12 +97,12 @@ def _attend(block: nn.Module, hidden_states: torch.Tensor, attention_mask, encod
     return hidden_states
 
 
-def _fused_attention(attn: nn.Module, norm: nn.Module, pos_embed: Optional[nn.Module], hidden_states: torch.Tensor,
-                     plan, weighting, encoder_hidden_states, attention_mask, cross_attention_kwargs: dict):
+def _windowed_attention(attn: nn.Module, norm: nn.Module, pos_embed: Optional[nn.Module], hidden_states: torch.Tensor,
+                        plan, weighting, encoder_hidden_states, attention_mask, cross_attention_kwargs: dict):
     """One attention run per window, the window outputs fused per frame (VideoCrafter's FreeNoise attention).
 
     VideoCrafter fuses before `to_out`; `to_out` is affine, and the fusion weights of a frame sum to 1, so
-    fusing after it is the same map.
+    fusing after it is the same map. This loop is the reference form of the fusion: it runs any processor.
     """
     fused = WindowAccumulator(hidden_states.size(1), frame_dim=1)
     for start, stop in plan:
@@ -107,6 +112,149 @@ def _fused_attention(attn: nn.Module, norm: nn.Module, pos_embed: Optional[nn.Mo
         )
         fused.accumulate((start, stop), output, weighting)
     return fused.normalise()
+
+
+def _stock_processors() -> tuple[type, ...]:
+    """diffusers' plain attention processors, whose whole computation `_shared_projection_attention` mirrors."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    return AttnProcessor, AttnProcessor2_0
+
+
+def _is_plain_self_attention(attn: nn.Module) -> bool:
+    """Whether `attn` is a stock-processor self-attention: to_q/to_k/to_v → attention → to_out, nothing else."""
+    if type(getattr(attn, "processor", None)) not in _stock_processors():
+        return False
+    # the processors apply these when set; the shared form does not
+    for name in ("norm_q", "norm_k", "group_norm", "spatial_norm", "norm_cross"):
+        if getattr(attn, name, None) is not None:
+            return False
+    if attn.is_cross_attention or attn.residual_connection or attn.rescale_output_factor != 1:
+        return False
+    # affine layers only: a projection must split into the frame's part plus the positional part
+    to_out = attn.to_out
+    if any(type(layer) is not nn.Linear for layer in (attn.to_q, attn.to_k, attn.to_v)):
+        return False
+    if len(to_out) != 2 or type(to_out[0]) is not nn.Linear or type(to_out[1]) is not nn.Dropout:
+        return False
+    return not (to_out[1].training and to_out[1].p > 0)  # dropout once per frame differs from once per window
+
+
+def _shares_projections(attn: nn.Module, norm: nn.Module, pos_embed: Optional[nn.Module], hidden_states: torch.Tensor,
+                        plan, encoder_hidden_states, attention_mask, cross_attention_kwargs: dict) -> bool:
+    """Whether `_shared_projection_attention` is exactly the map of `_windowed_attention` for this call."""
+    from diffusers.models.embeddings import SinusoidalPositionalEmbedding
+
+    if hidden_states.ndim != 3 or encoder_hidden_states is not None or attention_mask is not None:
+        return False
+    if cross_attention_kwargs or type(norm) is not nn.LayerNorm or not _is_plain_self_attention(attn):
+        return False
+    lengths = {stop - start for start, stop in plan}
+    if len(lengths) != 1:
+        return False
+    dtypes = {hidden_states.dtype, attn.to_q.weight.dtype, attn.to_k.weight.dtype, attn.to_v.weight.dtype}
+    if pos_embed is not None:
+        # the positions 0…W−1 must exist, and be added in the stream's dtype, as the module's `x + pe` does
+        if type(pos_embed) is not SinusoidalPositionalEmbedding or pos_embed.pe.size(1) < lengths.pop():
+            return False
+        dtypes.add(pos_embed.pe.dtype)
+    return len(dtypes) == 1
+
+
+def _window_frames(plan, device: torch.device) -> torch.Tensor:
+    """The frame indices of every window of the plan, (n_windows, W): the windows' slices as one gather."""
+    starts = torch.tensor([start for start, _ in plan], device=device)
+    length = plan[0][1] - plan[0][0]
+    return starts[:, None] + torch.arange(length, device=device)
+
+
+def _window_frame_weights(plan, num_frames: int, weighting, frames: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The fusion weight of every window frame, (n_windows·W, 1), in `like`'s dtype and device.
+
+    They are `fusion_weights`' (each frame's weights normalised to sum to 1, as `WindowAccumulator` normalises
+    them, the tail window included), read at each window's frames.
+    """
+    normalised = fusion_weights(plan, num_frames, weighting)
+    return normalised.gather(1, frames.cpu()).reshape(-1, 1).to(dtype=like.dtype, device=like.device)
+
+
+def _row_chunks(rows: int, window_elements: int, device: torch.device) -> list[slice]:
+    """Row slices for the windowed tensors: on the CPU about 2^18 elements per tensor, so that the gathered
+    windows, their attention and their fusion stay in cache; elsewhere all rows at once."""
+    chunk = rows if device.type != "cpu" else max(1, (1 << 18) // max(1, window_elements))
+    return [slice(start, min(start + chunk, rows)) for start in range(0, rows, chunk)]
+
+
+def _windowed_projection(projected: torch.Tensor, positions: Optional[torch.Tensor], frames: torch.Tensor,
+                         heads: int) -> torch.Tensor:
+    """`linear(norm(x)[window] + pe[:W])` of every window, as (rows·n_windows, heads, W, head_dim).
+
+    `projected` is `linear(norm(x))`, computed once per frame and gathered into the windows here;
+    `positions` is `pe[:W]` through the weight only (the bias is in the frame's part already), the same for
+    every window since positions restart at 0.
+    """
+    windows = projected[:, frames]  # (rows, n_windows, W, inner)
+    if positions is not None:
+        windows = windows + positions
+    rows, inner = projected.size(0), projected.size(-1)
+    return windows.reshape(rows * frames.size(0), frames.size(1), heads, inner // heads).transpose(1, 2)
+
+
+def _window_attention(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The processor's scaled dot-product attention on all windows at once, (rows·n_windows, W, inner)."""
+    # AttnProcessor2_0 leaves out attn.scale (SDPA's default 1/√head_dim); AttnProcessor scales by attn.scale
+    from diffusers.models.attention_processor import AttnProcessor
+
+    scale = attn.scale if type(attn.processor) is AttnProcessor else None
+    output = torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=0.0, scale=scale)
+    return output.transpose(1, 2).flatten(2).to(query.dtype)
+
+
+def _fuse_window_outputs(fused: torch.Tensor, outputs: torch.Tensor, frames: torch.Tensor,
+                         weights: torch.Tensor) -> None:
+    """FreeNoise's per-frame fusion of the window outputs (before `to_out`): add each window frame's output,
+    times its normalised weight, into its frame of `fused` (rows, F, inner), in place."""
+    rows = fused.size(0)
+    outputs = outputs.reshape(rows, frames.numel(), outputs.size(-1))
+    fused.index_add_(1, frames.flatten(), outputs * weights)
+
+
+def _shared_projection_attention(attn: nn.Module, norm: nn.Module, pos_embed: Optional[nn.Module],
+                                 hidden_states: torch.Tensor, plan, weighting) -> torch.Tensor:
+    """`_windowed_attention` with every per-frame layer computed once per frame instead of once per window.
+
+    Norm and projections are per frame, and a window's positions are the same 0…W−1 wherever it starts, so
+    `to_q(norm(x)[window] + pe) = to_q(norm(x))[window] + to_q.weight·pe`; the windows' attentions run as one
+    batch (per chunk of rows); the window outputs are fused per frame before `to_out` (VideoCrafter's fusion
+    point), which then runs once per frame: it is affine and each frame's weights sum to 1.
+    """
+    normed = norm(hidden_states)
+    frames = _window_frames(plan, hidden_states.device)
+    positions = pos_embed.pe[0, : frames.size(1)] if pos_embed is not None else None
+    projections = [
+        (linear(normed), positions @ linear.weight.t() if positions is not None else None)
+        for linear in (attn.to_q, attn.to_k, attn.to_v)
+    ]
+    weights = _window_frame_weights(plan, hidden_states.size(1), weighting, frames, normed)
+    inner = projections[0][0].size(-1)
+    fused = normed.new_zeros(hidden_states.size(0), hidden_states.size(1), attn.to_v.weight.size(0))
+    for rows in _row_chunks(hidden_states.size(0), frames.numel() * inner, hidden_states.device):
+        query, key, value = (
+            _windowed_projection(projected[rows], term, frames, attn.heads) for projected, term in projections
+        )
+        _fuse_window_outputs(fused[rows], _window_attention(attn, query, key, value), frames, weights)
+    return attn.to_out[1](attn.to_out[0](fused))
+
+
+def _fused_attention(attn: nn.Module, norm: nn.Module, pos_embed: Optional[nn.Module], hidden_states: torch.Tensor,
+                     plan, weighting, encoder_hidden_states, attention_mask, cross_attention_kwargs: dict):
+    """One attention fused over the windows (VideoCrafter's FreeNoise attention): the shared-projection form
+    where it is provably the same map as the module, else the per-window loop."""
+    if _shares_projections(attn, norm, pos_embed, hidden_states, plan, encoder_hidden_states, attention_mask,
+                           cross_attention_kwargs):
+        return _shared_projection_attention(attn, norm, pos_embed, hidden_states, plan, weighting)
+    return _windowed_attention(attn, norm, pos_embed, hidden_states, plan, weighting, encoder_hidden_states,
+                               attention_mask, cross_attention_kwargs)
 
 
 def windowed_block_forward(
