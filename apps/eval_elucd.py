@@ -29,13 +29,17 @@ def _scales(ctx, param, value):
 @click.option("--model", default=None, help="Pipeline folder (default: the embedded toy model).")
 @click.option("--classifier", default=None, help="Classifier folder (default: the embedded toy classifier).")
 @click.option("--samples", type=click.IntRange(1, 100), default=4, help="Samples per class (18 classes).")
-@click.option("--steps", type=click.IntRange(1, 1000), default=25, help="DDIM steps.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None,
+              help="Sampling steps [default: guidekit.toy.RECOMMENDED_ELUCD_SAMPLER's].")
+@click.option("--scheduler", type=click.Choice(["ddpm", "ddim"]), default=None,
+              help="Sampler: ddpm (ancestral, EluCD's own) or ddim (deterministic) "
+                   "[default: guidekit.toy.RECOMMENDED_ELUCD_SAMPLER's].")
 @click.option("--scales", default=None, callback=lambda c, p, v: None if v is None else _scales(c, p, v),
               help="Guidance scales of ClassifierGuidance and EluCD [default: RECOMMENDED_ELUCD's scale only].")
 @click.option("--ablation-scale", type=FiniteFloatRange(min=0, min_open=True), default=None, help="Scale of the ablation rows [default: the largest scale].")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
 @click.option("--threads", type=click.IntRange(1), default=1, help="torch CPU threads.")
-def eval_elucd(out, model, classifier, samples, steps, scales, ablation_scale, device, threads):
+def eval_elucd(out, model, classifier, samples, steps, scheduler, scales, ablation_scale, device, threads):
     """Unguided vs ClassifierGuidance vs EluCD (and its ablations) on the embedded model; prints the table."""
     import torch
 
@@ -50,7 +54,8 @@ def eval_elucd(out, model, classifier, samples, steps, scales, ablation_scale, d
         raise click.BadParameter("cuda was asked for but torch sees no CUDA device", param_hint="--device")
     pipe = load_pipeline(model, device)
     clf = TransformersClassifier.from_pretrained(str(classifier or default_classifier_path())).to(device)
-    result = ev.run(pipe, clf, scales=scales, samples=samples, steps=steps, ablation_scale=ablation_scale, log=click.echo)
+    result = ev.run(pipe, clf, scales=scales, samples=samples, steps=steps, ablation_scale=ablation_scale, log=click.echo,
+                    scheduler=scheduler)
     result["best_scale"] = ev.pick_scale(result)
     ev.save(result, out)
     click.echo(ev.markdown(result))

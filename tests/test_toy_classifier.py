@@ -124,3 +124,32 @@ def test_recommended_elucd_builds_a_hook(shipped):
     hook = guidekit.EluCD(shipped, "red circle", **guidekit.toy.RECOMMENDED_ELUCD)
     assert hook.labels == 0 and hook.scale == guidekit.toy.RECOMMENDED_ELUCD["scale"] > 0
     assert "classifier" not in guidekit.toy.RECOMMENDED_ELUCD and "labels" not in guidekit.toy.RECOMMENDED_ELUCD
+
+
+def test_render_uses_one_generator_per_sample_and_puts_the_scheduler_back(shipped):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from guidekit.toy.evaluate import load_pipeline
+
+    pipe = load_pipeline()
+    own = pipe.scheduler
+    row = {"method": "EluCD", "scale": 1.0, "kwargs": {}}
+    together = ev.render(pipe, row, shipped, [0, 4], 1, steps=3, batch=2, scheduler="ddpm")
+    apart = ev.render(pipe, row, shipped, [0, 4], 1, steps=3, batch=1, scheduler="ddpm")
+    assert pipe.scheduler is own
+    # an image does not depend on the batch it was drawn in (ancestral noise included)
+    np.testing.assert_allclose(together, apart, rtol=0, atol=2e-5)
+    # the step noise is the sample's own: another class's sample 0 differs from the same start noise
+    g = ev.step_generators([0, 4], 2)
+    assert len(g) == 4 and g[0].initial_seed() != g[2].initial_seed() != g[1].initial_seed()
+    ddpm = ev.scheduler_for(pipe, "ddpm")
+    assert isinstance(ddpm, DDPMScheduler) and isinstance(ev.scheduler_for(pipe, "ddim"), DDIMScheduler)
+    assert ddpm.config.prediction_type == own.config.prediction_type
+    assert ddpm.config.timestep_spacing == own.config.timestep_spacing
+    with pytest.raises(ValueError, match="scheduler"):
+        ev.scheduler_for(pipe, "euler")
+
+
+def test_recommended_elucd_sampler_is_one_render_accepts():
+    sampler = guidekit.toy.RECOMMENDED_ELUCD_SAMPLER
+    assert sampler["scheduler"] in ev.SCHEDULERS and sampler["steps"] >= 1

@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_STEPS",
     "RECOMMENDED_APG",
     "RECOMMENDED_ELUCD",
+    "RECOMMENDED_ELUCD_SAMPLER",
     "MODEL_WORLD_VERSION",
     "apg_settings",
     "caption",
@@ -75,6 +76,12 @@ RECOMMENDED_APG = {"eta": 0.0, "norm_threshold": 4.0, "momentum": -0.5}
 #: textures in the probes. See the README's EluCD section.
 RECOMMENDED_ELUCD = {"scale": 3.0, "softplus_beta": 3.0, "joint_temperature": 1.0, "marginal_temperature": 0.5,
                      "schedule": "ddpm", "gamma": 0.3, "start": 0.1, "stop": 0.6}
+
+
+#: The sampler to run `RECOMMENDED_ELUCD` with on the embedded model: ancestral DDPM steps (`DDPMScheduler` from the
+#: model's scheduler config), EluCD's own setting. Each step's mean shift then sticks: on 36-image probes at scale
+#: 3, deterministic DDIM with 25 steps reached 31% class accuracy and DDPM with 100 steps 53%.
+RECOMMENDED_ELUCD_SAMPLER = {"scheduler": "ddpm", "steps": 100}
 
 
 def apg_settings(embedded: bool, eta=None, norm_threshold=None, momentum=None) -> dict:

@@ -1,9 +1,11 @@
 """EluCD on the embedded model: unconditional generation steered to each "{colour} {shape}" class by the
 embedded (clean-image, ReLU) classifier, judged by `guidekit.toy.judge`, never by the guiding classifier.
 
-Every method draws sample ``i`` of class ``c`` from the same noise (seed ``NOISE_SEED + 1000 * c + i``), so the
-unguided row is the same images for every class (its accuracy is chance, about 1/18) and the rows differ only
-by the guidance. Generation: empty prompt, guidance scale 1 (no CFG pass), DDIM, 25 steps.
+Every method draws sample ``i`` of class ``c`` from the same noise (seed ``NOISE_SEED + 1000 * c + i``; the ancestral
+sampler's step noise from seed ``NOISE_SEED + 1000 * c + STEP_NOISE_OFFSET + i``), so the unguided row is the same
+images for every class (its accuracy is chance, about 1/18) and the rows differ only by the guidance. Generation:
+empty prompt, guidance scale 1 (no CFG pass), with the sampler of :data:`guidekit.toy.RECOMMENDED_ELUCD_SAMPLER`
+(EluCD's own setting: ancestral DDPM steps, which let each step's mean shift stick) unless one is given.
 
 Measured per method: class accuracy (the judged shape colour *and* shape both match the class), mean shape
 fidelity (`fidelity_summary`), diversity (distinct judged background colours per class, and the spread of the
@@ -25,6 +27,10 @@ from .judge import Judgement, fidelity_summary, judge_batch
 
 __all__ = [
     "NOISE_SEED",
+    "STEP_NOISE_OFFSET",
+    "SCHEDULERS",
+    "scheduler_for",
+    "step_generators",
     "DEFAULT_SCALES",
     "method_rows",
     "noise",
@@ -40,6 +46,10 @@ __all__ = [
 ]
 
 NOISE_SEED = 9000
+#: Seed offset of the per-sample generators of the ancestral sampler's step noise (samples per class <= 100).
+STEP_NOISE_OFFSET = 500
+#: The samplers `render` accepts: diffusers scheduler classes built from the pipeline's scheduler config.
+SCHEDULERS = ("ddim", "ddpm")
 DEFAULT_SCALES = (0.3, 1.0, 3.0)
 
 
@@ -64,6 +74,24 @@ def noise(classes: Sequence[int], samples: int) -> torch.Tensor:
                         for c in classes for i in range(samples)])
 
 
+def step_generators(classes: Sequence[int], samples: int) -> list[torch.Generator]:
+    """One generator per sample for the sampler's step noise: sample ``i`` of class ``c`` from seed
+    ``NOISE_SEED + 1000 * c + STEP_NOISE_OFFSET + i``, so an image never depends on the batch it is drawn in."""
+    return [torch.Generator().manual_seed(NOISE_SEED + 1000 * c + STEP_NOISE_OFFSET + i)
+            for c in classes for i in range(samples)]
+
+
+def scheduler_for(pipe, name: str):
+    """A fresh scheduler of kind `name` ("ddim" or "ddpm") from the pipeline's scheduler config (its schedule,
+    prediction type and timestep spacing kept)."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler: {name!r} is not accepted; accepted: {', '.join(SCHEDULERS)}")
+    cls = DDPMScheduler if name == "ddpm" else DDIMScheduler
+    return cls.from_config(pipe.scheduler.config)
+
+
 def _hooks(row: dict, classifier, labels):
     import guidekit
 
@@ -79,18 +107,31 @@ def _hooks(row: dict, classifier, labels):
     return [guidekit.EluCD(classifier, labels, **kwargs)]
 
 
-def render(pipe, row: dict, classifier, classes: Sequence[int], samples: int, steps: int = 25,
-           batch: int = 36) -> np.ndarray:
-    """Images float (N, 64, 64, 3) in [0, 1] of one row, classes × samples, from :func:`noise`."""
+def render(pipe, row: dict, classifier, classes: Sequence[int], samples: int, steps: Optional[int] = None,
+           batch: int = 36, scheduler: Optional[str] = None) -> np.ndarray:
+    """Images float (N, 64, 64, 3) in [0, 1] of one row, classes × samples, from :func:`noise` and
+    :func:`step_generators`, sampled with `scheduler` ("ddim" or "ddpm") for `steps` steps (defaults:
+    :data:`guidekit.toy.RECOMMENDED_ELUCD_SAMPLER`). The pipeline's own scheduler is put back afterwards."""
+    from . import RECOMMENDED_ELUCD_SAMPLER
+
+    steps = RECOMMENDED_ELUCD_SAMPLER["steps"] if steps is None else steps
+    sampler = scheduler_for(pipe, RECOMMENDED_ELUCD_SAMPLER["scheduler"] if scheduler is None else scheduler)
     labels = [int(c) for c in classes for _ in range(samples)]
     latents = noise(classes, samples).to(pipe.device)
+    generators = step_generators(classes, samples)
     out = []
-    for lo in range(0, len(labels), batch):
-        chunk = labels[lo:lo + batch]
-        hooks = _hooks(row, classifier, chunk)
-        images = pipe([""] * len(chunk), num_inference_steps=steps, guidance_scale=1.0, hooks=hooks,
-                      latents=latents[lo:lo + len(chunk)], output_type="np", height=64, width=64).images
-        out.append(np.clip(images, 0.0, 1.0))
+    own = pipe.scheduler
+    pipe.scheduler = sampler
+    try:
+        for lo in range(0, len(labels), batch):
+            chunk = labels[lo:lo + batch]
+            hooks = _hooks(row, classifier, chunk)
+            images = pipe([""] * len(chunk), num_inference_steps=steps, guidance_scale=1.0, hooks=hooks,
+                          latents=latents[lo:lo + len(chunk)], generator=generators[lo:lo + len(chunk)],
+                          output_type="np", height=64, width=64).images
+            out.append(np.clip(images, 0.0, 1.0))
+    finally:
+        pipe.scheduler = own
     return np.concatenate(out)
 
 
@@ -143,24 +184,28 @@ def measure(images: np.ndarray, labels: Sequence[int]) -> dict:
 
 
 def run(pipe, classifier, scales: Sequence[float] = DEFAULT_SCALES, samples: int = 4,
-        classes: Optional[Sequence[int]] = None, steps: int = 25, ablation_scale: Optional[float] = None,
-        log: Callable[[str], None] = print) -> dict:
+        classes: Optional[Sequence[int]] = None, steps: Optional[int] = None, ablation_scale: Optional[float] = None,
+        log: Callable[[str], None] = print, scheduler: Optional[str] = None) -> dict:
     """Every row of :func:`method_rows`, measured. Returns ``{"rows": [...], ...}``."""
-    from . import RECOMMENDED_ELUCD
+    from . import RECOMMENDED_ELUCD, RECOMMENDED_ELUCD_SAMPLER
+
+    steps = RECOMMENDED_ELUCD_SAMPLER["steps"] if steps is None else steps
+    scheduler = RECOMMENDED_ELUCD_SAMPLER["scheduler"] if scheduler is None else scheduler
 
     classes = list(range(len(LABELS))) if classes is None else [int(c) for c in classes]
     labels = [c for c in classes for _ in range(samples)]
     rows = []
     for row in method_rows(scales, ablation_scale):
         t0 = time.perf_counter()
-        images = render(pipe, row, classifier, classes, samples, steps)
+        images = render(pipe, row, classifier, classes, samples, steps, scheduler=scheduler)
         seconds = time.perf_counter() - t0
         result = {"method": row["method"], "scale": row["scale"], **{k: v for k, v in row["kwargs"].items()},
                   **measure(images, labels), "seconds": round(seconds, 1)}
         rows.append(result)
         log(f"{row['method']} s={row['scale']:g}: accuracy {result['accuracy']:.3f} fidelity {result['fidelity']:.3f} "
             f"backgrounds {result['backgrounds']:.2f} position std {result['position_std']:.2f} ({seconds:.0f} s)")
-    return {"classes": len(classes), "samples": samples, "steps": steps, "scales": list(map(float, scales)),
+    return {"classes": len(classes), "samples": samples, "steps": steps, "scheduler": scheduler,
+            "scales": list(map(float, scales)),
             "elucd_settings": {k: v for k, v in RECOMMENDED_ELUCD.items() if k != "scale"}, "rows": rows}
 
 
