@@ -180,6 +180,10 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+#: Scheduler classes by the `scheduler` a job's params name (jobs with the recommended EluCD sampler).
+SAMPLER_NAMES = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler"}
+
+
 def a1111_parameters(params: dict, seed: int, model: dict) -> str:
     """The `parameters` PNG text chunk in the format most image tools read (A1111 style)."""
     if is_style(params):
@@ -187,7 +191,8 @@ def a1111_parameters(params: dict, seed: int, model: dict) -> str:
                 f"Size: {params['width']}x{params['height']}, Model: {model.get('id')}, ")
         line += ", ".join(f"{k}: {params[k]}" for k in STYLE if k in params and params[k] is not None)
         return f"{_title(params)}\n{line}"
-    line = (f"Steps: {params['steps']}, Sampler: {model.get('scheduler', 'default')}, "
+    sampler = SAMPLER_NAMES.get(params.get("scheduler")) or model.get("scheduler", "default")
+    line = (f"Steps: {params['steps']}, Sampler: {sampler}, "
             f"CFG scale: {params['guidance_scale']}, Seed: {seed}, Size: {params['width']}x{params['height']}, "
             f"Model: {model.get('id')}, Guidance: {params['guidance']}")
     extra = GUIDANCE[params["guidance"]].params
@@ -697,7 +702,10 @@ def batch(jobs, out, model, strict, batch_size, dtype, video_model):
     arguments), fps and format (gif|webp), e.g.
       {"prompts": {"0": "a red circle", "24": "a blue circle"}, "frames": 48, "freenoise": {"context_stride": 2}}
     APG's eta / norm_threshold / momentum default to the embedded model's recommended setting
-    (guidekit.toy.RECOMMENDED_APG) with that model, else to the paper's 0 / 15 / -0.5.
+    (guidekit.toy.RECOMMENDED_APG) with that model, else to the paper's 0 / 15 / -0.5. A job with the
+    embedded classifier on the embedded model gets guidekit.toy.RECOMMENDED_ELUCD (a classifier_scale it
+    gives wins) and samples with guidekit.toy.RECOMMENDED_ELUCD_SAMPLER (ancestral DDPM; its steps unless
+    the job gives steps); other jobs keep the model's scheduler and 25 steps.
 
     \b
     Examples:

@@ -41,7 +41,8 @@ EXAMPLE_PROMPTS = [
 ]
 #: Largest classifier scale the Classifier guidance tab accepts.
 MAX_CLASSIFIER_SCALE = 100.0
-#: Where that tab's scale slider starts: the official classifier_scale of the EluCD DDPM script.
+#: Where that tab's scale slider starts on other models than the embedded one: the official classifier_scale of
+#: the EluCD DDPM script (on the embedded model: the scale of guidekit.toy.RECOMMENDED_ELUCD).
 DEFAULT_CLASSIFIER_SCALE = 1.0
 #: The Sweep tab's default guidance scales: from no guidance up to the scales where CFG degrades and APG is
 #: built not to (w = 15 and above).
@@ -53,7 +54,7 @@ SWEEP_SCALES = (1, 5, 10, 15, 20)
 
 @dataclass(frozen=True)
 class Limits:
-    max_steps: int = 50
+    max_steps: int = 100  # room for the embedded model's recommended EluCD sampler (RECOMMENDED_ELUCD_SAMPLER)
     max_size: int = 512
     max_sweep: int = 6  # guidance scales per sweep: 2 x max_sweep images per request
     max_scale: float = 30.0
@@ -311,6 +312,7 @@ class DemoBackend:
         import torch
         from guidekit.checks import check_number
 
+        from .generate import classifier_settings, elucd_recommended, recommended_sampler, using_scheduler
         from .jobs import resolve_classifier
 
         if label is None or (isinstance(label, str) and not label.strip()):
@@ -321,15 +323,22 @@ class DemoBackend:
         size = min(self.default_size, self.limits.max_size) // self.factor * self.factor
         params, seed = self.params("cfg", "an image", None, seed, steps, size, size, 1.0)
         clf = cache.get(path)
-        runs = [("Unguided", None), ("Naive (ClassifierGuidance)", guidekit.ClassifierGuidance),
-                ("EluCD", guidekit.EluCD)]
+        # The embedded classifier on the embedded model: its recommended settings and sampler, for all three runs
+        recommended = elucd_recommended(self.embedded, path)
+        sampler = recommended_sampler(recommended)
+        runs = [("Unguided", None, None), ("Naive (ClassifierGuidance)", guidekit.ClassifierGuidance, "plain"),
+                ("EluCD", guidekit.EluCD, "elucd")]
         images, rows = [], []
-        for name, cls in runs:
-            kwargs = {} if cls is None else {"hooks": [cls(clf, target, scale=scale)]}
+        for name, cls, calibration in runs:
+            kwargs = {} if cls is None else \
+                {"hooks": [cls(clf, target, **classifier_settings(recommended, calibration, scale))]}
             t0 = time.perf_counter()
-            out = self.pipe(prompt="", num_inference_steps=params["steps"], guidance_scale=1.0,
-                            width=params["width"], height=params["height"], output_type="np",
-                            generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
+            with using_scheduler(self.pipe, sampler["scheduler"] if sampler else None) as scheduler:
+                sampler_name = type(scheduler).__name__
+                # one generator per run: the same start noise (and DDPM step noise) for all three
+                out = self.pipe(prompt="", num_inference_steps=params["steps"], guidance_scale=1.0,
+                                width=params["width"], height=params["height"], output_type="np",
+                                generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
             dt = time.perf_counter() - t0
             image = to_pil(out.images)[0]
             images.append(image)
@@ -337,8 +346,15 @@ class DemoBackend:
             judged = f" | {judge_reading(image)}" if self.embedded else ""
             rows.append(f"| **{name}** | {_class_name(clf, top)} ({p_top:.2f}) | {p_target:.2f}{judged} | {dt:.1f} s |")
         judge_head = (" | judge: colour, shape", "|---") if self.embedded else ("", "")
+        if recommended:
+            rec = classifier_settings(True, "elucd", scale)
+            settings = (f"{sampler['scheduler'].upper()} ({sampler_name}), {params['steps']} steps, EluCD window "
+                        f"{rec['start']:g}–{rec['stop']:g} (the embedded model's recommended settings, "
+                        "guidekit.toy.RECOMMENDED_ELUCD; the naive run shares its window)")
+        else:
+            settings = f"{sampler_name}, {params['steps']} steps, the paper's defaults"
         summary = (f"Class **{_class_name(clf, target)}** (id {target}), classifier scale {scale:g}, seed {seed}, "
-                   f"{params['steps']} steps, {params['width']}x{params['height']}, unconditional (empty prompt, "
+                   f"{settings}, {params['width']}x{params['height']}, unconditional (empty prompt, "
                    "guidance scale 1).\n\n"
                    f"| | classifier: top class (probability) | p(requested class){judge_head[0]} | time |\n"
                    f"|---|---|---{judge_head[1]}|---|\n" + "\n".join(rows) +
@@ -997,6 +1013,20 @@ def _classifier_tab(backend: DemoBackend, queue: dict):
         except ValueError:  # a broken install: the textbox still takes another folder
             log.exception("the embedded classifier cannot be loaded")
             default = None
+    # On the embedded model, the sliders start at the embedded classifier's recommended settings
+    if backend.embedded and default is not None:
+        from guidekit import toy
+
+        default_scale = float(toy.RECOMMENDED_ELUCD["scale"])
+        default_steps = min(int(toy.RECOMMENDED_ELUCD_SAMPLER["steps"]), lim.max_steps)
+        scale_origin = ("the embedded model's recommended scale with the embedded classifier "
+                        "(guidekit.toy.RECOMMENDED_ELUCD).")
+        kind = str(toy.RECOMMENDED_ELUCD_SAMPLER["scheduler"]).upper()
+        steps_origin = (f" Default: the recommended sampler's steps ({kind}, guidekit.toy.RECOMMENDED_ELUCD_SAMPLER), "
+                        "which the embedded classifier's three runs use.")
+    else:
+        default_scale, default_steps = DEFAULT_CLASSIFIER_SCALE, min(25, lim.max_steps)
+        scale_origin, steps_origin = "the official classifier_scale of the EluCD DDPM script.", ""
     with gr.Tab("Classifier guidance"):
         gr.Markdown("Steer an unconditional image (empty prompt, guidance scale 1, as in the EluCD paper) toward "
                     "a class of an off-the-shelf image classifier: no guidance, naive classifier guidance and EluCD "
@@ -1017,14 +1047,15 @@ def _classifier_tab(backend: DemoBackend, queue: dict):
                 label = gr.Dropdown(choices=choices, value=choices[0] if choices else None, label="Class",
                                     allow_custom_value=True, elem_id="clf-label",
                                     info="The class to steer toward (a name from the classifier's id2label, or an id).")
-                scale = Slider(0.0, MAX_CLASSIFIER_SCALE, value=DEFAULT_CLASSIFIER_SCALE, step=0.5,
-                               label=f"Classifier scale s, default {DEFAULT_CLASSIFIER_SCALE:g}",
-                               info="Strength of both corrections; 0 gives the unguided image. Default: the official "
-                                    "classifier_scale of the EluCD DDPM script.", elem_id="clf-scale")
+                scale = Slider(0.0, MAX_CLASSIFIER_SCALE, value=default_scale, step=0.5,
+                               label=f"Classifier scale s, default {default_scale:g}",
+                               info="Strength of both corrections; 0 gives the unguided image. Default: "
+                                    + scale_origin, elem_id="clf-scale")
                 seed = Number(label="Seed", value=0, precision=0, minimum=0, maximum=2**31 - 1,
                               info="Same seed, same start noise for all three images.", elem_id="clf-seed")
-                steps = Slider(1, lim.max_steps, value=min(25, lim.max_steps), step=1, label="Steps",
-                               info=f"Denoising steps (this demo allows up to {lim.max_steps}).", elem_id="clf-steps")
+                steps = Slider(1, lim.max_steps, value=default_steps, step=1, label="Steps",
+                               info=f"Denoising steps (this demo allows up to {lim.max_steps})." + steps_origin,
+                               elem_id="clf-steps")
                 button = gr.Button("Generate", variant="primary", elem_id="clf-button")
             with gr.Column(scale=3):
                 with gr.Row():
@@ -1114,7 +1145,8 @@ def launch(demo, host: str = "127.0.0.1", port: Optional[int] = None, **kwargs):
 @click.option("--host", default="127.0.0.1", metavar="ADDR", help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", default=7860, metavar="INT", type=click.IntRange(1, 65535), help="Port to listen on.")
 @click.option("--max-steps", default=Limits.max_steps, metavar="INT", type=click.IntRange(1, 1000),
-              help="Most denoising steps one request may ask for.")
+              help="Most denoising steps one request may ask for (the default leaves room for the embedded "
+                   "model's recommended EluCD sampler, guidekit.toy.RECOMMENDED_ELUCD_SAMPLER).")
 @click.option("--max-size", default=Limits.max_size, metavar="INT", type=click.IntRange(8, MAX_IMAGE_SIDE),
               help="Largest width/height one request may ask for, in pixels (sizes that cannot be decoded in "
                    "the free memory are refused too).")

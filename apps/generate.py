@@ -9,6 +9,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,9 +19,19 @@ from typing import Optional
 
 import click
 
+from guidekit import toy as _toy
 from guidekit.checks import MAX_IMAGE_SIDE
 
 from .cli import FiniteFloatRange, ImageSize
+
+#: Denoising steps when none are given (and no recommendation applies).
+DEFAULT_STEPS = 25
+#: Classifier scale when none is given and no recommendation applies: `guidekit.EluCD`'s default, the official
+#: classifier_scale of the EluCD DDPM script.
+PAPER_CLASSIFIER_SCALE = 1.0
+#: The keys of `guidekit.toy.RECOMMENDED_ELUCD` that plain classifier guidance takes too, so that the two differ
+#: only by the calibration.
+PLAIN_SHARED = ("schedule", "input", "start", "stop")
 
 
 class ModelLoadError(click.ClickException):
@@ -184,9 +195,67 @@ def parse_label(label: str):
     return int(text) if text.isdecimal() else label
 
 
-def build_classifier_hook(path: str, label: str, scale: float, calibration: str):
+def is_embedded_classifier(path) -> bool:
+    """Whether `path` is the embedded classifier's folder (`guidekit.toy.default_classifier_path`)."""
+    if path is None:
+        return False
+    try:
+        return Path(str(path)).expanduser().resolve() == Path(_toy.default_classifier_path()).resolve()
+    except (AttributeError, FileNotFoundError, OSError):
+        return False
+
+
+def elucd_recommended(embedded_model: bool, classifier) -> bool:
+    """Whether the embedded model's EluCD recommendation (`guidekit.toy.RECOMMENDED_ELUCD` with
+    `RECOMMENDED_ELUCD_SAMPLER`) applies: the embedded model steered by the embedded classifier."""
+    return bool(embedded_model) and is_embedded_classifier(classifier)
+
+
+def classifier_settings(recommended: bool, calibration: str = "elucd", scale: Optional[float] = None) -> dict:
+    """Keyword arguments (other than classifier and labels) of the correction hook: `scale` when given (not
+    None) always wins. With the recommendation (`elucd_recommended`): `guidekit.toy.RECOMMENDED_ELUCD` for
+    EluCD, and its schedule, input and step window (`PLAIN_SHARED`) and scale for plain classifier guidance;
+    else the paper's defaults (only the scale, `PAPER_CLASSIFIER_SCALE` unless given)."""
+    if not recommended:
+        return {"scale": PAPER_CLASSIFIER_SCALE if scale is None else scale}
+    rec = dict(_toy.RECOMMENDED_ELUCD)
+    if calibration != "elucd":
+        rec = {k: rec[k] for k in ("scale", *PLAIN_SHARED) if k in rec}
+    if scale is not None:
+        rec["scale"] = scale
+    return rec
+
+
+def recommended_sampler(recommended: bool) -> Optional[dict]:
+    """`guidekit.toy.RECOMMENDED_ELUCD_SAMPLER` (its scheduler and steps) when the recommendation applies, else
+    None (the pipeline's own scheduler)."""
+    return dict(_toy.RECOMMENDED_ELUCD_SAMPLER) if recommended else None
+
+
+@contextlib.contextmanager
+def using_scheduler(pipe, name: Optional[str]):
+    """`pipe` with a fresh scheduler of kind `name` ("ddim" or "ddpm", from the pipeline's scheduler config:
+    `guidekit.toy.eval_elucd.scheduler_for`) while the block runs; its own scheduler is put back afterwards,
+    also on an error. `name` None keeps the pipeline's own. Yields the scheduler in use."""
+    if name is None:
+        yield pipe.scheduler
+        return
+    from guidekit.toy.eval_elucd import scheduler_for
+
+    own = pipe.scheduler
+    pipe.scheduler = scheduler_for(pipe, name)
+    try:
+        yield pipe.scheduler
+    finally:
+        pipe.scheduler = own
+
+
+def build_classifier_hook(path: str, label: str, scale: Optional[float] = None, calibration: str = "elucd",
+                          recommended: bool = False):
     """The EluCD correction hook (`calibration="elucd"`) or plain classifier guidance (`"plain"`) for the
-    transformers image classifier in the folder `path`, steering toward `label` (an id or a name).
+    transformers image classifier in the folder `path`, steering toward `label` (an id or a name), with
+    `classifier_settings(recommended, calibration, scale)`: `recommended` says whether the embedded model's
+    recommendation applies (`elucd_recommended`).
 
     Raises `click.ClickException` naming `--classifier` when the classifier cannot be loaded, and
     `click.BadParameter` naming `--label` for a label the classifier does not have.
@@ -204,7 +273,7 @@ def build_classifier_hook(path: str, label: str, scale: float, calibration: str)
         raise click.ClickException(f"--classifier: cannot load {path!r}: {exc}") from exc
     cls = guidekit.EluCD if calibration == "elucd" else guidekit.ClassifierGuidance
     try:
-        return cls(classifier, parse_label(label), scale=scale)
+        return cls(classifier, parse_label(label), **classifier_settings(recommended, calibration, scale))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--label'") from None
 
@@ -228,7 +297,10 @@ def _default_out(prompt: str, seed: int, guidance: str) -> Path:
 @click.option("--no-rescale", is_flag=True, help="APG: turn the norm rescaling off.")
 @click.option("--momentum", type=FiniteFloatRange(-1.0, 1.0, min_open=True, max_open=True), default=None,
               help="APG: reverse momentum beta; 0 turns it off. " + APG_DEFAULT_HELP.format("-0.5"))
-@click.option("--steps", type=click.IntRange(1, 1000), default=25, help="Denoising steps.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None,
+              help=f"Denoising steps. Default: {DEFAULT_STEPS}; with --classifier the embedded classifier on the "
+                   f"embedded model, {_toy.RECOMMENDED_ELUCD_SAMPLER['steps']} "
+                   "(guidekit.toy.RECOMMENDED_ELUCD_SAMPLER).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the start noise.")
 @click.option("--size", type=ImageSize(), default=None,
               help=f"Image size in pixels, at most {MAX_IMAGE_SIDE} per side and a multiple of the model's VAE "
@@ -245,13 +317,17 @@ def _default_out(prompt: str, seed: int, guidance: str) -> Path:
 @click.option("--label", default=None, metavar="NAME_OR_ID",
               help="EluCD: the class to steer toward: an id (digits) or a name from the classifier's id2label "
                    "(case-insensitive). Required with --classifier.")
-@click.option("--classifier-scale", type=FiniteFloatRange(min=0.0), default=1.0,
-              help="EluCD: classifier scale s; 0 turns the correction off. Default: the official "
-                   "classifier_scale of the EluCD DDPM script (guidekit.EluCD's default).")
+@click.option("--classifier-scale", type=FiniteFloatRange(min=0.0), default=None,
+              help="EluCD: classifier scale s; 0 turns the correction off. Default: "
+                   f"{_toy.RECOMMENDED_ELUCD['scale']:g} (guidekit.toy.RECOMMENDED_ELUCD) for the embedded classifier "
+                   f"on the embedded model, else {PAPER_CLASSIFIER_SCALE:g}, the official classifier_scale of the "
+                   "EluCD DDPM script (guidekit.EluCD's default).")
 @click.option("--calibration", type=click.Choice(["elucd", "plain"]), default="elucd",
               help="elucd: calibrated log-probability with Softplus-smoothed ReLUs and the sine boost "
-                   "(guidekit.EluCD, the paper's defaults); plain: uncalibrated classifier guidance "
-                   "(guidekit.ClassifierGuidance).")
+                   "(guidekit.EluCD); plain: uncalibrated classifier guidance (guidekit.ClassifierGuidance). The "
+                   "embedded classifier on the embedded model gets guidekit.toy.RECOMMENDED_ELUCD (plain: its "
+                   "schedule, input and step window) and its sampler (guidekit.toy.RECOMMENDED_ELUCD_SAMPLER: "
+                   "ancestral DDPM); any other pair the paper's defaults and the model's own scheduler.")
 def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, momentum, steps, seed, size,
              negative_prompt, device, out, overwrite, classifier, label, classifier_scale, calibration):
     """Generate one image from PROMPT with CFG or APG guidance (and optionally EluCD classifier guidance)."""
@@ -270,8 +346,13 @@ def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, mo
                                  param_hint="'--label'")
     start = time.perf_counter()
     correction = None
+    # The embedded classifier on the embedded model: its recommended EluCD settings and sampler (user values win)
+    recommended = elucd_recommended(model is None or _is_embedded(model), classifier)
+    sampler = recommended_sampler(recommended)
+    if steps is None:
+        steps = sampler["steps"] if sampler else DEFAULT_STEPS
     if classifier is not None:  # before the diffusion model: a wrong label costs no model load
-        correction = build_classifier_hook(classifier, label, classifier_scale, calibration)
+        correction = build_classifier_hook(classifier, label, classifier_scale, calibration, recommended=recommended)
     model_scale = None
     if model is None:
         model, model_scale = default_model()
@@ -280,24 +361,30 @@ def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, mo
     width, height = check_size(pipe, size)
     apg = apg_settings(model, eta=eta, norm_threshold=norm_threshold, momentum=momentum)
     hook = build_hook(guidance, apg["eta"], None if no_rescale else apg["norm_threshold"], apg["momentum"])
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    image = pipe(
-        prompt,
-        negative_prompt=negative_prompt,
-        num_inference_steps=steps,
-        guidance_scale=scale,
-        width=width,
-        height=height,
-        generator=generator,
-        hooks=[hook] if correction is None else [hook, correction],
-    ).images[0]
+    generator = torch.Generator(device="cpu").manual_seed(seed)  # the start noise, and DDPM's step noise
+    with using_scheduler(pipe, sampler["scheduler"] if sampler else None) as scheduler:
+        sampler_name = type(scheduler).__name__
+        image = pipe(
+            prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=steps,
+            guidance_scale=scale,
+            width=width,
+            height=height,
+            generator=generator,
+            hooks=[hook] if correction is None else [hook, correction],
+        ).images[0]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
     image.save(tmp, format="PNG")
     os.replace(tmp, out)
-    extra = "" if correction is None else f", {type(correction).__name__} s={classifier_scale} label {correction.labels}"
-    click.echo(f"wrote {out} ({image.width}x{image.height}, {guidance} w={scale}{extra}, seed {seed}, {name}) "
-               f"in {time.perf_counter() - start:.1f}s")
+    extra = ""
+    if correction is not None:
+        extra = f", {type(correction).__name__} s={correction.scale:g} label {correction.labels}"
+        if recommended:
+            extra += f" (recommended settings, window {correction.start:g}-{correction.stop:g})"
+    click.echo(f"wrote {out} ({image.width}x{image.height}, {guidance} w={scale}{extra}, {sampler_name} {steps} "
+               f"steps, seed {seed}, {name}) in {time.perf_counter() - start:.1f}s")
 
 
 if __name__ == "__main__":

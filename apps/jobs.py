@@ -43,6 +43,7 @@ __all__ = [
     "CLASSIFIER",
     "ClassifierCache",
     "resolve_classifier",
+    "classifier_defaults",
     "STYLE",
     "START_POINTS",
     "is_style",
@@ -132,7 +133,8 @@ COMMON: dict[str, Param] = {p.name: p for p in [
     Param("prompt", str, None, "What to draw (required)."),
     Param("negative_prompt", str, "", "What to steer away from; empty means the unconditional prompt."),
     Param("name", str, None, "Optional file-name prefix for this job's images (letters, digits, . _ -)."),
-    Param("steps", int, 25, "Number of denoising steps.", min=1, max=1000),
+    Param("steps", int, 25, "Number of denoising steps. Default: 25; a job with the embedded classifier on the "
+          "embedded model: the steps of guidekit.toy.RECOMMENDED_ELUCD_SAMPLER.", min=1, max=1000),
     Param("width", int, None, "Image width in pixels; default: the model's native size.",
           min=8, max=MAX_IMAGE_SIDE, multiple_of=8),
     Param("height", int, None, "Image height in pixels; default: the model's native size.",
@@ -213,11 +215,16 @@ CLASSIFIER: dict[str, Param] = {p.name: p for p in [
           "The class to steer toward: an id (an integer, or a string of digits) or a name from the classifier's "
           "id2label (case-insensitive). Required with `classifier`; recorded as the class id."),
     Param("classifier_scale", float, 1.0,
-          "Classifier scale s; 0 turns the correction off. Default: the official classifier_scale of the EluCD "
+          "Classifier scale s; 0 turns the correction off. Default: the scale of guidekit.toy.RECOMMENDED_ELUCD "
+          "for the embedded classifier on the embedded model, else 1, the official classifier_scale of the EluCD "
           "DDPM script.", min=0.0, max=1000.0),
     Param("calibration", str, "elucd",
           "elucd: calibrated log-probability, Softplus-smoothed ReLUs and the sine boost (guidekit.EluCD); "
-          "plain: uncalibrated classifier guidance (guidekit.ClassifierGuidance).", choices=("elucd", "plain")),
+          "plain: uncalibrated classifier guidance (guidekit.ClassifierGuidance). The embedded classifier on the "
+          "embedded model gets guidekit.toy.RECOMMENDED_ELUCD (plain: its schedule, input and step window) and "
+          "its sampler, guidekit.toy.RECOMMENDED_ELUCD_SAMPLER (ancestral DDPM); both are recorded in the job's "
+          "params (classifier_settings, scheduler). Any other pair: the paper's defaults and the model's own "
+          "scheduler.", choices=("elucd", "plain")),
 ]}
 
 #: Style-transfer jobs: StyleID (`StyleIDStableDiffusionPipeline.transfer`) of `content_image` in the style of
@@ -427,6 +434,8 @@ def _parse_generation(raw: dict, where: str) -> dict:
         raise JobError(f"{where}prompt: required, a non-empty string")
     params = _parse_method(raw, where)
     params.update(_parse_classifier(raw, where))
+    if params.get("classifier") is not None and raw.get("steps") is None:
+        params["steps"] = None  # the model and classifier decide (`classifier_defaults`)
     return params
 
 
@@ -683,7 +692,8 @@ def _image_file(value: str, name: str, where: str, base: Optional[Path]) -> tupl
 
 
 def _parse_classifier(raw: dict, where: str) -> dict:
-    """The classifier fields of a job: {} without `classifier`, else all four (defaults filled)."""
+    """The classifier fields of a job: {} without `classifier`, else all four (defaults filled, except
+    `classifier_scale`: None until `resolve` knows the model and the classifier, `classifier_defaults`)."""
     given = {k: raw.get(k) for k in CLASSIFIER if raw.get(k) is not None}
     if not given:
         return {}
@@ -702,6 +712,8 @@ def _parse_classifier(raw: dict, where: str) -> dict:
             if isinstance(v, bool) or not isinstance(v, (int, str)) or isinstance(v, str) and not v.strip():
                 raise JobError(f"{where}label: expected a class id (an integer) or a class name, got {v!r}")
             out["label"] = v
+        elif p.name == "classifier_scale":
+            out[p.name] = None if v is None else p.check(v, where)
         else:
             out[p.name] = p.default if v is None else p.check(v, where)
     if not out["classifier"].strip():
@@ -789,6 +801,31 @@ def apg_defaults(params: dict, embedded: bool) -> dict:
     return {**params, **{n: settings[n] for n in names}}
 
 
+def classifier_defaults(params: dict, embedded: bool) -> dict:
+    """`params` with the classifier defaults the job left unset (None) filled: `classifier_scale` and `steps`.
+
+    The embedded classifier on the embedded model (`embedded`) gets the embedded model's recommendation: the
+    scale of `guidekit.toy.RECOMMENDED_ELUCD`, the steps of `RECOMMENDED_ELUCD_SAMPLER`, and two more params
+    recorded with the job (they name its files): `classifier_settings`, the hook's other keyword arguments, and
+    `scheduler`, the sampler `generate` swaps in for the call. Any other model or classifier gets the paper's
+    scale and 25 steps, and no more params (their keys are those they had before the recommendation existed).
+    Values the job gave are kept. Params without a classifier are returned unchanged."""
+    if params.get("classifier") is None:
+        return dict(params)
+    from .generate import classifier_settings, elucd_recommended, recommended_sampler
+
+    recommended = elucd_recommended(embedded, params["classifier"])
+    settings = classifier_settings(recommended, params.get("calibration", "elucd"), params.get("classifier_scale"))
+    out = {**params, "classifier_scale": settings.pop("scale")}
+    sampler = recommended_sampler(recommended)
+    if out.get("steps") is None:
+        out["steps"] = sampler["steps"] if sampler else COMMON["steps"].default
+    if recommended:
+        out["classifier_settings"] = settings
+        out["scheduler"] = sampler["scheduler"]
+    return out
+
+
 class ClassifierCache:
     """Image classifiers by the path (or hub id) a job names: each is loaded once, and a failure once too.
 
@@ -836,10 +873,13 @@ class ClassifierCache:
         `guidekit.ClassifierGuidance`."""
         import guidekit
 
-        key = (params["classifier"], params["label"], params["classifier_scale"], params["calibration"])
+        settings = params.get("classifier_settings") or {}
+        key = (params["classifier"], params["label"], params["classifier_scale"], params["calibration"],
+               json.dumps(settings, sort_keys=True))
         if key not in self._hooks:
             cls = guidekit.EluCD if params["calibration"] == "elucd" else guidekit.ClassifierGuidance
-            self._hooks[key] = cls(self.get(params["classifier"]), params["label"], scale=params["classifier_scale"])
+            self._hooks[key] = cls(self.get(params["classifier"]), params["label"], scale=params["classifier_scale"],
+                                   **settings)
         return self._hooks[key]
 
 
@@ -897,6 +937,8 @@ def resolve(params: dict, pipe, where: str = "", images: int = 1, embedded: Opti
     if is_video(params):
         raise JobError(f"{where}frames: a video job is resolved by resolve_video, on the video model")
     out = resolve_classifier(params, classifiers, where)
+    if out.get("classifier") is not None:
+        out = classifier_defaults(out, is_embedded_pipe(pipe) if embedded is None else embedded)
     for key in ("width", "height"):
         if out[key] is None:
             out[key] = default_size(pipe)
@@ -973,6 +1015,9 @@ def generate(pipe, params: dict, seeds: Iterable[int], generator_device: str = "
     seeds = list(seeds)
     if any(params.get(n) is None for n in MODEL_DEPENDENT.get(params["guidance"], ())):  # not through `resolve`
         params = apg_defaults(params, is_embedded_pipe(pipe))
+    if params.get("classifier") is not None and (params.get("steps") is None
+                                                 or params.get("classifier_scale") is None):  # not through `resolve`
+        params = classifier_defaults(params, is_embedded_pipe(pipe))
     method = GUIDANCE[params["guidance"]]
     gens = [torch.Generator(device=generator_device).manual_seed(int(s)) for s in seeds]
     n = len(seeds)
@@ -995,7 +1040,10 @@ def generate(pipe, params: dict, seeds: Iterable[int], generator_device: str = "
         hooks.append(classifiers.hook(params))
     if hooks:
         kwargs["hooks"] = hooks
-    out = pipe(**kwargs)
+    from .generate import using_scheduler
+
+    with using_scheduler(pipe, params.get("scheduler")):  # the recommended sampler, for this call only
+        out = pipe(**kwargs)
     return out.images, getattr(out, "nsfw_content_detected", None)
 
 

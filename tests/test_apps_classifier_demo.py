@@ -94,3 +94,110 @@ def test_the_tab_is_for_sd_pipelines_only(pipe):
 
     assert classifier_tab_available(pipe)
     assert not classifier_tab_available(object())
+
+
+# ------------------------------------------------------------- the embedded model's recommended EluCD settings
+
+# Stand-ins for guidekit.toy.RECOMMENDED_ELUCD / RECOMMENDED_ELUCD_SAMPLER, distinct from every default.
+DISTINCT_ELUCD = {"scale": 7.0, "softplus_beta": 2.0, "joint_temperature": 0.9, "marginal_temperature": 0.4,
+                  "schedule": "ddpm", "gamma": 0.2, "start": 0.25, "stop": 0.75}
+DISTINCT_SAMPLER = {"scheduler": "ddpm", "steps": 60}
+
+
+@pytest.fixture
+def embedded_classifier(classifier_dir, monkeypatch):
+    """The tiny classifier stands for the embedded one; the recommendation is replaced by distinct values."""
+    from pathlib import Path
+
+    import guidekit.toy
+
+    monkeypatch.setattr(guidekit.toy, "RECOMMENDED_ELUCD", dict(DISTINCT_ELUCD))
+    monkeypatch.setattr(guidekit.toy, "RECOMMENDED_ELUCD_SAMPLER", dict(DISTINCT_SAMPLER))
+    monkeypatch.setattr(guidekit.toy, "default_classifier_path", lambda: Path(classifier_dir))
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Each pipeline call: the scheduler class it ran with and its hooks."""
+    from guidekit.pipelines import GuidedStableDiffusionPipeline
+
+    seen = []
+    real = GuidedStableDiffusionPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append((type(self.scheduler).__name__, kwargs.get("hooks", [None])[0]))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GuidedStableDiffusionPipeline, "__call__", spy)
+    return seen
+
+
+def test_embedded_pair_runs_all_three_with_the_recommended_sampler(pipe, classifier_dir, embedded_classifier, calls):
+    from guidekit.apps.demo import DemoBackend, Limits
+
+    backend = DemoBackend(pipe, "tiny", Limits(max_steps=8, max_size=64), embedded=True)
+    own = pipe.scheduler
+    *images, summary = backend.classifier_guidance("", "green", 4.0, 3, 2)  # empty: the embedded classifier
+    assert [name for name, _ in calls] == ["DDPMScheduler"] * 3
+    assert pipe.scheduler is own
+    unguided, naive, elucd = (hook for _, hook in calls)
+    assert unguided is None
+    assert {k: getattr(elucd, k) for k in DISTINCT_ELUCD} == dict(DISTINCT_ELUCD, scale=4.0)  # the slider's scale
+    assert type(naive).__name__ == "ClassifierGuidance"
+    assert (naive.scale, naive.schedule, naive.start, naive.stop, naive.gamma) == (4.0, "ddpm", 0.25, 0.75, 0.0)
+    assert "DDPM (DDPMScheduler), 2 steps, EluCD window 0.25–0.75" in summary
+
+    # scale 0: the three runs start from the same noise and take the same DDPM step noise
+    calls.clear()
+    zero = backend.classifier_guidance(str(classifier_dir), "green", 0.0, 3, 2)  # the same folder, named
+    assert zero[0].tobytes() == zero[1].tobytes() == zero[2].tobytes()
+    assert [name for name, _ in calls] == ["DDPMScheduler"] * 3
+
+
+@pytest.mark.parametrize("embedded", [True, False])
+def test_other_model_or_classifier_keeps_the_model_scheduler(pipe, classifier_dir, calls, monkeypatch, embedded):
+    from pathlib import Path
+
+    import guidekit.toy
+    from guidekit.apps.demo import DemoBackend, Limits
+
+    monkeypatch.setattr(guidekit.toy, "RECOMMENDED_ELUCD", dict(DISTINCT_ELUCD))
+    if not embedded:  # another model with the embedded classifier; else the embedded model, another classifier
+        monkeypatch.setattr(guidekit.toy, "default_classifier_path", lambda: Path(classifier_dir))
+    backend = DemoBackend(pipe, "tiny", Limits(max_steps=8, max_size=64), embedded=embedded)
+    *images, summary = backend.classifier_guidance(str(classifier_dir), "green", 4.0, 3, 2)
+    assert [name for name, _ in calls] == ["DDIMScheduler"] * 3
+    elucd = calls[2][1]
+    assert (elucd.scale, elucd.gamma, elucd.start, elucd.stop) == (4.0, 0.3, 0.0, 1.0)  # the paper's defaults
+    assert "DDIMScheduler, 2 steps, the paper's defaults" in summary
+
+
+def _component(app, elem_id):
+    found = [b for b in app.blocks.values() if getattr(b, "elem_id", None) == elem_id]
+    assert len(found) == 1, elem_id
+    return found[0]
+
+
+@pytest.mark.parametrize("embedded", [True, False])
+def test_the_sliders_start_at_the_recommendation_on_the_embedded_model(pipe, embedded_classifier, embedded):
+    from guidekit.apps.demo import DEFAULT_CLASSIFIER_SCALE, Limits, build_demo
+
+    for max_steps, rec_steps in ((64, 60), (40, 40)):  # the recommended steps, at most the demo's limit
+        app = build_demo(pipe, "tiny", Limits(max_steps=max_steps, max_size=64), embedded=embedded)
+        scale, steps = _component(app, "clf-scale"), _component(app, "clf-steps")
+        if embedded:
+            assert (scale.value, steps.value) == (7.0, rec_steps)
+            assert "default 7" in scale.label and "RECOMMENDED_ELUCD" in scale.info
+        else:
+            assert (scale.value, steps.value) == (DEFAULT_CLASSIFIER_SCALE, 25)
+        app.close()
+
+
+def test_the_default_step_limit_fits_the_recommended_sampler():
+    import guidekit.toy
+    from click.testing import CliRunner
+    from guidekit.apps.demo import Limits, demo
+
+    assert Limits().max_steps == 100 >= guidekit.toy.RECOMMENDED_ELUCD_SAMPLER["steps"]
+    text = " ".join(CliRunner().invoke(demo, ["--help"], terminal_width=200).output.split())
+    assert "Most denoising steps one request may ask for" in text and "[default: 100;" in text

@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+import guidekit.apps.generate  # noqa: F401 - its help texts read guidekit.toy's values before any test patches them
 from guidekit.apps.cli import main
 
 
@@ -115,6 +116,146 @@ def test_help_names_the_classifier_options():
     result = CliRunner().invoke(main, ["generate", "--help"])
     for option in ("--classifier", "--label", "--classifier-scale", "--calibration", "guidekit.EluCD"):
         assert option in result.output
+
+
+# ------------------------------------------------------------- the embedded model's recommended EluCD settings
+
+# Stand-ins for guidekit.toy.RECOMMENDED_ELUCD / RECOMMENDED_ELUCD_SAMPLER, distinct from every default, so that
+# the tests never depend on the real values (and stay fast: 2 steps).
+DISTINCT_ELUCD = {"scale": 7.0, "softplus_beta": 2.0, "joint_temperature": 0.9, "marginal_temperature": 0.4,
+                  "schedule": "ddpm", "gamma": 0.2, "start": 0.25, "stop": 0.75}
+DISTINCT_SAMPLER = {"scheduler": "ddpm", "steps": 2}
+
+
+@pytest.fixture
+def recommended(monkeypatch):
+    import guidekit.toy
+
+    monkeypatch.setattr(guidekit.toy, "RECOMMENDED_ELUCD", dict(DISTINCT_ELUCD))
+    monkeypatch.setattr(guidekit.toy, "RECOMMENDED_ELUCD_SAMPLER", dict(DISTINCT_SAMPLER))
+
+
+@pytest.fixture
+def embedded_pair(tiny_sd_dir, classifier_dir, monkeypatch, recommended):
+    """Make the tiny checkpoint and the tiny classifier stand for the embedded model and classifier."""
+    from pathlib import Path
+
+    import guidekit.toy
+
+    monkeypatch.setattr(guidekit.toy, "default_model_path", lambda: Path(tiny_sd_dir))
+    monkeypatch.setattr(guidekit.toy, "default_classifier_path", lambda: Path(classifier_dir))
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Each pipeline call: its pipeline, the scheduler class it ran with, its steps and its hooks."""
+    from guidekit.pipelines import GuidedStableDiffusionPipeline
+
+    seen = []
+    real = GuidedStableDiffusionPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append({"pipe": self, "own": self.scheduler, "scheduler": type(self.scheduler).__name__,
+                     "steps": kwargs.get("num_inference_steps"), "hooks": list(kwargs.get("hooks") or [])})
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GuidedStableDiffusionPipeline, "__call__", spy)
+    return seen
+
+
+def run_generate(out, *extra):
+    args = ["generate", "a red circle", "--guidance", "cfg", "--size", "32", "--seed", "1", "--out", str(out), *extra]
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def elucd_kwargs(hook) -> dict:
+    return {k: getattr(hook, k) for k in DISTINCT_ELUCD}
+
+
+def test_generate_embedded_pair_gets_the_recommended_settings_and_sampler(embedded_pair, classifier_dir, calls,
+                                                                           tmp_path):
+    result = run_generate(tmp_path / "a.png", "--classifier", str(classifier_dir), "--label", "green")
+    assert result.exit_code == 0, result.output
+    (call,) = calls
+    assert call["scheduler"] == "DDPMScheduler" and call["steps"] == DISTINCT_SAMPLER["steps"]
+    hook = call["hooks"][-1]
+    assert type(hook).__name__ == "EluCD" and elucd_kwargs(hook) == DISTINCT_ELUCD
+    # the pipeline's own scheduler (the model's) is back after the call
+    assert call["pipe"].scheduler is not None and type(call["pipe"].scheduler).__name__ != "DDPMScheduler"
+    assert "DDPMScheduler 2 steps" in result.output and "EluCD s=7" in result.output
+
+    # the same model named by its folder
+    from guidekit.toy import default_model_path
+
+    again = run_generate(tmp_path / "b.png", "--model", str(default_model_path()), "--classifier", str(classifier_dir),
+                         "--label", "green")
+    assert again.exit_code == 0, again.output
+    assert calls[1]["scheduler"] == "DDPMScheduler" and elucd_kwargs(calls[1]["hooks"][-1]) == DISTINCT_ELUCD
+
+
+def test_generate_embedded_pair_user_values_win(embedded_pair, classifier_dir, calls, tmp_path):
+    result = run_generate(tmp_path / "a.png", "--classifier", str(classifier_dir), "--label", "green",
+                          "--classifier-scale", "4", "--steps", "3")
+    assert result.exit_code == 0, result.output
+    (call,) = calls
+    assert call["scheduler"] == "DDPMScheduler" and call["steps"] == 3
+    assert elucd_kwargs(call["hooks"][-1]) == dict(DISTINCT_ELUCD, scale=4.0)
+    assert "DDPMScheduler 3 steps" in result.output
+
+
+def test_generate_embedded_pair_plain_shares_the_window(embedded_pair, classifier_dir, calls, tmp_path):
+    result = run_generate(tmp_path / "a.png", "--classifier", str(classifier_dir), "--label", "green",
+                          "--calibration", "plain")
+    assert result.exit_code == 0, result.output
+    hook = calls[0]["hooks"][-1]
+    assert type(hook).__name__ == "ClassifierGuidance" and calls[0]["scheduler"] == "DDPMScheduler"
+    assert (hook.scale, hook.schedule, hook.start, hook.stop) == (7.0, "ddpm", 0.25, 0.75)
+    assert (hook.softplus_beta, hook.gamma) == (None, 0.0)  # uncalibrated: only the calibration differs
+
+
+@pytest.mark.parametrize("other", ["model", "classifier"])
+def test_generate_other_model_or_classifier_keeps_the_paper_defaults(recommended, tiny_sd_dir, classifier_dir, calls,
+                                                                      tmp_path, monkeypatch, other):
+    from pathlib import Path
+
+    import guidekit.toy
+
+    if other == "classifier":  # the embedded model, another classifier
+        monkeypatch.setattr(guidekit.toy, "default_model_path", lambda: Path(tiny_sd_dir))
+    else:  # another model, the embedded classifier
+        monkeypatch.setattr(guidekit.toy, "default_classifier_path", lambda: Path(classifier_dir))
+    result = run_generate(tmp_path / "a.png", "--model", str(tiny_sd_dir), "--classifier", str(classifier_dir),
+                          "--label", "green")
+    assert result.exit_code == 0, result.output
+    (call,) = calls
+    assert call["scheduler"] == "DDIMScheduler" and call["steps"] == 25
+    hook = call["hooks"][-1]
+    assert (hook.scale, hook.softplus_beta, hook.gamma, hook.start, hook.stop) == (1.0, 3.0, 0.3, 0.0, 1.0)
+    assert "DDIMScheduler 25 steps" in result.output
+
+
+def test_the_recommended_sampler_is_swapped_back_on_error(tiny_sd_dir):
+    from guidekit.apps.generate import load_pipeline, using_scheduler
+
+    pipe = load_pipeline(str(tiny_sd_dir))[0]
+    own = pipe.scheduler
+    with pytest.raises(RuntimeError, match="boom"):
+        with using_scheduler(pipe, "ddpm") as scheduler:
+            assert pipe.scheduler is scheduler and type(scheduler).__name__ == "DDPMScheduler"
+            assert scheduler.config.prediction_type == own.config.prediction_type
+            raise RuntimeError("boom")
+    assert pipe.scheduler is own
+    with using_scheduler(pipe, None) as scheduler:
+        assert scheduler is own
+
+
+def test_help_states_both_step_defaults():
+    import guidekit.toy
+
+    result = CliRunner().invoke(main, ["generate", "--help"], terminal_width=200)
+    text = " ".join(result.output.split())
+    assert "Default: 25; with --classifier the embedded classifier on the embedded model, " \
+        f"{guidekit.toy.RECOMMENDED_ELUCD_SAMPLER['steps']} (guidekit.toy.RECOMMENDED_ELUCD_SAMPLER)" in text
 
 
 # ---------------------------------------------------------------------------------------------------- bench

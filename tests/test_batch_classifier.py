@@ -44,8 +44,11 @@ def manifest(out: Path) -> list[dict]:
 
 def test_classifier_fields_parse_and_default():
     job = parse_job({"prompt": "x", "classifier": "some/folder", "label": "green"})
-    assert {k: job.params[k] for k in ("classifier", "label", "classifier_scale", "calibration")} == \
-        {"classifier": "some/folder", "label": "green", "classifier_scale": 1.0, "calibration": "elucd"}
+    # classifier_scale and steps: None until `resolve` knows the model and the classifier (`classifier_defaults`)
+    assert {k: job.params[k] for k in ("classifier", "label", "classifier_scale", "calibration", "steps")} == \
+        {"classifier": "some/folder", "label": "green", "classifier_scale": None, "calibration": "elucd", "steps": None}
+    given = parse_job({"prompt": "x", "classifier": "c", "label": 1, "classifier_scale": 2, "steps": 3}).params
+    assert (given["classifier_scale"], given["steps"]) == (2.0, 3)
     assert parse_job({"prompt": "x", "classifier": "c", "label": 2}).params["label"] == 2
     plain = parse_job({"prompt": "x"}).params
     assert not {"classifier", "label", "classifier_scale", "calibration"} & set(plain)  # keys of old jobs unchanged
@@ -135,3 +138,116 @@ def test_read_jobs_reports_classifier_errors_per_line(tmp_path):
     assert [j.line for j in parsed] == [1]
     assert [line for line, _ in errors] == [2, 3]
     assert "label: given without classifier" in errors[0][1] and "label: required with classifier" in errors[1][1]
+
+
+# ------------------------------------------------------------- the embedded model's recommended EluCD settings
+
+# Stand-ins for guidekit.toy.RECOMMENDED_ELUCD / RECOMMENDED_ELUCD_SAMPLER, distinct from every default.
+DISTINCT_ELUCD = {"scale": 7.0, "softplus_beta": 2.0, "joint_temperature": 0.9, "marginal_temperature": 0.4,
+                  "schedule": "ddpm", "gamma": 0.2, "start": 0.25, "stop": 0.75}
+DISTINCT_SAMPLER = {"scheduler": "ddpm", "steps": 2}
+
+
+@pytest.fixture
+def embedded_pair(tiny_sd_dir, classifier_dir, monkeypatch):
+    """The tiny checkpoint and the tiny classifier stand for the embedded model and classifier."""
+    import guidekit.toy
+
+    monkeypatch.setattr(guidekit.toy, "RECOMMENDED_ELUCD", dict(DISTINCT_ELUCD))
+    monkeypatch.setattr(guidekit.toy, "RECOMMENDED_ELUCD_SAMPLER", dict(DISTINCT_SAMPLER))
+    monkeypatch.setattr(guidekit.toy, "default_model_path", lambda: Path(tiny_sd_dir))
+    monkeypatch.setattr(guidekit.toy, "default_classifier_path", lambda: Path(classifier_dir))
+
+
+class _StandIn:
+    """Just enough of a pipeline for `resolve`: native size 32, VAE factor 8."""
+
+    vae_scale_factor = 8
+
+    class unet:
+        class config:
+            sample_size = 4
+
+
+def test_jobs_without_a_classifier_keep_their_keys(monkeypatch):
+    """The keys (file names) such jobs had before the classifier defaults existed."""
+    from guidekit.apps import jobs as jobs_mod
+
+    monkeypatch.setattr(jobs_mod, "check_image_memory", lambda *a, **k: None)
+    for raw, key in (({"prompt": "a red circle", "seed": 0}, "693120d86b8e"),
+                     ({"prompt": "a red circle", "seed": 0, "steps": 2, "guidance": "apg"}, "c394f5619baa")):
+        params = jobs_mod.resolve(parse_job(raw).params, _StandIn(), embedded=False)
+        assert jobs_mod.job_key(params, "guidekit-toy-sd") == key
+        assert "scheduler" not in params and "classifier_settings" not in params
+    # on the embedded model too (APG aside, the same params)
+    params = jobs_mod.resolve(parse_job({"prompt": "a red circle", "seed": 0}).params, _StandIn(), embedded=True)
+    assert jobs_mod.job_key(params, "guidekit-toy-sd") == "693120d86b8e"
+
+
+def test_resolve_fills_the_recommendation_for_the_embedded_pair(embedded_pair, tiny_pipe, classifier_dir, monkeypatch):
+    from guidekit.apps.jobs import job_key, resolve
+
+    clf = str(classifier_dir)
+    params = resolve(parse_job({"prompt": "x", "classifier": clf, "label": "green"}).params, tiny_pipe, embedded=True)
+    assert params["classifier_scale"] == 7.0 and params["steps"] == 2 and params["scheduler"] == "ddpm"
+    assert params["classifier_settings"] == {k: v for k, v in DISTINCT_ELUCD.items() if k != "scale"}
+    hook = ClassifierCache().hook(params)
+    assert {k: getattr(hook, k) for k in DISTINCT_ELUCD} == DISTINCT_ELUCD
+
+    # the job's own scale and steps win; the rest of the recommendation stays
+    given = resolve(parse_job({"prompt": "x", "classifier": clf, "label": "green", "classifier_scale": 4,
+                               "steps": 3}).params, tiny_pipe, embedded=True)
+    assert (given["classifier_scale"], given["steps"], given["scheduler"]) == (4.0, 3, "ddpm")
+    assert given["classifier_settings"] == params["classifier_settings"]
+
+    # plain classifier guidance: the same schedule and window, uncalibrated
+    plain = resolve(parse_job({"prompt": "x", "classifier": clf, "label": "green", "calibration": "plain"}).params,
+                    tiny_pipe, embedded=True)
+    assert plain["classifier_settings"] == {"schedule": "ddpm", "start": 0.25, "stop": 0.75}
+    hook = ClassifierCache().hook(plain)
+    assert (type(hook).__name__, hook.scale, hook.start, hook.stop, hook.gamma) == ("ClassifierGuidance", 7.0, 0.25,
+                                                                                     0.75, 0.0)
+
+    # another model (embedded=False), or another classifier: the paper's defaults, and the params (so the keys)
+    # such a job had before
+    old = {**parse_job({"prompt": "x", "classifier": clf, "label": 1}).params, "classifier_scale": 1.0, "steps": 25,
+           "width": 32, "height": 32}
+    other = resolve(parse_job({"prompt": "x", "classifier": clf, "label": "green"}).params, tiny_pipe, embedded=False)
+    assert other == old and job_key(other, "m") == job_key(old, "m")
+    import guidekit.toy
+
+    monkeypatch.setattr(guidekit.toy, "default_classifier_path", lambda: Path("/nowhere/else"))
+    assert resolve(parse_job({"prompt": "x", "classifier": clf, "label": 1}).params, tiny_pipe, embedded=True) == old
+
+
+def test_batch_runs_the_embedded_pair_with_the_recommended_sampler(embedded_pair, tmp_path, tiny_pipe, tiny_sd_dir,
+                                                                    classifier_dir, capsys, monkeypatch):
+    from guidekit.pipelines import GuidedStableDiffusionPipeline
+
+    seen = []
+    real = GuidedStableDiffusionPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append((type(self.scheduler).__name__, kwargs["num_inference_steps"],
+                     [type(h).__name__ for h in kwargs.get("hooks") or []]))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GuidedStableDiffusionPipeline, "__call__", spy)
+    own = tiny_pipe.scheduler
+    jobs = write_jobs(tmp_path / "jobs.jsonl",
+                      {"prompt": "a red circle", "seed": 0, "classifier": str(classifier_dir), "label": "green"},
+                      {"prompt": "a red circle", "seed": 0, "steps": 2})
+    out = tmp_path / "out"
+    assert batch_mod.run_batch(jobs, out, model=str(tiny_sd_dir), pipe=tiny_pipe) == 0
+    assert "2 generated" in capsys.readouterr().err
+    assert sorted(seen) == [("DDIMScheduler", 2, []), ("DDPMScheduler", 2, ["EluCD"])]
+    assert tiny_pipe.scheduler is own  # the pipeline's own scheduler is back
+    rows = {r["line"]: r for r in manifest(out)}
+    params = rows[1]["params"]
+    assert (params["scheduler"], params["steps"], params["classifier_scale"]) == ("ddpm", 2, 7.0)
+    assert params["classifier_settings"]["start"] == 0.25
+    assert "scheduler" not in rows[2]["params"]
+    from PIL import Image
+
+    assert "Sampler: DDPMScheduler" in Image.open(out / rows[1]["file"]).text["parameters"]
+    assert "Sampler: DDIMScheduler" in Image.open(out / rows[2]["file"]).text["parameters"]

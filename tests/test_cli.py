@@ -24,6 +24,27 @@ def test_generate_writes_a_png_and_refuses_to_overwrite(tiny_sd_dir, tmp_path):
     assert not list(tmp_path.glob(".*partial"))
 
 
+def test_generate_without_a_classifier_keeps_the_model_scheduler_and_25_steps(tiny_sd_dir, tmp_path, monkeypatch):
+    from guidekit.pipelines import GuidedStableDiffusionPipeline
+
+    seen = []
+    real = GuidedStableDiffusionPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append((type(self.scheduler).__name__, kwargs["num_inference_steps"]))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GuidedStableDiffusionPipeline, "__call__", spy)
+    result = run("generate", "a red circle", "--model", str(tiny_sd_dir), "--size", "32", "--out",
+                 str(tmp_path / "a.png"))
+    assert result.exit_code == 0, result.output
+    assert seen == [("DDIMScheduler", 25)]
+    assert "DDIMScheduler 25 steps" in result.output  # the message names the sampler and the steps
+    again = run("generate", "a red circle", "--model", str(tiny_sd_dir), "--size", "32", "--steps", "2", "--out",
+                str(tmp_path / "b.png"))
+    assert again.exit_code == 0 and seen[-1] == ("DDIMScheduler", 2) and "DDIMScheduler 2 steps" in again.output
+
+
 def test_generate_cfg_and_apg_differ(tiny_sd_dir, tmp_path):
     common = ["--model", str(tiny_sd_dir), "--steps", "3", "--size", "32", "--scale", "15", "--seed", "1"]
     assert run("generate", "a red circle", "--guidance", "cfg", *common, "--out", str(tmp_path / "c.png")).exit_code == 0
