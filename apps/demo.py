@@ -1030,7 +1030,8 @@ def _classifier_tab(backend: DemoBackend, queue: dict):
     with gr.Tab("Classifier guidance"):
         gr.Markdown("Steer an unconditional image (empty prompt, guidance scale 1, as in the EluCD paper) toward "
                     "a class of an off-the-shelf image classifier: no guidance, naive classifier guidance and EluCD "
-                    "(calibrated, Softplus-smoothed) side by side from the same start noise, each with the "
+                    "(calibrated: joint and marginal temperatures, sine-boosted schedule, and Softplus-smoothed "
+                    "ReLUs where its settings ask for them) side by side from the same start noise, each with the "
                     "classifier's reading" + (" and the toy world judge's reading (colour, shape)." if backend.embedded
                                                else "."))
         if default is None:

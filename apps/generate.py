@@ -323,7 +323,7 @@ def _default_out(prompt: str, seed: int, guidance: str) -> Path:
                    f"on the embedded model, else {PAPER_CLASSIFIER_SCALE:g}, the official classifier_scale of the "
                    "EluCD DDPM script (guidekit.EluCD's default).")
 @click.option("--calibration", type=click.Choice(["elucd", "plain"]), default="elucd",
-              help="elucd: calibrated log-probability with Softplus-smoothed ReLUs and the sine boost "
+              help="elucd: calibrated log-probability, the sine boost and (paper default) Softplus-smoothed ReLUs "
                    "(guidekit.EluCD); plain: uncalibrated classifier guidance (guidekit.ClassifierGuidance). The "
                    "embedded classifier on the embedded model gets guidekit.toy.RECOMMENDED_ELUCD (plain: its "
                    "schedule, input and step window) and its sampler (guidekit.toy.RECOMMENDED_ELUCD_SAMPLER: "

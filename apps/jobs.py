@@ -219,7 +219,8 @@ CLASSIFIER: dict[str, Param] = {p.name: p for p in [
           "for the embedded classifier on the embedded model, else 1, the official classifier_scale of the EluCD "
           "DDPM script.", min=0.0, max=1000.0),
     Param("calibration", str, "elucd",
-          "elucd: calibrated log-probability, Softplus-smoothed ReLUs and the sine boost (guidekit.EluCD); "
+          "elucd: calibrated log-probability, the sine boost and (paper default) Softplus-smoothed ReLUs "
+          "(guidekit.EluCD); "
           "plain: uncalibrated classifier guidance (guidekit.ClassifierGuidance). The embedded classifier on the "
           "embedded model gets guidekit.toy.RECOMMENDED_ELUCD (plain: its schedule, input and step window) and "
           "its sampler, guidekit.toy.RECOMMENDED_ELUCD_SAMPLER (ancestral DDPM); both are recorded in the job's "

@@ -110,14 +110,20 @@ def test_noise_is_fixed_per_class_and_sample():
     assert torch.equal(a[3:5], b)
 
 
-def test_method_rows_hold_the_ablations():
+def test_method_rows_hold_the_ablations(monkeypatch):
     rows = ev.method_rows((2.0, 5.0))
     names = [r["method"] for r in rows]
     assert names[0] == "unguided" and names.count("EluCD") == 2 and names.count("ClassifierGuidance") == 2
-    ablations = {r["method"]: r["kwargs"] for r in rows[5:]}
+    assert all(r["scale"] == 5.0 for r in rows[5:])
+    # each ablation switches one calibration part of the recommendation the other way
+    smoothed = {**guidekit.toy.RECOMMENDED_ELUCD, "softplus_beta": 3.0, "joint_temperature": 1.0}
+    monkeypatch.setattr(guidekit.toy, "RECOMMENDED_ELUCD", smoothed)
+    ablations = {r["method"]: r["kwargs"] for r in ev.method_rows((2.0,))[3:]}
     assert ablations == {"EluCD, no smoothing": {"softplus_beta": None}, "EluCD, τ₂ = τ₁": {"marginal_temperature": 1.0},
                          "EluCD, no boost": {"gamma": 0.0}}
-    assert all(r["scale"] == 5.0 for r in rows[5:])
+    monkeypatch.setattr(guidekit.toy, "RECOMMENDED_ELUCD", {**smoothed, "softplus_beta": None})
+    ablations = {r["method"]: r["kwargs"] for r in ev.method_rows((2.0,))[3:]}
+    assert ablations["EluCD, Softplus(3) smoothing"] == {"softplus_beta": 3.0} and len(ablations) == 3
 
 
 def test_recommended_elucd_builds_a_hook(shipped):

@@ -51,18 +51,29 @@ STEP_NOISE_OFFSET = 500
 #: The samplers `render` accepts: diffusers scheduler classes built from the pipeline's scheduler config.
 SCHEDULERS = ("ddim", "ddpm")
 DEFAULT_SCALES = (0.3, 1.0, 3.0)
+#: β of the official DDPM script's Softplus smoothing (the ablation row when the recommendation keeps ReLU).
+PAPER_SOFTPLUS_BETA = 3.0
 
 
 def method_rows(scales: Sequence[float], ablation_scale: Optional[float] = None) -> list[dict]:
-    """The rows measured: unguided, then ClassifierGuidance and EluCD at every scale, then EluCD's ablations
-    (no smoothing, τ₂ = τ₁, γ = 0) at `ablation_scale` (default: the largest scale)."""
+    """The rows measured: unguided, then ClassifierGuidance and EluCD at every scale, then one ablation row per
+    calibration part at `ablation_scale` (default: the largest scale), each switching that part of
+    `guidekit.toy.RECOMMENDED_ELUCD` the other way: the smoothing (off, or the paper's Softplus(3) when the
+    recommendation keeps ReLU), the temperatures (τ₂ = τ₁) and the sine boost (γ = 0)."""
+    from . import RECOMMENDED_ELUCD
+
     rows = [{"method": "unguided", "scale": 0.0, "kwargs": {}}]
     for s in scales:
         rows.append({"method": "ClassifierGuidance", "scale": float(s), "kwargs": {}})
         rows.append({"method": "EluCD", "scale": float(s), "kwargs": {}})
     a = float(max(scales) if ablation_scale is None else ablation_scale)
-    rows.append({"method": "EluCD, no smoothing", "scale": a, "kwargs": {"softplus_beta": None}})
-    rows.append({"method": "EluCD, τ₂ = τ₁", "scale": a, "kwargs": {"marginal_temperature": 1.0}})
+    if RECOMMENDED_ELUCD.get("softplus_beta", 3.0) is None:
+        rows.append({"method": "EluCD, Softplus(3) smoothing", "scale": a,
+                     "kwargs": {"softplus_beta": PAPER_SOFTPLUS_BETA}})
+    else:
+        rows.append({"method": "EluCD, no smoothing", "scale": a, "kwargs": {"softplus_beta": None}})
+    rows.append({"method": "EluCD, τ₂ = τ₁", "scale": a,
+                 "kwargs": {"marginal_temperature": RECOMMENDED_ELUCD.get("joint_temperature", 1.0)}})
     rows.append({"method": "EluCD, no boost", "scale": a, "kwargs": {"gamma": 0.0}})
     return rows
 
