@@ -117,19 +117,8 @@ def embedded_classifier(classifier_dir, monkeypatch):
 
 
 @pytest.fixture
-def calls(monkeypatch):
-    """Each pipeline call: the scheduler class it ran with and its hooks."""
-    from guidekit.pipelines import GuidedStableDiffusionPipeline
-
-    seen = []
-    real = GuidedStableDiffusionPipeline.__call__
-
-    def spy(self, *args, **kwargs):
-        seen.append((type(self.scheduler).__name__, kwargs.get("hooks", [None])[0]))
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(GuidedStableDiffusionPipeline, "__call__", spy)
-    return seen
+def calls(pipeline_calls):
+    return pipeline_calls
 
 
 def test_embedded_pair_runs_all_three_with_the_recommended_sampler(pipe, classifier_dir, embedded_classifier, calls):
@@ -138,9 +127,9 @@ def test_embedded_pair_runs_all_three_with_the_recommended_sampler(pipe, classif
     backend = DemoBackend(pipe, "tiny", Limits(max_steps=8, max_size=64), embedded=True)
     own = pipe.scheduler
     *images, summary = backend.classifier_guidance("", "green", 4.0, 3, 2)  # empty: the embedded classifier
-    assert [name for name, _ in calls] == ["DDPMScheduler"] * 3
+    assert [c["scheduler"] for c in calls] == ["DDPMScheduler"] * 3
     assert pipe.scheduler is own
-    unguided, naive, elucd = (hook for _, hook in calls)
+    unguided, naive, elucd = (c["hook"] for c in calls)
     assert unguided is None
     assert {k: getattr(elucd, k) for k in DISTINCT_ELUCD} == dict(DISTINCT_ELUCD, scale=4.0)  # the slider's scale
     assert type(naive).__name__ == "ClassifierGuidance"
@@ -151,7 +140,7 @@ def test_embedded_pair_runs_all_three_with_the_recommended_sampler(pipe, classif
     calls.clear()
     zero = backend.classifier_guidance(str(classifier_dir), "green", 0.0, 3, 2)  # the same folder, named
     assert zero[0].tobytes() == zero[1].tobytes() == zero[2].tobytes()
-    assert [name for name, _ in calls] == ["DDPMScheduler"] * 3
+    assert [c["scheduler"] for c in calls] == ["DDPMScheduler"] * 3
 
 
 @pytest.mark.parametrize("embedded", [True, False])
@@ -166,8 +155,8 @@ def test_other_model_or_classifier_keeps_the_model_scheduler(pipe, classifier_di
         monkeypatch.setattr(guidekit.toy, "default_classifier_path", lambda: Path(classifier_dir))
     backend = DemoBackend(pipe, "tiny", Limits(max_steps=8, max_size=64), embedded=embedded)
     *images, summary = backend.classifier_guidance(str(classifier_dir), "green", 4.0, 3, 2)
-    assert [name for name, _ in calls] == ["DDIMScheduler"] * 3
-    elucd = calls[2][1]
+    assert [c["scheduler"] for c in calls] == ["DDIMScheduler"] * 3
+    elucd = calls[2]["hook"]
     assert (elucd.scale, elucd.gamma, elucd.start, elucd.stop) == (4.0, 0.3, 0.0, 1.0)  # the paper's defaults
     assert "DDIMScheduler, 2 steps, the paper's defaults" in summary
 

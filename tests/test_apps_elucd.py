@@ -147,20 +147,8 @@ def embedded_pair(tiny_sd_dir, classifier_dir, monkeypatch, recommended):
 
 
 @pytest.fixture
-def calls(monkeypatch):
-    """Each pipeline call: its pipeline, the scheduler class it ran with, its steps and its hooks."""
-    from guidekit.pipelines import GuidedStableDiffusionPipeline
-
-    seen = []
-    real = GuidedStableDiffusionPipeline.__call__
-
-    def spy(self, *args, **kwargs):
-        seen.append({"pipe": self, "own": self.scheduler, "scheduler": type(self.scheduler).__name__,
-                     "steps": kwargs.get("num_inference_steps"), "hooks": list(kwargs.get("hooks") or [])})
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(GuidedStableDiffusionPipeline, "__call__", spy)
-    return seen
+def calls(pipeline_calls):
+    return pipeline_calls
 
 
 def run_generate(out, *extra):
