@@ -311,8 +311,9 @@ class DemoBackend:
         import guidekit
         import torch
         from guidekit.checks import check_number
+        from guidekit.toy.eval_elucd import using_scheduler
 
-        from .generate import classifier_settings, elucd_recommended, recommended_sampler, using_scheduler
+        from .generate import classifier_settings, elucd_recommended, recommended_sampler
         from .jobs import resolve_classifier
 
         if label is None or (isinstance(label, str) and not label.strip()):

@@ -9,7 +9,6 @@ Examples:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -232,24 +231,6 @@ def recommended_sampler(recommended: bool) -> Optional[dict]:
     return dict(_toy.RECOMMENDED_ELUCD_SAMPLER) if recommended else None
 
 
-@contextlib.contextmanager
-def using_scheduler(pipe, name: Optional[str]):
-    """`pipe` with a fresh scheduler of kind `name` ("ddim" or "ddpm", from the pipeline's scheduler config:
-    `guidekit.toy.eval_elucd.scheduler_for`) while the block runs; its own scheduler is put back afterwards,
-    also on an error. `name` None keeps the pipeline's own. Yields the scheduler in use."""
-    if name is None:
-        yield pipe.scheduler
-        return
-    from guidekit.toy.eval_elucd import scheduler_for
-
-    own = pipe.scheduler
-    pipe.scheduler = scheduler_for(pipe, name)
-    try:
-        yield pipe.scheduler
-    finally:
-        pipe.scheduler = own
-
-
 def build_classifier_hook(path: str, label: str, scale: Optional[float] = None, calibration: str = "elucd",
                           recommended: bool = False):
     """The EluCD correction hook (`calibration="elucd"`) or plain classifier guidance (`"plain"`) for the
@@ -332,6 +313,7 @@ def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, mo
              negative_prompt, device, out, overwrite, classifier, label, classifier_scale, calibration):
     """Generate one image from PROMPT with CFG or APG guidance (and optionally EluCD classifier guidance)."""
     import torch
+    from guidekit.toy.eval_elucd import using_scheduler
 
     out = out or _default_out(prompt, seed, guidance)
     if out.suffix.lower() != ".png":

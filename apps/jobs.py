@@ -1041,7 +1041,7 @@ def generate(pipe, params: dict, seeds: Iterable[int], generator_device: str = "
         hooks.append(classifiers.hook(params))
     if hooks:
         kwargs["hooks"] = hooks
-    from .generate import using_scheduler
+    from guidekit.toy.eval_elucd import using_scheduler
 
     with using_scheduler(pipe, params.get("scheduler")):  # the recommended sampler, for this call only
         out = pipe(**kwargs)

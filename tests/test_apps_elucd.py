@@ -223,7 +223,8 @@ def test_generate_other_model_or_classifier_keeps_the_paper_defaults(recommended
 
 
 def test_the_recommended_sampler_is_swapped_back_on_error(tiny_sd_dir):
-    from guidekit.apps.generate import load_pipeline, using_scheduler
+    from guidekit.apps.generate import load_pipeline
+    from guidekit.toy.eval_elucd import using_scheduler
 
     pipe = load_pipeline(str(tiny_sd_dir))[0]
     own = pipe.scheduler

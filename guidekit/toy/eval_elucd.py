@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -30,6 +31,7 @@ __all__ = [
     "STEP_NOISE_OFFSET",
     "SCHEDULERS",
     "scheduler_for",
+    "using_scheduler",
     "step_generators",
     "DEFAULT_SCALES",
     "method_rows",
@@ -103,6 +105,22 @@ def scheduler_for(pipe, name: str):
     return cls.from_config(pipe.scheduler.config)
 
 
+@contextmanager
+def using_scheduler(pipe, name: Optional[str]):
+    """`pipe` with a fresh scheduler of kind `name` (:func:`scheduler_for`) while the block runs; its own
+    scheduler is put back afterwards, also on an error. `name` None keeps the pipeline's own. Yields the
+    scheduler in use."""
+    if name is None:
+        yield pipe.scheduler
+        return
+    own = pipe.scheduler
+    pipe.scheduler = scheduler_for(pipe, name)
+    try:
+        yield pipe.scheduler
+    finally:
+        pipe.scheduler = own
+
+
 def _hooks(row: dict, classifier, labels):
     import guidekit
 
@@ -126,14 +144,12 @@ def render(pipe, row: dict, classifier, classes: Sequence[int], samples: int, st
     from . import RECOMMENDED_ELUCD_SAMPLER
 
     steps = RECOMMENDED_ELUCD_SAMPLER["steps"] if steps is None else steps
-    sampler = scheduler_for(pipe, RECOMMENDED_ELUCD_SAMPLER["scheduler"] if scheduler is None else scheduler)
+    scheduler = RECOMMENDED_ELUCD_SAMPLER["scheduler"] if scheduler is None else scheduler
     labels = [int(c) for c in classes for _ in range(samples)]
     latents = noise(classes, samples).to(pipe.device)
     generators = step_generators(classes, samples)
     out = []
-    own = pipe.scheduler
-    pipe.scheduler = sampler
-    try:
+    with using_scheduler(pipe, scheduler):
         for lo in range(0, len(labels), batch):
             chunk = labels[lo:lo + batch]
             hooks = _hooks(row, classifier, chunk)
@@ -141,8 +157,6 @@ def render(pipe, row: dict, classifier, classes: Sequence[int], samples: int, st
                           latents=latents[lo:lo + len(chunk)], generator=generators[lo:lo + len(chunk)],
                           output_type="np", height=64, width=64).images
             out.append(np.clip(images, 0.0, 1.0))
-    finally:
-        pipe.scheduler = own
     return np.concatenate(out)
 
 
