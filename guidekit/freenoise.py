@@ -9,10 +9,11 @@ and the temporal layers run on windows of W frames whose outputs are fused per f
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
+from .attention.freenoise import INJECTION_BLOCKS
 from .checks import check_choice
 from .hooks import SamplerHook, SamplerState
 from .video import NOISE_MODES, reschedule_noise, uses_fixed_prompt, window_weights
@@ -43,6 +44,19 @@ def _check_injection(value) -> Optional[tuple[float, float]]:
     except ValueError as error:
         raise ValueError(f"motion_injection: {value!r} is not accepted ({error}); accepted: {accepted}") from None
     return (float(value[0]), float(value[1]))
+
+
+def _check_injection_blocks(value) -> tuple[str, ...]:
+    """The UNet parts motion injection acts in: a non-empty selection of "down", "mid" and "up"."""
+    accepted = f"a non-empty sequence of {', '.join(repr(b) for b in INJECTION_BLOCKS)}"
+    names = (value,) if isinstance(value, str) else value
+    try:
+        names = tuple(names)
+    except TypeError:
+        raise ValueError(f"injection_blocks: {value!r} is not accepted; accepted: {accepted}") from None
+    if not names or any(name not in INJECTION_BLOCKS for name in names):
+        raise ValueError(f"injection_blocks: {value!r} is not accepted; accepted: {accepted}")
+    return tuple(block for block in INJECTION_BLOCKS if block in names)  # UNet order, no repeats
 
 
 def _injection_chunks(control):
@@ -102,9 +116,12 @@ class FreeNoise(SamplerHook):
             AnimateDiff port; `fusion="block"` reproduces diffusers' `enable_free_noise` where it is correct).
         motion_injection (`bool` or `tuple[float, float]`, *optional*): FreeNoise's motion injection for a
             `{frame: prompt}` schedule (official code): at steps i < t_a·N or i > t_b·N the spatial
-            cross-attention of the down and mid blocks reads the last prompt for every frame (conditional pass
+            cross-attention of `injection_blocks` reads the last prompt for every frame (conditional pass
             only), while the other layers and steps read the per-frame prompts. `True` takes the official
             (t_a, t_b) = (0.1, 0.3), i.e. steps 0–4 and 16–49 of 50; a pair gives (t_a, t_b). None: off.
+        injection_blocks (sequence of `str`, defaults to `("down", "mid")`): the UNet parts whose spatial
+            cross-attention motion injection acts in, any of "down", "mid" and "up". The default is the official
+            code's (input and middle blocks).
         norm_scope (`str`, defaults to `"all"`): the frames over which each motion module's GroupNorm takes its
             statistics: "all" F frames (diffusers' `AnimateDiffTransformer3D`, so every frame depends on the whole
             video), or each "window" on its own, the windows' normalised features fused per frame with the window
@@ -129,6 +146,7 @@ class FreeNoise(SamplerHook):
         noise: str = "shuffle",
         fusion: str = "attention",
         motion_injection: Optional[Any] = None,
+        injection_blocks: Sequence[str] = ("down", "mid"),
         norm_scope: str = "all",
         spatial_chunk: Optional[int] = None,
         temporal_chunk: Optional[int] = None,
@@ -145,18 +163,20 @@ class FreeNoise(SamplerHook):
         self.noise = check_choice("noise", noise, NOISE_MODES)
         self.fusion = check_choice("fusion", fusion, FUSIONS)
         self.motion_injection = _check_injection(motion_injection)
+        self.injection_blocks = _check_injection_blocks(injection_blocks)
         self.norm_scope = check_choice("norm_scope", norm_scope, NORM_SCOPES)
         self.spatial_chunk = None if spatial_chunk is None else check_int("spatial_chunk", spatial_chunk, 1)
         self.temporal_chunk = None if temporal_chunk is None else check_int("temporal_chunk", temporal_chunk, 1)
         if self.motion_injection is not None:
-            # it replaces the processors of every down/mid cross-attention layer for the call
+            # it replaces the processors of the chosen blocks' cross-attention layers for the call
             self.attention_layers = frozenset({"<all cross-attention layers>"})
 
     def __repr__(self) -> str:
         return (
             f"FreeNoise(context_length={self.context_length}, context_stride={self.context_stride}, "
             f"weighting={self.weighting!r}, noise={self.noise!r}, fusion={self.fusion!r}, "
-            f"motion_injection={self.motion_injection!r}, norm_scope={self.norm_scope!r}, "
+            f"motion_injection={self.motion_injection!r}, injection_blocks={self.injection_blocks!r}, "
+            f"norm_scope={self.norm_scope!r}, "
             f"spatial_chunk={self.spatial_chunk!r}, temporal_chunk={self.temporal_chunk!r})"
         )
 
@@ -235,10 +255,10 @@ class FreeNoise(SamplerHook):
                 stack.enter_context(chunked_layers(unet, self.spatial_chunk, self.temporal_chunk, around))
             if control is not None:
                 processors = unet.attn_processors
+                layers = injection_layers(unet, self.injection_blocks)
                 stack.enter_context(
                     replaced_processors(
-                        unet,
-                        {name: MotionInjectionProcessor(processors[name], control) for name in injection_layers(unet)},
+                        unet, {name: MotionInjectionProcessor(processors[name], control) for name in layers}
                     )
                 )
                 memory["control"] = control

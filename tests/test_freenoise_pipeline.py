@@ -237,15 +237,25 @@ class _Spy:
         return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
 
-def test_motion_injection_reads_the_last_prompt_in_down_and_mid_layers(ours):
+@pytest.mark.parametrize(
+    "blocks, injected_parts",
+    [
+        (None, ("down_blocks", "mid_block")),
+        (("up",), ("up_blocks",)),
+        (("mid", "down", "up"), ("down_blocks", "mid_block", "up_blocks")),
+    ],
+)
+def test_motion_injection_reads_the_last_prompt_in_the_chosen_layers(ours, blocks, injected_parts):
     from guidekit.attention import attention_layers
 
     processors = ours.unet.attn_processors
     cross = attention_layers(ours.unet, "cross")
+    assert {name.split(".")[0] for name in cross} == {"down_blocks", "mid_block", "up_blocks"}
     log = []
     ours.unet.set_attn_processor({**processors, **{n: _Spy(n, processors[n], log) for n in cross}})
     try:
-        hook = guidekit.FreeNoise(motion_injection=True)  # steps i < 0.1·N or i > 0.3·N
+        options = {} if blocks is None else {"injection_blocks": blocks}  # None: the official down and mid blocks
+        hook = guidekit.FreeNoise(motion_injection=True, **options)  # steps i < 0.1·N or i > 0.3·N
         video(ours, 20, prompt=TRAVEL, num_inference_steps=4, guidance_scale=5.0, hooks=[hook])
     finally:
         ours.unet.set_attn_processor(processors)
@@ -254,7 +264,7 @@ def test_motion_injection_reads_the_last_prompt_in_down_and_mid_layers(ours):
     for index, (name, states) in enumerate(log):
         step = index // per_layer_calls
         uncond, cond = states.chunk(2)
-        injected = step in (0, 2, 3) and name.split(".")[0] in ("down_blocks", "mid_block")
+        injected = step in (0, 2, 3) and name.split(".")[0] in injected_parts
         assert torch.equal(cond.eq(last).all(dim=(1, 2)).all(), torch.tensor(injected)), (name, step)
         assert not uncond.eq(last).all(dim=(1, 2)).any()  # the unconditional pass is never injected
 
@@ -296,6 +306,9 @@ def test_motion_injection_needs_a_prompt_schedule(ours):
         ({"motion_injection": {"steps": (5, 15)}}, "motion_injection"),
         ({"motion_injection": (0.5, 0.2)}, "motion_injection"),
         ({"motion_injection": (0.1, 1.5)}, "motion_injection"),
+        ({"injection_blocks": ()}, "injection_blocks"),
+        ({"injection_blocks": ("down", "side")}, "injection_blocks"),
+        ({"injection_blocks": 3}, "injection_blocks"),
     ],
 )
 def test_argument_errors(kwargs, match):

@@ -35,6 +35,7 @@ from .wrapping import WrappingProcessor
 __all__ = [
     "InjectionControl",
     "MotionInjectionProcessor",
+    "INJECTION_BLOCKS",
     "injection_layers",
     "motion_blocks",
     "motion_max_length",
@@ -453,10 +454,19 @@ class MotionInjectionProcessor(WrappingProcessor):
         return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
 
-def injection_layers(unet: nn.Module) -> list[str]:
-    """The layers motion injection reads the fixed prompt in: spatial cross-attention of the down and mid blocks.
+#: The UNet parts motion injection can act in, by the names `FreeNoise(injection_blocks=...)` accepts.
+INJECTION_BLOCKS = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}
 
-    The official code builds these with `injection=True` (input and middle blocks); the up blocks keep the
-    per-frame prompts.
+
+def injection_layers(unet: nn.Module, blocks=("down", "mid")) -> list[str]:
+    """The layers motion injection reads the fixed prompt in: the spatial cross-attention of `blocks`.
+
+    The official code builds the input (down) and middle blocks' layers with `injection=True`, so `("down",
+    "mid")` is the default; the up blocks keep the per-frame prompts.
+
+    Args:
+        unet (`nn.Module`): a diffusers (motion) UNet.
+        blocks (sequence of `str`, defaults to `("down", "mid")`): any of "down", "mid", "up".
     """
-    return [name for name in attention_layers(unet, "cross") if name.split(".")[0] in ("down_blocks", "mid_block")]
+    prefixes = {INJECTION_BLOCKS[block] for block in blocks}
+    return [name for name in attention_layers(unet, "cross") if name.split(".")[0] in prefixes]
