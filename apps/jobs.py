@@ -295,7 +295,7 @@ VIDEO: dict[str, Param] = {p.name: p for p in [
           "context_stride 4, fusion \"attention\"), false for the plain pipeline (at most the motion model's "
           "motion_max_seq_length frames), or an object of guidekit.FreeNoise keyword arguments that replace those, "
           "such as " + ", ".join(FREENOISE_DEFAULTS) + " (motion_injection: true, or [t_a, t_b]; it needs "
-          "`prompts`)."),
+          "`prompts`; injection_blocks: the UNet parts it acts in, e.g. [\"down\", \"mid\"])."),
     Param("fps", float, 8.0, "Video: frames per second of the file.", min=0.0, max=100.0),
     Param("format", str, "gif", "Video: the file format, and the file's suffix; mp4 (H.264, even sizes only) needs "
           "PyAV: pip install \"guidekit[mp4]\".", choices=VIDEO_FILE_FORMATS),
@@ -575,6 +575,8 @@ def _parse_freenoise(value: Any, params: dict, where: str) -> Optional[dict]:
     except (ValueError, TypeError) as e:
         raise JobError(f"{where}freenoise: {e}") from None
     kwargs["motion_injection"] = None if hook.motion_injection is None else list(hook.motion_injection)
+    if "injection_blocks" in kwargs:
+        kwargs["injection_blocks"] = list(hook.injection_blocks)
     return kwargs
 
 

@@ -94,6 +94,9 @@ def test_video_job_fields():
     ({"prompt": "x", "frames": 4, "freenoise": {"noise": "pink"}}, "freenoise: noise: 'pink' is not accepted"),
     ({"prompt": "x", "frames": 4, "freenoise": {"motion_injection": True}}, "freenoise: motion_injection needs "
                                                                            "prompt travel"),
+    ({"prompt": "x", "frames": 4, "prompts": {"2": "y"}, "freenoise": {"motion_injection": True,
+                                                                       "injection_blocks": ["side"]}},
+     r"freenoise: injection_blocks: \['side'\] is not accepted; accepted: a non-empty sequence of 'down', 'mid'"),
     ({"prompt": "x", "frames": 4, "fps": 0}, r"fps: expected a number in \(0.0, 100.0\], got 0"),
     ({"prompt": "x", "frames": 4, "format": "avi"}, "format: expected one of 'gif', 'webp', 'mp4', got 'avi'"),
     ({"prompt": "x", "frames": 4, "classifier": "c", "label": 1}, "classifier, label: not accepted in a video job"),
@@ -161,15 +164,15 @@ def test_prompt_travel_and_freenoise_reach_the_pipeline(tmp_path, tiny_video_dir
     jobs = write_jobs(tmp_path / "jobs.jsonl",
                       {"prompt": "a cat", "prompts": {"5": "a dog"}, "frames": 10, "steps": 1, "guidance": "apg",
                        "freenoise": {"context_length": 4, "context_stride": 2, "fusion": "block",
-                                     "motion_injection": [0.0, 0.5]}},
+                                     "motion_injection": [0.0, 0.5], "injection_blocks": ["up", "down"]}},
                       {"prompt": "a cat", "frames": 6, "steps": 1, "freenoise": False})
     assert batch_mod.run_batch(jobs, tmp_path / "out", video_model=str(tiny_video_dir)) == 0
     (prompt, kwargs), (plain_prompt, plain) = calls
     assert prompt == {0: "a cat", 5: "a dog"} and kwargs["num_frames"] == 10
     apg, freenoise = kwargs["hooks"]
     assert type(apg).__name__ == "APG"
-    assert (freenoise.context_length, freenoise.context_stride, freenoise.fusion, freenoise.motion_injection) == \
-        (4, 2, "block", (0.0, 0.5))
+    assert (freenoise.context_length, freenoise.context_stride, freenoise.fusion, freenoise.motion_injection,
+            freenoise.injection_blocks) == (4, 2, "block", (0.0, 0.5), ("down", "up"))
     assert plain_prompt == "a cat" and plain["hooks"] == []
 
 
@@ -255,7 +258,8 @@ def test_any_freenoise_argument_is_accepted_and_only_given_ones_are_recorded():
     assert set(plain) == {"context_length", "context_stride", "weighting", "noise", "fusion", "motion_injection"}
     for name in (n for n in names if n not in plain):  # arguments beyond those go through as given
         given = {name: arguments[name].default}
-        assert parse_job({"prompt": "x", "frames": 4, "freenoise": given}).params["freenoise"] == {**plain, **given}
+        recorded = parse_job({"prompt": "x", "frames": 4, "freenoise": given}).params["freenoise"]
+        assert recorded == json.loads(json.dumps({**plain, **given}))  # as a job file states it (tuples as lists)
     with pytest.raises(JobError, match="freenoise: unknown key.*accepted: " + ", ".join(names)):
         parse_job({"prompt": "x", "frames": 4, "freenoise": {"window": 8}})
 
