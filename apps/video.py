@@ -126,7 +126,19 @@ def _default_out(prompt, seed: int) -> Path:
     return Path(f"{slug}-{seed}.gif")
 
 
-FREENOISE_OPTIONS = ("context_length", "context_stride", "fusion", "motion_injection")
+FREENOISE_OPTIONS = ("context_length", "context_stride", "fusion", "motion_injection", "injection_blocks")
+INJECTION_BLOCK_NAMES = ("down", "mid", "up")
+
+
+def _injection_blocks(ctx, param, value: Optional[str]) -> Optional[tuple[str, ...]]:
+    """`--injection-blocks down,mid`: the comma-separated UNet parts of motion injection."""
+    if value is None:
+        return None
+    names = [name.strip() for name in value.split(",")]
+    if not names or any(name not in INJECTION_BLOCK_NAMES for name in names) or len(set(names)) != len(names):
+        raise click.BadParameter(f"{value!r}; accepted: a comma-separated selection of "
+                                 f"{', '.join(INJECTION_BLOCK_NAMES)}, each at most once, e.g. down,mid")
+    return tuple(names)
 
 
 @click.command(context_settings={"show_default": True})
@@ -162,6 +174,9 @@ FREENOISE_OPTIONS = ("context_length", "context_stride", "fusion", "motion_injec
                    "the plain model whenever --frames <= --context-length.")
 @click.option("--motion-injection", is_flag=True,
               help="FreeNoise's motion injection (official steps 0.1, 0.3) for prompt travel; needs --prompt.")
+@click.option("--injection-blocks", default=None, callback=_injection_blocks, metavar="BLOCKS",
+              help="The UNet parts motion injection acts in, comma-separated from down, mid, up. Default: down,mid "
+                   "(the official code's); needs --motion-injection.")
 @click.option("--negative-prompt", default=None, help="Negative prompt.")
 @click.option("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -170,7 +185,8 @@ FREENOISE_OPTIONS = ("context_length", "context_stride", "fusion", "motion_injec
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (refused otherwise).")
 @click.pass_context
 def video(ctx, prompt, model, adapter, specs, frames, steps, scale, apg, seed, size, fps, context_length,
-          context_stride, fusion, no_freenoise, motion_injection, negative_prompt, device, out, overwrite):
+          context_stride, fusion, no_freenoise, motion_injection, injection_blocks, negative_prompt, device, out,
+          overwrite):
     """Generate an AnimateDiff video from PROMPT (or --prompt FRAME:TEXT key frames), with FreeNoise for videos
     longer than the motion model's training length."""
     from guidekit.video.export import MP4_SUFFIX, VIDEO_FORMATS, mp4_available
@@ -187,6 +203,9 @@ def video(ctx, prompt, model, adapter, specs, frames, steps, scale, apg, seed, s
     if motion_injection and not specs:
         raise click.BadParameter("needs prompt travel; accepted: --motion-injection with --prompt FRAME:TEXT",
                                  param_hint="'--motion-injection'")
+    if injection_blocks is not None and not motion_injection:
+        raise click.BadParameter("acts only with motion injection; accepted: it with --motion-injection",
+                                 param_hint="'--injection-blocks'")
     if no_freenoise:
         given = [name for name in FREENOISE_OPTIONS
                  if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
@@ -240,7 +259,8 @@ def video(ctx, prompt, model, adapter, specs, frames, steps, scale, apg, seed, s
     windowed = not no_freenoise and frames > context_length
     if not no_freenoise:
         hooks.append(guidekit.FreeNoise(context_length=context_length, context_stride=context_stride, fusion=fusion,
-                                        motion_injection=True if motion_injection else None))
+                                        motion_injection=True if motion_injection else None,
+                                        injection_blocks=injection_blocks or ("down", "mid")))
     generator = torch.Generator(device="cpu").manual_seed(seed)
     try:
         result = pipe(text, num_frames=frames, height=height, width=width, num_inference_steps=steps,
@@ -257,7 +277,7 @@ def video(ctx, prompt, model, adapter, specs, frames, steps, scale, apg, seed, s
     else:
         window = "plain pipeline" if no_freenoise else f"one window (frames <= {context_length})"
     if motion_injection:
-        window += " + motion injection"
+        window += f" + motion injection ({','.join(hooks[-1].injection_blocks)})"
     keys = f", {len(text)} key prompts" if isinstance(text, dict) else ""
     click.echo(f"wrote {out} ({frames} frames, {width}x{height}, {fps:g} fps, {method} w={scale:g}, {window}{keys}, "
                f"{steps} steps, seed {seed}) in {time.perf_counter() - start:.1f}s")

@@ -130,9 +130,10 @@ def test_writes_a_gif_with_the_asked_frames(tiny, tmp_path, frames, extra):
 def test_prompt_travel_with_motion_injection_writes_webp(tiny, tmp_path):
     out = tmp_path / "travel.webp"
     result = invoke(tiny, "--prompt", "0:a red circle", "--prompt", "19:a blue circle", "--frames", "20",
-                    "--context-stride", "2", "--motion-injection", "--fps", "4", out=out)
+                    "--context-stride", "2", "--motion-injection", "--injection-blocks", "up,down", "--fps", "4",
+                    out=out)
     assert result.exit_code == 0, result.output
-    assert "2 key prompts" in result.output and "motion injection" in result.output
+    assert "2 key prompts" in result.output and "motion injection (down,up)" in result.output
     assert read_back(out)[:3] == ("WEBP", (16, 16), 20)
 
 
@@ -166,6 +167,11 @@ def test_prompt_travel_reaches_the_pipeline(tiny, tmp_path, monkeypatch):
         (["x", "--context-length", "17"], "'--context-length'", "motion_max_seq_length 16"),
         (["x", "--context-stride", "5", "--context-length", "4"], "'--context-stride'", "--context-length 4"),
         (["x", "--motion-injection"], "'--motion-injection'", "--prompt"),
+        (["x", "--injection-blocks", "down"], "'--injection-blocks'", "--motion-injection"),
+        (["--prompt", "0:a", "--motion-injection", "--injection-blocks", "down,side"], "'--injection-blocks'",
+         "comma-separated selection of down, mid, up"),
+        (["--prompt", "0:a", "--motion-injection", "--injection-blocks", "up,up"], "'--injection-blocks'",
+         "each at most once"),
         (["x", "--no-freenoise", "--frames", "17"], "'--frames'", "motion_max_seq_length 16"),
         (["x", "--no-freenoise", "--fusion", "block"], "'--fusion'", "--no-freenoise"),
         (["x", "--scale", "nan"], "'--scale'", "finite"),
@@ -242,3 +248,10 @@ def test_embedded_video_model_is_the_default(tmp_path, monkeypatch):
     assert "w=3" in result.output  # the embedded model's guidance scale
     with Image.open(out) as image:
         assert image.n_frames == 3 and image.size == (64, 64)
+
+
+def test_the_injection_block_names_are_freenoises():
+    from guidekit.apps.video import INJECTION_BLOCK_NAMES
+    from guidekit.attention.freenoise import INJECTION_BLOCKS
+
+    assert INJECTION_BLOCK_NAMES == tuple(INJECTION_BLOCKS)
