@@ -175,8 +175,11 @@ def run_video_evaluation(out, model=None, device: str = "cpu", num_videos: int =
             if i == 0:
                 samples[name] = video
         row = _summarise(name, per_video, seconds, None if name == "world" else round(peak, 1))
-        result["rows"].append(row)
         log(json.dumps(row))
+        # which video a summary comes from: each video's prompt, frames correct and teleports
+        row["per_video"] = [{"prompt": prompt, "frames_correct": v["correct"], "teleports": v["teleports"]}
+                            for prompt, v in zip(prompts, per_video)]
+        result["rows"].append(row)
     if switch:
         for injection in (None, True):
             per_video, seconds = [], 0.0
@@ -190,7 +193,7 @@ def run_video_evaluation(out, model=None, device: str = "cpu", num_videos: int =
                 held = 3 * frames // 8
                 first = frames_correct(reading.judgements[:held], a)
                 last = frames_correct(reading.judgements[frames - held:], b)
-                per_video.append({"first": float(first.mean()), "last": float(last.mean()),
+                per_video.append({"a": a, "b": b, "first": float(first.mean()), "last": float(last.mean()),
                                   "switch_jump": max_jump(reading.centroids, held - 2, frames - held + 2),
                                   "teleports": teleports(reading.centroids), "speed": mean_speed(reading.centroids)})
             row = {"row": "motion injection" if injection else "interpolation only", "videos": len(per_video),
@@ -200,8 +203,9 @@ def run_video_evaluation(out, model=None, device: str = "cpu", num_videos: int =
                    "videos_without_teleport": float(np.mean([v["teleports"] == 0 for v in per_video])),
                    "speed": float(np.nanmean([v["speed"] for v in per_video])),
                    "seconds_per_video": round(seconds / len(per_video), 1)}
-            result["switch"].append(row)
             log(json.dumps(row))
+            row["per_video"] = per_video
+            result["switch"].append(row)
     result["checks"] = required_checks(result)
     (out / "eval_video.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     (out / "table.md").write_text(markdown_tables(result) + "\n")
