@@ -258,9 +258,9 @@ def video(ctx, prompt, model, adapter, specs, frames, steps, scale, apg, seed, s
         hooks.append(guidekit.APG(**apg_settings(embedded)))
     windowed = not no_freenoise and frames > context_length
     if not no_freenoise:
+        blocks = {} if injection_blocks is None else {"injection_blocks": injection_blocks}  # else FreeNoise's default
         hooks.append(guidekit.FreeNoise(context_length=context_length, context_stride=context_stride, fusion=fusion,
-                                        motion_injection=True if motion_injection else None,
-                                        injection_blocks=injection_blocks or ("down", "mid")))
+                                        motion_injection=True if motion_injection else None, **blocks))
     generator = torch.Generator(device="cpu").manual_seed(seed)
     try:
         result = pipe(text, num_frames=frames, height=height, width=width, num_inference_steps=steps,
