@@ -30,6 +30,9 @@ def _rows(ctx, param, value):
 @click.option("--model", default=None, help="AnimateDiff pipeline folder (default: the embedded video model).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
 @click.option("--num-videos", type=click.IntRange(1), default=8, help="Held-out prompts (one video each per row).")
+@click.option("--first-video", type=click.IntRange(0), default=0,
+              help="Start at this place in the held-out prompt list (each video keeps its prompt, seed and switch "
+                   "colour), e.g. --first-video 8 for eight further videos.")
 @click.option("--frames", type=click.IntRange(32), default=64, help="Length of the long videos (a multiple of 16).")
 @click.option("--steps", type=click.IntRange(1), default=25, help="DDIM steps.")
 @click.option("--guidance-scale", type=FiniteFloatRange(min=1), default=3.0)
@@ -37,7 +40,7 @@ def _rows(ctx, param, value):
               help="Rows to run.")
 @click.option("--no-switch", is_flag=True, help="Skip the multi-prompt (background switch) table.")
 @click.option("--threads", type=click.IntRange(1), default=1, help="torch CPU threads.")
-def eval_video(out, model, device, num_videos, frames, steps, guidance_scale, rows, no_switch, threads):
+def eval_video(out, model, device, num_videos, first_video, frames, steps, guidance_scale, rows, no_switch, threads):
     """Evaluate long-video sampling on the embedded motion model; prints the tables and the required checks."""
     import torch
 
@@ -48,7 +51,8 @@ def eval_video(out, model, device, num_videos, frames, steps, guidance_scale, ro
                                  param_hint="--frames")
     torch.set_num_threads(threads)
     result = run_video_evaluation(out, model=model, device=device, num_videos=num_videos, frames=frames, steps=steps,
-                                  scale=guidance_scale, rows=rows, switch=not no_switch, log=click.echo)
+                                  scale=guidance_scale, rows=rows, switch=not no_switch, log=click.echo,
+                                  first_video=first_video)
     click.echo(markdown_tables(result))
 
 

@@ -151,28 +151,36 @@ def _peak(fn):
 
 def run_video_evaluation(out, model=None, device: str = "cpu", num_videos: int = 8, frames: int = 64,
                          steps: int = 25, scale: float = 3.0, rows: Sequence[str] = ROWS, switch: bool = True,
-                         log: Callable[[str], None] = print) -> dict:
-    """Run every row on ``num_videos`` held-out prompts; write ``eval_video.json`` and ``table.md`` under ``out``."""
+                         log: Callable[[str], None] = print, first_video: int = 0) -> dict:
+    """Run every row on ``num_videos`` held-out prompts; write ``eval_video.json`` and ``table.md`` under ``out``.
+
+    ``first_video`` skips that many prompts of the held-out list: videos are numbered by their place in the list
+    (prompt, noise seed and switch colour alike), so a run from ``first_video=8`` adds new videos to one of eight,
+    each the same as it would be in a single longer run.
+    """
     from guidekit import FreeNoise
 
     for r in rows:
         if r not in ROWS:
             raise ValueError(f"rows: got {r!r}; accepted: {', '.join(ROWS)}")
+    if not isinstance(first_video, int) or first_video < 0:
+        raise ValueError(f"first_video: got {first_video!r}; accepted: an integer >= 0")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_video_pipeline(model, device)
-    prompts = eval_prompts(num_videos)
-    result = {"settings": {"num_videos": num_videos, "frames": frames, "steps": steps, "guidance_scale": scale,
-                           "device": device, "torch_threads": torch.get_num_threads()},
+    indices = range(first_video, first_video + num_videos)
+    prompts = eval_prompts(first_video + num_videos)[first_video:]
+    result = {"settings": {"num_videos": num_videos, "first_video": first_video, "frames": frames, "steps": steps,
+                           "guidance_scale": scale, "device": device, "torch_threads": torch.get_num_threads()},
               "rows": [], "switch": []}
     samples = {}
     for name in rows:
         per_video, seconds, peak = [], 0.0, 0.0
-        for i, prompt in enumerate(prompts):
+        for i, prompt in zip(indices, prompts):
             video, sec, mib = _peak(lambda: row_video(pipe, name, prompt, i, frames, steps, scale))
             seconds, peak = seconds + sec, max(peak, mib)
             per_video.append(measure_video(video, prompt))
-            if i == 0:
+            if name not in samples:
                 samples[name] = video
         row = _summarise(name, per_video, seconds, None if name == "world" else round(peak, 1))
         log(json.dumps(row))
@@ -183,7 +191,7 @@ def run_video_evaluation(out, model=None, device: str = "cpu", num_videos: int =
     if switch:
         for injection in (None, True):
             per_video, seconds = [], 0.0
-            for i, prompt in enumerate(prompts):
+            for i, prompt in zip(indices, prompts):
                 a, b = switch_prompts(prompt, i)
                 schedule = _switch_schedule(a, b, frames)
                 hook = FreeNoise(context_length=CHUNK, fusion="attention", motion_injection=injection)
