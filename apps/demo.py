@@ -376,6 +376,9 @@ VIDEO_SUFFIX = ".webp"
 #: The tab's two videos: (title, guidekit.FreeNoise's `noise`): fresh noise after the first window (the windows'
 #: fusion alone), then FreeNoise's rescheduling (the official block shuffle).
 VIDEO_RUNS = (("Sliding windows, i.i.d. noise", "random"), ("FreeNoise", "shuffle"))
+#: The tab's fusion-point choices: (label, guidekit.FreeNoise's `fusion`).
+FUSION_CHOICES = (("each temporal attention (official code)", "attention"),
+                  ("each transformer block (diffusers)", "block"))
 _KEY_LINE = re.compile(r"\s*(\d+)\s*:(.*)", flags=re.DOTALL)
 PROMPT_ACCEPTED = ("one prompt, or one `FRAME: prompt` per line (e.g. `0: a red circle`) with frames below the "
                    "frame count")
@@ -408,28 +411,47 @@ class VideoBackend:
     """The Long video tab's work: one video model, the same seed with plain sliding windows (i.i.d. noise) and
     with FreeNoise, each written as an animated WebP into a folder of its own (the last request's files only)."""
 
-    def __init__(self, vpipe, limits: Limits = Limits()):
+    def __init__(self, vpipe, limits: Limits = Limits(), embedded: bool = False):
         from .jobs import motion_limit
 
         self.pipe = vpipe
         self.limits = limits
+        # the embedded video model: guidance scale 3 (its card's) and the toy world judge's reading of each video
+        self.embedded = embedded
         self.max_length = motion_limit(vpipe) or 16
         self.factor = math.lcm(8, vae_factor(vpipe))
         self.default_size = int(vpipe.unet.config.sample_size) * vae_factor(vpipe)
         self._folder = tempfile.TemporaryDirectory(prefix="guidekit-demo-video-")
         self._count = 0
 
-    def params(self, prompt, frames, context_length, context_stride, seed, guidance_scale, steps, size) -> dict:
+    @property
+    def default_scale(self) -> float:
+        """Where the guidance-scale slider starts: the embedded model's scale, else the stock 7.5."""
+        from guidekit.toy import DEFAULT_GUIDANCE_SCALE
+
+        return DEFAULT_GUIDANCE_SCALE if self.embedded else 7.5
+
+    def params(self, prompt, frames, context_length, context_stride, seed, guidance_scale, steps, size,
+               fusion: str = "attention", motion_injection: bool = False) -> dict:
         """Validated, resolved parameters of the FreeNoise video (a video job's; messages name the field)."""
         from .jobs import resolve_video
 
         frames = _as_count(frames, "frames")
         self.limits.check_frames(frames)
         text = parse_prompt_text(prompt, frames)
+        fusions = [value for _, value in FUSION_CHOICES]
+        if fusion not in fusions:
+            raise JobError(f"fusion: got {fusion!r}; accepted: {', '.join(fusions)}")
+        if not isinstance(motion_injection, bool):
+            raise JobError(f"motion injection: got {motion_injection!r}; accepted: true or false")
+        if motion_injection and not isinstance(text, dict):
+            raise JobError("motion injection: needs a prompt schedule (two or more `FRAME: prompt` lines; the last "
+                           "prompt is the injected one); accepted: such a schedule, or motion injection off")
         raw = {"frames": frames, "seed": _as_int(seed, "seed") or 0, "steps": steps, "width": size, "height": size,
                "guidance_scale": guidance_scale, "format": VIDEO_SUFFIX[1:], "fps": VIDEO_FPS,
                "freenoise": {"context_length": _as_count(context_length, "context length"),
-                             "context_stride": _as_count(context_stride, "context stride")}}
+                             "context_stride": _as_count(context_stride, "context stride"), "fusion": fusion,
+                             "motion_injection": True if motion_injection else None}}
         raw.update({"prompts": {str(k): v for k, v in text.items()}} if isinstance(text, dict) else {"prompt": text})
         job = parse_job(raw)
         self.limits.check(job.params)
@@ -438,17 +460,19 @@ class VideoBackend:
         return params
 
     def long_video(self, prompt, frames, context_length, context_stride, seed, guidance_scale, steps, size,
-                   progress=None):
+                   fusion: str = "attention", motion_injection: bool = False, progress=None):
         """(plain sliding-windows video, FreeNoise video, Markdown numbers): paths of two animated WebP files.
-        `progress(share, desc)`, if given, is told after each denoising step."""
-        params = self.params(prompt, frames, context_length, context_stride, seed, guidance_scale, steps, size)
+        `fusion` and `motion_injection` apply to both videos. `progress(share, desc)`, if given, is told after each
+        denoising step."""
+        params = self.params(prompt, frames, context_length, context_stride, seed, guidance_scale, steps, size,
+                             fusion, motion_injection)
         self._clear()
         runs = [self._render(params, i, name, noise, progress) for i, (name, noise) in enumerate(VIDEO_RUNS)]
         return str(runs[0][0]), str(runs[1][0]), self._summary(params, [row for _, row in runs])
 
     def _render(self, params: dict, index: int, name: str, noise: str, progress) -> tuple[Path, str]:
         """One video of the pair with FreeNoise's `noise` mode: (its file, its row of the table)."""
-        from .jobs import frame_change, generate_video
+        from .jobs import frame_change, generate_video, video_prompt
 
         def tell(step, steps):
             progress((index * steps + step) / (2 * steps), desc=f"{name}: step {step}/{steps}")
@@ -459,21 +483,33 @@ class VideoBackend:
         dt = time.perf_counter() - t0
         mean, largest = frame_change(frames)
         path = self._save(frames, "freenoise" if noise == "shuffle" else "plain")
-        return path, f"| **{name}** | {mean:.2f} | {largest:.2f} | {dt:.1f} s |"
+        judged = f" | {video_judge_reading(frames, video_prompt(params))}" if self._judged(params) else ""
+        return path, f"| **{name}** | {mean:.2f} | {largest:.2f}{judged} | {dt:.1f} s |"
+
+    def _judged(self, params: dict) -> bool:
+        """Whether the judge reads the videos: the embedded model at its native frame size."""
+        return self.embedded and params["width"] == params["height"] == self.default_size
 
     def _summary(self, params: dict, rows: list[str]) -> str:
         fn = params["freenoise"]
         keys = f", {len(params['prompts'])} key prompts" if params.get("prompts") else ""
-        windowed = (f"windows of {fn['context_length']} frames every {fn['context_stride']}"
+        point = "each temporal attention" if fn["fusion"] == "attention" else "each transformer block"
+        windowed = (f"windows of {fn['context_length']} frames every {fn['context_stride']}, fused at {point}"
                     if params["frames"] > fn["context_length"] else
                     f"one window (frames <= context length {fn['context_length']}: both are the plain model)")
+        injected = (", motion injection (official steps: the down and mid blocks read the last prompt)"
+                    if fn["motion_injection"] is not None else "")
+        judged = self._judged(params)
+        head = " | judge: frames read as their prompt | teleports" if judged else ""
         return (f"{params['frames']} frames, {params['width']}x{params['height']}, {params['steps']} steps, guidance "
-                f"scale {params['guidance_scale']:g}, seed {params['seed']}{keys}; {windowed}, fused at each temporal "
-                f"attention, {VIDEO_FPS} fps.\n\n"
-                "| | frame-to-frame change (mean) | largest change | time |\n|---|---|---|---|\n" + "\n".join(rows) +
+                f"scale {params['guidance_scale']:g}, seed {params['seed']}{keys}; {windowed}{injected}, "
+                f"{VIDEO_FPS} fps.\n\n"
+                f"| | frame-to-frame change (mean) | largest change{head} | time |\n"
+                f"|---|---|---{'|---|---' if judged else ''}|---|\n" + "\n".join(rows) +
                 "\n\nChange: mean absolute difference of consecutive frames' 8-bit pixel values (0 to 255); jumps "
                 "at window seams raise the largest one. Both videos have the same start noise in the first window; "
-                "after it, the left one draws fresh noise, FreeNoise reschedules the first window's noise.")
+                "after it, the left one draws fresh noise, FreeNoise reschedules the first window's noise."
+                + (" " + JUDGE_VIDEO_NOTE if judged else ""))
 
     def _save(self, frames, stem: str) -> Path:
         from guidekit.video import save_video
@@ -485,6 +521,39 @@ class VideoBackend:
         """Delete the previous request's videos (the page has its own copies by then)."""
         for old in Path(self._folder.name).glob(f"*{VIDEO_SUFFIX}"):
             old.unlink(missing_ok=True)
+
+
+#: What the judge columns of the Long video table mean (embedded video model only).
+JUDGE_VIDEO_NOTE = ("Judge: the toy world judge reads every frame; frames read as their prompt counts the frames held "
+                    "on one prompt (not those blending two) whose colour, shape, background and texture it reads as "
+                    "asked; a teleport is a frame-to-frame jump of the shape's centre above 3x the video's median "
+                    "step and 2 px, or a frame without a shape (as in `guidekit eval-video`).")
+
+
+def video_judge_reading(frames, prompt) -> str:
+    """The toy world judge's reading of one video: "frames read as their prompt | teleports" (table cells).
+
+    `prompt`: one caption, or a {frame: caption} schedule; only the frames held on one caption are scored (a blend
+    of two captions has no one right answer). "–" where a caption is outside the toy world's grammar."""
+    import numpy as np
+
+    from guidekit.toy.video_measures import frames_correct, read_video, teleports
+    from guidekit.toy.world import parse_caption
+    from guidekit.video import interpolate_prompt_schedule
+
+    video = np.round(np.clip(np.asarray(frames, dtype=np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
+    reading = read_video(video)
+    schedule = interpolate_prompt_schedule(prompt if isinstance(prompt, dict) else {0: prompt}, len(video))
+    held = [(i, blend.key_a) for i, blend in enumerate(schedule) if blend.t == 0.0 or blend.key_a == blend.key_b]
+    try:
+        for caption in {caption for _, caption in held}:
+            parse_caption(caption)
+    except ValueError:
+        read = "–"
+    else:
+        correct = frames_correct([reading.judgements[i] for i, _ in held], [caption for _, caption in held])
+        read = f"{int(correct.sum())}/{len(held)}"
+    return f"{read} | {teleports(reading.centroids)}"
 
 
 def _as_count(value, name: str) -> int:
@@ -515,7 +584,7 @@ def video_backend(pipe, video_model: Optional[str], limits: Limits) -> tuple[Opt
     except JobError as e:
         log.exception("the embedded video model cannot be loaded")
         return None, f"**No video model here**: the embedded video model cannot be loaded ({e})."
-    return VideoBackend(vpipe, limits), ""
+    return VideoBackend(vpipe, limits, embedded=True), ""
 
 
 GET_CLASSIFIER = ("reinstall guidekit (its package ships it in guidekit/assets), or give the folder of any "
@@ -1108,14 +1177,24 @@ def _video_tab(video: Optional[VideoBackend], note: str, queue: dict):
                                 elem_id="video-stride")
                 seed = Number(label="Seed", value=0, precision=0, minimum=0, maximum=2**31 - 1,
                               info="Same seed for both videos.", elem_id="video-seed")
-                scale = Slider(0.0, lim.max_scale, value=min(7.5, lim.max_scale), step=0.5, label="Guidance scale w",
-                               info="CFG scale; 1 turns guidance off (stock default 7.5).", elem_id="video-scale")
+                scale = Slider(0.0, lim.max_scale, value=min(video.default_scale, lim.max_scale), step=0.5,
+                               label="Guidance scale w",
+                               info="CFG scale; 1 turns guidance off " + (
+                                   "(the embedded model's card: 3)." if video.embedded else "(stock default 7.5)."),
+                               elem_id="video-scale")
                 steps = Slider(1, lim.max_steps, value=min(25, lim.max_steps), step=1, label="Steps",
                                info=f"Denoising steps (this demo allows up to {lim.max_steps}).", elem_id="video-steps")
                 low = f * 4 if f * 4 <= video.default_size else f
                 size = Slider(low, max(low, lim.max_size), value=min(video.default_size, lim.max_size), step=f,
                               label="Size", info=f"Square frames, a multiple of {f}; the model's native size is "
                                                  f"{video.default_size}.", elem_id="video-size")
+                fusion = gr.Radio(choices=list(FUSION_CHOICES), value="attention", label="Fusion point",
+                                  info="Where the windows' outputs are fused, in both videos.", elem_id="video-fusion")
+                injection = gr.Checkbox(value=False, label="Motion injection",
+                                        info="With a prompt schedule: at the first and last denoising steps "
+                                             "(official: steps 0-4 and 16-49 of 50) the down- and mid-block "
+                                             "cross-attention read the last prompt, in both videos.",
+                                        elem_id="video-injection")
                 button = gr.Button("Render both", variant="primary", elem_id="video-button")
             with gr.Column(scale=3):
                 with gr.Row():
@@ -1125,10 +1204,12 @@ def _video_tab(video: Optional[VideoBackend], note: str, queue: dict):
                                          elem_id="video-freenoise", **OUTPUT_IMAGE)
                 summary = gr.Markdown(elem_id="video-summary")
 
-        def render(prompt, frames, length, stride, seed, scale, steps, size, progress=gr.Progress()):
-            return video.long_video(prompt, frames, length, stride, seed, scale, steps, size, progress=progress)
+        def render(prompt, frames, length, stride, seed, scale, steps, size, fusion="attention", injection=False,
+                   progress=gr.Progress()):
+            return video.long_video(prompt, frames, length, stride, seed, scale, steps, size, fusion, injection,
+                                    progress=progress)
 
-        button.click(_ui_errors(render), [prompt, frames, length, stride, seed, scale, steps, size],
+        button.click(_ui_errors(render), [prompt, frames, length, stride, seed, scale, steps, size, fusion, injection],
                      [plain, freenoise, summary], api_name="long_video", **queue)
 
 

@@ -90,7 +90,63 @@ def test_same_start_when_one_window_covers_every_frame(video):
     assert "one window" in summary
 
 
+def test_fusion_and_motion_injection_reach_both_videos(video, monkeypatch):
+    import guidekit.apps.jobs as jobs
+
+    seen = []
+    real = jobs.generate_video
+    monkeypatch.setattr(jobs, "generate_video", lambda pipe, params, *a, **k: (seen.append(params), real(
+        pipe, params, *a, **k))[1])
+    _, _, summary = video.long_video("0: a red circle\n9: a blue circle", 10, 8, 2, 0, 7.5, 1, 32, "block", True)
+    assert [p["freenoise"]["noise"] for p in seen] == ["random", "shuffle"]
+    # the official steps, as the job records them (FreeNoise's motion_injection=True)
+    assert all(p["freenoise"]["fusion"] == "block" and p["freenoise"]["motion_injection"] == [0.1, 0.3] for p in seen)
+    assert "fused at each transformer block" in summary and "motion injection" in summary
+    seen.clear()
+    _, _, summary = video.long_video("0: a red circle\n9: a blue circle", 10, 8, 2, 0, 7.5, 1, 32)
+    assert all(p["freenoise"]["fusion"] == "attention" and p["freenoise"]["motion_injection"] is None for p in seen)
+    assert "fused at each temporal attention" in summary and "motion injection" not in summary
+
+
+def test_embedded_video_model_starts_at_its_scale_and_is_judged(pipe, tiny_video_dir):
+    from guidekit.apps.demo import Limits, VideoBackend
+    from guidekit.apps.jobs import load_video_pipeline
+    from guidekit.toy import DEFAULT_GUIDANCE_SCALE
+
+    vpipe = load_video_pipeline(str(tiny_video_dir), pipe)
+    assert VideoBackend(vpipe, Limits(**LIMITS)).default_scale == 7.5
+    embedded = VideoBackend(vpipe, Limits(**LIMITS), embedded=True)
+    assert embedded.default_scale == DEFAULT_GUIDANCE_SCALE
+    size = embedded.default_size
+    _, _, summary = embedded.long_video("a red circle on a blue background", 10, 8, 2, 0, 3.0, 1, size)
+    assert "| judge: frames read as their prompt | teleports |" in summary and "/10 |" in summary
+    # at another size than the model's own the judge's pixel thresholds do not hold: no judge columns
+    _, _, summary = embedded.long_video("a red circle on a blue background", 10, 8, 2, 0, 3.0, 1, size // 2)
+    assert "judge" not in summary
+
+
+def test_video_judge_reading_on_world_clips():
+    import numpy as np
+
+    from guidekit.apps.demo import video_judge_reading
+    from guidekit.toy import video_world
+
+    caption = "a red circle on a blue background"
+    frames = video_world.render_clip(video_world.clip_from_caption(caption, 3), 20).frames / 255.0
+    assert video_judge_reading(frames, caption) == "20/20 | 0"
+    # a schedule scores the frames held on one caption only: 0..4 (A) and 15..19 (B), the blend in between not
+    other = "a red circle on a green background"
+    assert video_judge_reading(frames, {4: caption, 15: other}) == "5/10 | 0"
+    # a jump of the shape is a teleport
+    jumped = np.concatenate([frames[:10], video_world.render_clip(video_world.clip_from_caption(caption, 9), 10).frames
+                             / 255.0])
+    assert video_judge_reading(jumped, caption).endswith("| 1")
+    assert video_judge_reading(frames, "a cat").startswith("– |")
+
+
 @pytest.mark.parametrize("change, message", [
+    (dict(motion_injection=True), "motion injection: needs a prompt schedule"),
+    (dict(fusion="window"), "fusion: got 'window'; accepted: attention, block"),
     (dict(frames=25), "frames: 25 is over this demo's limit; accepted: 1 to 24"),
     (dict(context_length=9), "context_length: 9 is above the video model's motion_max_seq_length 8"),
     (dict(context_stride=5, context_length=4), "context_stride: 5 is not accepted; accepted: an integer from 1 to 4"),
@@ -161,7 +217,10 @@ def test_api_long_video(server):
     client = Client(server, verbose=False)
     plain, freenoise, summary = client.predict("a red circle", 10, 8, 4, 0, 7.5, 2, 32, api_name="/long_video")
     assert frame_count(plain) == frame_count(freenoise) == 10
-    assert "| **FreeNoise** |" in summary
+    assert "| **FreeNoise** |" in summary and "fused at each temporal attention" in summary
+    _, _, summary = client.predict("0: a red circle\n9: a blue circle", 10, 8, 4, 0, 7.5, 1, 32, "block", True,
+                                   api_name="/long_video")
+    assert "fused at each transformer block" in summary and "motion injection" in summary
 
 
 FETCH_BYTES = """async (img) => {
@@ -194,10 +253,14 @@ def test_browser_long_video_plays(server, tmp_path):
         set_number(page, "video-length", 8)
         set_number(page, "video-stride", 4)
         set_number(page, "video-steps", 2)
+        page.locator("#video-fusion").get_by_text("each transformer block").click()
+        page.locator("#video-injection input").check()
         page.locator("#video-button").click()
         summary = page.locator("#video-summary")
         expect(summary).to_contain_text("frame-to-frame change", timeout=120_000)
-        assert "12 frames" in summary.inner_text() and "2 steps" in summary.inner_text()
+        text = summary.inner_text()
+        assert "12 frames" in text and "2 steps" in text
+        assert "fused at each transformer block" in text and "motion injection" in text
         for side in ("plain", "freenoise"):
             img = page.locator(f"#video-{side} img")
             expect(img).to_be_visible(timeout=60_000)
