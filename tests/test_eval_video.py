@@ -103,3 +103,74 @@ def test_a_tiny_run_writes_its_tables_and_per_video_records(tmp_path):
     for row in later["rows"] + later["switch"]:
         # compared as JSON text, where NaN (no shape found on the random model) equals itself
         assert json.dumps(row["per_video"]) == json.dumps([earlier[row["row"]]]), row["row"]
+
+
+def _run(rows, switch=False, **settings):
+    """An eval_video.json as a run with these rows writes it (summaries only, as merge_results reads them)."""
+    base = {"num_videos": 2, "first_video": 0, "frames": 32, "steps": 1, "guidance_scale": 3.0, "device": "cpu",
+            "torch_threads": 1}
+    full = _result(0.95, 0.05, 0.5, 1.0, 2.0)
+    by_name = {r["row"]: r for r in full["rows"]}
+    columns = dict(videos=2, frames_correct=1.0, videos_without_teleport=1.0, teleports_per_video=0.0, seam=1.0,
+                   speed=1.0, accel=1.0, jerk=1.0, seconds_per_video=1.0, peak_rss_mib=None, first_correct=1.0,
+                   last_correct=1.0)
+    return {"settings": {**base, **settings},
+            "rows": [{**columns, "row": name, **by_name.get(name, {})} for name in rows],
+            "switch": [{**columns, **row} for row in full["switch"]] if switch else []}
+
+
+def test_merge_puts_rows_of_parallel_runs_in_one_table():
+    merged = ev.merge_results([_run(["windows", "chunks"]), _run(["freenoise"], switch=True)])
+    assert [r["row"] for r in merged["rows"]] == ["chunks", "windows", "freenoise"]  # eval-video's own order
+    assert [r["row"] for r in merged["switch"]] == ["interpolation only", "motion injection"]
+    assert merged["settings"]["merged_runs"] == 2 and merged["settings"]["num_videos"] == 2
+    # checks that need rows of both runs are recomputed on the whole
+    assert merged["checks"] == ev.required_checks(_result(0.95, 0.05, 0.5, 1.0, 2.0)) and all(merged["checks"].values())
+    # runs without first_video in their settings (older ones) started at the first video
+    old = _run(["chunks"])
+    del old["settings"]["first_video"]
+    assert [r["row"] for r in ev.merge_results([old, _run(["freenoise"])])["rows"]] == ["chunks", "freenoise"]
+
+
+@pytest.mark.parametrize("runs, message", [
+    ([_run(["chunks"])], "got 1 run"),
+    ([_run(["chunks"]), _run(["freenoise"], num_videos=3)], "run 1 has num_videos = 3, run 0 has 2"),
+    ([_run(["chunks"]), _run(["freenoise"], first_video=2)], "run 1 has first_video = 2"),
+    ([_run(["chunks"]), _run(["freenoise"], steps=25)], "run 1 has steps = 25"),
+    ([_run(["chunks"]), _run(["chunks", "freenoise"])], "the row 'chunks' is in two runs"),
+    ([_run(["chunks"], switch=True), _run(["freenoise"], switch=True)], "the switch table is in two runs"),
+])
+def test_merge_refuses_runs_of_other_videos_or_a_row_twice(runs, message):
+    with pytest.raises(ValueError, match=message):
+        ev.merge_results(runs)
+
+
+def test_cli_merge_writes_one_table_and_replaces_nothing(tmp_path):
+    from click.testing import CliRunner
+
+    from guidekit.apps.eval_video import eval_video
+
+    for name, run in (("a", _run(["chunks", "windows"])), ("b", _run(["freenoise"], switch=True))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval_video.json").write_text(json.dumps(run))
+    args = ["--out", str(tmp_path / "all"), "--merge", str(tmp_path / "a"), "--merge", str(tmp_path / "b")]
+    result = CliRunner().invoke(eval_video, args)
+    assert result.exit_code == 0, result.output
+    assert "| freenoise |" in result.output and "PASS: freenoise has fewer teleports than windows" in result.output
+    written = json.loads((tmp_path / "all" / "eval_video.json").read_text())
+    assert [r["row"] for r in written["rows"]] == ["chunks", "windows", "freenoise"]
+    assert (tmp_path / "all" / "table.md").read_text() == ev.markdown_tables(written) + "\n"
+    again = CliRunner().invoke(eval_video, args)
+    assert again.exit_code == 2 and "already holds an evaluation" in again.output
+    one = CliRunner().invoke(eval_video, ["--out", str(tmp_path / "x"), "--merge", str(tmp_path / "a")])
+    assert one.exit_code == 2 and "--merge" in one.output and "two or more" in one.output
+    (tmp_path / "empty").mkdir()
+    none = CliRunner().invoke(eval_video, ["--out", str(tmp_path / "y"), "--merge", str(tmp_path / "a"), "--merge",
+                                           str(tmp_path / "empty")])
+    assert none.exit_code == 2 and "has no eval_video.json" in none.output
+    clash = tmp_path / "c"
+    clash.mkdir()
+    (clash / "eval_video.json").write_text(json.dumps(_run(["freenoise"], num_videos=5)))
+    bad = CliRunner().invoke(eval_video, ["--out", str(tmp_path / "z"), "--merge", str(tmp_path / "a"), "--merge",
+                                          str(clash)])
+    assert bad.exit_code == 2 and "run 1 has num_videos = 5" in bad.output and not (tmp_path / "z").exists()

@@ -37,7 +37,7 @@ from .video_measures import (
 from .world import COLOURS, parse_caption
 
 __all__ = ["ROWS", "VIDEO_SEED", "load_video_pipeline", "row_video", "switch_prompts", "measure_video",
-           "run_video_evaluation", "markdown_tables", "required_checks"]
+           "run_video_evaluation", "merge_results", "markdown_tables", "required_checks"]
 
 VIDEO_SEED = 7000
 ROWS = ("world", "direct-16", "direct-32", "chunks", "windows", "freenoise", "freenoise-block")
@@ -226,6 +226,47 @@ def _save_samples(out: Path, samples: dict) -> None:
 
     for name, video in samples.items():
         save_video(video, out / f"sample-{name}.gif", fps=8)
+
+
+#: Settings that runs must share to be merged into one table (the same videos, made the same way).
+MERGE_SETTINGS = ("num_videos", "first_video", "frames", "steps", "guidance_scale")
+
+
+def merge_results(results: Sequence[dict]) -> dict:
+    """One evaluation from runs of the same videos with different rows (e.g. run in parallel processes, each with
+    its own ``rows`` and only one with the switch table): their rows in :data:`ROWS` order, the switch table,
+    and the required checks recomputed on the whole. Raises ValueError for runs of other videos or settings, or
+    a row (or the switch table) in two runs."""
+    if len(results) < 2:
+        raise ValueError(f"results: got {len(results)} run(s); accepted: two or more to merge")
+    def setting(result, key):
+        return result["settings"].get(key, 0 if key == "first_video" else None)  # runs before first_video: 0
+
+    first = results[0]["settings"]
+    for k, other in enumerate(results[1:], start=1):
+        for key in MERGE_SETTINGS:
+            if setting(other, key) != setting(results[0], key):
+                raise ValueError(f"results: run {k} has {key} = {setting(other, key)!r}, run 0 has "
+                                 f"{setting(results[0], key)!r}; accepted: runs of the same videos and settings "
+                                 f"({', '.join(MERGE_SETTINGS)})")
+    rows, switch = {}, []
+    for k, result in enumerate(results):
+        for row in result["rows"]:
+            if row["row"] in rows:
+                raise ValueError(f"results: the row {row['row']!r} is in two runs (run {k} and an earlier one); "
+                                 "accepted: each row in one run")
+            rows[row["row"]] = row
+        if result.get("switch"):
+            if switch:
+                raise ValueError(f"results: the switch table is in two runs (run {k} and an earlier one); "
+                                 "accepted: it in one run")
+            switch = result["switch"]
+    threads = sorted({r["settings"].get("torch_threads") for r in results}, key=str)
+    merged = {"settings": {**first, "torch_threads": threads[0] if len(threads) == 1 else threads,
+                           "merged_runs": len(results)},
+              "rows": [rows[name] for name in ROWS if name in rows], "switch": switch}
+    merged["checks"] = required_checks(merged)
+    return merged
 
 
 def required_checks(result: dict) -> dict:
