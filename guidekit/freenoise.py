@@ -119,6 +119,9 @@ class FreeNoise(SamplerHook):
             cross-attention of `injection_blocks` reads the last prompt for every frame (conditional pass
             only), while the other layers and steps read the per-frame prompts. `True` takes the official
             (t_a, t_b) = (0.1, 0.3), i.e. steps 0–4 and 16–49 of 50; a pair gives (t_a, t_b). None: off.
+            It is made for prompts that change what one subject does; the early frames then also lean towards
+            the last prompt (on the embedded toy model, where a background colour switch is the only test,
+            it lowers the first prompt's accuracy and does not keep the shape steadier: README, FreeNoise).
         injection_blocks (sequence of `str`, defaults to `("down", "mid")`): the UNet parts whose spatial
             cross-attention motion injection acts in, any of "down", "mid" and "up". The default is the official
             code's (input and middle blocks).
