@@ -538,13 +538,11 @@ def video_judge_reading(frames, prompt) -> str:
 
     `prompt`: one caption, or a {frame: caption} schedule; only the frames held on one caption are scored (a blend
     of two captions has no one right answer). "–" where a caption is outside the toy world's grammar."""
-    import numpy as np
-
-    from guidekit.toy.video_measures import frames_correct, read_video, teleports
+    from guidekit.toy.video_measures import frames_correct, frames_to_uint8, read_video, teleports
     from guidekit.toy.world import parse_caption
     from guidekit.video import interpolate_prompt_schedule
 
-    video = np.round(np.clip(np.asarray(frames, dtype=np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
+    video = frames_to_uint8(frames)
     reading = read_video(video)
     schedule = interpolate_prompt_schedule(prompt if isinstance(prompt, dict) else {0: prompt}, len(video))
     held = [(i, blend.key_a) for i, blend in enumerate(schedule) if blend.t == 0.0 or blend.key_a == blend.key_b]

@@ -95,8 +95,12 @@ def test_fusion_and_motion_injection_reach_both_videos(video, monkeypatch):
 
     seen = []
     real = jobs.generate_video
-    monkeypatch.setattr(jobs, "generate_video", lambda pipe, params, *a, **k: (seen.append(params), real(
-        pipe, params, *a, **k))[1])
+
+    def spy(pipe, params, *args, **kwargs):
+        seen.append(params)
+        return real(pipe, params, *args, **kwargs)
+
+    monkeypatch.setattr(jobs, "generate_video", spy)
     _, _, summary = video.long_video("0: a red circle\n9: a blue circle", 10, 8, 2, 0, 7.5, 1, 32, "block", True)
     assert [p["freenoise"]["noise"] for p in seen] == ["random", "shuffle"]
     # the official steps, as the job records them (FreeNoise's motion_injection=True)

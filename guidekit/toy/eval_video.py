@@ -27,6 +27,7 @@ from . import video_world
 from .evaluate import eval_prompts
 from .video_measures import (
     frames_correct,
+    frames_to_uint8,
     max_jump,
     mean_speed,
     read_video,
@@ -57,14 +58,10 @@ def load_video_pipeline(path=None, device: str = "cpu"):
     return pipe.to(device)
 
 
-def _to_uint8(frames: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(frames, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
 def _call(pipe, prompt, frames: int, seed: int, steps: int, scale: float, hooks) -> np.ndarray:
     out = pipe(prompt, num_frames=frames, num_inference_steps=steps, guidance_scale=scale, height=64, width=64,
                generator=torch.Generator().manual_seed(seed), hooks=hooks, output_type="np")
-    return _to_uint8(np.asarray(out.frames[0]))
+    return frames_to_uint8(out.frames[0])
 
 
 def row_video(pipe, row: str, prompt, index: int, frames: int = 64, steps: int = 25, scale: float = 3.0,
@@ -149,13 +146,13 @@ def _peak(fn):
     return out, seconds, (rss.peak - base) / 2**20
 
 
-def run_video_evaluation(out, model=None, device: str = "cpu", num_videos: int = 8, frames: int = 64,
+def run_video_evaluation(out, model=None, device: str = "cpu", num_videos: int = 16, frames: int = 64,
                          steps: int = 25, scale: float = 3.0, rows: Sequence[str] = ROWS, switch: bool = True,
                          log: Callable[[str], None] = print, first_video: int = 0) -> dict:
     """Run every row on ``num_videos`` held-out prompts; write ``eval_video.json`` and ``table.md`` under ``out``.
 
     ``first_video`` skips that many prompts of the held-out list: videos are numbered by their place in the list
-    (prompt, noise seed and switch colour alike), so a run from ``first_video=8`` adds new videos to one of eight,
+    (prompt, noise seed and switch colour alike), so a run from ``first_video=16`` adds new videos to one of sixteen,
     each the same as it would be in a single longer run.
     """
     from guidekit import FreeNoise
@@ -239,10 +236,10 @@ def merge_results(results: Sequence[dict]) -> dict:
     a row (or the switch table) in two runs."""
     if len(results) < 2:
         raise ValueError(f"results: got {len(results)} run(s); accepted: two or more to merge")
+
     def setting(result, key):
         return result["settings"].get(key, 0 if key == "first_video" else None)  # runs before first_video: 0
 
-    first = results[0]["settings"]
     for k, other in enumerate(results[1:], start=1):
         for key in MERGE_SETTINGS:
             if setting(other, key) != setting(results[0], key):
@@ -262,7 +259,7 @@ def merge_results(results: Sequence[dict]) -> dict:
                                  "accepted: it in one run")
             switch = result["switch"]
     threads = sorted({r["settings"].get("torch_threads") for r in results}, key=str)
-    merged = {"settings": {**first, "torch_threads": threads[0] if len(threads) == 1 else threads,
+    merged = {"settings": {**results[0]["settings"], "torch_threads": threads[0] if len(threads) == 1 else threads,
                            "merged_runs": len(results)},
               "rows": [rows[name] for name in ROWS if name in rows], "switch": switch}
     merged["checks"] = required_checks(merged)

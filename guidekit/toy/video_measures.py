@@ -18,6 +18,7 @@ __all__ = [
     "TELEPORT_FACTOR",
     "TELEPORT_FLOOR",
     "VideoReading",
+    "frames_to_uint8",
     "read_video",
     "frames_correct",
     "centroids",
@@ -38,6 +39,11 @@ TELEPORT_FLOOR = 2.0
 class VideoReading:
     judgements: list[Judgement]
     centroids: np.ndarray  # (F, 2) x, y in pixels; nan where the judge found no shape
+
+
+def frames_to_uint8(frames) -> np.ndarray:
+    """A pipeline's float frames in [0, 1] (F, H, W, 3) as the uint8 frames every measure here reads."""
+    return np.round(np.clip(np.asarray(frames), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def _check_frames(frames) -> np.ndarray:
