@@ -37,7 +37,9 @@ __all__ = [
     "SUPPORTED_SCHEDULERS",
     "FLOW_SCHEDULERS",
     "FLOW_SOLVERS",
+    "FLOW_PREDICTION",
     "as_hook_list",
+    "check_flow_scheduler",
     "scheduler_family",
 ]
 
