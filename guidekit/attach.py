@@ -12,6 +12,7 @@ def _hooked_classes():
         AnimateDiffSDXLPipeline,
         DDPMPipeline,
         DiTPipeline,
+        StableDiffusion3Pipeline,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
     )
@@ -21,6 +22,7 @@ def _hooked_classes():
         GuidedAnimateDiffSDXLPipeline,
         GuidedDDPMPipeline,
         GuidedDiTPipeline,
+        GuidedStableDiffusion3Pipeline,
         GuidedStableDiffusionPipeline,
         GuidedStableDiffusionXLPipeline,
     )
@@ -29,12 +31,14 @@ def _hooked_classes():
     return [
         (GuidedStableDiffusionXLPipeline, GuidedStableDiffusionXLPipeline),
         (GuidedStableDiffusionPipeline, GuidedStableDiffusionPipeline),
+        (GuidedStableDiffusion3Pipeline, GuidedStableDiffusion3Pipeline),
         (GuidedDiTPipeline, GuidedDiTPipeline),
         (GuidedDDPMPipeline, GuidedDDPMPipeline),
         (GuidedAnimateDiffPipeline, GuidedAnimateDiffPipeline),
         (GuidedAnimateDiffSDXLPipeline, GuidedAnimateDiffSDXLPipeline),
         (StableDiffusionXLPipeline, GuidedStableDiffusionXLPipeline),
         (StableDiffusionPipeline, GuidedStableDiffusionPipeline),
+        (StableDiffusion3Pipeline, GuidedStableDiffusion3Pipeline),
         (DiTPipeline, GuidedDiTPipeline),
         (DDPMPipeline, GuidedDDPMPipeline),
         (AnimateDiffPipeline, GuidedAnimateDiffPipeline),

@@ -5,6 +5,7 @@ from .guided_animatediff_sdxl import GuidedAnimateDiffSDXLPipeline
 from .guided_ddpm import GuidedDDPMPipeline
 from .guided_dit import GuidedDiTPipeline
 from .guided_sd import GuidedStableDiffusionPipeline
+from .guided_sd3 import GuidedStableDiffusion3Pipeline
 from .guided_sdxl import GuidedStableDiffusionXLPipeline
 from .styleid_sd import StyleIDStableDiffusionPipeline
 from .styleid_sdxl import StyleIDStableDiffusionXLPipeline
@@ -17,6 +18,7 @@ __all__ = [
     "GuidedDDPMPipeline",
     "GuidedDiTPipeline",
     "GuidedStableDiffusionPipeline",
+    "GuidedStableDiffusion3Pipeline",
     "GuidedStableDiffusionXLPipeline",
     "StyleIDStableDiffusionPipeline",
     "StyleIDStableDiffusionXLPipeline",
