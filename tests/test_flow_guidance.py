@@ -87,3 +87,13 @@ def test_apg_radius_is_per_sample_not_over_the_batch():
     state2, _, _ = flow_state((2, 9, 16), 0)
     both = hook.guide(state2, torch.cat([cond, 100 * cond]), torch.cat([uncond, -100 * uncond]))
     assert_close_to_scale(both[:1], alone, rel=1e-6)
+
+
+def test_cfg_in_x0_space_is_cfg_on_the_velocity():
+    """x0 = x − σ·v is affine in v, so CFG on x0 (then back to v at the same x and σ) is CFG on v: the guidance
+    slot needs no x0 form of CFG on flow models."""
+    state, x, sigma = flow_state(SHAPES["sd3"], 2)
+    g = torch.Generator().manual_seed(4)
+    cond, uncond = torch.randn(SHAPES["sd3"], generator=g), torch.randn(SHAPES["sd3"], generator=g)
+    x0 = state.to_x0(uncond) + 6.0 * (state.to_x0(cond) - state.to_x0(uncond))
+    assert_close_to_scale(state.from_x0(x0), guidekit.CFG().guide(state, cond, uncond).double(), rel=1e-6)
