@@ -12,6 +12,7 @@ def _hooked_classes():
         AnimateDiffSDXLPipeline,
         DDPMPipeline,
         DiTPipeline,
+        FluxPipeline,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
     )
@@ -21,6 +22,7 @@ def _hooked_classes():
         GuidedAnimateDiffSDXLPipeline,
         GuidedDDPMPipeline,
         GuidedDiTPipeline,
+        GuidedFluxPipeline,
         GuidedStableDiffusionPipeline,
         GuidedStableDiffusionXLPipeline,
     )
@@ -33,12 +35,14 @@ def _hooked_classes():
         (GuidedDDPMPipeline, GuidedDDPMPipeline),
         (GuidedAnimateDiffPipeline, GuidedAnimateDiffPipeline),
         (GuidedAnimateDiffSDXLPipeline, GuidedAnimateDiffSDXLPipeline),
+        (GuidedFluxPipeline, GuidedFluxPipeline),
         (StableDiffusionXLPipeline, GuidedStableDiffusionXLPipeline),
         (StableDiffusionPipeline, GuidedStableDiffusionPipeline),
         (DiTPipeline, GuidedDiTPipeline),
         (DDPMPipeline, GuidedDDPMPipeline),
         (AnimateDiffPipeline, GuidedAnimateDiffPipeline),
         (AnimateDiffSDXLPipeline, GuidedAnimateDiffSDXLPipeline),
+        (FluxPipeline, GuidedFluxPipeline),
     ]
 
 

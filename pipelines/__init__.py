@@ -4,6 +4,7 @@ from .guided_animatediff import GuidedAnimateDiffPipeline
 from .guided_animatediff_sdxl import GuidedAnimateDiffSDXLPipeline
 from .guided_ddpm import GuidedDDPMPipeline
 from .guided_dit import GuidedDiTPipeline
+from .guided_flux import GuidedFluxPipeline
 from .guided_sd import GuidedStableDiffusionPipeline
 from .guided_sdxl import GuidedStableDiffusionXLPipeline
 from .styleid_sd import StyleIDStableDiffusionPipeline
@@ -16,6 +17,7 @@ __all__ = [
     "GuidedAnimateDiffSDXLPipeline",
     "GuidedDDPMPipeline",
     "GuidedDiTPipeline",
+    "GuidedFluxPipeline",
     "GuidedStableDiffusionPipeline",
     "GuidedStableDiffusionXLPipeline",
     "StyleIDStableDiffusionPipeline",
