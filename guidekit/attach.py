@@ -13,6 +13,7 @@ def _hooked_classes():
         DDPMPipeline,
         DiTPipeline,
         FluxPipeline,
+        QwenImagePipeline,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
     )
@@ -23,6 +24,7 @@ def _hooked_classes():
         GuidedDDPMPipeline,
         GuidedDiTPipeline,
         GuidedFluxPipeline,
+        GuidedQwenImagePipeline,
         GuidedStableDiffusionPipeline,
         GuidedStableDiffusionXLPipeline,
     )
@@ -36,6 +38,7 @@ def _hooked_classes():
         (GuidedAnimateDiffPipeline, GuidedAnimateDiffPipeline),
         (GuidedAnimateDiffSDXLPipeline, GuidedAnimateDiffSDXLPipeline),
         (GuidedFluxPipeline, GuidedFluxPipeline),
+        (GuidedQwenImagePipeline, GuidedQwenImagePipeline),
         (StableDiffusionXLPipeline, GuidedStableDiffusionXLPipeline),
         (StableDiffusionPipeline, GuidedStableDiffusionPipeline),
         (DiTPipeline, GuidedDiTPipeline),
@@ -43,6 +46,7 @@ def _hooked_classes():
         (AnimateDiffPipeline, GuidedAnimateDiffPipeline),
         (AnimateDiffSDXLPipeline, GuidedAnimateDiffSDXLPipeline),
         (FluxPipeline, GuidedFluxPipeline),
+        (QwenImagePipeline, GuidedQwenImagePipeline),
     ]
 
 

@@ -5,6 +5,7 @@ from .guided_animatediff_sdxl import GuidedAnimateDiffSDXLPipeline
 from .guided_ddpm import GuidedDDPMPipeline
 from .guided_dit import GuidedDiTPipeline
 from .guided_flux import GuidedFluxPipeline
+from .guided_qwenimage import GuidedQwenImagePipeline
 from .guided_sd import GuidedStableDiffusionPipeline
 from .guided_sdxl import GuidedStableDiffusionXLPipeline
 from .styleid_sd import StyleIDStableDiffusionPipeline
@@ -18,6 +19,7 @@ __all__ = [
     "GuidedDDPMPipeline",
     "GuidedDiTPipeline",
     "GuidedFluxPipeline",
+    "GuidedQwenImagePipeline",
     "GuidedStableDiffusionPipeline",
     "GuidedStableDiffusionXLPipeline",
     "StyleIDStableDiffusionPipeline",

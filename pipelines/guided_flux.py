@@ -46,7 +46,8 @@ class GuidedFluxPipeline(FlowHookedPipelineMixin, FluxPipeline):
         """
         if do_true_cfg or isinstance(chain.guidance, CFG):
             return
-        missing = ([] if has_negative else ["a negative prompt"]) + ([] if true_cfg_scale > 1 else ["true_cfg_scale > 1"])
+        missing = [] if has_negative else ["a negative prompt"]
+        missing += [] if true_cfg_scale > 1 else ["true_cfg_scale > 1"]
         distilled = ""
         if self.transformer.config.guidance_embeds:
             distilled = (

@@ -18,6 +18,7 @@ from .ip_adapter import TINY_IP_ADAPTER_WEIGHTS, save_tiny_ip_adapter, tiny_imag
 from .classifiers import CONVNEXT_PROCESSOR, PLAIN_PROCESSOR, TinyReLUClassifier, make_tiny_classifier
 from .tokenizer import build_clip_tokenizer
 from .flux import make_tiny_flux, tiny_flux_components
+from .qwenimage import build_qwen2_tokenizer, make_tiny_qwenimage, tiny_qwenimage_components
 
 __all__ = [
     "CONVNEXT_PROCESSOR",
@@ -38,4 +39,7 @@ __all__ = [
     "tiny_image_encoder",
     "make_tiny_flux",
     "tiny_flux_components",
+    "build_qwen2_tokenizer",
+    "make_tiny_qwenimage",
+    "tiny_qwenimage_components",
 ]

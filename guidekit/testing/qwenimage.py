@@ -9,7 +9,12 @@ from pathlib import Path
 
 import re
 import torch
-from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+from diffusers import (
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+)
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 __all__ = ["QWEN_TEMPLATE_PREFIX_TOKENS", "build_qwen2_tokenizer", "tiny_qwenimage_components", "make_tiny_qwenimage"]
@@ -24,7 +29,7 @@ _SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
 def _byte_symbols() -> dict[int, str]:
-    """Byte-level BPE's printable stand-in for each byte (the GPT-2 convention Qwen2 uses: " " is "Ġ", "\\n" is "Ċ")."""
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's convention, as in Qwen2: space "Ġ", newline "Ċ")."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     symbols, shifted = {}, 0
     for byte in range(256):
@@ -83,7 +88,9 @@ def build_qwen2_tokenizer(template: str | None = None) -> Qwen2Tokenizer:
         vocab.setdefault(left + right, len(vocab))
     for special in _SPECIALS:
         vocab[special] = len(vocab)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     return tokenizer
 
