@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -42,12 +43,23 @@ class GuidedFluxPipeline(FlowHookedPipelineMixin, FluxPipeline):
         """Refuse a guidance hook other than CFG when the call runs no unconditional pass.
 
         Such a hook mixes the conditional and the unconditional velocity; without true CFG there is only the
-        conditional one, so it would silently do nothing. (CFG itself then gives the stock result.)
+        conditional one, so it would silently do nothing. CFG itself gives the stock result, with a warning when
+        the call asked for guidance (a negative prompt or w > 1) but cannot run it.
         """
-        if do_true_cfg or isinstance(chain.guidance, CFG):
+        if do_true_cfg:
             return
         missing = [] if has_negative else ["a negative prompt"]
         missing += [] if true_cfg_scale > 1 else ["true_cfg_scale > 1"]
+        if isinstance(chain.guidance, CFG):
+            if has_negative or true_cfg_scale > 1:
+                warnings.warn(
+                    f"true_cfg_scale={true_cfg_scale} with a negative prompt "
+                    f"{'given' if has_negative else 'not given'}: true CFG is off for this call (missing: "
+                    f"{' and '.join(missing)})",
+                    UserWarning,
+                    stacklevel=4,  # the caller of the pipeline (past torch.no_grad's wrapper)
+                )
+            return
         distilled = ""
         if self.transformer.config.guidance_embeds:
             distilled = (

@@ -3,6 +3,7 @@ pipeline."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -10,14 +11,11 @@ import torch
 from diffusers import QwenImagePipeline
 from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutput
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
-from diffusers.utils import logging
 
 from guidekit.guidance.cfg import CFG
 from guidekit.hooks import HookChain, SamplerHook, SamplerState
 
 from .hooked_flow import FlowHookedPipelineMixin
-
-logger = logging.get_logger(__name__)
 
 
 def rescale_to_cond_norm(guided: torch.Tensor, pred_cond: torch.Tensor) -> torch.Tensor:
@@ -63,7 +61,8 @@ class GuidedQwenImagePipeline(FlowHookedPipelineMixin, QwenImagePipeline):
         """Refuse a guidance hook other than CFG when the call runs no unconditional pass.
 
         Such a hook mixes the conditional and the unconditional velocity; without true CFG there is only the
-        conditional one, so it would silently do nothing. CFG itself gives the stock result (with stock's warning).
+        conditional one, so it would silently do nothing. CFG itself gives the stock result, with a
+        warning when the call asked for guidance (a negative prompt or w > 1) but cannot run it.
         """
         if do_true_cfg:
             return
@@ -77,9 +76,11 @@ class GuidedQwenImagePipeline(FlowHookedPipelineMixin, QwenImagePipeline):
                 "and true_cfg_scale > 1"
             )
         if has_negative or true_cfg_scale > 1:
-            logger.warning(
+            warnings.warn(
                 f"true_cfg_scale={true_cfg_scale} with a negative prompt {'given' if has_negative else 'not given'}: "
-                "classifier-free guidance is off for this call; it needs a negative prompt and true_cfg_scale > 1"
+                f"true CFG is off for this call (missing: {' and '.join(missing)})",
+                UserWarning,
+                stacklevel=4,  # the caller of the pipeline (past torch.no_grad's wrapper)
             )
 
     def guided_velocity(
@@ -254,9 +255,11 @@ class GuidedQwenImagePipeline(FlowHookedPipelineMixin, QwenImagePipeline):
                 )
             guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(latents.shape[0])
         elif guidance_scale is not None:
-            logger.warning(
+            warnings.warn(
                 f"guidance_scale={guidance_scale} is ignored: this transformer is not guidance-distilled "
-                "(guidance_embeds=False); the guidance slot's scale is true_cfg_scale"
+                "(guidance_embeds=False); the guidance slot's scale is true_cfg_scale",
+                UserWarning,
+                stacklevel=3,
             )
         if self.attention_kwargs is None:
             self._attention_kwargs = {}

@@ -324,3 +324,15 @@ def test_apg_batch_row_equals_single_call(pair):
                 negative_prompt=["blurry", "dark"], true_cfg_scale=3.0,
                 generator=[torch.Generator().manual_seed(s) for s in (7, 8)])
     assert_close_to_scale(batch[:1], single, 1e-5)
+
+
+def test_cfg_warns_when_the_call_asks_for_guidance_it_cannot_run(pair):
+    """CFG keeps the stock output when true CFG is off, and says so when the call asked for guidance."""
+    _, _, hooked = pair
+    with pytest.warns(UserWarning, match=r"true CFG is off .*missing: true_cfg_scale > 1"):
+        run(hooked, negative_prompt="blurry", output_type="latent")
+    with pytest.warns(UserWarning, match=r"true CFG is off .*missing: a negative prompt"):
+        run(hooked, true_cfg_scale=3.0, output_type="latent")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        run(hooked, output_type="latent")  # the stock default: no negative, w = 1

@@ -342,3 +342,14 @@ def test_apg_batch_row_equals_single_call(pair):
     batch = run(hooked, prompt=[PROMPT, "a blue square"], negative_prompt=["blurry", "dark"],
                 generator=[torch.Generator().manual_seed(s) for s in (7, 8)], **kw)
     assert_close_to_scale(batch[:1], single, 1e-5)
+
+
+def test_cfg_warns_when_the_call_asks_for_guidance_it_cannot_run(pair):
+    """CFG keeps the stock output when true CFG is off, and says so (the stock pipeline logs it too)."""
+    _, hooked = pair
+    with pytest.warns(UserWarning, match=r"true CFG is off .*missing: a negative prompt"):
+        run(hooked, output_type="latent")  # w = 4.0 by default
+    with pytest.warns(UserWarning, match=r"true CFG is off .*missing: true_cfg_scale > 1"):
+        run(hooked, negative_prompt="blurry", true_cfg_scale=1.0, output_type="latent")
+    with pytest.warns(UserWarning, match="guidance_scale=2.0 is ignored"):
+        run(hooked, guidance_scale=2.0, output_type="latent", **TRUE_CFG)
