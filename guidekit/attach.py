@@ -12,6 +12,8 @@ def _hooked_classes():
         AnimateDiffSDXLPipeline,
         DDPMPipeline,
         DiTPipeline,
+        FluxPipeline,
+        QwenImagePipeline,
         StableDiffusion3Pipeline,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
@@ -22,6 +24,8 @@ def _hooked_classes():
         GuidedAnimateDiffSDXLPipeline,
         GuidedDDPMPipeline,
         GuidedDiTPipeline,
+        GuidedFluxPipeline,
+        GuidedQwenImagePipeline,
         GuidedStableDiffusion3Pipeline,
         GuidedStableDiffusionPipeline,
         GuidedStableDiffusionXLPipeline,
@@ -36,6 +40,8 @@ def _hooked_classes():
         (GuidedDDPMPipeline, GuidedDDPMPipeline),
         (GuidedAnimateDiffPipeline, GuidedAnimateDiffPipeline),
         (GuidedAnimateDiffSDXLPipeline, GuidedAnimateDiffSDXLPipeline),
+        (GuidedFluxPipeline, GuidedFluxPipeline),
+        (GuidedQwenImagePipeline, GuidedQwenImagePipeline),
         (StableDiffusionXLPipeline, GuidedStableDiffusionXLPipeline),
         (StableDiffusionPipeline, GuidedStableDiffusionPipeline),
         (StableDiffusion3Pipeline, GuidedStableDiffusion3Pipeline),
@@ -43,6 +49,8 @@ def _hooked_classes():
         (DDPMPipeline, GuidedDDPMPipeline),
         (AnimateDiffPipeline, GuidedAnimateDiffPipeline),
         (AnimateDiffSDXLPipeline, GuidedAnimateDiffSDXLPipeline),
+        (FluxPipeline, GuidedFluxPipeline),
+        (QwenImagePipeline, GuidedQwenImagePipeline),
     ]
 
 
