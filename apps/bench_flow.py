@@ -28,8 +28,30 @@ def _sd3(folder: Path):
     return StableDiffusion3Pipeline, GuidedStableDiffusion3Pipeline, dict(height=32, width=32, guidance_scale=5.0)
 
 
+def _flux(folder: Path):
+    from diffusers import FluxPipeline
+
+    from guidekit.pipelines import GuidedFluxPipeline
+    from guidekit.testing.flux import make_tiny_flux
+
+    make_tiny_flux(folder)
+    return FluxPipeline, GuidedFluxPipeline, dict(height=16, width=16, true_cfg_scale=4.0, negative_prompt="blurry",
+                                                  max_sequence_length=48)
+
+
+def _qwenimage(folder: Path):
+    from diffusers import QwenImagePipeline
+
+    from guidekit.pipelines import GuidedQwenImagePipeline
+    from guidekit.testing.qwenimage import make_tiny_qwenimage
+
+    make_tiny_qwenimage(folder)
+    return QwenImagePipeline, GuidedQwenImagePipeline, dict(height=32, width=32, true_cfg_scale=4.0,
+                                                            negative_prompt="blurry", max_sequence_length=16)
+
+
 #: family -> builder(folder) -> (stock class, hooked class, call kwargs that turn guidance on)
-FLOW_FAMILIES: dict[str, Callable] = {"sd3": _sd3}
+FLOW_FAMILIES: dict[str, Callable] = {"sd3": _sd3, "flux": _flux, "qwenimage": _qwenimage}
 
 
 def flow_rows(families, rounds: int = 5, steps: int = 4, seed: int = 0) -> list[dict]:

@@ -20,7 +20,14 @@ def sd3(folder):
     return names, dict(height=32, width=32)
 
 
-FAMILIES = {"sd3": sd3}
+def qwenimage(folder):
+    from guidekit.testing.qwenimage import make_tiny_qwenimage
+
+    make_tiny_qwenimage(folder)
+    return ["transformer", "vae", "text_encoder", "tokenizer", "scheduler"], dict(height=32, width=32, max_sequence_length=16)
+
+
+FAMILIES = {"sd3": sd3, "qwenimage": qwenimage}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
