@@ -14,6 +14,7 @@ def _hooked_classes():
         DiTPipeline,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
+        WanPipeline,
     )
 
     from guidekit.pipelines import (
@@ -23,6 +24,7 @@ def _hooked_classes():
         GuidedDiTPipeline,
         GuidedStableDiffusionPipeline,
         GuidedStableDiffusionXLPipeline,
+        GuidedWanPipeline,
     )
 
     # Most specific first: a hooked pipeline is also an instance of its stock parent.
@@ -33,12 +35,14 @@ def _hooked_classes():
         (GuidedDDPMPipeline, GuidedDDPMPipeline),
         (GuidedAnimateDiffPipeline, GuidedAnimateDiffPipeline),
         (GuidedAnimateDiffSDXLPipeline, GuidedAnimateDiffSDXLPipeline),
+        (GuidedWanPipeline, GuidedWanPipeline),
         (StableDiffusionXLPipeline, GuidedStableDiffusionXLPipeline),
         (StableDiffusionPipeline, GuidedStableDiffusionPipeline),
         (DiTPipeline, GuidedDiTPipeline),
         (DDPMPipeline, GuidedDDPMPipeline),
         (AnimateDiffPipeline, GuidedAnimateDiffPipeline),
         (AnimateDiffSDXLPipeline, GuidedAnimateDiffSDXLPipeline),
+        (WanPipeline, GuidedWanPipeline),
     ]
 
 

@@ -6,6 +6,7 @@ from .guided_ddpm import GuidedDDPMPipeline
 from .guided_dit import GuidedDiTPipeline
 from .guided_sd import GuidedStableDiffusionPipeline
 from .guided_sdxl import GuidedStableDiffusionXLPipeline
+from .guided_wan import GuidedWanPipeline
 from .styleid_sd import StyleIDStableDiffusionPipeline
 from .styleid_sdxl import StyleIDStableDiffusionXLPipeline
 from .uam_sd import UAMStableDiffusionPipeline
@@ -18,6 +19,7 @@ __all__ = [
     "GuidedDiTPipeline",
     "GuidedStableDiffusionPipeline",
     "GuidedStableDiffusionXLPipeline",
+    "GuidedWanPipeline",
     "StyleIDStableDiffusionPipeline",
     "StyleIDStableDiffusionXLPipeline",
     "UAMStableDiffusionPipeline",
