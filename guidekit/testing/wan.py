@@ -149,9 +149,12 @@ def make_tiny_wan(
     return folder
 
 
-def tiny_wan_pipeline(folder: str | os.PathLike, cls=WanPipeline, scheduler: Optional[str] = None):
-    """Load a tiny Wan checkpoint saved by `make_tiny_wan` as `cls`, optionally with a fresh scheduler of `kind`."""
-    kwargs = {} if scheduler is None else {"scheduler": wan_scheduler(scheduler)}
+def tiny_wan_pipeline(folder: str | os.PathLike, cls=WanPipeline, scheduler: Optional[str] = None, **components):
+    """Load a tiny Wan checkpoint saved by `make_tiny_wan` as `cls`, with a fresh scheduler of kind `scheduler`
+    (see `wan_scheduler`; None: the saved one) and any `components` given instead of the saved ones."""
+    kwargs = dict(components)
+    if scheduler is not None:
+        kwargs["scheduler"] = wan_scheduler(scheduler)
     pipe = cls.from_pretrained(str(folder), **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
