@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from functools import partial
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -13,6 +13,7 @@ from diffusers.pipelines.wan.pipeline_wan import XLA_AVAILABLE
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import get_module_execution_device
 
+from guidekit.checks import check_number
 from guidekit.hooks import SamplerHook
 
 from .hooked_flow import FlowHookedPipelineMixin
@@ -102,14 +103,13 @@ class GuidedWanPipeline(FlowHookedPipelineMixin, WanPipeline):
             guidance_scale_2,
         )
         chain, state = self.start_flow_hooks(hooks, guidance_scale, generator)
+        guidance_scale_2 = check_number("guidance_scale_2", guidance_scale_2, allow_none=True)
         num_frames = self.frames_for_vae(num_frames)
         height, width = self.size_for_patches(height, width)
 
         guidance_scale = state.guidance_scale
         if self.config.boundary_ratio is not None and guidance_scale_2 is None:
             guidance_scale_2 = guidance_scale
-        if guidance_scale_2 is not None and not math.isfinite(float(guidance_scale_2)):
-            raise ValueError(f"guidance_scale_2: {guidance_scale_2} is not accepted; accepted: a finite number or None")
         self._guidance_scale = guidance_scale
         self._guidance_scale_2 = guidance_scale_2
         self._attention_kwargs = attention_kwargs
@@ -202,8 +202,9 @@ class GuidedWanPipeline(FlowHookedPipelineMixin, WanPipeline):
                         i,
                         t,
                         latents,
-                        cond=lambda: transformer_pass(prompt_embeds, "cond"),
-                        uncond=(lambda: transformer_pass(negative_prompt_embeds, "uncond")) if self._uncond_encoded else None,
+                        cond=partial(transformer_pass, prompt_embeds, "cond"),
+                        uncond=partial(transformer_pass, negative_prompt_embeds, "uncond") if self._uncond_encoded
+                        else None,
                         guidance_scale=scale,
                     )
                     latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
@@ -234,7 +235,7 @@ class GuidedWanPipeline(FlowHookedPipelineMixin, WanPipeline):
         return WanPipelineOutput(frames=video)
 
     def frames_for_vae(self, num_frames: int) -> int:
-        """The frame count the VAE can make, 1 + a multiple of its temporal factor (rounded down, with a warning, as stock)."""
+        """The frame count the VAE makes: 1 + a multiple of its temporal factor (rounded down, warned, as stock)."""
         factor = self.vae_scale_factor_temporal
         if num_frames % factor != 1:
             logger.warning(f"`num_frames - 1` has to be divisible by {factor}. Rounding to the nearest number.")

@@ -47,7 +47,10 @@ def run(pipe, seed=0, **kw):
     """One call with BASE's arguments overridden by `kw`; generators are made fresh (they are consumed)."""
     kw = {**BASE, **kw}
     seeds = kw.pop("seeds", None)
-    kw["generator"] = [torch.Generator().manual_seed(s) for s in seeds] if seeds else torch.Generator().manual_seed(seed)
+    if seeds:
+        kw["generator"] = [torch.Generator().manual_seed(s) for s in seeds]
+    else:
+        kw["generator"] = torch.Generator().manual_seed(seed)
     if "prompt" not in kw and "prompt_embeds" not in kw:
         kw["prompt"] = PROMPT
     out = pipe(**kw)
@@ -69,6 +72,9 @@ def assert_stock(stock, hooked, **kw):
         out = as_array(run(hooked, hooks=hooks, **kw))
         assert out.shape == reference.shape
         assert np.abs(out.astype(np.float64) - reference.astype(np.float64)).max() == 0.0, f"hooks={hooks}"
+
+
+EVERY_TENSOR = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
 
 def tensor_callback(pipe, i, t, kwargs):
@@ -98,7 +104,7 @@ CASES = {
     "output-latent": dict(output_type="latent"),
     "tuple": dict(return_dict=False),
     "callback-every-tensor": dict(callback_on_step_end=tensor_callback,
-                                  callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "negative_prompt_embeds"]),
+                                  callback_on_step_end_tensor_inputs=EVERY_TENSOR),
     "attention-kwargs": dict(attention_kwargs={"scale": 0.5}),
     "three-steps": dict(num_inference_steps=3),
 }
@@ -109,7 +115,8 @@ def test_wan21_matches_stock_bit_for_bit_with_flow_euler(pairs, case):
     assert_stock(*pairs("wan2.1", "euler"), **CASES[case])
 
 
-UNIPC_CASES = ["defaults", "batch-of-prompts", "latents", "w=1", "output-latent", "callback-every-tensor", "three-steps"]
+UNIPC_CASES = ["defaults", "batch-of-prompts", "latents", "w=1", "output-latent", "callback-every-tensor",
+               "three-steps"]
 
 
 @pytest.mark.parametrize("case", UNIPC_CASES, ids=UNIPC_CASES)
@@ -133,7 +140,7 @@ WAN22_CASES = {
     "w2=3-batch": dict(guidance_scale=4.0, guidance_scale_2=3.0, prompt=[PROMPT, "a cat"],
                        negative_prompt=["negative", "blurry"]),
     "w2=3-callback": dict(guidance_scale_2=3.0, callback_on_step_end=tensor_callback,
-                          callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "negative_prompt_embeds"]),
+                          callback_on_step_end_tensor_inputs=EVERY_TENSOR),
 }
 
 

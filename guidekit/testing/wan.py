@@ -107,7 +107,8 @@ def tiny_wan_vae(ti2v: bool = False, seed: int = 0) -> AutoencoderKLWan:
 
 
 def tiny_wan_components(variant: str = "wan2.1", scheduler: str = "euler", seed: int = 0) -> dict:
-    """The components of diffusers' Wan fast tests (random weights), with a UMT5 encoder of the fast test's T5 size and the offline T5 tokenizer.
+    """The components of diffusers' Wan fast tests (random weights), with a UMT5 encoder of the fast test's T5
+    size and the offline T5 tokenizer.
 
     Args:
         variant (`str`, defaults to `"wan2.1"`): one of `WAN_VARIANTS`.
