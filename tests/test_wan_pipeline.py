@@ -43,9 +43,12 @@ def pairs(wan_dirs):
     return get
 
 
+STOCK_DEFAULT = object()  # a BASE argument left out of the call, so that the pipeline's default applies
+
+
 def run(pipe, seed=0, **kw):
     """One call with BASE's arguments overridden by `kw`; generators are made fresh (they are consumed)."""
-    kw = {**BASE, **kw}
+    kw = {k: v for k, v in {**BASE, **kw}.items() if v is not STOCK_DEFAULT}
     seeds = kw.pop("seeds", None)
     if seeds:
         kw["generator"] = [torch.Generator().manual_seed(s) for s in seeds]
@@ -89,6 +92,7 @@ def tensor_callback(pipe, i, t, kwargs):
 
 CASES = {
     "defaults": {},
+    "stock-default-scale": dict(guidance_scale=STOCK_DEFAULT, negative_prompt=STOCK_DEFAULT),
     "no-negative-prompt": dict(negative_prompt=None),
     "batch-of-prompts": dict(prompt=[PROMPT, "a cat"], negative_prompt=["negative", "blurry"]),
     "videos-per-prompt": dict(num_videos_per_prompt=2),
@@ -275,6 +279,15 @@ def test_state_scale_follows_the_expert_of_each_step(pairs, monkeypatch):
     (_, _, c0), (_, _, u0), (_, _, c1), (_, _, u1) = spy.calls
     torch.testing.assert_close(recorder.records[0]["v"], u0 + 6.0 * (c0 - u0), rtol=0, atol=0)
     torch.testing.assert_close(recorder.records[1]["v"], u1 + 3.0 * (c1 - u1), rtol=0, atol=0)
+
+
+def test_a_hook_scale_stands_for_guidance_scale(pairs):
+    """APG(guidance_scale=4) with no call scale: both experts at 4, unless the call gives guidance_scale_2."""
+    _, hooked = pairs("wan2.2", "euler")
+    for call, expected in (({}, [4.0, 4.0]), (dict(guidance_scale_2=3.0), [4.0, 3.0])):
+        recorder = Recorder()
+        run(hooked, guidance_scale=STOCK_DEFAULT, hooks=[guidekit.APG(guidance_scale=4.0), recorder], **call)
+        assert [r["scale"] for r in recorder.records] == expected
 
 
 def test_each_expert_scale_decides_alone_whether_it_guides(pairs, monkeypatch):
