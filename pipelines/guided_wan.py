@@ -29,8 +29,10 @@ class GuidedWanPipeline(FlowHookedPipelineMixin, WanPipeline):
 
     Loads with `from_pretrained` / `from_pipe` like the stock pipeline and takes every stock argument, plus
     `hooks`. With no hook (or `guidekit.CFG()`) it gives the stock pipeline's video for the same seed. Each step
-    runs the conditional pass, then the unconditional one only when the guidance hook asks for it, as stock
-    does; the hooks see the velocity v = eps - x0 and the float32 latents in Wan's own (B, C, F, H, W) layout.
+    runs the conditional pass, then the unconditional one only when the guidance hook asks for it (CFG: when w >
+    1, as stock). The hooks see the velocity v = eps - x0 and the loop's own latents in Wan's (B, C, F, H, W)
+    layout: float32 at the start and only cast for the forward; after a step they have the dtype the scheduler
+    returns, as in stock (FlowMatchEuler: the transformer's, UniPC: float32).
 
     Wan 2.2's two experts: at timesteps at or above `boundary_ratio * num_train_timesteps`, `transformer` runs with
     `guidance_scale`; below, `transformer_2` runs with `guidance_scale_2`. The hooks' `state.guidance_scale` is
@@ -75,7 +77,8 @@ class GuidedWanPipeline(FlowHookedPipelineMixin, WanPipeline):
             guidance_scale (`float`, *optional*, effective default 5.0): the guidance scale w (of the high-noise
                 expert with Wan 2.2). `None` takes the guidance hook's scale, else 5.0 (the stock default). Any
                 finite value; at w <= 1 the step runs no unconditional pass. A callback may change
-                `pipe._guidance_scale` between steps; the following steps use it.
+                `pipe._guidance_scale` between steps; the following steps guide with it (stock only reads it to
+                decide whether to run the unconditional pass).
             guidance_scale_2 (`float`, *optional*): Wan 2.2 only (a pipeline with `boundary_ratio`): the scale of
                 the low-noise expert `transformer_2`; `None` takes `guidance_scale` (a hook's own scale stands for
                 `guidance_scale`). Each expert's scale decides alone whether its steps are guided: negative
