@@ -17,6 +17,7 @@ def _hooked_classes():
         StableDiffusion3Pipeline,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
+        WanPipeline,
     )
 
     from guidekit.pipelines import (
@@ -29,6 +30,7 @@ def _hooked_classes():
         GuidedStableDiffusion3Pipeline,
         GuidedStableDiffusionPipeline,
         GuidedStableDiffusionXLPipeline,
+        GuidedWanPipeline,
     )
 
     # Most specific first: a hooked pipeline is also an instance of its stock parent.
@@ -42,6 +44,7 @@ def _hooked_classes():
         (GuidedAnimateDiffSDXLPipeline, GuidedAnimateDiffSDXLPipeline),
         (GuidedFluxPipeline, GuidedFluxPipeline),
         (GuidedQwenImagePipeline, GuidedQwenImagePipeline),
+        (GuidedWanPipeline, GuidedWanPipeline),
         (StableDiffusionXLPipeline, GuidedStableDiffusionXLPipeline),
         (StableDiffusionPipeline, GuidedStableDiffusionPipeline),
         (StableDiffusion3Pipeline, GuidedStableDiffusion3Pipeline),
@@ -51,6 +54,7 @@ def _hooked_classes():
         (AnimateDiffSDXLPipeline, GuidedAnimateDiffSDXLPipeline),
         (FluxPipeline, GuidedFluxPipeline),
         (QwenImagePipeline, GuidedQwenImagePipeline),
+        (WanPipeline, GuidedWanPipeline),
     ]
 
 

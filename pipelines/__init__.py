@@ -9,6 +9,7 @@ from .guided_qwenimage import GuidedQwenImagePipeline
 from .guided_sd import GuidedStableDiffusionPipeline
 from .guided_sd3 import GuidedStableDiffusion3Pipeline
 from .guided_sdxl import GuidedStableDiffusionXLPipeline
+from .guided_wan import GuidedWanPipeline
 from .styleid_sd import StyleIDStableDiffusionPipeline
 from .styleid_sdxl import StyleIDStableDiffusionXLPipeline
 from .uam_sd import UAMStableDiffusionPipeline
@@ -24,6 +25,7 @@ __all__ = [
     "GuidedStableDiffusionPipeline",
     "GuidedStableDiffusion3Pipeline",
     "GuidedStableDiffusionXLPipeline",
+    "GuidedWanPipeline",
     "StyleIDStableDiffusionPipeline",
     "StyleIDStableDiffusionXLPipeline",
     "UAMStableDiffusionPipeline",

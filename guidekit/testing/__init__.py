@@ -19,6 +19,7 @@ from .classifiers import CONVNEXT_PROCESSOR, PLAIN_PROCESSOR, TinyReLUClassifier
 from .tokenizer import build_clip_tokenizer
 from .flux import make_tiny_flux, tiny_flux_components
 from .qwenimage import build_qwen2_tokenizer, make_tiny_qwenimage, tiny_qwenimage_components
+from .wan import make_tiny_wan, tiny_wan_pipeline, wan_scheduler
 
 __all__ = [
     "CONVNEXT_PROCESSOR",
@@ -42,4 +43,7 @@ __all__ = [
     "build_qwen2_tokenizer",
     "make_tiny_qwenimage",
     "tiny_qwenimage_components",
+    "make_tiny_wan",
+    "tiny_wan_pipeline",
+    "wan_scheduler",
 ]
