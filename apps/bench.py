@@ -650,7 +650,7 @@ def _frames(text: str, name: str, count: Optional[int] = None) -> tuple[int, ...
 @click.option("--freenoise-memory-frames", default="16,64,128", help="FreeNoise memory rows: the lengths.")
 @click.option("--flow/--no-flow", default=False,
               help="Flow-matching rows: hooked CFG and APG against the stock pipeline per family, on tiny components.")
-@click.option("--flow-families", default="sd3,flux,qwenimage", help="Flow rows: comma-separated families.")
+@click.option("--flow-families", default="sd3,flux,qwenimage,wan", help="Flow rows: comma-separated families.")
 @click.option("--flow-rounds", type=click.IntRange(1, 200), default=9, help="Flow rows: interleaved calls per case.")
 @click.option("--freenoise-fusion", type=click.Choice(("block", "attention")), default="block",
               help="FreeNoise rows: guidekit's fusion. block (default): diffusers' fusion point, the same work as "

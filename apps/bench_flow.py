@@ -50,8 +50,19 @@ def _qwenimage(folder: Path):
                                                             negative_prompt="blurry", max_sequence_length=16)
 
 
+def _wan(folder: Path):
+    from diffusers import WanPipeline
+
+    from guidekit.pipelines import GuidedWanPipeline
+    from guidekit.testing.wan import make_tiny_wan
+
+    make_tiny_wan(folder, scheduler="unipc")
+    return WanPipeline, GuidedWanPipeline, dict(height=16, width=16, num_frames=9, guidance_scale=5.0,
+                                                negative_prompt="blurry", max_sequence_length=16)
+
+
 #: family -> builder(folder) -> (stock class, hooked class, call kwargs that turn guidance on)
-FLOW_FAMILIES: dict[str, Callable] = {"sd3": _sd3, "flux": _flux, "qwenimage": _qwenimage}
+FLOW_FAMILIES: dict[str, Callable] = {"sd3": _sd3, "flux": _flux, "qwenimage": _qwenimage, "wan": _wan}
 
 
 def flow_rows(families, rounds: int = 5, steps: int = 4, seed: int = 0) -> list[dict]:

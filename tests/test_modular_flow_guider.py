@@ -27,7 +27,27 @@ def qwenimage(folder):
     return ["transformer", "vae", "text_encoder", "tokenizer", "scheduler"], dict(height=32, width=32, max_sequence_length=16)
 
 
-FAMILIES = {"sd3": sd3, "qwenimage": qwenimage}
+def wan(folder):
+    from guidekit.testing.wan import make_tiny_wan
+
+    make_tiny_wan(folder, scheduler="unipc")
+    return ["transformer", "vae", "text_encoder", "tokenizer", "scheduler"], dict(
+        height=16, width=16, num_frames=9, max_sequence_length=16)
+
+
+FAMILIES = {"sd3": sd3, "qwenimage": qwenimage, "wan": wan}
+
+
+@pytest.fixture(autouse=True)
+def plain_text_without_ftfy(monkeypatch):
+    """diffusers' Modular Wan text encoder calls `ftfy.fix_text` without checking that ftfy is installed (the
+    classic WanPipeline checks); stand in with the identity when it is missing."""
+    import types
+
+    from diffusers.modular_pipelines.wan import encoders
+
+    if getattr(encoders, "ftfy", None) is None:
+        monkeypatch.setattr(encoders, "ftfy", types.SimpleNamespace(fix_text=lambda text: text), raising=False)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
