@@ -18,9 +18,11 @@ import difflib
 import json
 import math
 import os
+import warnings
 from numbers import Integral, Real
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,10 +84,11 @@ def _id2label(mapping) -> Optional[dict[int, str]]:
 class ImageClassifier(nn.Module):
     """Base class of the adapters: images in [-1, 1] (B, 3, H, W) → logits (B, K), with `id2label`.
 
-    The preprocessing is: map [-1, 1] to the model's `input_range`, resize (``resize``: None, ``(h, w)``, or
-    ``("shortest_edge", n)`` keeping the aspect ratio), centre-crop to `crop` (zero-padded where the image is smaller,
-    as transformers does), subtract `mean` and divide by `std` (per channel, in the model's range). Everything is
-    differentiable.
+    The preprocessing is: map [-1, 1] to the model's `input_range`, resize (``resize``: None, ``(h, w)``,
+    ``("shortest_edge", n)`` or ``("shortest_edge", n, longest_edge)`` keeping the aspect ratio, or
+    ``("max_height_width", h, w)``; output sizes as transformers computes them), centre-crop to `crop` (one
+    ``(h, w)`` or a list applied in turn; zero-padded where the image is smaller, as transformers does), subtract
+    `mean` and divide by `std` (per channel, in the model's range). Everything is differentiable.
     """
 
     def __init__(
@@ -94,7 +97,7 @@ class ImageClassifier(nn.Module):
         *,
         input_range: tuple[float, float] = (-1.0, 1.0),
         resize: Any = None,
-        crop: Optional[tuple[int, int]] = None,
+        crop: Union[tuple[int, int], Sequence[tuple[int, int]], None] = None,
         mean: Optional[tuple[float, float, float]] = None,
         std: Optional[tuple[float, float, float]] = None,
         resample: str = "bilinear",
@@ -131,8 +134,8 @@ class ImageClassifier(nn.Module):
         if (low, high) != (-1.0, 1.0):
             x = (x + 1.0) * ((high - low) / 2.0) + low
         x = self._resize(x)
-        if self.crop is not None:
-            x = _center_crop(x, self.crop)
+        for crop in _crops(self.crop):
+            x = _center_crop(x, crop)
         if self.mean is not None:
             x = x - self.mean.to(device=x.device, dtype=x.dtype)
         if self.std is not None:
@@ -149,11 +152,7 @@ class ImageClassifier(nn.Module):
         if self.resize is None:
             return x
         h, w = x.shape[-2:]
-        if self.resize[0] == "shortest_edge":
-            n = self.resize[1]
-            size = (n, max(1, int(n * w / h))) if h <= w else (max(1, int(n * h / w)), n)
-        else:
-            size = tuple(self.resize)
+        size = _output_size((h, w), self.resize)
         if size == (h, w):
             return x
         return F.interpolate(x, size=size, mode=self.resample, align_corners=False, antialias=True)
@@ -179,12 +178,39 @@ class ImageClassifier(nn.Module):
         )
 
 
+def _output_size(image_size: tuple[int, int], resize) -> tuple[int, int]:
+    """The (height, width) a resize gives an image of `image_size`, computed by transformers' own helpers."""
+    from transformers.image_transforms import get_resize_output_image_size, get_size_with_aspect_ratio
+    from transformers.image_utils import get_image_size_for_max_height_width
+
+    kind = resize[0]
+    if kind == "shortest_edge":
+        if len(resize) > 2 and resize[2] is not None:
+            return tuple(get_size_with_aspect_ratio(image_size, resize[1], resize[2]))
+        # Only the shape of the array is read: a zero-stride view of one value.
+        shape_only = np.broadcast_to(np.zeros((), dtype=np.float32), (3, *image_size))
+        return tuple(get_resize_output_image_size(shape_only, resize[1], default_to_square=False, input_data_format="channels_first"))
+    if kind == "max_height_width":
+        return tuple(get_image_size_for_max_height_width(image_size, resize[1], resize[2]))
+    return int(resize[0]), int(resize[1])
+
+
+def _crops(crop) -> list[tuple[int, int]]:
+    if crop is None:
+        return []
+    if len(crop) == 2 and all(isinstance(v, Integral) for v in crop):
+        return [(int(crop[0]), int(crop[1]))]
+    return [tuple(c) for c in crop]
+
+
 def _center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     ch, cw = size
     h, w = x.shape[-2:]
-    if ch > h or cw > w:  # pad with zeros (in the model's range) to at least the crop, centred
+    if ch > h or cw > w:
+        # Pad with zeros (black, in the model's range before mean/std) to at least the crop; like transformers'
+        # center_crop, the image sits ceil(padding / 2) from the top/left.
         ph, pw = max(ch - h, 0), max(cw - w, 0)
-        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        x = F.pad(x, (pw - pw // 2, pw // 2, ph - ph // 2, ph // 2))
         h, w = x.shape[-2:]
     top, left = (h - ch) // 2, (w - cw) // 2
     return x[..., top : top + ch, left : left + cw]
@@ -265,53 +291,163 @@ def read_preprocessor_config(name_or_path: Union[str, os.PathLike, None]) -> Opt
         return json.load(f)
 
 
-def _processor_geometry(config: dict) -> tuple[Any, Optional[tuple[int, int]]]:
-    """(resize, crop) as transformers' image processors compute them from a preprocessor config."""
-    if not config.get("do_resize", True):
-        resize = None
-    else:
-        size = config.get("size")
-        if isinstance(size, Integral):
-            size = {"shortest_edge": int(size)}
-        resize = None
-        if isinstance(size, dict):
-            if "height" in size and "width" in size:
-                resize = (int(size["height"]), int(size["width"]))
-            elif "shortest_edge" in size:
-                resize = ("shortest_edge", int(size["shortest_edge"]))
-    crop = None
-    crop_pct = config.get("crop_pct")
-    if resize is not None and resize[0] == "shortest_edge" and crop_pct:
-        # ConvNeXt/ResNet processors: below 384 px resize the short side to size / crop_pct, then centre-crop
-        # size × size; from 384 px on, warp to size × size without cropping.
-        n = resize[1]
-        if n < 384:
-            resize, crop = ("shortest_edge", int(n / float(crop_pct))), (n, n)
+def _processor_config(model: nn.Module, preprocessor_config) -> dict:
+    """The preprocessor config dict: `preprocessor_config` (a dict, a file or a folder), else the file next to
+    the model, else {}."""
+    if preprocessor_config is None:
+        config_obj = model.config
+        name = getattr(model, "name_or_path", None) or getattr(config_obj, "_name_or_path", None)
+        return read_preprocessor_config(name) or {}
+    if isinstance(preprocessor_config, dict):
+        return dict(preprocessor_config)
+    path = os.fspath(preprocessor_config)
+    if os.path.isdir(path):
+        path = os.path.join(path, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"preprocessor_config: {preprocessor_config!r} is not a file or a folder with preprocessor_config.json")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+#: The steps of transformers' image processors (methods) that the adapter reproduces in torch, per class that
+#: defines them. ``PilBackend``'s own steps are the generic ones: resize, centre crop, rescale, normalise, in order.
+_REPRODUCED_STEPS = {
+    "ConvNextImageProcessorPil": {"resize", "_preprocess"},  # the crop_pct rule, then the generic order
+    "BeitImageProcessorPil": {"_preprocess"},  # the generic order (label reduction is for segmentation maps)
+}
+_STEPS = ("resize", "center_crop", "rescale", "normalize", "_preprocess")
+
+
+def _image_processor(config: dict, model_config: Any):
+    """transformers' own image processor for `config` (PIL backend; only its settings are read, never run).
+
+    The class is the one ``AutoImageProcessor`` picks: the config's ``image_processor_type`` (or the legacy
+    ``feature_extractor_type``), else the one registered for the model's ``model_type``. Its attributes are then
+    transformers' own reading of the config: ``size`` as a size dict (an int is a square or a shortest edge
+    depending on the class's ``default_to_square``, through transformers' ``get_size_dict``), ``crop_size``,
+    ``crop_pct`` and the class defaults for keys the config leaves out.
+    """
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(None, processor_config=dict(config), config=model_config, backend="pil")
+    except ValueError as error:  # no class known for this config or model type: transformers' base rules
+        from transformers.image_processing_backends import PilBackend
+
+        warnings.warn(
+            f"preprocessor_config: transformers has no image processor class for it or for model type "
+            f"{getattr(model_config, 'model_type', None)!r} ({str(error).splitlines()[0][:120]}); it is read with "
+            "transformers' base rules (an int size is a square)",
+            stacklevel=4,
+        )
+        return PilBackend.from_dict(dict(config))
+
+
+def _resize_rule(size) -> Any:
+    """A transformers size dict as the adapter's resize rule, in the priority of transformers' ``resize``."""
+    if size.shortest_edge and size.longest_edge:
+        return ("shortest_edge", int(size.shortest_edge), int(size.longest_edge))
+    if size.shortest_edge:
+        return ("shortest_edge", int(size.shortest_edge))
+    if size.max_height and size.max_width:
+        return ("max_height_width", int(size.max_height), int(size.max_width))
+    if size.height and size.width:
+        return (int(size.height), int(size.width))
+    raise ValueError(
+        f"preprocessor_config: size {dict(size)!r} is not accepted; accepted: {{'height', 'width'}}, "
+        "{'shortest_edge'} (with 'longest_edge' or not) or {'max_height', 'max_width'}, or pass size="
+    )
+
+
+def _convnext_rule(size, crop_pct: float) -> tuple[Any, list[tuple[int, int]]]:
+    """ConvNeXt's resize: below 384 px, short side to int(size / crop_pct) then a centre crop to size × size;
+    from 384 px on, a warp to size × size."""
+    if not size.shortest_edge:
+        raise ValueError(
+            f"preprocessor_config: size {dict(size)!r} is not accepted by ConvNextImageProcessor; accepted: "
+            "{'shortest_edge': n} (or an int), or pass size="
+        )
+    n = int(size.shortest_edge)
+    if n < 384:
+        return ("shortest_edge", int(n / crop_pct)), [(n, n)]
+    return (n, n), []
+
+
+def _unreproduced_steps(processor) -> list[str]:
+    """The steps `processor`'s class customises in a way the adapter does not reproduce."""
+    from transformers.image_processing_backends import PilBackend
+
+    steps = []
+    for name in _STEPS:
+        owner = next((c for c in type(processor).__mro__ if name in vars(c)), PilBackend)
+        if owner is not PilBackend and name not in _REPRODUCED_STEPS.get(owner.__name__, ()):
+            steps.append(f"{owner.__name__}.{name}")
+    return steps
+
+
+def _processor_steps(processor) -> dict:
+    """resize, crops, resample code, and the map of [0, 1] images to the model input (mean, std), as
+    `processor` (a transformers image processor) would apply them."""
+    resize, crops = None, []
+    if processor.do_resize:
+        if processor.size is None:
+            raise ValueError("preprocessor_config: do_resize is true but no size is given; accepted: a size, or pass size=")
+        if _is_convnext(processor):  # its crop_pct (class default 224/256) is always set
+            resize, crops = _convnext_rule(processor.size, float(processor.crop_pct))
         else:
-            resize = (n, n)
-    elif config.get("do_center_crop") and config.get("crop_size") is not None:
-        crop = config["crop_size"]
-        crop = (int(crop["height"]), int(crop["width"])) if isinstance(crop, dict) else _hw("crop_size", crop)
-    return resize, crop
+            resize = _resize_rule(processor.size)
+    if processor.do_center_crop:
+        crop = processor.crop_size
+        if crop is None or not (crop.height and crop.width):
+            raise ValueError(f"preprocessor_config: crop_size {crop!r} is not accepted; accepted: an int or {{'height', 'width'}}")
+        crops.append((int(crop.height), int(crop.width)))
+    # transformers: x = rescale_factor·(255·x01) when do_rescale, then (x − mean)/std; folded into a mean and std
+    # of x01, the adapter's [0, 1] images.
+    k = 255.0 * float(processor.rescale_factor) if processor.do_rescale else 255.0
+    if processor.do_normalize:
+        mean = _channels("image_mean", processor.image_mean)
+        std = _channels("image_std", processor.image_std)
+        mean, std = tuple(m / k for m in mean), tuple(s / k for s in std)
+    else:
+        mean, std = (None, None) if k == 1.0 else ((0.0, 0.0, 0.0), (1.0 / k,) * 3)
+    resample = processor.resample
+    return dict(resize=resize, crops=crops, mean=mean, std=std, resample=None if resample is None else int(resample))
+
+
+def _is_convnext(processor) -> bool:
+    return any(c.__name__ == "ConvNextImageProcessorPil" for c in type(processor).__mro__)
 
 
 class TransformersClassifier(ImageClassifier):
     """A transformers image classifier (``AutoModelForImageClassification``) with its preprocessing in torch.
 
     The settings come from the arguments you pass, else from the ``preprocessor_config.json`` next to the model
-    (its ``name_or_path``: a local folder, or a hub id through transformers' cache): images go from [-1, 1] to
-    [0, 1], are resized (``size``: ``{"height", "width"}`` or ``{"shortest_edge"}``; with ``crop_pct``, the
-    ConvNeXt/ResNet rule: short side to size / crop_pct, then a centre crop), centre-cropped to ``crop_size`` when
-    ``do_center_crop``, and normalised with ``image_mean`` / ``image_std``. Resizing is antialiased bilinear, or
-    bicubic when the config's ``resample`` is 3 (PIL's bicubic), so values differ slightly from the PIL processor.
+    (its ``name_or_path``: a local folder, or a hub id through transformers' cache), read by transformers itself:
+    the image processor class ``AutoImageProcessor`` would build for it (``image_processor_type``, else the
+    model type) is instantiated from the config, and its settings are applied in torch, in transformers' order:
+
+    * ``size``: ``{"height", "width"}`` (a warp), ``{"shortest_edge"}`` (aspect kept; with ``"longest_edge"``, capped),
+      ``{"max_height", "max_width"}``; an int means what the class says (a square for ViT/DeiT/BEiT, a shortest
+      edge for CLIP/ConvNeXt/ResNet/BiT, through transformers' ``get_size_dict``). ConvNeXt-family processors
+      (ResNet, RegNet, CvT, ConvNeXt) apply their ``crop_pct`` rule: below 384 px the short side goes to
+      size / crop_pct, then a centre crop to size × size; from 384 px a warp to size × size;
+    * a centre crop to ``crop_size`` when ``do_center_crop`` (zero-padded where the image is smaller);
+    * ``do_rescale`` / ``rescale_factor`` and ``do_normalize`` / ``image_mean`` / ``image_std``, class defaults
+      included.
+
+    Images go from [-1, 1] to [0, 1] first. Resizing is antialiased bilinear, or bicubic when the config's
+    ``resample`` is 3 (PIL's bicubic; other filters warn and use bilinear). The sizes are exactly transformers';
+    the values differ slightly from the PIL processor (torch's bicubic kernel is not PIL's, and PIL rounds to
+    8 bits), which is the price of a differentiable path. A processor class that customises other steps
+    (EfficientNet, LeViT, MobileViT, PoolFormer, Perceiver, ...) gets a warning naming them.
 
     Args:
         model: a transformers model whose output has ``.logits`` (e.g. ``ResNetForImageClassification``). Not
             modified.
         image_mean (`float` or three floats, *optional*), image_std (`float` or three floats, *optional*):
             normalisation of [0, 1] images; default from the preprocessor config.
-        size (`int` or `(height, width)`, *optional*): resize to this exact size (then no crop unless
-            `crop_size`); default from the preprocessor config, else no resize.
+        size (`int` or `(height, width)`, *optional*): resize to this exact size (an int: a square; then no crop
+            unless `crop_size`); default from the preprocessor config, else no resize.
         crop_size (`int` or `(height, width)`, *optional*): centre crop after resizing.
         preprocessor_config (`dict` or path, *optional*): the processor settings to use instead of the file next
             to the model (a dict, a ``preprocessor_config.json`` file or the folder holding one).
@@ -338,42 +474,48 @@ class TransformersClassifier(ImageClassifier):
                 f"model: {type(model).__name__} is not accepted; accepted: a transformers image classification model "
                 "(use TorchClassifier for other modules)"
             )
-        if preprocessor_config is None:
-            name = getattr(model, "name_or_path", None) or getattr(config_obj, "_name_or_path", None)
-            processor = read_preprocessor_config(name) or {}
-        elif isinstance(preprocessor_config, dict):
-            processor = dict(preprocessor_config)
-        else:
-            path = os.fspath(preprocessor_config)
-            if os.path.isdir(path):
-                path = os.path.join(path, "preprocessor_config.json")
-            if not os.path.isfile(path):
-                raise ValueError(f"preprocessor_config: {preprocessor_config!r} is not a file or a folder with preprocessor_config.json")
-            with open(path, encoding="utf-8") as f:
-                processor = json.load(f)
-        mean = _channels("image_mean", image_mean if image_mean is not None else processor.get("image_mean"))
-        std = _channels("image_std", image_std if image_std is not None else processor.get("image_std"))
-        if processor and not processor.get("do_normalize", True) and image_mean is None and image_std is None:
-            mean = std = None
-        elif mean is None or std is None:
+        processor = _processor_config(model, preprocessor_config)
+        steps = dict(resize=None, crops=[], mean=None, std=None, resample=None)
+        if processor:
+            image_processor = _image_processor(processor, config_obj)
+            steps = _processor_steps(image_processor)
+            skipped = _unreproduced_steps(image_processor)
+            if skipped and (size is None or image_mean is None or image_std is None):
+                warnings.warn(
+                    f"preprocessor_config: {type(image_processor).__name__} customises {', '.join(skipped)}, which "
+                    "TransformersClassifier does not reproduce (it applies resize, centre crop, rescale and "
+                    "normalisation in transformers' generic order); pass size=, crop_size=, image_mean= and "
+                    "image_std= to set the preprocessing yourself",
+                    stacklevel=2,
+                )
+        mean = _channels("image_mean", image_mean) if image_mean is not None else steps["mean"]
+        std = _channels("image_std", image_std) if image_std is not None else steps["std"]
+        if not processor and (mean is None or std is None):
             raise ValueError(
                 f"image_mean/image_std: no normalisation known for {type(model).__name__} (no preprocessor_config.json "
                 "next to it); accepted: pass image_mean and image_std (and size), e.g. 0.5 and 0.5 for a model "
                 "trained on inputs in [-1, 1], or preprocessor_config="
             )
         if size is not None:
-            resize, crop = _hw("size", size), None
+            resize, crops = _hw("size", size), []
         else:
-            resize, crop = _processor_geometry(processor)
+            resize, crops = steps["resize"], steps["crops"]
         if crop_size is not None:
-            crop = _hw("crop_size", crop_size)
+            crops = [_hw("crop_size", crop_size)]
         if resample is None:
-            resample = _RESAMPLE.get(processor.get("resample"), "bilinear")
+            code = steps["resample"]
+            resample = _RESAMPLE.get(code, "bilinear")
+            if code is not None and code not in _RESAMPLE:
+                warnings.warn(
+                    f"preprocessor_config: resample {code} (a PIL filter other than bilinear 2 / bicubic 3) is not "
+                    "available as a differentiable resize; bilinear is used (pass resample= to choose)",
+                    stacklevel=2,
+                )
         super().__init__(
             model,
             input_range=(0.0, 1.0),
             resize=resize,
-            crop=crop,
+            crop=crops[0] if len(crops) == 1 else (crops or None),
             mean=mean,
             std=std,
             resample=resample,

@@ -1,0 +1,120 @@
+"""The classifier side of EluCD: preprocessing read from preprocessor configs exactly as transformers reads them
+(checked against transformers' own image processors), the smoothing warning, and label names, ids and tensors."""
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from guidekit.guidance import TransformersClassifier
+from guidekit.testing.classifiers import tiny_resnet_classifier
+
+# ---------------------------------------------------------------------------------------------------- processors
+
+VIT = {  # as google/vit-base-patch16-224 writes it, at 32 px: an int size is a square for ViT
+    "feature_extractor_type": "ViTFeatureExtractor", "do_resize": True, "size": 32, "resample": 2,
+    "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+}
+RESNET = {  # as microsoft/resnet-50 writes it, at 24 px: ConvNeXt's processor, an int size is a shortest edge
+    "feature_extractor_type": "ConvNextFeatureExtractor", "do_resize": True, "size": 24, "crop_pct": 0.875,
+    "resample": 3, "do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+}
+CASES = {
+    "vit-int-size": VIT,
+    "resnet-int-size-crop-pct": RESNET,
+    "resnet-by-model-type": {k: v for k, v in RESNET.items() if k != "feature_extractor_type"},
+    "convnext-384-warp": {**RESNET, "image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": 384}},
+    "clip-int-size-and-crop": {  # as openai/clip-vit-base-patch32 writes it, at 24 px
+        "feature_extractor_type": "CLIPFeatureExtractor", "do_resize": True, "size": 24, "do_center_crop": True,
+        "crop_size": 24, "resample": 3, "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    },
+    "deit-square-then-crop": {  # as facebook/deit-base-patch16-224 writes it (256 → 224), at 28 → 24 px
+        "feature_extractor_type": "DeiTFeatureExtractor", "do_resize": True, "size": 28, "do_center_crop": True,
+        "crop_size": 24, "resample": 3, "do_normalize": True,
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+    },
+    "deit-crop-larger-than-image": {
+        "image_processor_type": "DeiTImageProcessor", "do_resize": True, "size": {"height": 21, "width": 20},
+        "do_center_crop": True, "crop_size": {"height": 24, "width": 23}, "resample": 2, "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    },
+    "beit-int-size": {
+        "image_processor_type": "BeitImageProcessor", "do_resize": True, "size": 24, "do_center_crop": False,
+        "resample": 2, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    },
+    "bit-shortest-and-longest-edge": {
+        "image_processor_type": "BitImageProcessor", "do_resize": True,
+        "size": {"shortest_edge": 24, "longest_edge": 30}, "do_center_crop": False, "resample": 2,
+        "do_rescale": True, "rescale_factor": 1 / 127.5, "do_normalize": True,
+        "image_mean": [1.0, 1.0, 1.0], "image_std": [1.0, 1.0, 1.0],
+    },
+}
+
+
+def smooth_image(height: int, width: int) -> np.ndarray:
+    """A smooth uint8 RGB image (H, W, 3): low-frequency waves, where resampling filters barely differ."""
+    y, x = np.mgrid[0:height, 0:width]
+    channels = [
+        0.5 + 0.4 * np.sin(2 * math.pi * (a * y / height + b * x / width) + c)
+        for a, b, c in ((0.7, 0.4, 0.0), (-0.3, 0.8, 1.0), (0.5, -0.6, 2.0))
+    ]
+    return np.round(np.stack(channels, axis=-1) * 255).astype(np.uint8)
+
+
+def transformers_pixels(config: dict, model, image: np.ndarray, folder) -> torch.Tensor:
+    """What transformers' own processor (loaded from a folder, as from the Hub) gives for `image`."""
+    from transformers import AutoImageProcessor
+
+    model.config.save_pretrained(str(folder))
+    (folder / "preprocessor_config.json").write_text(json.dumps(config))
+    processor = AutoImageProcessor.from_pretrained(str(folder))
+    return torch.from_numpy(np.asarray(processor(image, return_tensors="np")["pixel_values"]))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("shape", [(64, 96), (96, 64), (16, 21)])
+def test_processor_config_is_read_as_transformers_reads_it(case, shape, tmp_path):
+    config = CASES[case]
+    model = tiny_resnet_classifier()
+    image = smooth_image(*shape)
+    expected = transformers_pixels(config, model, image, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # each of these processors is reproduced without a warning
+        adapter = TransformersClassifier(model, preprocessor_config=config)
+    ours = adapter.preprocess(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1)
+    # Sizes exactly. Values loosely: the adapter resizes with torch (differentiable) where transformers uses PIL,
+    # which rounds to 8 bits and whose bicubic kernel (a = -0.5) is not torch's (a = -0.75). On this smooth image
+    # the two agree to about one 8-bit level (1.1/255 measured): allow 2/255 in [0, 1] image units, i.e. the
+    # difference of model inputs times std / (255 · rescale_factor).
+    assert ours.shape == expected.shape
+    units = torch.tensor(config["image_std"]).view(1, 3, 1, 1) / (255 * config.get("rescale_factor", 1 / 255))
+    assert ((ours - expected).abs() * units).max() <= 2 / 255
+
+
+def test_vit_int_size_gives_the_input_the_model_takes():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=16, num_labels=3)
+    torch.manual_seed(0)
+    adapter = TransformersClassifier(ViTForImageClassification(config), preprocessor_config=VIT)
+    logits = adapter(torch.rand(2, 3, 64, 96) * 2 - 1)  # 64 × 96 → 32 × 32, as ViTImageProcessor does
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+
+
+def test_processor_steps_the_adapter_does_not_reproduce_warn():
+    config = {"image_processor_type": "LevitImageProcessor", "size": {"shortest_edge": 24}, "crop_size": 24,
+              "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    with pytest.warns(UserWarning, match=r"LevitImageProcessorPil\.resize"):
+        TransformersClassifier(tiny_resnet_classifier(), preprocessor_config=config)
+
+
+def test_convnext_processor_with_a_height_width_size_is_refused_as_by_transformers():
+    config = {**RESNET, "size": {"height": 24, "width": 24}}
+    with pytest.raises(ValueError, match="shortest_edge"):
+        TransformersClassifier(tiny_resnet_classifier(), preprocessor_config=config)
