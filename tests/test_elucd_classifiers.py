@@ -118,3 +118,54 @@ def test_convnext_processor_with_a_height_width_size_is_refused_as_by_transforme
     config = {**RESNET, "size": {"height": 24, "width": 24}}
     with pytest.raises(ValueError, match="shortest_edge"):
         TransformersClassifier(tiny_resnet_classifier(), preprocessor_config=config)
+
+
+# ---------------------------------------------------------------------------------------------------- smoothing
+
+
+class Pooled(nn.Module):
+    """conv 3→4, an activation, mean pool, linear 4→3: `act` a module, or a function applied functionally."""
+
+    id2label = {0: "red", 1: "green", 2: "blue"}
+
+    def __init__(self, act):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 3)
+        self.act = act
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv(x)).mean(dim=(2, 3)))
+
+
+def tiny_convnext():
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    config = ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3)
+    return TransformersClassifier(ConvNextForImageClassification(config), image_mean=0.5, image_std=0.5)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (tiny_convnext, r"smooths nothing in ConvNextForImageClassification.*GELUActivation ×\d+ are smooth already"),
+        (lambda: Pooled(nn.SiLU()), r"SiLU ×1 are smooth already"),
+        (lambda: Pooled(nn.ReLU6()), r"ReLU6 ×1 is not ReLU.*functionally"),
+        (lambda: Pooled(torch.nn.functional.relu), r"smooths nothing in Pooled.*F\.relu.*cannot be replaced"),
+    ],
+)
+def test_smoothing_that_replaces_nothing_warns_naming_the_activations(make, match):
+    import guidekit
+
+    with pytest.warns(UserWarning, match=match):
+        hook = guidekit.EluCD(make(), 0)
+    assert hook.softplus_beta == 3.0
+
+
+def test_smoothing_warns_only_when_it_would_do_nothing():
+    import guidekit
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guidekit.EluCD(TransformersClassifier(tiny_resnet_classifier(), image_mean=0.5, image_std=0.5), 0)  # has nn.ReLU
+        guidekit.EluCD(Pooled(nn.GELU()), 0, softplus_beta=None)  # no smoothing asked
+        guidekit.ClassifierGuidance(Pooled(torch.relu), 0)  # plain classifier guidance keeps ReLUs

@@ -31,9 +31,11 @@ __all__ = [
     "ImageClassifier",
     "TorchClassifier",
     "TransformersClassifier",
+    "activation_types",
     "as_classifier",
     "read_preprocessor_config",
     "resolve_labels",
+    "unsmoothed_warning",
 ]
 
 Size = Union[int, Sequence[int], None]
@@ -604,3 +606,51 @@ def _one_label(value: Any, id2label: Optional[dict[int, str]], name: str) -> int
         hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
         raise ValueError(f"{name}: {value!r} is not a label of this classifier{hint}; accepted: {_accepted(id2label)}")
     raise ValueError(f"{name}: {value!r} is not accepted; accepted: {_accepted(id2label)}, or a list with one per image")
+
+
+# ---------------------------------------------------------------------------------------------------- smoothing
+
+# Activations that are smooth already: EluCD's smoothing (ReLU → Softplus) has nothing to do on them.
+_SMOOTH_ACTIVATIONS = ("GELU", "SiLU", "Swish", "Mish", "Softplus", "Tanh", "Sigmoid", "ELU", "SELU", "CELU")
+# Modules of torch.nn.modules.activation that are not pointwise activations.
+_NOT_ACTIVATIONS = ("MultiheadAttention", "Softmax", "Softmin", "LogSoftmax", "Softmax2d")
+
+
+def activation_types(model: nn.Module) -> dict[str, int]:
+    """The activation modules of `model` by class name, with how many distinct instances of each."""
+    seen: dict[str, set] = {}
+    for module in model.modules():
+        cls = type(module)
+        name = cls.__name__
+        is_activation = cls.__module__ in ("torch.nn.modules.activation", "transformers.activations") or any(
+            key in name for key in ("Activation", "ReLU", "GELU", "SiLU", "Swish")
+        )
+        if is_activation and name not in _NOT_ACTIVATIONS:
+            seen.setdefault(name, set()).add(id(module))
+    return {name: len(ids) for name, ids in sorted(seen.items())}
+
+
+def unsmoothed_warning(model: nn.Module, beta: Optional[float]) -> Optional[str]:
+    """Why ReLU → Softplus(β) smoothing would change nothing in `model` (no ``nn.ReLU`` module), or None when it
+    has ReLU modules to replace or `beta` is None (no smoothing asked)."""
+    if beta is None or any(isinstance(m, nn.ReLU) for m in model.modules()):
+        return None
+    found = activation_types(model)
+    smooth = {k: n for k, n in found.items() if any(s in k for s in _SMOOTH_ACTIVATIONS)}
+    other = {k: n for k, n in found.items() if k not in smooth}
+
+    def listed(types: dict[str, int]) -> str:
+        return ", ".join(f"{k} ×{n}" for k, n in types.items())
+
+    parts = [
+        f"softplus_beta: {beta} smooths nothing in {type(model).__name__}: EluCD replaces nn.ReLU modules with "
+        "Softplus, and it has none."
+    ]
+    if smooth:
+        parts.append(f"Its activations {listed(smooth)} are smooth already, so there is nothing to replace.")
+    if other:
+        parts.append(f"{listed(other)} {'is' if len(other) == 1 else 'are'} not ReLU and kept unchanged.")
+    if not found or other:
+        parts.append("ReLUs applied functionally (F.relu, torch.relu) cannot be replaced by swapping modules.")
+    parts.append("Pass softplus_beta=None to use the classifier as it is without this warning.")
+    return " ".join(parts)

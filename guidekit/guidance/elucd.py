@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from ..checks import check_choice, check_number, check_window
 from ..hooks import SUPPORTED_SCHEDULERS, SamplerHook, SamplerState, scheduler_family
-from .classifiers import ImageClassifier, as_classifier, resolve_labels
+from .classifiers import ImageClassifier, as_classifier, resolve_labels, unsmoothed_warning
 from .elucd_math import (
     calibrated_log_prob,
     classifier_gradient,
@@ -96,7 +97,9 @@ class EluCD(SamplerHook):
         scale (`float`, defaults to `1.0`): s, ≥ 0; the official ``classifier_scale`` (1.0) for ``"ddpm"``, a
             multiple of G = 0.004 for ``"edm"``. The right value depends on the classifier and the model.
         softplus_beta (`float` or `None`, defaults to `3.0`): β of the Softplus that replaces every ``nn.ReLU``
-            module (official DDPM script 3.0, EDM 5.0); `None` keeps the ReLUs.
+            module (official DDPM script 3.0, EDM 5.0); `None` keeps the ReLUs. A classifier without ``nn.ReLU``
+            modules gets a warning naming its activations, since smoothing then changes nothing: GELU/SiLU ones
+            (ViT, ConvNeXt) are smooth already, ReLU6 is kept, and a functional ``F.relu`` cannot be swapped.
         joint_temperature (`float`, defaults to `1.0`): τ₁, ≥ 0 (official 1.0).
         marginal_temperature (`float`, defaults to `0.5`): τ₂, ≥ 0 (official DDPM: τ₁·0.5; EDM: 0.0).
         schedule (`str`, defaults to `"ddpm"`): ``"ddpm"`` (Σ_t plus the sine boost) or ``"edm"`` (RMS-normalised
@@ -134,6 +137,9 @@ class EluCD(SamplerHook):
         self.labels = resolve_labels(labels, self.classifier.id2label)
         self.scale = check_number("scale", scale, 0.0)
         self.softplus_beta = check_number("softplus_beta", softplus_beta, 0.0, low_open=True, allow_none=True)
+        note = unsmoothed_warning(self.classifier.model, self.softplus_beta)
+        if note is not None:  # e.g. GELU classifiers (ViT, ConvNeXt): already smooth
+            warnings.warn(note, UserWarning, stacklevel=2)
         self.joint_temperature = check_number("joint_temperature", joint_temperature, 0.0)
         self.marginal_temperature = check_number("marginal_temperature", marginal_temperature, 0.0)
         self.schedule = check_choice("schedule", schedule, ("ddpm", "edm"))
