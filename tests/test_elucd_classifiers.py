@@ -169,3 +169,79 @@ def test_smoothing_warns_only_when_it_would_do_nothing():
         guidekit.EluCD(TransformersClassifier(tiny_resnet_classifier(), image_mean=0.5, image_std=0.5), 0)  # has nn.ReLU
         guidekit.EluCD(Pooled(nn.GELU()), 0, softplus_beta=None)  # no smoothing asked
         guidekit.ClassifierGuidance(Pooled(torch.relu), 0)  # plain classifier guidance keeps ReLUs
+
+
+# ---------------------------------------------------------------------------------------------------- labels
+
+# Label names as ImageNet's id2label writes them (the ids DiT and the HF ImageNet classifiers use).
+IMAGENET_STYLE = {134: "crane", 281: "tabby, tabby cat", 282: "tiger cat", 517: "crane", 638: "maillot",
+                  639: "maillot, tank suit"}
+
+
+def dit_label_ids(id2label, names):
+    """DiT's own name → id reading: a stock ``DiTPipeline`` (no components needed) and its ``get_label_ids``."""
+    from diffusers import DiTPipeline
+
+    return DiTPipeline(transformer=None, vae=None, scheduler=None, id2label=id2label).get_label_ids(names)
+
+
+@pytest.mark.parametrize("name", ["tabby", "tabby cat", "tiger cat", "tank suit"])
+def test_label_synonyms_are_accepted_as_dit_accepts_them(name):
+    from guidekit.guidance.classifiers import resolve_labels
+
+    assert resolve_labels(name, IMAGENET_STYLE) == dit_label_ids(IMAGENET_STYLE, [name])[0]
+    assert resolve_labels(name.upper(), IMAGENET_STYLE) == dit_label_ids(IMAGENET_STYLE, [name])[0]
+
+
+def test_full_label_names_and_their_precedence():
+    from guidekit.guidance.classifiers import resolve_labels
+
+    assert resolve_labels(["tabby, tabby cat", "maillot, tank suit"], IMAGENET_STYLE) == (281, 639)
+    assert resolve_labels("maillot", IMAGENET_STYLE) == 638  # the full label of 638, a synonym of 639
+
+
+def test_an_ambiguous_name_is_refused_naming_both_ids():
+    from guidekit.guidance.classifiers import resolve_labels
+
+    with pytest.raises(ValueError, match=r"'crane' is ambiguous.*134 \('crane'\), 517 \('crane'\)"):
+        resolve_labels("crane", IMAGENET_STYLE)
+    with pytest.raises(ValueError, match=r"'bird' is ambiguous.*12 \('crane, bird'\), 40 \('bird of prey, bird'\)"):
+        resolve_labels("bird", {12: "crane, bird", 40: "bird of prey, bird"})  # a synonym of two classes
+
+
+def test_an_unknown_id_error_names_the_accepted_ids():
+    from guidekit.guidance.classifiers import resolve_labels
+
+    with pytest.raises(ValueError, match=r"accepted: one of the ids 281, 282, or a name") as error:
+        resolve_labels(0, {281: "tabby, tabby cat", 282: "tiger cat"})
+    assert "[0, 2)" not in str(error.value)
+    many = {k: f"class {k}" for k in range(100, 1100, 2)}
+    with pytest.raises(ValueError, match=r"one of 500 ids from 100 to 1098 \(100, 102, 104, 106, 108, \.\.\.\)"):
+        resolve_labels(101, many)
+    with pytest.raises(ValueError, match=r"an int in \[0, 3\)"):
+        resolve_labels(3, {0: "a", 1: "b", 2: "c"})
+
+
+def test_tensor_labels_are_accepted():
+    import guidekit
+
+    assert guidekit.EluCD(Pooled(nn.ReLU()), torch.tensor(2)).labels == 2
+    assert guidekit.EluCD(Pooled(nn.ReLU()), torch.tensor([2, 0], dtype=torch.int32)).labels == (2, 0)
+    assert guidekit.EluCD(Pooled(nn.ReLU()), np.array([1])).labels == (1,)
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        (torch.tensor([1.0]), "tensor of torch.float32 is not accepted"),
+        (torch.tensor([[1]]), "2-d tensor"),
+        (torch.tensor([True]), "torch.bool"),
+        (torch.tensor([], dtype=torch.long), "empty list"),
+        (torch.tensor([3]), r"3 is not a class.*\[0, 3\)"),
+    ],
+)
+def test_tensor_label_errors(labels, match):
+    import guidekit
+
+    with pytest.raises(ValueError, match=match):
+        guidekit.EluCD(Pooled(nn.ReLU()), labels)

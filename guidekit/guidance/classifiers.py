@@ -566,43 +566,93 @@ def as_classifier(classifier: Any) -> ImageClassifier:
 
 
 def resolve_labels(labels: Any, id2label: Optional[dict[int, str]], name: str = "labels") -> Union[int, tuple[int, ...]]:
-    """Label indices from an int, a label name (case-insensitive exact match in `id2label`) or a list of them.
+    """Label indices from an int, a label name, an integer tensor or array, or a list of them.
+
+    Names are matched case-insensitively in `id2label` as DiT's ``get_label_ids`` does, plus the full label: an
+    ImageNet-style label ``"tabby, tabby cat"`` is reached by ``"tabby"``, ``"tabby cat"`` or the whole string.
+    The full label wins over a synonym of another class (``"maillot"`` is class 638, though it is also a synonym
+    of 639 ``"maillot, tank suit"``). A name that still names several classes (ImageNet's two ``"crane"``) raises
+    a ValueError naming their ids. A 0-d integer tensor is one label, a 1-d one a label per image.
 
     Returns an int for a single label, a tuple of ints for a list. Raises ValueError naming the unknown label and
     listing accepted ones.
     """
+    labels = _from_array(labels, id2label, name)
+    index = _name_index(id2label) if id2label else None
     if isinstance(labels, (list, tuple)):
         if not labels:
             raise ValueError(f"{name}: an empty list is not accepted; accepted: a label, or one label per image")
-        return tuple(_one_label(v, id2label, name) for v in labels)
-    return _one_label(labels, id2label, name)
+        return tuple(_one_label(v, id2label, name, index) for v in labels)
+    return _one_label(labels, id2label, name, index)
+
+
+def _from_array(labels: Any, id2label: Optional[dict[int, str]], name: str) -> Any:
+    """An integer torch tensor or numpy array as an int (0-d) or a list of ints (1-d); anything else as it is."""
+    if isinstance(labels, torch.Tensor):
+        ok = labels.dim() <= 1 and not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool)
+        what = f"a {labels.dim()}-d tensor of {labels.dtype}"
+    elif isinstance(labels, np.ndarray):
+        ok = labels.ndim <= 1 and labels.dtype.kind in "iu"
+        what = f"a {labels.ndim}-d array of {labels.dtype}"
+    else:
+        return labels
+    if not ok:
+        raise ValueError(
+            f"{name}: {what} is not accepted; accepted: an integer tensor or array with 0 dimensions (one label) "
+            "or 1 (one label per image)"
+        )
+    return labels.tolist()
+
+
+def _name_index(id2label: dict[int, str]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """(full labels, comma-separated synonyms), casefolded, each to the ids it names."""
+    full: dict[str, list[int]] = {}
+    synonyms: dict[str, list[int]] = {}
+    for k in sorted(id2label):
+        label = id2label[k]
+        full.setdefault(label.strip().casefold(), []).append(k)
+        for synonym in label.split(","):  # as DiT's id2label: every comma-separated part, stripped
+            ids = synonyms.setdefault(synonym.strip().casefold(), [])
+            if k not in ids:
+                ids.append(k)
+    return full, synonyms
 
 
 def _accepted(id2label: Optional[dict[int, str]], limit: int = 12) -> str:
     if not id2label:
         return "an int class index (this classifier has no id2label, so names are not known)"
-    names = [id2label[k] for k in sorted(id2label)]
+    ids = sorted(id2label)
+    if ids == list(range(len(ids))):
+        id_text = f"an int in [0, {len(ids)})"
+    elif len(ids) <= limit:
+        id_text = f"one of the ids {', '.join(map(str, ids))}"
+    else:
+        id_text = f"one of {len(ids)} ids from {ids[0]} to {ids[-1]} ({', '.join(map(str, ids[:5]))}, ...)"
+    names = [id2label[k] for k in ids]
     shown = ", ".join(repr(n) for n in names[:limit])
     more = f", ... ({len(names)} labels)" if len(names) > limit else ""
-    return f"an int in [0, {len(names)}) or one of {shown}{more}"
+    return f"{id_text}, or a name (a label or one of its comma-separated synonyms): {shown}{more}"
 
 
-def _one_label(value: Any, id2label: Optional[dict[int, str]], name: str) -> int:
+def _one_label(value: Any, id2label: Optional[dict[int, str]], name: str, index=None) -> int:
     if isinstance(value, Integral) and not isinstance(value, bool):
-        index = int(value)
-        if index < 0 or (id2label is not None and index not in id2label):
+        k = int(value)
+        if k < 0 or (id2label is not None and k not in id2label):
             raise ValueError(f"{name}: {value!r} is not a class of this classifier; accepted: {_accepted(id2label)}")
-        return index
+        return k
     if isinstance(value, str):
         if not id2label:
             raise ValueError(f"{name}: {value!r} is a name, but this classifier has no id2label; accepted: {_accepted(id2label)}")
+        full, synonyms = index if index is not None else _name_index(id2label)
         wanted = value.strip().casefold()
-        found = sorted(k for k, v in id2label.items() if v.strip().casefold() == wanted)
+        found = full.get(wanted) or synonyms.get(wanted, [])
         if len(found) == 1:
             return found[0]
         if len(found) > 1:
-            raise ValueError(f"{name}: {value!r} names several classes {found}; accepted: pass the index")
-        close = difflib.get_close_matches(value, list(id2label.values()), n=3, cutoff=0.6)
+            named = ", ".join(f"{k} ({id2label[k]!r})" for k in found)
+            raise ValueError(f"{name}: {value!r} is ambiguous: it names the classes {named}; accepted: one of these ids")
+        candidates = sorted({s.strip() for label in id2label.values() for s in [label, *label.split(",")]})
+        close = difflib.get_close_matches(value.strip(), candidates, n=3, cutoff=0.6)
         hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
         raise ValueError(f"{name}: {value!r} is not a label of this classifier{hint}; accepted: {_accepted(id2label)}")
     raise ValueError(f"{name}: {value!r} is not accepted; accepted: {_accepted(id2label)}, or a list with one per image")

@@ -34,7 +34,7 @@ __all__ = ["ClassifierGuidance", "EDM_MAX_GUIDANCE", "EluCD"]
 #: G, ``max_guidance`` of the official EDM script; ``schedule="edm"`` uses G = scale · EDM_MAX_GUIDANCE.
 EDM_MAX_GUIDANCE = 0.004
 
-Labels = Union[int, str, Sequence[Union[int, str]]]
+Labels = Union[int, str, Sequence[Union[int, str]], torch.Tensor]
 
 
 class EluCD(SamplerHook):
@@ -91,9 +91,11 @@ class EluCD(SamplerHook):
             decoded images in [-1, 1] at the pipeline's size, as the official code feeds its ResNets). It is never
             modified: at the first call the hook makes its own copy, smoothed, frozen and in eval mode (later
             changes to your classifier are not seen; make a new hook).
-        labels (`int`, `str` or `list`): the class to steer toward: an index, a name looked up in the classifier's
-            ``id2label`` (case-insensitive exact match), or a list with one per image of the call's batch (in the
-            pipeline's order: each prompt's images together).
+        labels (`int`, `str`, `list` or integer `torch.Tensor`): the class to steer toward: an index, a name
+            looked up in the classifier's ``id2label`` (case-insensitive; a full label or, as DiT's
+            ``get_label_ids``, one of its comma-separated synonyms: ``"tabby"`` for ``"tabby, tabby cat"``), or a
+            list / 1-d tensor with one per image of the call's batch (in the pipeline's order: each prompt's
+            images together). A 0-d tensor is one label.
         scale (`float`, defaults to `1.0`): s, ≥ 0; the official ``classifier_scale`` (1.0) for ``"ddpm"``, a
             multiple of G = 0.004 for ``"edm"``. The right value depends on the classifier and the model.
         softplus_beta (`float` or `None`, defaults to `3.0`): β of the Softplus that replaces every ``nn.ReLU``
