@@ -245,3 +245,44 @@ def test_tensor_label_errors(labels, match):
 
     with pytest.raises(ValueError, match=match):
         guidekit.EluCD(Pooled(nn.ReLU()), labels)
+
+
+# ---------------------------------------------------------------------------------------------------- the DiT example
+
+IMAGENET_HEAD = {0: "tench, Tinca tinca", 1: "goldfish, Carassius auratus", 281: "tabby, tabby cat", 282: "tiger cat"}
+
+
+def test_the_guided_dit_docstring_example_runs(tmp_path):
+    """GuidedDiTPipeline's example, as written, with its two Hub ids replaced by tiny local checkpoints that carry
+    ImageNet-style label names."""
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    from guidekit.pipelines import GuidedDiTPipeline
+    from guidekit.testing import tiny_vae
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8,
+                                        num_attention_heads=2, in_channels=4, out_channels=8, num_embeds_ada_norm=1000)
+    dit = tmp_path / "dit"
+    DiTPipeline(transformer, tiny_vae(sample_size=16), DDIMScheduler()).save_pretrained(dit)
+    index = json.loads((dit / "model_index.json").read_text())
+    index["id2label"] = {str(k): v for k, v in IMAGENET_HEAD.items()}
+    (dit / "model_index.json").write_text(json.dumps(index))
+
+    classifier_labels = {0: "tench, Tinca tinca", 1: "tabby, tabby cat", 2: "tiger cat"}
+    model = tiny_resnet_classifier()
+    model.config.id2label, model.config.label2id = classifier_labels, {v: k for k, v in classifier_labels.items()}
+    resnet = tmp_path / "resnet"
+    model.save_pretrained(str(resnet))
+    (resnet / "preprocessor_config.json").write_text(json.dumps(RESNET))  # microsoft/resnet-50's, at 24 px
+
+    lines = [line.strip()[4:] for line in GuidedDiTPipeline.__doc__.splitlines() if line.strip().startswith(">>> ")]
+    source = "\n".join(lines)
+    for hub_id, folder in (("facebook/DiT-XL-2-256", dit), ("microsoft/resnet-50", resnet)):
+        assert f'"{hub_id}"' in source
+        source = source.replace(f'"{hub_id}"', repr(str(folder)))
+    namespace = {}
+    exec(compile(source, "GuidedDiTPipeline example", "exec"), namespace)
+    assert namespace["ids"] == [281]
+    assert namespace["hooks"][1].labels == 1
+    assert namespace["image"].size == (16, 16)
