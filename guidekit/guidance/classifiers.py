@@ -700,7 +700,12 @@ def unsmoothed_warning(model: nn.Module, beta: Optional[float]) -> Optional[str]
         parts.append(f"Its activations {listed(smooth)} are smooth already, so there is nothing to replace.")
     if other:
         parts.append(f"{listed(other)} {'is' if len(other) == 1 else 'are'} not ReLU and kept unchanged.")
-    if not found or other:
-        parts.append("ReLUs applied functionally (F.relu, torch.relu) cannot be replaced by swapping modules.")
+    if not found:
+        parts.append(
+            "It has no activation module at all: it is linear, or it applies its activations functionally "
+            "(F.relu, torch.relu), which swapping modules cannot replace."
+        )
+    elif other:
+        parts.append("ReLUs applied functionally (F.relu, torch.relu) cannot be replaced by swapping modules either.")
     parts.append("Pass softplus_beta=None to use the classifier as it is without this warning.")
     return " ".join(parts)
