@@ -286,3 +286,17 @@ def test_the_guided_dit_docstring_example_runs(tmp_path):
     assert namespace["ids"] == [281]
     assert namespace["hooks"][1].labels == 1
     assert namespace["image"].size == (16, 16)
+
+
+def test_a_config_transformers_has_no_class_for_is_read_with_its_base_rules():
+    from transformers import PretrainedConfig
+
+    class Bare(nn.Module):  # a model type transformers registers no image processor for
+        def __init__(self):
+            super().__init__()
+            self.config = PretrainedConfig(id2label={0: "a", 1: "b"})
+
+    config = {"size": 20, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    with pytest.warns(UserWarning, match="base rules"):
+        adapter = TransformersClassifier(Bare(), preprocessor_config=config)
+    assert adapter.preprocess(torch.zeros(1, 3, 30, 40)).shape == (1, 3, 20, 20)  # get_size_dict's default: a square

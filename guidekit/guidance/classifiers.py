@@ -340,9 +340,10 @@ def _image_processor(config: dict, model_config: Any):
             f"preprocessor_config: transformers has no image processor class for it or for model type "
             f"{getattr(model_config, 'model_type', None)!r} ({str(error).splitlines()[0][:120]}); it is read with "
             "transformers' base rules (an int size is a square)",
-            stacklevel=4,
+            stacklevel=3,
         )
-        return PilBackend.from_dict(dict(config))
+        # The base class sets no do_* flags; the image processors' usual defaults: resize, rescale, normalise.
+        return PilBackend.from_dict({"do_resize": True, "do_rescale": True, "do_normalize": True, **config})
 
 
 def _resize_rule(size) -> Any:
