@@ -374,7 +374,8 @@ class StyleIDPipelineMixin(ImageLatentsMixin, SharedComponentsMixin):
                 official LDM code's (every self-attention of the last two up blocks: 6 layers on SD 1.x/2.x;
                 on SDXL the same rule gives the 6 of ``up_blocks.1``, guidekit's extension, see
                 `pipelines/styleid_sdxl.py`),
-                ``"diffusers"`` for the official diffusers port's (the same without the first: 5 layers), or
+                ``"diffusers"`` for the official diffusers port's (the same without the first attention module:
+                5 layers on SD 1.x/2.x, 4 on SDXL), or
                 a list of self-attention layer names (see `guidekit.attention.styleid_layers`).
             hooks (`list[SamplerHook]`, *optional*): run in the sampling loop (`init_latents` receives the
                 AdaIN start point; `step_begin`, `correct`, `step_end` run each step). Hooks that fill the
