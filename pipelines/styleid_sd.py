@@ -17,7 +17,9 @@ that needs no weights beyond the base model.
 4. decode.
 
 The style's inversion (its z_T and K/V features) is cached per pipeline, so one style applied to many
-contents is inverted once. The loop lives in `StyleIDPipelineMixin` so that other pipeline families reuse it
+contents is inverted once; the key holds every input of that inversion and no model object. The inversion
+trajectories, start point and sampled latents are float32 whatever the UNet's dtype (half-precision UNets get
+their input cast at each call). The loop lives in `StyleIDPipelineMixin` so that other pipeline families reuse it
 with their own prompt conditioning: `pipelines/styleid_sdxl.py` (SDXL) adds only its `_encode_rows` and the VAE
 latent statistics.
 """
@@ -68,7 +70,7 @@ class StyleIDOutput(BaseOutput):
     Attributes:
         images: the stylised images (PIL list, numpy array or tensor, by `output_type`).
         start_latents (`torch.Tensor`): the latent sampling started from (after the AdaIN and the hooks'
-            `init_latents`), (1, 4, h, w).
+            `init_latents`), (1, 4, h, w), float32 (or the UNet's dtype when wider).
         layers (`list[str]`): the injection layers used (processor names).
     """
 
@@ -396,10 +398,15 @@ class StyleIDPipelineMixin(ImageLatentsMixin, SharedComponentsMixin):
             init_adain (`bool`, defaults to `True`): start from the AdaIN of the content's z_T to the style's
                 statistics; False starts from the content's z_T (the official ``--without_init_adain``).
             attn_injection (`bool`, defaults to `True`): False samples with the ordinary attention, AdaIN
-                only (the official ``--without_attn_injection``).
-            cache_style (`bool`, defaults to `True`): reuse (and store) the style's inversion, keyed by the
-                style image's content hash, the steps, the layers and the model; see `style_cache_size` and
-                `clear_style_cache`.
+                only (the official ``--without_attn_injection``); no style K/V or content Q are recorded then.
+            cache_style (`bool`, defaults to `True`): reuse (and store) the style's inversion, keyed by every
+                input of it: the style image's content hash, the steps, the layers, the scheduler config, the
+                empty prompt's conditioning (so the text encoders and their adapters), the UNet's and the VAE's
+                module objects, their peft adapters (active names, scales, merged, disabled), FreeU, the
+                attention processor types, fused LoRA names, dtypes and device. Weight values changed in place
+                (``load_state_dict`` into the same modules) are not seen: call `clear_style_cache`. The cache
+                holds no model: an entry goes when the UNet or VAE it was inverted with is freed. See
+                `style_cache_size`.
             negative_inversion_scale (`float`, *optional*): StyleSSP's negative-guided inversion (Xu et al.,
                 CVPR 2025; METHODS.md §5.3). s > 0 inverts the content a second time with
                 ε̃ = ε(z, c⁺) + s·(ε(z, c⁺) − ε(z, c⁻)) at every inversion step, c⁺ = `content_prompt` ("" when
