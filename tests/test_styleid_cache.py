@@ -18,7 +18,7 @@ from test_styleid import _Counter, _ddim
 
 torch.set_num_threads(1)
 
-STEPS = 3
+STEPS = 2
 
 
 @pytest.fixture
