@@ -459,4 +459,5 @@ class StyleSSP(SamplerHook):
         if message is not None:
             warnings.warn(message, UserWarning, stacklevel=3)
         z_t = plan.invert(self.inversion_guidance_scale if negative is not None else None)
-        return self._filter(z_t, noise) if self.frequency else z_t
+        start = self._filter(z_t, noise) if self.frequency else z_t  # in float32, cast once at the end
+        return start.to(pipe.unet.dtype)
