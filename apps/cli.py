@@ -82,6 +82,25 @@ class ImageSize(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+def check_size_option(pipe, dims, default: int, images: int = 1, name: str = "--size") -> tuple[int, int]:
+    """The `--size` option's (width, height), or `default` for both, checked once the model is loaded: a multiple
+    of the model's size rule (`guidekit.apps.jobs.size_multiple`, the one every entry point uses) and small enough
+    that `images` images can be decoded in the free memory. Raises a click usage error (exit code 2) naming `name`.
+    """
+    from guidekit.checks import check_image_memory, check_image_size
+
+    from .jobs import size_multiple
+
+    width, height = dims or (default, default)
+    names = (name, name) if width == height else (f"{name} width", f"{name} height")
+    try:
+        check_image_size(width, height, multiple_of=size_multiple(pipe), names=names)
+        check_image_memory(pipe, width, height, images=images, name=name)
+    except ValueError as e:
+        raise click.BadParameter(f"{e} (for this model)", param_hint=f"'{name}'") from None
+    return width, height
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return sorted(name for name, target in SUBCOMMANDS.items() if importlib.util.find_spec(target.split(":")[0]))

@@ -16,7 +16,6 @@ never a stack trace. The demo serves no file outside its own assets and never ru
 from __future__ import annotations
 
 import functools
-import math
 import logging
 import re
 import tempfile
@@ -29,7 +28,8 @@ import click
 
 from guidekit.checks import MAX_IMAGE_SIDE
 
-from .jobs import COMMON, GUIDANCE, JobError, generate, is_embedded_pipe, parse_job, resolve, to_pil, vae_factor
+from .jobs import (COMMON, GUIDANCE, JobError, generate, is_embedded_pipe, parse_job, resolve, size_multiple, to_pil,
+                   vae_factor)
 
 log = logging.getLogger("guidekit.demo")
 
@@ -111,7 +111,7 @@ class DemoBackend:
         self.limits = limits
         # the embedded toy model: APG's defaults are its recommended setting (guidekit.toy.RECOMMENDED_APG)
         self.embedded = (_is_embedded_name(model_name) or is_embedded_pipe(pipe)) if embedded is None else embedded
-        self.factor = math.lcm(8, vae_factor(pipe))  # sizes: multiples of 8 (the job schema) and of the VAE
+        self.factor = size_multiple(pipe)  # sizes: the one rule of every entry point
         self.default_size = int(pipe.unet.config.sample_size) * vae_factor(pipe)
         self._uam = None
         self._styleid = None
@@ -422,7 +422,7 @@ class VideoBackend:
         # the embedded video model: guidance scale 3 (its card's) and the toy world judge's reading of each video
         self.embedded = embedded
         self.max_length = motion_limit(vpipe) or 16
-        self.factor = math.lcm(8, vae_factor(vpipe))
+        self.factor = size_multiple(vpipe)
         self.default_size = int(vpipe.unet.config.sample_size) * vae_factor(vpipe)
         self._folder = tempfile.TemporaryDirectory(prefix="guidekit-demo-video-")
         self._count = 0

@@ -21,7 +21,7 @@ import click
 from guidekit import toy as _toy
 from guidekit.checks import MAX_IMAGE_SIDE
 
-from .cli import FiniteFloatRange, ImageSize
+from .cli import FiniteFloatRange, ImageSize, check_size_option
 
 #: Denoising steps when none are given (and no recommendation applies).
 DEFAULT_STEPS = 25
@@ -151,18 +151,10 @@ def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype=None):
 
 
 def check_size(pipe, dims: Optional[tuple[int, int]]) -> tuple[int, int]:
-    """`--size` (or the model's native size) checked against the model's VAE factor and the free memory."""
-    from guidekit.checks import check_image_memory, check_image_size
+    """`--size` (or the model's native size) checked against the model's size rule and the free memory."""
+    from .jobs import default_size
 
-    from .jobs import default_size, vae_factor
-
-    width, height = dims or (default_size(pipe),) * 2
-    try:
-        check_image_size(width, height, multiple_of=vae_factor(pipe))
-        check_image_memory(pipe, width, height)
-    except ValueError as e:
-        raise click.BadParameter(f"{e} (for this model)", param_hint="'--size'") from None
-    return width, height
+    return check_size_option(pipe, dims, default_size(pipe))
 
 
 # The APG options' default, shared by their help texts ({} is the paper's SDXL value of the option).

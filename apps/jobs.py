@@ -774,6 +774,22 @@ def vae_factor(pipe) -> int:
     return int(getattr(pipe, "vae_scale_factor", 8))
 
 
+def size_multiple(pipe) -> int:
+    """The number every width and height must be a multiple of for `pipe`; the one rule of every entry point
+    (generate, video, style, batch jobs, the demo).
+
+    The latents are the image shrunk by the VAE factor and, for a transformer denoiser, cut into patches of
+    `patch_size` latent pixels, so sizes are multiples of their product. diffusers' Stable Diffusion, SDXL and
+    AnimateDiff pipelines also refuse any size that is not a multiple of 8 (their `check_inputs`), whatever the
+    VAE: the embedded model's VAE factor is 4, yet 100 px fails there.
+    """
+    factor = vae_factor(pipe)
+    patch = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "patch_size", None)
+    if isinstance(patch, int) and patch > 1:
+        factor *= patch
+    return math.lcm(8, factor)
+
+
 def default_size(pipe) -> int:
     return int(pipe.unet.config.sample_size) * vae_factor(pipe)
 
@@ -931,7 +947,7 @@ def resolve(params: dict, pipe, where: str = "", images: int = 1, embedded: Opti
                            f"not a {type(pipe).__name__}; accepted: such a model (--model)")
         out = dict(params)
         try:
-            check_image_size(out["width"], out["height"], multiple_of=math.lcm(8, vae_factor(pipe)),
+            check_image_size(out["width"], out["height"], multiple_of=size_multiple(pipe),
                              names=("content_image width", "content_image height"))
             check_image_memory(pipe, out["width"], out["height"], images=1, name="content_image size")
         except ValueError as e:
@@ -948,7 +964,7 @@ def resolve(params: dict, pipe, where: str = "", images: int = 1, embedded: Opti
     if any(out.get(n) is None for n in MODEL_DEPENDENT.get(out.get("guidance"), ())):
         out = apg_defaults(out, is_embedded_pipe(pipe) if embedded is None else embedded)
     try:
-        check_image_size(out["width"], out["height"], multiple_of=math.lcm(8, vae_factor(pipe)))
+        check_image_size(out["width"], out["height"], multiple_of=size_multiple(pipe))
         check_image_memory(pipe, out["width"], out["height"], images=images, name="width/height")
     except ValueError as e:
         raise JobError(f"{where}{e}") from None
@@ -1172,7 +1188,7 @@ def resolve_video(params: dict, vpipe, where: str = "") -> dict:
     if any(out.get(n) is None for n in MODEL_DEPENDENT.get(out.get("guidance"), ())):
         out = apg_defaults(out, embedded=False)  # the recommended setting is the embedded image model's
     try:
-        check_image_size(out["width"], out["height"], multiple_of=math.lcm(8, vae_factor(vpipe)))
+        check_image_size(out["width"], out["height"], multiple_of=size_multiple(vpipe))
         check_image_memory(vpipe, out["width"], out["height"], images=min(out["frames"], DECODE_CHUNK),
                            name="width/height")
     except ValueError as e:

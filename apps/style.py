@@ -56,14 +56,17 @@ def load_image(path, name: str):
 
 def check_style_images(pipe, content, style, names=("CONTENT", "STYLE")) -> None:
     """The checks `transfer` makes on its images (`guidekit.pipelines.images.prepare_image`: RGB, sizes multiples
-    of the VAE factor) plus guidekit's size bound, before any model call. Raises `ValueError` naming the image."""
+    of the VAE factor) plus the size rule of every entry point (`guidekit.apps.jobs.size_multiple`, as for style
+    jobs in `guidekit batch` and the demo), before any model call. Raises `ValueError` naming the image."""
     from guidekit.checks import check_image_size
     from guidekit.pipelines.images import prepare_image
 
-    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    from .jobs import size_multiple, vae_factor
+
     for name, image in zip(names, (content, style)):
-        prepare_image(image, factor, name=name)
-        check_image_size(image.width, image.height, multiple_of=factor, names=(f"{name} width", f"{name} height"))
+        prepare_image(image, vae_factor(pipe), name=name)
+        check_image_size(image.width, image.height, multiple_of=size_multiple(pipe),
+                         names=(f"{name} width", f"{name} height"))
 
 
 def style_pipeline(pipe):

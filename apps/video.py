@@ -17,7 +17,7 @@ from typing import Optional
 
 import click
 
-from .cli import FiniteFloatRange, ImageSize
+from .cli import FiniteFloatRange, ImageSize, check_size_option
 
 #: Defaults of guidekit.FreeNoise's window (the official W = 16, S = 4), kept as plain numbers so `--help`
 #: imports no torch.
@@ -107,17 +107,11 @@ def load_video_pipeline(model: Path, adapter, device: str):
 
 
 def check_video_size(pipe, dims: Optional[tuple[int, int]], frames: int) -> tuple[int, int]:
-    """`--size` (or the model's native size) checked against the VAE factor and the memory of one decode chunk."""
-    from guidekit.checks import check_image_memory, check_image_size
+    """`--size` (or the model's native size) checked against the model's size rule and the memory of one decode
+    chunk."""
+    from .jobs import default_size
 
-    factor = int(getattr(pipe, "vae_scale_factor", 8))
-    width, height = dims or (int(pipe.unet.config.sample_size) * factor,) * 2
-    try:
-        check_image_size(width, height, multiple_of=factor, names=("--size", "--size"))
-        check_image_memory(pipe, width, height, images=min(frames, DECODE_CHUNK), name="--size")
-    except ValueError as e:
-        raise click.BadParameter(f"{e} (for this model)", param_hint="'--size'") from None
-    return width, height
+    return check_size_option(pipe, dims, default_size(pipe), images=min(frames, DECODE_CHUNK))
 
 
 def _default_out(prompt, seed: int) -> Path:

@@ -46,12 +46,16 @@ class GuidedDiTPipeline(HookedPipelineMixin, DiTPipeline):
     stock; with sigma schedulers (Euler, LMS) stock's samples are not valid and this pipeline does what the
     other diffusers pipelines do.
 
-    Example:
+    Example (APG, and EluCD steering toward the class with an ImageNet classifier; both take the short name
+    "tabby" of the ImageNet label "tabby, tabby cat"):
         >>> import guidekit
+        >>> from guidekit.guidance import TransformersClassifier
         >>> from guidekit.pipelines import GuidedDiTPipeline
         >>> pipe = GuidedDiTPipeline.from_pretrained("facebook/DiT-XL-2-256")
-        >>> ids = pipe.get_label_ids(["white shark"])
-        >>> image = pipe(ids, guidance_scale=4.0, hooks=[guidekit.APG()]).images[0]
+        >>> classifier = TransformersClassifier.from_pretrained("microsoft/resnet-50")
+        >>> ids = pipe.get_label_ids(["tabby"])
+        >>> hooks = [guidekit.APG(), guidekit.EluCD(classifier, "tabby")]
+        >>> image = pipe(ids, guidance_scale=4.0, hooks=hooks).images[0]
     """
 
     default_guidance_scale = 4.0

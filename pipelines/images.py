@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import PIL.Image
@@ -159,12 +159,13 @@ class ImageLatentsMixin:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return latents / vae.config.scaling_factor + shift
 
-    def _encode_image(self, image01: torch.Tensor) -> torch.Tensor:
-        """z_0: the mean of the VAE posterior (deterministic), normalised as the UNet expects."""
+    def _encode_image(self, image01: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """z_0: the mean of the VAE posterior (deterministic), normalised as the UNet expects, in `dtype`
+        (default: the UNet's)."""
         with self._vae_precision() as vae:
             x = (image01 * 2 - 1).to(self._execution_device, vae.dtype)
             latents = self._normalize_latents(vae, vae.encode(x).latent_dist.mean)
-        return latents.to(self.unet.dtype)
+        return latents.to(self.unet.dtype if dtype is None else dtype)
 
     def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → RGB in [0, 1], float32 (B, 3, H, W)."""

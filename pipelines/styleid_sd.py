@@ -17,7 +17,9 @@ that needs no weights beyond the base model.
 4. decode.
 
 The style's inversion (its z_T and K/V features) is cached per pipeline, so one style applied to many
-contents is inverted once. The loop lives in `StyleIDPipelineMixin` so that other pipeline families reuse it
+contents is inverted once; the key holds every input of that inversion and no model object. The inversion
+trajectories, start point and sampled latents are float32 whatever the UNet's dtype (half-precision UNets get
+their input cast at each call). The loop lives in `StyleIDPipelineMixin` so that other pipeline families reuse it
 with their own prompt conditioning: `pipelines/styleid_sdxl.py` (SDXL) adds only its `_encode_rows` and the VAE
 latent statistics.
 """
@@ -25,6 +27,8 @@ latent statistics.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -66,7 +70,7 @@ class StyleIDOutput(BaseOutput):
     Attributes:
         images: the stylised images (PIL list, numpy array or tensor, by `output_type`).
         start_latents (`torch.Tensor`): the latent sampling started from (after the AdaIN and the hooks'
-            `init_latents`), (1, 4, h, w).
+            `init_latents`), (1, 4, h, w), float32 (or the UNet's dtype when wider).
         layers (`list[str]`): the injection layers used (processor names).
     """
 
@@ -110,21 +114,101 @@ def _check_prompt(name: str, value) -> Optional[str]:
     return value
 
 
+def _tensor_key(digest, tensor: torch.Tensor) -> None:
+    """Feed a tensor's shape, dtype and float32 values into a hashlib digest."""
+    data = tensor.detach().to(torch.float32).cpu().contiguous()
+    digest.update(f"{tuple(data.shape)}{tensor.dtype}".encode())
+    digest.update(data.numpy().tobytes())
+
+
 def _image_key(image01: torch.Tensor) -> str:
     """Content hash of an image tensor (its float32 values and shape)."""
-    data = image01.detach().to(torch.float32).cpu().contiguous()
-    digest = hashlib.sha256(str(tuple(data.shape)).encode())
-    digest.update(data.numpy().tobytes())
+    digest = hashlib.sha256()
+    _tensor_key(digest, image01)
     return digest.hexdigest()
+
+
+def _conditioning_key(rows: Dict[str, Any]) -> str:
+    """Content hash of UNet conditioning rows (the empty prompt's embedding, SDXL's pooled embedding and time
+    ids): it changes with the text encoder, its tokenizer or its adapters."""
+    digest = hashlib.sha256()
+    added = rows.get("added_cond_kwargs") or {}
+    for name, tensor in [("encoder_hidden_states", rows["encoder_hidden_states"]), *sorted(added.items())]:
+        digest.update(name.encode())
+        _tensor_key(digest, tensor)
+    return digest.hexdigest()
+
+
+# Model objects get serial numbers that are never reused (unlike `id`) and are held weakly, so a cache key can
+# name a model without keeping it alive.
+_SERIALS: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
+_NEXT_SERIAL = itertools.count()
+
+
+def _serial(module: torch.nn.Module) -> int:
+    serial = _SERIALS.get(module)
+    if serial is None:
+        serial = _SERIALS[module] = next(_NEXT_SERIAL)
+    return serial
+
+
+def _model_key(module: torch.nn.Module) -> str:
+    """Hash of what decides a model's output besides its weights' values: the module objects it is made of
+    (loading, unloading or deleting a LoRA adapter swaps layers), each peft tuner layer's active adapters,
+    their scalings (``set_adapters`` weights, ``fuse_lora`` scales), merged adapters and whether adapters are
+    disabled, and FreeU's factors on the up blocks. An in-place change of weight values is not seen."""
+    digest = hashlib.sha256()
+    for name, m in module.named_modules():
+        digest.update(f"{name}:{_serial(m)};".encode())
+        scaling = getattr(m, "scaling", None)
+        if isinstance(scaling, dict) and hasattr(m, "active_adapters"):  # a peft BaseTunerLayer
+            state = (
+                list(m.active_adapters),
+                sorted((str(k), repr(v)) for k, v in scaling.items()),
+                list(getattr(m, "merged_adapters", ())),
+                bool(getattr(m, "disable_adapters", False)),
+            )
+            digest.update(repr(state).encode())
+    freeu = [tuple(getattr(b, k, None) for k in ("s1", "s2", "b1", "b2")) for b in getattr(module, "up_blocks", ())]
+    digest.update(repr(freeu).encode())
+    return digest.hexdigest()
+
+
+class _StyleCache(OrderedDict):
+    """The style inversions, least recently used first (a subclass, so the models' finalizers can refer to
+    it weakly)."""
+
+    def drop(self, key) -> None:
+        entry = self.pop(key, None)
+        if entry is not None:
+            entry.release()
+
+    def drop_all(self) -> None:
+        for key in list(self):
+            self.drop(key)
+
+
+def _drop_cached(cache_ref, key) -> None:
+    """Finalizer of a model a cached style was inverted with: the entry can never be served again."""
+    cache = cache_ref()
+    if cache is not None:
+        cache.drop(key)
 
 
 @dataclass
 class _StyleEntry:
-    """A cached style inversion; keeps the modules it was computed with alive, so their ids stay theirs."""
+    """A cached style inversion: z_T, and the style's K/V (empty when recorded without injection).
+
+    It holds no model: finalizers on the models it was computed with drop it when one is freed."""
 
     latents: torch.Tensor
     features: Dict[Tuple[str, int], Dict[str, torch.Tensor]]
-    modules: tuple
+    finalizers: tuple = ()
+
+    def release(self) -> None:
+        for finalizer in self.finalizers:
+            finalizer.detach()
+        self.finalizers = ()
 
 
 class StyleIDPipelineMixin(ImageLatentsMixin, SharedComponentsMixin):
@@ -144,29 +228,50 @@ class StyleIDPipelineMixin(ImageLatentsMixin, SharedComponentsMixin):
 
     # ------------------------------------------------------------------ style cache
 
-    def _style_cache(self) -> "OrderedDict[tuple, _StyleEntry]":
+    def _style_cache(self) -> _StyleCache:
         cache = self.__dict__.get("_styleid_style_cache")
         if cache is None:
-            cache = OrderedDict()
+            cache = _StyleCache()
             self.__dict__["_styleid_style_cache"] = cache
         return cache
 
     def clear_style_cache(self) -> None:
-        """Drop the cached style inversions (e.g. after changing the UNet's weights in place)."""
-        self._style_cache().clear()
+        """Drop the cached style inversions (needed after changing model weights in place, e.g.
+        ``load_state_dict`` into the same UNet, which the cache key does not see)."""
+        self._style_cache().drop_all()
 
-    def _style_cache_key(self, style01: torch.Tensor, steps: int, layers: Tuple[str, ...]) -> tuple:
+    def _style_cache_key(self, style01: torch.Tensor, steps: int, layers: Tuple[str, ...], null_key: str, processors) -> tuple:
+        """Every input of the style's inversion: the image, steps, layers, scheduler config, the empty prompt's
+        conditioning (`null_key`: the text encoders), the UNet's and the VAE's objects, adapters and FreeU
+        (`_model_key`), the attention processor types, the pipeline's fused LoRA names, dtypes and device."""
         scheduler = repr(sorted((k, repr(v)) for k, v in dict(self.scheduler.config).items()))
         return (
             _image_key(style01),
             steps,
             layers,
             scheduler,
-            id(self.unet),
-            id(self.vae),
+            null_key,
+            _model_key(self.unet),
+            _model_key(self.vae),
+            tuple((name, type(p).__qualname__) for name, p in processors.items()),
+            tuple(sorted(getattr(self, "_merged_adapters", ()) or ())),
             str(self.unet.dtype),
+            str(self.vae.dtype),
             str(self._execution_device),
         )
+
+    def _store_style(self, key: tuple, entry: _StyleEntry) -> None:
+        """Cache `entry` under `key` (evicting the least recently used), dropped when the UNet or VAE it was
+        computed with is freed."""
+        cache = self._style_cache()
+        cache.drop(key)
+        if self.style_cache_size <= 0:
+            return
+        cache_ref = weakref.ref(cache)
+        entry.finalizers = tuple(weakref.finalize(m, _drop_cached, cache_ref, key) for m in (self.unet, self.vae))
+        cache[key] = entry
+        while len(cache) > self.style_cache_size:
+            cache.drop(next(iter(cache)))
 
     # ------------------------------------------------------------------ model calls
 
@@ -198,18 +303,27 @@ class StyleIDPipelineMixin(ImageLatentsMixin, SharedComponentsMixin):
             )
         return asked[0][1] if asked else 0.0
 
-    def _invert_recording(self, image01, levels, control: StyleIDControl, keys: Sequence[str]):
-        """Encode and DDIM-invert one image with the empty prompt and no CFG, recording the `keys` features
-        (none when empty) of the injection layers at every timestep. Returns (z_0, z_T, features)."""
+    @property
+    def _latent_dtype(self) -> torch.dtype:
+        """The dtype the inversion trajectory and the sampled latents are kept in: float32, or the UNet's when
+        wider. A half-precision UNet gets its input cast at each call (the official code keeps its latents in
+        float32 under autocast); the recorded K/V stay in the UNet's dtype."""
+        return torch.promote_types(self.unet.dtype, torch.float32)
+
+    def _invert_recording(self, image01, levels, control: StyleIDControl, keys: Sequence[str], null=None):
+        """Encode and DDIM-invert one image with the empty prompt (conditioning rows `null`, computed when
+        None) and no CFG, recording the `keys` features (none when empty) of the injection layers at every
+        timestep. Returns (z_0, z_T, features)."""
         height, width = image01.shape[-2:]
-        null = self._encode_rows([""], height, width)
+        if null is None:
+            null = self._encode_rows([""], height, width)
         store: Dict[Tuple[str, int], Dict[str, torch.Tensor]] = {}
 
         def model(x, t):
             control.timestep = int(t)
             return self._unet_pred(x, t, null)
 
-        z0 = self._encode_image(image01)
+        z0 = self._encode_image(image01, self._latent_dtype)
         if keys:
             control.record(store, keys)
         else:
@@ -262,7 +376,8 @@ class StyleIDPipelineMixin(ImageLatentsMixin, SharedComponentsMixin):
                 official LDM code's (every self-attention of the last two up blocks: 6 layers on SD 1.x/2.x;
                 on SDXL the same rule gives the 6 of ``up_blocks.1``, guidekit's extension, see
                 `pipelines/styleid_sdxl.py`),
-                ``"diffusers"`` for the official diffusers port's (the same without the first: 5 layers), or
+                ``"diffusers"`` for the official diffusers port's (the same without the first attention module:
+                5 layers on SD 1.x/2.x, 4 on SDXL), or
                 a list of self-attention layer names (see `guidekit.attention.styleid_layers`).
             hooks (`list[SamplerHook]`, *optional*): run in the sampling loop (`init_latents` receives the
                 AdaIN start point; `step_begin`, `correct`, `step_end` run each step). Hooks that fill the
@@ -283,10 +398,15 @@ class StyleIDPipelineMixin(ImageLatentsMixin, SharedComponentsMixin):
             init_adain (`bool`, defaults to `True`): start from the AdaIN of the content's z_T to the style's
                 statistics; False starts from the content's z_T (the official ``--without_init_adain``).
             attn_injection (`bool`, defaults to `True`): False samples with the ordinary attention, AdaIN
-                only (the official ``--without_attn_injection``).
-            cache_style (`bool`, defaults to `True`): reuse (and store) the style's inversion, keyed by the
-                style image's content hash, the steps, the layers and the model; see `style_cache_size` and
-                `clear_style_cache`.
+                only (the official ``--without_attn_injection``); no style K/V or content Q are recorded then.
+            cache_style (`bool`, defaults to `True`): reuse (and store) the style's inversion, keyed by every
+                input of it: the style image's content hash, the steps, the layers, the scheduler config, the
+                empty prompt's conditioning (so the text encoders and their adapters), the UNet's and the VAE's
+                module objects, their peft adapters (active names, scales, merged, disabled), FreeU, the
+                attention processor types, fused LoRA names, dtypes and device. Weight values changed in place
+                (``load_state_dict`` into the same modules) are not seen: call `clear_style_cache`. The cache
+                holds no model: an entry goes when the UNet or VAE it was inverted with is freed. See
+                `style_cache_size`.
             negative_inversion_scale (`float`, *optional*): StyleSSP's negative-guided inversion (Xu et al.,
                 CVPR 2025; METHODS.md §5.3). s > 0 inverts the content a second time with
                 ε̃ = ε(z, c⁺) + s·(ε(z, c⁺) − ε(z, c⁻)) at every inversion step, c⁺ = `content_prompt` ("" when
@@ -372,17 +492,21 @@ class StyleIDPipelineMixin(ImageLatentsMixin, SharedComponentsMixin):
         replacements = {n: StyleIDAttnProcessor(original[n], n, control) for n in layer_names}
         with replaced_processors(self.unet, replacements):
             # 1. Invert the style (K, V; cached) and the content (Q), empty prompt, no CFG
+            # (no K/V without injection; a cached entry without them serves only such calls)
+            style_null = self._encode_rows([""], *style01.shape[-2:])
             cache = self._style_cache()
-            key = self._style_cache_key(style01, steps, layer_names)
+            key = self._style_cache_key(style01, steps, layer_names, _conditioning_key(style_null), original)
             entry = cache.get(key) if cache_style else None
+            if entry is not None and attn_injection and not entry.features:
+                entry = None
             if entry is None:
-                _, z_style, features = self._invert_recording(style01, levels, control, ("k", "v"))
-                entry = _StyleEntry(latents=z_style, features=features, modules=(self.unet, self.vae))
-                if cache_style and self.style_cache_size > 0:
-                    cache[key] = entry
-                    while len(cache) > self.style_cache_size:
-                        cache.popitem(last=False)
-            elif cache_style:
+                _, z_style, features = self._invert_recording(
+                    style01, levels, control, ("k", "v") if attn_injection else (), style_null
+                )
+                entry = _StyleEntry(latents=z_style, features=features)
+                if cache_style:
+                    self._store_style(key, entry)
+            else:
                 cache.move_to_end(key)
             z0_content, z_content, content_features = self._invert_recording(
                 content01, levels, control, ("q",) if attn_injection else ()

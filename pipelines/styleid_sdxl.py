@@ -11,8 +11,11 @@ resolution) has no attention. So the rule keeps the 6 self-attention layers of `
     up_blocks.1.attentions.{0,1,2}.transformer_blocks.{0,1}.attn1
 
 They sit at 1/2 of the latent resolution (64² latent tokens for a 1024² image), 640 channels. On SD 1.x the
-paper's 6 layers are split between the 1/2 and 1/1 levels. ``layers="diffusers"`` drops the first of the 6, as
-on SD. The first up block (``up_blocks.0``, 1/4 resolution, 30 layers) is never chosen by the rule; pass
+paper's 6 layers are split between the 1/2 and 1/1 levels. ``layers="diffusers"`` drops the first decoder layer,
+the whole module ``up_blocks.1.attentions.0`` (both its transformer blocks), leaving 4: the official diffusers
+port counts decoder layers as ``up_blocks[i // 3].attentions[i % 3]`` and leaves out layer 6, one attention
+module (``transformer_blocks[0]`` is all it hooks, the only block on SD). Neither official port runs on SDXL
+(both index SD's four up blocks), so this mapping is guidekit's. The first up block (``up_blocks.0``, 1/4 resolution, 30 layers) is never chosen by the rule; pass
 ``layers=[...]`` to try others.
 """
 

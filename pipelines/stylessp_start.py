@@ -447,7 +447,8 @@ class ContentInversion:
         return self.family._execution_device
 
     def invert(self, inversion_guidance_scale: Optional[float]) -> torch.Tensor:
-        """z_T of the content: the plain DDIM inversion with c⁺ (None), or the negative-guided one with w_inv.
+        """z_T of the content, float32 (or the UNet's dtype when wider): the plain DDIM inversion with c⁺ (None),
+        or the negative-guided one with w_inv.
 
         With w_inv, each inversion step runs one UNet call on 2B rows (c⁺ then c⁻) and inverts with
         `negative_guided_cfg`; the plain inversion runs B rows with c⁺. With IP-Adapters, each row also gets its
@@ -457,7 +458,8 @@ class ContentInversion:
         height, width = self.image.shape[-2:]
         # The image embeddings first: a mismatch between the two sides is reported before the VAE runs.
         image_embeds = None if self.ip_adapter is None else self.ip_adapter.embeds(family, batch)
-        z0 = family._encode_image(self.image)
+        # the trajectory in float32 (or wider) whatever the UNet's dtype: each UNet call gets its input cast
+        z0 = family._encode_image(self.image, torch.promote_types(family.unet.dtype, torch.float32))
         if inversion_guidance_scale is None:
             rows = _take(family._encode_rows([self.positive], height, width), torch.zeros(batch, dtype=torch.long))
             if image_embeds is not None:

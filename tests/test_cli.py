@@ -56,7 +56,7 @@ def test_generate_cfg_and_apg_differ(tiny_sd_dir, tmp_path):
     "args, message",
     [
         (["--model", "no-such-user/no-such-model"], "--model: cannot load 'no-such-user/no-such-model'"),
-        (["--size", "33"], "a multiple of 2"),
+        (["--size", "33"], "a multiple of 8"),
         (["--size", "big"], "accepted: N or WxH"),
         (["--eta", "2"], "2.0 is not in the range 0.0<=x<=1.0"),
         (["--norm-threshold", "0"], "x>0.0"),

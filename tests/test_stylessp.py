@@ -258,3 +258,39 @@ def test_call_errors_before_any_model_call(pipe, images, counter):
     with pytest.raises(ValueError, match="does not run"):
         StyleSSP().validate(SamplerState(num_steps=1, scheduler=None, extras={"style_prompt": "a dog"}))
     StyleSSP(negative_inversion=False).validate(SamplerState(num_steps=1, scheduler=None))
+
+
+def test_explicit_scale_zero_switches_the_hooks_negative_inversion_off(pipe, images, counter):
+    # the explicit argument wins over the hook's w_inv, so no style_prompt is needed
+    off, rec = _run(pipe, images, hooks=[StyleSSP()], negative_inversion_scale=0, cache_style=False)
+    plain_rows = counter.rows
+    ref, _ = _run(pipe, images, hooks=[StyleSSP(negative_inversion=False)], cache_style=False)
+    assert torch.equal(off.images, ref.images) and counter.rows == 2 * plain_rows  # no guided inversion ran
+    assert rec.extras["negative_inversion_scale"] == 0.0
+
+
+class _Shift(SamplerHook):
+    """An earlier start-point hook: adds a constant."""
+
+    def __init__(self, by):
+        self.by = by
+
+    def init_latents(self, state, latents):
+        return latents + self.by
+
+
+def test_earlier_hooks_start_latents_are_kept_in_both_orders(pipe, images):
+    _, rec = _run(pipe, images, hooks=[StyleSSP(negative_inversion=False)])
+    z_c, z_s = rec.extras["content_zT"], rec.extras["style_zT"]
+    adain = adain_latents(z_c, z_s)
+    # frequency_first: StyleSSP's change of the AdaIN start, AdaIN(freq(z_c)) − AdaIN(z_c), on top of what it got
+    out, _ = _run(pipe, images, hooks=[_Shift(100.0), StyleSSP(negative_inversion=False)])
+    expected = adain + 100.0 + (adain_latents(frequency_start_point(z_c, _noise()), z_s) - adain)
+    torch.testing.assert_close(out.start_latents, expected, atol=1e-5 * 100, rtol=0)
+    # adain_first filters the latent it receives
+    out, _ = _run(pipe, images, hooks=[_Shift(100.0), StyleSSP(negative_inversion=False, order="adain_first")])
+    assert torch.equal(out.start_latents, frequency_start_point(adain + 100.0, _noise()))
+    # without AdaIN both orders filter the latent they receive
+    for order in ("frequency_first", "adain_first"):
+        out, _ = _run(pipe, images, hooks=[_Shift(3.0), StyleSSP(negative_inversion=False, order=order)], init_adain=False)
+        assert torch.equal(out.start_latents, frequency_start_point(z_c + 3.0, _noise()))

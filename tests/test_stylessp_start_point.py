@@ -413,3 +413,27 @@ def test_start_point_errors_before_any_model_call(sd, sdxl, image, counter):
         with pytest.raises(ValueError, match=match):
             hook.start_point(pipe, image, style_prompt=NEGATIVE, num_inference_steps=STEPS)
     assert (counter.calls, counter.encodes) == (0, 0)
+
+
+def test_half_precision_pipeline_inverts_in_float32(tiny_sd_dir, image):
+    """In a bfloat16 pipeline the trajectory stays float32 (only the UNet's input is cast at each call): the
+    start point is the float64 reference inversion with a bfloat16 UNet, rounded to bfloat16 once at the end."""
+    pipe = tiny_sd_pipeline(tiny_sd_dir).to(torch.bfloat16)  # its own copy
+    steps = 10
+    z = _start(pipe, image, StyleSSP(negative_inversion=False, frequency=False), style_prompt=None, num_inference_steps=steps)
+    assert z.dtype == torch.bfloat16
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(steps)
+    alpha_bar = scheduler.alphas_cumprod.double()
+    stride = scheduler.config.num_train_timesteps // steps
+    states, _ = _condition(pipe, POSITIVE, SIZE, SIZE)
+    with torch.no_grad():
+        x = (pipe.vae.encode((image * 2 - 1).to(torch.bfloat16)).latent_dist.mean * pipe.vae.config.scaling_factor).double()
+        for t in reversed([int(t) for t in scheduler.timesteps]):
+            ab_t = alpha_bar[t]
+            ab_p = alpha_bar[t - stride] if t - stride >= 0 else torch.tensor(float(scheduler.final_alpha_cumprod)).double()
+            eps = pipe.unet(x.to(torch.bfloat16), t, encoder_hidden_states=states).sample.double()
+            x = ab_t.sqrt() * (x - (1 - ab_p).sqrt() * eps) / ab_p.sqrt() + (1 - ab_t).sqrt() * eps
+    scale = float(x.abs().max())
+    # one bfloat16 rounding of the result (2^-9) plus the UNet's input rounding; a bfloat16 trajectory is ~0.03 off
+    assert float((z.double() - x).abs().max()) <= 2 ** -7 * scale

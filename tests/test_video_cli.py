@@ -175,7 +175,7 @@ def test_prompt_travel_reaches_the_pipeline(tiny, tmp_path, monkeypatch):
         (["x", "--no-freenoise", "--frames", "17"], "'--frames'", "motion_max_seq_length 16"),
         (["x", "--no-freenoise", "--fusion", "block"], "'--fusion'", "--no-freenoise"),
         (["x", "--scale", "nan"], "'--scale'", "finite"),
-        (["x", "--size", "9"], "'--size'", "multiple of 2"),
+        (["x", "--size", "9"], "'--size'", "multiple of 8"),
         (["x", "--frames", "0"], "'--frames'", "x>=1"),
         (["x", "--out", "v.avi"], "'--out'", ".gif or .webp"),
     ],

@@ -38,7 +38,8 @@ __all__ = [
 ]
 
 #: Named layer sets: ``"paper"`` (the official LDM code, whose numbers the paper reports) and ``"diffusers"``
-#: (the official diffusers port: the same without its first, lowest-resolution layer).
+#: (the official diffusers port: the same without its first, lowest-resolution decoder layer, i.e. without
+#: every self-attention of the first attention module).
 LAYER_PRESETS = ("paper", "diffusers")
 
 _FEATURES = ("q", "k", "v")
@@ -54,11 +55,20 @@ def _up_block_index(name: str) -> Optional[int]:
     return None
 
 
+def _attention_module(name: str) -> str:
+    """The attention module (``up_blocks.i.attentions.j``) a self-attention processor name belongs to."""
+    return name.split(".transformer_blocks.")[0]
+
+
 def styleid_layers(unet, preset: str = "paper") -> Tuple[str, ...]:
     """The injection layers of StyleID for a diffusers UNet, as processor names in call order.
 
     Rule: every self-attention layer (attn1, all transformer blocks) of the **last two up blocks**, i.e. of
-    the decoder levels at 1/2 and 1/1 of the latent resolution. ``"diffusers"`` drops the first of them.
+    the decoder levels at 1/2 and 1/1 of the latent resolution. ``"diffusers"`` drops the first decoder layer
+    of them, i.e. the first attention module with all its transformer blocks: the official diffusers port
+    counts decoder layers, ``up_blocks[i // 3].attentions[i % 3]``, and its default ``[7, ..., 11]`` leaves out
+    layer 6, the whole module ``up_blocks.2.attentions.0`` (it hooks ``transformer_blocks[0]`` of each
+    module, the only one on SD 1.x/2.x).
 
     * SD 1.x / 2.x (4 up blocks; ``up_blocks.0`` has no attention): ``"paper"`` gives the 6 layers
       ``up_blocks.{2,3}.attentions.{0,1,2}.transformer_blocks.0.attn1`` = LDM decoder layers 6–11 (0-based),
@@ -66,6 +76,10 @@ def styleid_layers(unet, preset: str = "paper") -> Tuple[str, ...]:
       ``up_blocks.2.attentions.0`` = the official diffusers port's ``[7, 8, 9, 10, 11]``.
     * The tiny test UNet (2 up blocks; ``up_blocks.0`` has no attention): ``"paper"`` gives
       ``up_blocks.1.attentions.{0,1}.transformer_blocks.0.attn1``; ``"diffusers"`` the second of them.
+    * SDXL base (3 up blocks; ``up_blocks.2`` has no attention, 2 transformer blocks per module in
+      ``up_blocks.1``): ``"paper"`` gives the 6 layers ``up_blocks.1.attentions.{0,1,2}.transformer_blocks.{0,1}``;
+      ``"diffusers"`` the 4 of ``up_blocks.1.attentions.{1,2}``. Neither official port runs on SDXL (both
+      index SD's four up blocks), so this is guidekit's extension of the port's rule.
 
     Args:
         unet: a diffusers `UNet2DConditionModel` (anything with `up_blocks` and `attn_processors`).
@@ -81,8 +95,9 @@ def styleid_layers(unet, preset: str = "paper") -> Tuple[str, ...]:
         )
     last_two = {len(up_blocks) - 2, len(up_blocks) - 1}
     picked = [n for n in attention_layers(unet, "self") if _up_block_index(n) in last_two]
-    if preset == "diffusers":
-        picked = picked[1:]
+    if preset == "diffusers" and picked:
+        first = _attention_module(picked[0])
+        picked = [n for n in picked if _attention_module(n) != first]
     if not picked:
         raise ValueError(
             f"layers: this UNet has no self-attention layer in its last two up blocks for preset {preset!r}; "

@@ -13,6 +13,10 @@ from .cfg import rescale_guided
 
 __all__ = ["APG"]
 
+# Video latents of guidekit's video pipelines (AnimateDiff) are (B, C, F, H, W): one frame is (C, H, W).
+VIDEO_NDIM = 5
+FRAME_DIMS = (1, 3, 4)
+
 
 class APG(SamplerHook):
     """Adaptive projected guidance, Algorithm 1 of Sadat et al. (ICLR 2025): CFG without oversaturation.
@@ -25,7 +29,8 @@ class APG(SamplerHook):
             that contradicts a scale passed to the call is an error.
         eta (`float`, defaults to `0.0`): weight of the parallel component, in [0, 1]. The paper recommends 0.
         norm_threshold (`float` or `None`, defaults to `15.0`): radius r of the rescaling, > 0; `None` turns
-            rescaling off. r is a raw L2 norm over all latent dims, so it depends on resolution and space:
+            rescaling off. r is a raw L2 norm over all latent dims of an image (of a frame, for a video with
+            `per_frame=True`), so it depends on resolution and space:
             15 is the value given for SDXL (diffusers PR #9626, "Table 10"); for SD 1.x at 512 px the
             per-model value is unconfirmed (stable-diffusion.cpp suggests 5). See the README table.
         momentum (`float`, defaults to `-0.5`): β of the reverse momentum m ← Δ + β·m, in (-1, 1); 0 turns it off.
@@ -39,6 +44,12 @@ class APG(SamplerHook):
             APG's final output in the model's own parameterisation (eps/v), toward the std of the
             conditional prediction, exactly as for CFG and as diffusers' APG guider does. `None` takes the
             call's `guidance_rescale` (0, off, by default).
+        per_frame (`bool`, defaults to `True`): for video latents (5-D, (B, C, F, H, W) as in AnimateDiff),
+            `True` treats every frame as one image: the norm, the radius r and the projection onto P_c are
+            taken over each frame's (C, H, W), so the guidance of a frame does not depend on the number of
+            frames or on the other frames. `False` takes them over the whole video (C, F, H, W), as diffusers'
+            `AdaptiveProjectedGuidance` guider (and guidekit's `APGGuider`) do; there the per-frame update
+            shrinks as the video gets longer. Image latents (4-D) are guided the same way with either value.
 
     The momentum buffer lives in the call's `SamplerState`, so one `APG` object serves concurrent calls.
     """
@@ -55,6 +66,7 @@ class APG(SamplerHook):
         start: float = 0.0,
         stop: float = 1.0,
         guidance_rescale: Optional[float] = None,
+        per_frame: bool = True,
     ):
         self.guidance_scale = check_number("guidance_scale", guidance_scale, 0.0, allow_none=True)
         self.eta = check_number("eta", eta, 0.0, 1.0)
@@ -63,6 +75,9 @@ class APG(SamplerHook):
         self.space = check_choice("space", space, ("x0", "model"))
         self.start, self.stop = check_window(start, stop)
         self.guidance_rescale = check_number("guidance_rescale", guidance_rescale, 0.0, 1.0, allow_none=True)
+        if not isinstance(per_frame, bool):
+            raise ValueError(f"per_frame: {per_frame!r} is not accepted; accepted: True or False")
+        self.per_frame = per_frame
 
     def validate(self, state: SamplerState) -> None:
         if self.space == "x0" and scheduler_family(state.scheduler) is None:
@@ -104,13 +119,19 @@ class APG(SamplerHook):
             norm_threshold=self.norm_threshold,
             momentum=self.momentum,
             running=memory.get("running"),
+            norm_dims=self._norm_dims(cond),
         )
         return guided
+
+    def _norm_dims(self, pred: torch.Tensor) -> Optional[tuple[int, ...]]:
+        # One vector per frame on videos; None (all non-batch dims, the paper's image case) otherwise.
+        return FRAME_DIMS if self.per_frame and pred.dim() == VIDEO_NDIM else None
 
     def __repr__(self) -> str:
         return (
             f"APG(guidance_scale={self.guidance_scale}, eta={self.eta}, norm_threshold={self.norm_threshold}, "
             f"momentum={self.momentum}, space={self.space!r}, start={self.start}, stop={self.stop}"
             + (f", guidance_rescale={self.guidance_rescale}" if self.guidance_rescale is not None else "")
+            + ("" if self.per_frame else ", per_frame=False")
             + ")"
         )

@@ -57,7 +57,9 @@ class APGGuider(BaseGuidance):
             recommends 0.
         norm_threshold (`float` or `None`, defaults to `15.0`): radius r of the rescaling, > 0; `None` turns
             rescaling off. r is a raw L2 norm over all non-batch dims of the model output, so it depends on
-            resolution and prediction type: 15 is the value given for SDXL.
+            resolution and prediction type: 15 is the value given for SDXL. On video outputs it is one norm
+            over the whole video (C, F, H, W), as in diffusers' guider, so the update of each frame shrinks as
+            the video gets longer; guidekit's `APG` hook takes it per frame by default (`per_frame`).
         momentum (`float`, defaults to `-0.5`): β of the reverse momentum, in (-1, 1); 0 turns it off.
         start (`float`, defaults to `0.0`): fraction of the steps at which APG starts.
         stop (`float`, defaults to `1.0`): fraction of the steps at which APG stops, 0 <= start < stop <= 1.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from ..checks import check_choice, check_number, check_window
 from ..hooks import SUPPORTED_SCHEDULERS, SamplerHook, SamplerState, scheduler_family
-from .classifiers import ImageClassifier, as_classifier, resolve_labels
+from .classifiers import ImageClassifier, as_classifier, resolve_labels, unsmoothed_warning
 from .elucd_math import (
     calibrated_log_prob,
     classifier_gradient,
@@ -33,7 +34,7 @@ __all__ = ["ClassifierGuidance", "EDM_MAX_GUIDANCE", "EluCD"]
 #: G, ``max_guidance`` of the official EDM script; ``schedule="edm"`` uses G = scale · EDM_MAX_GUIDANCE.
 EDM_MAX_GUIDANCE = 0.004
 
-Labels = Union[int, str, Sequence[Union[int, str]]]
+Labels = Union[int, str, Sequence[Union[int, str]], torch.Tensor]
 
 
 class EluCD(SamplerHook):
@@ -90,13 +91,17 @@ class EluCD(SamplerHook):
             decoded images in [-1, 1] at the pipeline's size, as the official code feeds its ResNets). It is never
             modified: at the first call the hook makes its own copy, smoothed, frozen and in eval mode (later
             changes to your classifier are not seen; make a new hook).
-        labels (`int`, `str` or `list`): the class to steer toward: an index, a name looked up in the classifier's
-            ``id2label`` (case-insensitive exact match), or a list with one per image of the call's batch (in the
-            pipeline's order: each prompt's images together).
+        labels (`int`, `str`, `list` or integer `torch.Tensor`): the class to steer toward: an index, a name
+            looked up in the classifier's ``id2label`` (case-insensitive; a full label or, as DiT's
+            ``get_label_ids``, one of its comma-separated synonyms: ``"tabby"`` for ``"tabby, tabby cat"``), or a
+            list / 1-d tensor with one per image of the call's batch (in the pipeline's order: each prompt's
+            images together). A 0-d tensor is one label.
         scale (`float`, defaults to `1.0`): s, ≥ 0; the official ``classifier_scale`` (1.0) for ``"ddpm"``, a
             multiple of G = 0.004 for ``"edm"``. The right value depends on the classifier and the model.
         softplus_beta (`float` or `None`, defaults to `3.0`): β of the Softplus that replaces every ``nn.ReLU``
-            module (official DDPM script 3.0, EDM 5.0); `None` keeps the ReLUs.
+            module (official DDPM script 3.0, EDM 5.0); `None` keeps the ReLUs. A classifier without ``nn.ReLU``
+            modules gets a warning naming its activations, since smoothing then changes nothing: GELU/SiLU ones
+            (ViT, ConvNeXt) are smooth already, ReLU6 is kept, and a functional ``F.relu`` cannot be swapped.
         joint_temperature (`float`, defaults to `1.0`): τ₁, ≥ 0 (official 1.0).
         marginal_temperature (`float`, defaults to `0.5`): τ₂, ≥ 0 (official DDPM: τ₁·0.5; EDM: 0.0).
         schedule (`str`, defaults to `"ddpm"`): ``"ddpm"`` (Σ_t plus the sine boost) or ``"edm"`` (RMS-normalised
@@ -134,6 +139,9 @@ class EluCD(SamplerHook):
         self.labels = resolve_labels(labels, self.classifier.id2label)
         self.scale = check_number("scale", scale, 0.0)
         self.softplus_beta = check_number("softplus_beta", softplus_beta, 0.0, low_open=True, allow_none=True)
+        note = unsmoothed_warning(self.classifier.model, self.softplus_beta)
+        if note is not None:  # e.g. GELU classifiers (ViT, ConvNeXt): already smooth
+            warnings.warn(note, UserWarning, stacklevel=2)
         self.joint_temperature = check_number("joint_temperature", joint_temperature, 0.0)
         self.marginal_temperature = check_number("marginal_temperature", marginal_temperature, 0.0)
         self.schedule = check_choice("schedule", schedule, ("ddpm", "edm"))

@@ -111,7 +111,9 @@ class StyleSSP(SamplerHook):
        (it is built on InstantStyle-Plus), so ``order="frequency_first"`` (default) keeps its input and puts
        StyleID's AdaIN last: z_start = AdaIN(freq(z_T^c), z_T^s), which keeps AdaIN's style statistics.
        ``order="adain_first"`` filters the AdaIN start instead: z_start = freq(AdaIN(z_T^c, z_T^s)).
-       With ``init_adain=False`` in `transfer` both orders give freq(z_T^c).
+       With ``init_adain=False`` in `transfer` both orders give freq(z_T^c). Start latents changed by earlier
+       hooks are composed with, not dropped: ``"adain_first"`` (and no AdaIN) filters the latent it receives;
+       ``"frequency_first"`` adds its change AdaIN(freq(z_T^c)) − AdaIN(z_T^c) to it (see `init_latents`).
 
     The noise of the frequency step is drawn from the call's `generator`: standard Gaussian, float32, on the
     generator's device. A list of generators gives one per sample, so a sample's start point never depends on
@@ -218,7 +220,8 @@ class StyleSSP(SamplerHook):
                     "accepted: negative_inversion=False here, StyleIDStableDiffusionPipeline.transfer, or "
                     "StyleSSP.start_point before the call"
                 )
-            if state.extras.get("style_prompt") is None:
+            # the pipeline's scale is the one that runs: an explicit negative_inversion_scale=0 wins over ours
+            if state.extras["negative_inversion_scale"] > 0 and state.extras.get("style_prompt") is None:
                 raise ValueError(
                     "style_prompt: None is not accepted with StyleSSP's negative-guided inversion; accepted: a "
                     "description of what the style image shows (the negative), or StyleSSP(negative_inversion=False)"
@@ -241,18 +244,28 @@ class StyleSSP(SamplerHook):
         return self._filter(latent, draw_noise(latent.shape, generator, latent.device))
 
     def init_latents(self, state: SamplerState, latents: torch.Tensor) -> torch.Tensor:
+        """The start point, composed with what earlier hooks made of it (hooks run in the order given):
+
+        * ``order="adain_first"``, or no AdaIN (``init_adain=False``, or a pipeline other than StyleID's): the
+          frequency step filters the latent it receives, earlier hooks' changes included;
+        * ``order="frequency_first"`` with StyleID's AdaIN: the frequency step acts on the content's z_T, before
+          the AdaIN, which only the pipeline has. So it adds StyleSSP's change of the AdaIN start,
+          ``AdaIN(freq(z_T^c), z_T^s) − AdaIN(z_T^c, z_T^s)``, to the latent it receives; with no earlier
+          change that is exactly ``AdaIN(freq(z_T^c), z_T^s)``.
+        """
         if not self.frequency:
             return latents
         extras = state.extras
-        if self.order == "adain_first" or "content_zT" not in extras:
+        if self.order == "adain_first" or "content_zT" not in extras or not extras.get("init_adain", False):
             return self._filter_with(latents, state.generator)
-        content = extras.get("content_start_zT", extras["content_zT"])
-        filtered = self._filter_with(content, state.generator)
-        if extras.get("init_adain", False):
-            from ..pipelines.styleid_sd import adain_latents  # the pipelines import diffusers: load on use
+        from ..pipelines.styleid_sd import adain_latents  # the pipelines import diffusers: load on use
 
-            return adain_latents(filtered, extras["style_zT"])
-        return filtered
+        content, style = extras.get("content_start_zT", extras["content_zT"]), extras["style_zT"]
+        start = adain_latents(content, style)  # the pipeline's start, before any hook
+        filtered = adain_latents(self._filter_with(content, state.generator), style)
+        if torch.equal(latents, start):  # no earlier change: the official composition, bit for bit
+            return filtered
+        return latents + (filtered - start)
 
     # ------------------------------------------------------------------ any SD / SDXL pipeline
 
@@ -446,4 +459,5 @@ class StyleSSP(SamplerHook):
         if message is not None:
             warnings.warn(message, UserWarning, stacklevel=3)
         z_t = plan.invert(self.inversion_guidance_scale if negative is not None else None)
-        return self._filter(z_t, noise) if self.frequency else z_t
+        start = self._filter(z_t, noise) if self.frequency else z_t  # in float32, cast once at the end
+        return start.to(pipe.unet.dtype)

@@ -22,9 +22,10 @@ CONVNEXT_PROCESSOR = {
     "crop_pct": 0.875, "resample": 2, "do_rescale": True, "do_normalize": True,
     "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
 }
-#: A plain preprocessor config: resize to 24x24, normalise to [-1, 1].
-PLAIN_PROCESSOR = {"do_resize": True, "size": {"height": 24, "width": 24}, "do_normalize": True,
-                   "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+#: A plain preprocessor config: resize to 24x24, normalise to [-1, 1] (ViT's processor; without a type,
+#: transformers would pick the ResNet's ConvNeXt processor, which needs a shortest edge).
+PLAIN_PROCESSOR = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": 24, "width": 24},
+                   "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 
 
 class TinyReLUClassifier(nn.Module):
