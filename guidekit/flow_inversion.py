@@ -25,7 +25,7 @@ input's dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 
@@ -128,6 +128,7 @@ def flow_invert(
     levels: FlowLevels,
     method: str = "exact",
     refine_steps: int = 2,
+    tolerance: Optional[float] = None,
 ) -> FlowInversionOutput:
     """Invert clean latents through a flow-matching Euler schedule (see the module docstring).
 
@@ -139,13 +140,17 @@ def flow_invert(
         method (`str`, defaults to ``"exact"``): ``"exact"``, the inverse of the Euler step (velocity at the
             higher σ of each pair, refined by fixed-point iteration), or ``"approximate"``, the velocity at the
             lower σ (no refinement; not an inverse of the sampler, kept for comparison).
-        refine_steps (`int`, defaults to 2): fixed-point refinements per step of the exact method, each one
-            model call more. 0 evaluates v once, at x_{i+1}: exact when v does not depend on x.
+        refine_steps (`int`, defaults to 2): the most fixed-point refinements per step of the exact method, each
+            one model call more. 0 evaluates v once, at x_{i+1}: exact when v does not depend on x.
+        tolerance (`float`, *optional*): stop refining a step once the largest change of a refinement is at most
+            `tolerance` times the largest magnitude of x_{i+1} (at least 1); None always runs `refine_steps`.
     """
     if method not in INVERSION_METHODS:
         raise ValueError(f"method: {method!r} is not accepted; accepted: {', '.join(INVERSION_METHODS)}")
     if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
         raise ValueError(f"refine_steps: {refine_steps!r} is not accepted; accepted: an int >= 0")
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
+        raise ValueError(f"tolerance: {tolerance!r} is not accepted; accepted: None or a number in (0, 1)")
     dtype = latents.dtype
     sigmas = levels.sigmas
     x = latents.to(math_dtype(latents.device))
@@ -160,10 +165,13 @@ def flow_invert(
             x_next, t = x, levels.timesteps[i]
             x = flow_inverse_step(x_next, model(x_next.to(dtype), t), sigma, sigma_next)
             change = float("nan")
+            bound = None if tolerance is None else tolerance * max(1.0, float(x_next.abs().max()))
             for _ in range(refine_steps):
                 refined = flow_inverse_step(x_next, model(x.to(dtype), t), sigma, sigma_next)
                 change = float((refined - x).abs().max())
                 x = refined
+                if bound is not None and change <= bound:
+                    break
             residuals.append(change)
         trajectory.append(x)
     return FlowInversionOutput(latents=x.to(dtype), trajectory=trajectory, residuals=residuals)

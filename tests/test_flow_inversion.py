@@ -74,6 +74,12 @@ def test_fixed_point_refinement_converges_to_the_inverse_for_an_x_dependent_mode
     assert errors[0] > 1e-4  # one evaluation at x_{i+1} is not exact when v depends on x
     assert errors[2] < 1e-9 * max(1.0, float(clean.abs().max()))
     assert errors[0] > errors[1] > errors[2]
+    # with a tolerance, refinement stops once a refinement changes x by at most that: same result, fewer calls
+    calls = []
+    counted = lambda x, t: calls.append(1) or smooth_velocity(x, t)  # noqa: E731
+    early = flow_invert(counted, clean, levels, refine_steps=50, tolerance=1e-12)
+    assert len(calls) < 20 * 50
+    assert all(r <= 1e-12 * 10 for r in early.residuals)
 
 
 def test_inversion_refuses_what_it_cannot_invert():
@@ -88,5 +94,7 @@ def test_inversion_refuses_what_it_cannot_invert():
     levels = flow_levels(scheduler)
     with pytest.raises(ValueError, match="method: 'ddim' is not accepted"):
         flow_invert(x_independent_velocity, torch.zeros(1, 4, 2, 2), levels, method="ddim")
+    with pytest.raises(ValueError, match="tolerance"):
+        flow_invert(x_independent_velocity, torch.zeros(1, 4, 2, 2), levels, tolerance=0)
     with pytest.raises(ValueError, match="refine_steps"):
         flow_invert(x_independent_velocity, torch.zeros(1, 4, 2, 2), levels, refine_steps=-1)
