@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -12,8 +11,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from diffusers.utils.torch_utils import get_module_execution_device
 
-from guidekit.guidance.cfg import CFG
-from guidekit.hooks import HookChain, SamplerHook
+from guidekit.hooks import SamplerHook
 
 from .hooked_flow import FlowHookedPipelineMixin
 
@@ -39,39 +37,8 @@ class GuidedFluxPipeline(FlowHookedPipelineMixin, FluxPipeline):
     #: The stock default of `true_cfg_scale`, the guidance slot's scale.
     default_guidance_scale = 1.0
 
-    def check_true_cfg(self, chain: HookChain, do_true_cfg: bool, true_cfg_scale: float, has_negative: bool) -> None:
-        """Refuse a guidance hook other than CFG when the call runs no unconditional pass.
-
-        Such a hook mixes the conditional and the unconditional velocity; without true CFG there is only the
-        conditional one, so it would silently do nothing. CFG itself gives the stock result, with a warning when
-        the call asked for guidance (a negative prompt or w > 1) but cannot run it.
-        """
-        if do_true_cfg:
-            return
-        missing = [] if has_negative else ["a negative prompt"]
-        missing += [] if true_cfg_scale > 1 else ["true_cfg_scale > 1"]
-        if isinstance(chain.guidance, CFG):
-            if has_negative or true_cfg_scale > 1:
-                warnings.warn(
-                    f"true_cfg_scale={true_cfg_scale} with a negative prompt "
-                    f"{'given' if has_negative else 'not given'}: true CFG is off for this call (missing: "
-                    f"{' and '.join(missing)})",
-                    UserWarning,
-                    stacklevel=4,  # the caller of the pipeline (past torch.no_grad's wrapper)
-                )
-            return
-        distilled = ""
-        if self.transformer.config.guidance_embeds:
-            distilled = (
-                "; this model is guidance-distilled: its embedded `guidance_scale` is a model input on every pass, "
-                "not the hook's scale"
-            )
-        raise ValueError(
-            f"hooks: {chain.guidance!r} needs the unconditional prediction, but this call runs no unconditional pass "
-            f"(true_cfg_scale={true_cfg_scale}, negative prompt {'given' if has_negative else 'not given'}; missing: "
-            f"{' and '.join(missing)}); enable true CFG with negative_prompt (or negative_prompt_embeds and "
-            f"negative_pooled_prompt_embeds) and true_cfg_scale > 1{distilled}"
-        )
+    #: The arguments that give a negative without text, for the message of `check_true_cfg`.
+    negative_embeds_names = "negative_prompt_embeds and negative_pooled_prompt_embeds"
 
     @torch.no_grad()
     def __call__(

@@ -12,7 +12,6 @@ from diffusers import QwenImagePipeline
 from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutput
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 
-from guidekit.guidance.cfg import CFG
 from guidekit.hooks import HookChain, SamplerHook, SamplerState
 
 from .hooked_flow import FlowHookedPipelineMixin
@@ -57,31 +56,8 @@ class GuidedQwenImagePipeline(FlowHookedPipelineMixin, QwenImagePipeline):
     #: The stock default of `true_cfg_scale`, the guidance slot's scale.
     default_guidance_scale = 4.0
 
-    def check_true_cfg(self, chain: HookChain, do_true_cfg: bool, true_cfg_scale: float, has_negative: bool) -> None:
-        """Refuse a guidance hook other than CFG when the call runs no unconditional pass.
-
-        Such a hook mixes the conditional and the unconditional velocity; without true CFG there is only the
-        conditional one, so it would silently do nothing. CFG itself gives the stock result, with a
-        warning when the call asked for guidance (a negative prompt or w > 1) but cannot run it.
-        """
-        if do_true_cfg:
-            return
-        missing = [] if has_negative else ["a negative prompt"]
-        missing += [] if true_cfg_scale > 1 else ["true_cfg_scale > 1"]
-        if not isinstance(chain.guidance, CFG):
-            raise ValueError(
-                f"hooks: {chain.guidance!r} needs the unconditional prediction, but this call runs no unconditional "
-                f"pass (true_cfg_scale={true_cfg_scale}, negative prompt {'given' if has_negative else 'not given'}; "
-                f"missing: {' and '.join(missing)}); enable true CFG with negative_prompt (or negative_prompt_embeds) "
-                "and true_cfg_scale > 1"
-            )
-        if has_negative or true_cfg_scale > 1:
-            warnings.warn(
-                f"true_cfg_scale={true_cfg_scale} with a negative prompt {'given' if has_negative else 'not given'}: "
-                f"true CFG is off for this call (missing: {' and '.join(missing)})",
-                UserWarning,
-                stacklevel=4,  # the caller of the pipeline (past torch.no_grad's wrapper)
-            )
+    #: The arguments that give a negative without text, for the message of `check_true_cfg`.
+    negative_embeds_names = "negative_prompt_embeds"
 
     def guided_velocity(
         self,
