@@ -8,6 +8,7 @@ and the temporal layers run on windows of W frames whose outputs are fused per f
 
 from __future__ import annotations
 
+import warnings
 from contextlib import ExitStack, contextmanager
 from typing import Any, Iterator, Optional, Sequence
 
@@ -119,6 +120,10 @@ class FreeNoise(SamplerHook):
             cross-attention of `injection_blocks` reads the last prompt for every frame (conditional pass
             only), while the other layers and steps read the per-frame prompts. `True` takes the official
             (t_a, t_b) = (0.1, 0.3), i.e. steps 0–4 and 16–49 of 50; a pair gives (t_a, t_b). None: off.
+            As in the official code it acts only in the conditional pass of classifier-free guidance: a call
+            with guidance_scale <= 1 is refused, and a step run without the unconditional pass (guidance turned
+            off by a callback) is not injected, with a warning. With an IP-Adapter only the text tokens are
+            replaced; the image tokens stay.
             It is made for prompts that change what one subject does; the early frames then also lean towards
             the last prompt (on the embedded toy model, where a background colour switch is the only test,
             it lowers the first prompt's accuracy and does not keep the shape steadier: README, FreeNoise).
@@ -223,10 +228,32 @@ class FreeNoise(SamplerHook):
             )
         check_context(self._context_length(state), self.context_stride)
         window_weights(self._context_length(state), self.weighting)
-        if self.motion_injection is not None and state.extras.get("fixed_prompt_embeds") is None:
+        if self.motion_injection is not None:
+            self._validate_injection(state, unet)
+
+    def _validate_injection(self, state: SamplerState, unet) -> None:
+        """Motion injection needs a prompt schedule, classifier-free guidance and cross-attention to act in."""
+        from .attention.freenoise import injection_layers
+
+        if state.extras.get("fixed_prompt_embeds") is None:
             raise ValueError(
                 "motion_injection: needs a {frame: prompt} dict prompt (its last prompt is the injected one); "
                 "accepted: such a prompt, or motion_injection=None"
+            )
+        pipeline = state.extras.get("pipeline")
+        guided = state.guidance_scale > 1 and getattr(pipeline, "do_classifier_free_guidance", True)
+        if not guided or not getattr(pipeline, "_uncond_encoded", True):
+            # the official sampler injects only when it runs both passes, into the conditional one
+            raise ValueError(
+                f"motion_injection: needs classifier-free guidance, which guidance_scale={state.guidance_scale:g} "
+                "turns off (motion injection acts in the conditional pass of guidance only, as in the official "
+                "code); accepted: guidance_scale > 1, or motion_injection=None"
+            )
+        if not injection_layers(unet, self.injection_blocks):
+            raise ValueError(
+                f"injection_blocks: {self.injection_blocks!r} hold no cross-attention layer in this UNet, so "
+                "motion injection would change nothing; accepted: blocks with cross-attention, or "
+                "motion_injection=None"
             )
 
     def begin(self, state: SamplerState) -> None:
@@ -234,6 +261,7 @@ class FreeNoise(SamplerHook):
             InjectionControl,
             MotionInjectionProcessor,
             injection_layers,
+            watch_guidance,
             windowed_motion_blocks,
         )
         from .attention.install import replaced_processors
@@ -264,6 +292,7 @@ class FreeNoise(SamplerHook):
                         unet, {name: MotionInjectionProcessor(processors[name], control) for name in layers}
                     )
                 )
+                stack.enter_context(watch_guidance(unet, control, lambda: state.step_index))
                 memory["control"] = control
         except BaseException:
             stack.close()
@@ -275,6 +304,7 @@ class FreeNoise(SamplerHook):
         if control is not None:
             batch, _, num_frames = state.latents.shape[:3]
             control.rows = batch * num_frames  # the conditional videos' frames, last in the UNet batch
+            control.videos = batch
             t_a, t_b = self.motion_injection
             control.active = uses_fixed_prompt(state.step_index, state.num_steps, t_a, t_b)
 
@@ -302,6 +332,14 @@ class FreeNoise(SamplerHook):
         return rescheduled
 
     def end(self, state: SamplerState) -> None:
-        stack = state.memory(self).pop("installed", None)
+        memory = state.memory(self)
+        stack = memory.pop("installed", None)
         if stack is not None:
             stack.close()
+        control = memory.pop("control", None)
+        if control is not None and control.skipped:
+            warnings.warn(
+                f"motion_injection: steps {sorted(set(control.skipped))} ran without the unconditional pass (guidance "
+                "turned off during the call), so nothing was injected there, as in the official code",
+                stacklevel=2,
+            )

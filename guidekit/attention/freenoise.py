@@ -39,6 +39,7 @@ __all__ = [
     "injection_layers",
     "motion_blocks",
     "motion_max_length",
+    "watch_guidance",
     "windowed_block_forward",
     "windowed_motion_blocks",
 ]
@@ -422,19 +423,49 @@ class InjectionControl:
         fixed (`torch.Tensor` or None): the fixed prompt's embedding (tokens, dim), or None when off.
         rows (`int`): the conditional rows of the UNet batch (B·F), the last rows of `encoder_hidden_states`.
         active (`bool`): whether the injected layers read `fixed` at this step.
+        videos (`int`): B, the conditional videos of one UNet call.
+        guided (`bool`): whether the running UNet call holds the unconditional pass too (set by `watch_guidance`).
+        skipped (`list[int]`): the injection steps that ran without the unconditional pass, so without injection.
     """
 
     def __init__(self, fixed: torch.Tensor, rows: int):
         self.fixed = fixed
         self.rows = rows
         self.active = False
+        self.videos = 0
+        self.guided = True
+        self.skipped: list[int] = []
+
+
+@contextmanager
+def watch_guidance(unet: nn.Module, control: InjectionControl, step_index) -> Iterator[None]:
+    """Inside a `with` block, set `control.guided` before each UNet call: whether its batch holds more than the
+    conditional videos, i.e. the unconditional pass of classifier-free guidance.
+
+    The official code injects only in the guided branch of its sampler (both passes, injection in the
+    conditional one); a step run without the unconditional pass is not injected. `step_index()` names the
+    running step for `control.skipped`.
+    """
+
+    def before_call(module, args, kwargs):
+        sample = args[0] if args else kwargs.get("sample")
+        control.guided = sample is None or sample.shape[0] > control.videos
+        if control.active and not control.guided:
+            control.skipped.append(step_index())
+
+    handle = unet.register_forward_pre_hook(before_call, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class MotionInjectionProcessor(WrappingProcessor):
     """Cross-attention processor of FreeNoise's motion injection (official `use_injection`).
 
-    While `control.active`, the conditional rows of `encoder_hidden_states` are replaced by the fixed prompt's
-    embedding before the layer's own processor runs; the unconditional rows are never changed.
+    While `control.active` (and the UNet call holds the unconditional pass), the conditional rows of `encoder_hidden_states` are replaced by the fixed prompt's
+    embedding before the layer's own processor runs; the unconditional rows are never changed. With an
+    IP-Adapter (`encoder_hidden_states` = (text, image embeddings)) only the text part is replaced.
 
     Args:
         original: the layer's processor, which does the attention.
@@ -447,11 +478,23 @@ class MotionInjectionProcessor(WrappingProcessor):
 
     def _call(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         control = self.control
-        if control.active and encoder_hidden_states is not None:
-            encoder_hidden_states = encoder_hidden_states.clone()
-            fixed = control.fixed.to(dtype=encoder_hidden_states.dtype, device=encoder_hidden_states.device)
-            encoder_hidden_states[-control.rows:] = fixed
+        if control.active and control.guided and encoder_hidden_states is not None:
+            if isinstance(encoder_hidden_states, (tuple, list)):
+                # an IP-Adapter's layers get (text tokens, [image tokens per adapter]): only the text is the
+                # prompt, so the fixed prompt replaces it and the image tokens stay (as the official code
+                # splits its context into the text and the image part)
+                text, *rest = encoder_hidden_states
+                encoder_hidden_states = type(encoder_hidden_states)([_inject(text, control), *rest])
+            else:
+                encoder_hidden_states = _inject(encoder_hidden_states, control)
         return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+
+def _inject(text: torch.Tensor, control: InjectionControl) -> torch.Tensor:
+    """`text` (rows, tokens, dim) with its last `control.rows` rows (the conditional pass) set to the fixed prompt."""
+    text = text.clone()
+    text[-control.rows:] = control.fixed.to(dtype=text.dtype, device=text.device)
+    return text
 
 
 #: The UNet parts motion injection can act in, by the names `FreeNoise(injection_blocks=...)` accepts.
