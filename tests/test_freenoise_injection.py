@@ -14,6 +14,7 @@ from guidekit.pipelines import GuidedAnimateDiffPipeline
 from guidekit.testing.animatediff import make_tiny_animatediff
 from guidekit.testing.ip_adapter import TINY_IP_ADAPTER_WEIGHTS, save_tiny_ip_adapter
 from animatediff_calls import load, video
+from tolerance import assert_close_to_scale
 
 TRAVEL = {0: "a red circle", 12: "a blue square"}
 INJECTED_PARTS = ("down_blocks", "mid_block")  # the official code's input and middle blocks
@@ -162,3 +163,12 @@ def test_injection_blocks_without_cross_attention_are_refused(ours, monkeypatch)
     monkeypatch.setattr(freenoise, "injection_layers", lambda unet, blocks: [])
     with pytest.raises(ValueError, match="injection_blocks: .*hold no cross-attention layer"):
         hook.validate(state)
+
+
+def test_motion_injection_with_an_ip_adapter_is_exact_in_chunks(with_ip_adapter):
+    # the spatial chunks split the (text, [image tokens]) pair row by row; injection then acts per chunk
+    image_embeds = [torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(5))]
+    kw = dict(prompt=TRAVEL, ip_adapter_image_embeds=image_embeds)
+    whole = video(with_ip_adapter, 20, hooks=[guidekit.FreeNoise(motion_injection=True)], **kw)
+    chunked = video(with_ip_adapter, 20, hooks=[guidekit.FreeNoise(motion_injection=True, spatial_chunk=7)], **kw)
+    assert_close_to_scale(chunked, whole, rel=1e-5)
