@@ -25,7 +25,10 @@ stride 4): time per frame at a long and a short video (F=64 against F=16; F=16 i
 plain model) and guidekit against diffusers' own
 `enable_free_noise` at F=64, alternated call by call in one process; and the peak memory of the call (the
 rise of the resident set over what the process held before its first call) at F=16, 64 and 128 with and
-without FreeNoise's exact splitting (`FREENOISE_SPLIT`), each in a fresh process.
+without FreeNoise's exact splitting (`FREENOISE_SPLIT`), each in a fresh process, with a device-independent
+count next to it: the bytes of the largest query, key, value or score tensor the windowed temporal attention
+holds at once (`guidekit.attention.freenoise.record_window_tensors`: with `attention_budget`, as it would be had
+all rows been attended in one batch, and a full-length query for comparison).
 """
 
 from __future__ import annotations
@@ -205,10 +208,11 @@ def _build_animatediff(kind: str, folder: Path) -> None:
     AnimateDiffPipeline.from_pretrained(str(image_dir), motion_adapter=adapter).save_pretrained(str(folder))
 
 
-def _freenoise_pipeline(case: str, folder: str, fusion: str = "block"):
+def _freenoise_pipeline(case: str, folder: str, fusion: str = "block", budget_mib: Optional[float] = None):
     """The AnimateDiff pipeline of `case` and its call's extra arguments: "guidekit"
     (`guidekit.FreeNoise(fusion=fusion)`), "guidekit-split" (with `FREENOISE_SPLIT`) or "diffusers" (`enable_free_noise`); window 16, stride 4,
-    pyramid weights, shuffled noise in all three."""
+    pyramid weights, shuffled noise in all three. `budget_mib`: guidekit's `attention_budget` in MiB (None: its
+    default)."""
     from diffusers import AnimateDiffPipeline
 
     import guidekit
@@ -223,9 +227,11 @@ def _freenoise_pipeline(case: str, folder: str, fusion: str = "block"):
         extra = {}
     else:
         pipe = GuidedAnimateDiffPipeline.from_pretrained(folder)
-        split = FREENOISE_SPLIT if case == "guidekit-split" else {}
+        options = dict(FREENOISE_SPLIT) if case == "guidekit-split" else {}
+        if budget_mib is not None:
+            options["attention_budget"] = int(budget_mib * 2**20)
         # block fusion (the default here): the same work as diffusers' enable_free_noise, like with like
-        extra = {"hooks": [guidekit.FreeNoise(context_length=16, context_stride=4, fusion=fusion, **split)]}
+        extra = {"hooks": [guidekit.FreeNoise(context_length=16, context_stride=4, fusion=fusion, **options)]}
     pipe.set_progress_bar_config(disable=True)
     return pipe, extra
 
@@ -240,14 +246,18 @@ def _freenoise_call(pipe, extra: dict, num_frames: int, steps: int, size: int, s
 
 
 def measure_freenoise_memory(case: str, folder: str, num_frames: int, steps: int, size: int,
-                             fusion: str = "block") -> list[dict]:
+                             fusion: str = "block", budget_mib: Optional[float] = None) -> list[dict]:
     """Peak memory of the first call of `case` at `num_frames` frames in this process: `peak_delta_mib` is the
     peak resident set during the call minus the resident set before it (after a warm-up call the allocator
-    would hand the same pages back and the rise would hide); wall and thread CPU seconds too."""
+    would hand the same pages back and the rise would hide); wall and thread CPU seconds too; and the
+    device-independent count of `record_window_tensors` (MiB): `window_tensor_mib` (the largest gathered query,
+    key, value or score tensor), `unbounded_mib` (the same with all rows in one batch) and `full_query_mib`."""
     import torch
 
+    from guidekit.attention.freenoise import record_window_tensors
+
     torch.set_num_threads(int(os.environ.get("GUIDEKIT_BENCH_THREADS", "1")))
-    pipe, extra = _freenoise_pipeline(case, folder, fusion)
+    pipe, extra = _freenoise_pipeline(case, folder, fusion, budget_mib)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             # weights may be memory-mapped from the checkpoint and paged in on first use: read them now, so
@@ -255,16 +265,17 @@ def measure_freenoise_memory(case: str, folder: str, num_frames: int, steps: int
             for tensor in (*module.parameters(), *module.buffers()):
                 tensor.sum()
     before = _rss_bytes()
-    with PeakRSS() as mem:
+    with PeakRSS() as mem, record_window_tensors() as record:
         start, cpu_start = time.perf_counter(), time.thread_time()
         _freenoise_call(pipe, extra, num_frames, steps, size)
         wall, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
     return [{"case": case, "frames": num_frames, "wall_s": wall, "cpu_s": cpu,
-             "peak_delta_mib": (mem.peak - before) / 2**20}]
+             "peak_delta_mib": (mem.peak - before) / 2**20, "window_tensor_mib": record.largest / 2**20,
+             "unbounded_mib": record.unbounded / 2**20, "full_query_mib": record.full_query / 2**20}]
 
 
 def time_freenoise(folder: str, frames: tuple[int, int], steps: int, size: int, rounds: int,
-                   fusion: str = "block") -> list[dict]:
+                   fusion: str = "block", budget_mib: Optional[float] = None) -> list[dict]:
     """Time per call, in this process: guidekit's FreeNoise at the short and the long length of `frames` and
     diffusers' `enable_free_noise` at the long one, after one warm-up call each, then `rounds` rounds of one
     call each, alternated in a rotating order (so that a slow spell of a shared machine falls on all three).
@@ -273,7 +284,7 @@ def time_freenoise(folder: str, frames: tuple[int, int], steps: int, size: int, 
 
     torch.set_num_threads(int(os.environ.get("GUIDEKIT_BENCH_THREADS", "1")))
     short, long = frames
-    pipes = {case: _freenoise_pipeline(case, folder, fusion) for case in ("guidekit", "diffusers")}
+    pipes = {case: _freenoise_pipeline(case, folder, fusion, budget_mib) for case in ("guidekit", "diffusers")}
     cases = [("guidekit", short), ("guidekit", long), ("diffusers", long)]
     for case, num_frames in cases:
         _freenoise_call(*pipes[case], num_frames, 1, size)  # warm-up: lazy initialisations are not measured
@@ -306,9 +317,10 @@ def _median(results: list[dict], case: str, frames: int, key: str) -> float:
 
 def freenoise_rows(model: str, rounds: int, steps: int, size: int, frames: tuple[int, int] = (16, 64),
                    memory_frames: tuple[int, ...] = (16, 64, 128),
-                   fusion: str = "block") -> tuple[list[dict], list[dict], list[dict]]:
+                   fusion: str = "block", budget_mib: Optional[float] = None) -> tuple[list[dict], list[dict], list[dict]]:
     """The FreeNoise tables on the `model` AnimateDiff checkpoint: (time rows, memory rows, raw results), with
-    guidekit's FreeNoise at `fusion` ("block" or "attention").
+    guidekit's FreeNoise at `fusion` ("block" or "attention") and `attention_budget` `budget_mib` MiB (None:
+    its default).
 
     Time: one fresh process runs `time_freenoise` (`rounds` alternated calls per case). Memory: one fresh
     process per length of `memory_frames`, with and without splitting, its first call measured.
@@ -318,12 +330,12 @@ def freenoise_rows(model: str, rounds: int, steps: int, size: int, frames: tuple
         folder = Path(tmp) / model
         _build_animatediff(model, folder)
         with click.progressbar(length=1 + 2 * len(memory_frames), label=f"bench FreeNoise {model}") as bar:
-            raw = _run_freenoise_worker("time", folder, list(frames), steps, size, rounds, fusion)
+            raw = _run_freenoise_worker("time", folder, list(frames), steps, size, rounds, fusion, budget_mib)
             bar.update(1)
             memory = []
             for f in memory_frames:
                 for case in ("guidekit", "guidekit-split"):
-                    memory.extend(_run_freenoise_worker("memory", case, folder, f, steps, size, fusion))
+                    memory.extend(_run_freenoise_worker("memory", case, folder, f, steps, size, fusion, budget_mib))
                     bar.update(1)
     for row in raw + memory:
         row.update(model=model, steps=steps, size=size, fusion=fusion)
@@ -351,7 +363,10 @@ def freenoise_rows(model: str, rounds: int, steps: int, size: int, frames: tuple
         split = _median(memory, "guidekit-split", f, "peak_delta_mib")
         memory_rows.append({"frames": f, "unsplit_mib": plain, "split_mib": split,
                             "split_ratio": split / plain if plain > 0 else float("nan"), "model": model,
-                            "steps": steps, "size": size})
+                            "steps": steps, "size": size, "fusion": fusion,
+                            **{key: _median(memory, "guidekit", f, key)
+                               for key in ("window_tensor_mib", "unbounded_mib", "full_query_mib")},
+                            "split_window_tensor_mib": _median(memory, "guidekit-split", f, "window_tensor_mib")})
     return time_rows, memory_rows, raw + memory
 
 
@@ -365,10 +380,13 @@ def format_freenoise_tables(time_rows: list[dict], memory_rows: list[dict]) -> s
                      f"{row['model']}, {row['size']} px, {row['steps']} | {row['runs']} |")
     split = ", ".join(f"{k}={v}" for k, v in FREENOISE_SPLIT.items())
     lines += ["", f"| frames | peak RSS rise, unsplit (MiB) | peak RSS rise, split ({split}) (MiB) | split / unsplit "
-              "| model, size, steps |", "|---|---|---|---|---|"]
+              "| largest gathered Q/K/V/score (MiB), unsplit | split | unbounded | full-length query (MiB) "
+              "| model, size, steps, fusion |", "|---|---|---|---|---|---|---|---|---|"]
     for row in memory_rows:
         lines.append(f"| {row['frames']} | {row['unsplit_mib']:.0f} | {row['split_mib']:.0f} | "
-                     f"{row['split_ratio']:.3f} | {row['model']}, {row['size']} px, {row['steps']} |")
+                     f"{row['split_ratio']:.3f} | {row['window_tensor_mib']:.3f} | {row['split_window_tensor_mib']:.3f} | "
+                     f"{row['unbounded_mib']:.3f} | {row['full_query_mib']:.3f} | "
+                     f"{row['model']}, {row['size']} px, {row['steps']}, {row['fusion']} |")
     return "\n".join(lines)
 
 
@@ -652,8 +670,12 @@ def _frames(text: str, name: str, count: Optional[int] = None) -> tuple[int, ...
               help="FreeNoise rows: guidekit's fusion. block (default): diffusers' fusion point, the same work as "
                    "enable_free_noise; attention: FreeNoise's default, with each frame's projections shared by its "
                    "windows.")
+@click.option("--freenoise-attention-budget", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="FreeNoise rows: guidekit's attention_budget in MiB (default: FreeNoise's, 64 MiB); it bounds the "
+                   "largest gathered Q/K/V/score tensor of attention fusion.")
 def bench(sd, models, rounds, steps, json_out, uam, elucd, pixel, styleid, stylessp, freenoise, freenoise_model,
-          freenoise_size, freenoise_steps, freenoise_frames, freenoise_memory_frames, freenoise_fusion):
+          freenoise_size, freenoise_steps, freenoise_frames, freenoise_memory_frames, freenoise_fusion,
+          freenoise_attention_budget):
     """Time and memory of hooked pipelines (CFG, APG, CFG + EluCD) against stock diffusers, as a table; StyleID,
     StyleID + StyleSSP and UAM against their plain baselines; FreeNoise against itself and diffusers'."""
     chosen = [m.strip() for m in models.split(",") if m.strip()]
@@ -707,7 +729,8 @@ def bench(sd, models, rounds, steps, json_out, uam, elucd, pixel, styleid, style
     freenoise_summary = {}
     if freenoise:
         time_rows, memory_rows, freenoise_raw = freenoise_rows(
-            freenoise_model, rounds, freenoise_steps, freenoise_size, time_frames, memory_frames, freenoise_fusion)
+            freenoise_model, rounds, freenoise_steps, freenoise_size, time_frames, memory_frames, freenoise_fusion,
+            freenoise_attention_budget)
         click.echo("")
         click.echo(format_freenoise_tables(time_rows, memory_rows))
         freenoise_summary = {"time": time_rows, "memory": memory_rows, "runs": freenoise_raw}
