@@ -68,7 +68,8 @@ def one_step(vae, classifier, dtype, decoder=None, seed=0):
     """Two DDIM steps of the hook on a random latent batch; returns (hook, state, last x̂0 by hand, output)."""
     sched = sd_ddim_scheduler()
     sched.set_timesteps(4)
-    hook = guidekit.EluCD(classifier, "red", scale=50.0, softplus_beta=None, decoder=decoder)
+    extra = {} if decoder is None else {"decoder": decoder}
+    hook = guidekit.EluCD(classifier, "red", scale=50.0, softplus_beta=None, **extra)
     state = SamplerState(num_steps=4, scheduler=sched, prediction_type="epsilon",
                          extras={"pipeline": SimpleNamespace(vae=vae)})
     hook.validate(state)
