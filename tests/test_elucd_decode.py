@@ -253,3 +253,39 @@ def test_decoder_argument_errors(sd):
     pixel = SamplerState(num_steps=2, scheduler=sched, prediction_type="epsilon", extras={"pipeline": SimpleNamespace()})
     with pytest.raises(ValueError, match=r"decoder: .*no VAE"):
         guidekit.EluCD(Redness(), "red", decoder=VAEDecode(tiny_vae())).validate(pixel)
+
+
+# ------------------------------------------------------------------ the bench rows
+
+
+def test_bench_prints_the_latent_dit_rows(monkeypatch, tmp_path):
+    """--dit adds the latent EluCD rows (SD VAE and AutoencoderTiny decodes against unguided), here with tiny
+    components: plumbing only, no timing asserted."""
+    import json
+
+    from click.testing import CliRunner
+    from diffusers import DiTTransformer2DModel
+
+    import guidekit.apps.bench as bench_mod
+    from guidekit.apps.cli import main
+
+    def tiny_models(size):
+        torch.manual_seed(0)
+        transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                                            in_channels=4, out_channels=8, patch_size=2, sample_size=8)
+        tiny = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                               num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4)
+        return transformer.eval(), tiny_vae(16).eval(), tiny.eval()
+
+    monkeypatch.setattr(bench_mod, "dit_models", tiny_models)
+    monkeypatch.setattr(bench_mod, "resnet50_classifier", bench_mod.tiny_classifier)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", "--no-sd", "--no-uam", "--no-elucd", "--no-styleid",
+                                       "--no-stylessp", "--dit", "--dit-repeats", "1", "--json", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["dit"]
+    assert [r["case"] for r in rows] == ["DiT EluCD, SD VAE decode vs unguided",
+                                         "DiT EluCD, AutoencoderTiny decode vs unguided"]
+    assert all(r["wall_ratio"] > 0 and r["timed_steps"] == bench_mod.DIT_STEPS for r in rows)
+    assert "| DiT EluCD, AutoencoderTiny decode vs unguided |" in result.output

@@ -124,7 +124,7 @@ class EluCD(SamplerHook):
             latents_mean/std when set), which for ``AutoencoderTiny`` (scaling_factor 1.0) hands it the model's
             latents unscaled, as diffusers' pipelines do when it is their ``vae``. The pipeline's own final
             decode is unchanged. Put it on the pipeline's device and dtype; it is never modified. The gradient
-            is the decoder's, not the VAE's: it is cheaper per step (``apps/bench.py --dit``) and only as close
+            is the decoder's, not the VAE's: it is cheaper per step (``guidekit bench --dit``) and only as close
             to the VAE's as the decoder's images are to the VAE's.
 
     When the autoencoder that decodes (the VAE or ``decoder``) is float16 and its config has ``force_upcast``,
