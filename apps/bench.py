@@ -11,6 +11,7 @@ sampled every millisecond.
     guidekit bench                     # tiny SD pipeline + a ~110M-parameter UNet, 4 rounds x 3 calls
     guidekit bench --models tiny --rounds 3 --json bench.json
     guidekit bench --models tiny --rounds 1 --no-elucd --no-styleid --no-uam --pixel   # + the pixel EluCD row
+    guidekit bench --no-sd --no-elucd --no-styleid --no-stylessp --no-uam --dit --dit-size mid  # latent EluCD rows
     guidekit bench --models tiny --rounds 3 --no-elucd --no-styleid --no-uam           # + StyleSSP vs StyleID
     guidekit bench --no-sd --no-elucd --no-styleid --no-stylessp --no-uam --freenoise  # FreeNoise rows only
 
@@ -45,6 +46,8 @@ from pathlib import Path
 from typing import Optional
 
 import click
+
+from .cli import FiniteFloatRange
 
 CASES = ("stock", "cfg", "apg")
 ELUCD_CASE = "elucd"  # CFG() + EluCD(tiny random classifier): compared with "cfg" as well as with stock
@@ -575,6 +578,103 @@ def pixel_rows(steps: int = PIXEL_STEPS, repeats: int = PIXEL_REPEATS, size: int
     }]
 
 
+#: The latent EluCD row's sizes: the DiT transformer (heads × head dim, layers; patch 2, learned sigma) and the
+#: image side. The SD VAE, the AutoencoderTiny (TAESD's architecture) and the ResNet-50-size classifier are
+#: full-size at every size; only the image side changes their cost.
+DIT_SIZES = {
+    "tiny": {"heads": 6, "head_dim": 64, "layers": 12, "px": 64},  # DiT-S/2 at 64 px: seconds
+    "mid": {"heads": 16, "head_dim": 72, "layers": 28, "px": 128},  # DiT-XL/2 at 128 px: minutes on 2 cores
+    "dit-xl": {"heads": 16, "head_dim": 72, "layers": 28, "px": 256},  # DiT-XL/2 at 256 px, the paper's
+}
+DIT_STEPS = 2
+
+
+def dit_models(size: str):
+    """Random-weight DiT transformer, SD VAE (128-256-512-512, 83.7M parameters) and diffusers' `AutoencoderTiny`
+    with its default configuration (TAESD's architecture, 2.4M parameters; only its decoder runs) at `size`."""
+    import torch
+    from diffusers import AutoencoderKL, AutoencoderTiny, DiTTransformer2DModel
+
+    spec = DIT_SIZES[size]
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=spec["heads"], attention_head_dim=spec["head_dim"], num_layers=spec["layers"],
+        in_channels=4, out_channels=8, patch_size=2, sample_size=spec["px"] // 8).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=spec["px"],
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        scaling_factor=0.18215).eval()
+    tiny = AutoencoderTiny().eval()
+    return transformer, vae, tiny
+
+
+def step_timer():
+    """A hook that records each denoising step's wall and thread-CPU seconds (step_begin → step_end)."""
+    from guidekit.hooks import SamplerHook
+
+    class StepTimer(SamplerHook):
+        def __init__(self):
+            self.wall, self.cpu = [], []
+
+        def step_begin(self, state):
+            self._start = (time.perf_counter(), time.thread_time())
+
+        def step_end(self, state):
+            self.wall.append(time.perf_counter() - self._start[0])
+            self.cpu.append(time.thread_time() - self._start[1])
+
+    return StepTimer()
+
+
+def dit_rows(size: str = "tiny", repeats: int = 2, steps: int = DIT_STEPS, seed: int = 0) -> list[dict]:
+    """Cost per step of EluCD on a latent DiT model against unguided sampling, with the pipeline's SD VAE and with
+    a lightweight `AutoencoderTiny` decoding the classifier's input (`EluCD(..., decoder=...)`).
+
+    `GuidedDiTPipeline` (DDPMScheduler, guidance scale 1: no null-class pass, so the comparison is against a
+    single transformer forward) runs the three cases in turn, one warm-up call each, then `repeats` rounds. Each
+    step is timed inside the loop (transformer, guidance, EluCD's decode + classifier forward and backward, the
+    scheduler step; not the final VAE decode), so the ratios are per step. EluCD corrects every step (its
+    default window, start 0, stop 1) with the ResNet-50-size random classifier.
+    """
+    import torch
+    from diffusers import DDPMScheduler
+
+    import guidekit
+    from guidekit.pipelines import GuidedDiTPipeline
+
+    torch.set_num_threads(int(os.environ.get("GUIDEKIT_BENCH_THREADS", "1")))
+    transformer, vae, tiny = dit_models(size)
+    classifier = resnet50_classifier()
+    pipe = GuidedDiTPipeline(transformer=transformer, vae=vae, scheduler=DDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    cases = {
+        "unguided": lambda: [],
+        "EluCD, SD VAE decode": lambda: [guidekit.EluCD(classifier, 1)],
+        "EluCD, AutoencoderTiny decode": lambda: [guidekit.EluCD(classifier, 1, decoder=tiny)],
+    }
+    timings = {name: {"wall": [], "cpu": []} for name in cases}
+    names = list(cases)
+    for r in range(repeats + 1):  # round 0 is the warm-up
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            timer = step_timer()
+            pipe([1], guidance_scale=1.0, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                 output_type="pt", hooks=cases[name]() + [timer])
+            if r:
+                timings[name]["wall"].extend(timer.wall)
+                timings[name]["cpu"].extend(timer.cpu)
+    med = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in timings.items()}
+    base = med["unguided"]
+    millions = lambda m: round(sum(p.numel() for p in m.parameters()) / 1e6, 1)  # noqa: E731
+    common = {"size": size, "px": DIT_SIZES[size]["px"], "transformer_M": millions(transformer),
+              "vae_decoder_M": millions(vae.decoder) + millions(vae.post_quant_conv),
+              "tiny_decoder_M": millions(tiny.decoder), "classifier_M": millions(classifier), "steps": steps,
+              "timed_steps": steps * repeats, "threads": torch.get_num_threads(),
+              "unguided_s_per_step": round(base["wall"], 4)}
+    return [{"case": f"DiT {name} vs unguided", "wall_ratio": med[name]["wall"] / base["wall"],
+             "cpu_ratio": round(med[name]["cpu"] / base["cpu"], 4), "s_per_step": round(med[name]["wall"], 4),
+             **common} for name in names[1:]]
+
+
 def stylessp_rows(models, rounds: int, steps: int, sizes: dict) -> tuple[list[dict], list[dict]]:
     """StyleID + StyleSSP against StyleID, per transfer, on each of `models`: each case runs in its own process
     `rounds` times (interleaved, the first case alternating), three timed transfers each without the style cache
@@ -650,6 +750,15 @@ def _frames(text: str, name: str, count: Optional[int] = None) -> tuple[int, ...
               help="Add the pixel EluCD row: cost per step of EluCD with a ResNet-50-size random classifier against "
                    "unguided sampling on a 35.7M-parameter pixel UNet2DModel at 64x64 (3 steps, 3 alternated calls "
                    "each). Off by default: about a minute on a 2-core CPU.")
+@click.option("--dit/--no-dit", default=False,
+              help="Add the latent EluCD rows: cost per step of EluCD on a random DiT against unguided sampling, "
+                   "decoding the classifier's input with the SD VAE and with AutoencoderTiny (--dit-size).")
+@click.option("--dit-size", type=click.Choice(tuple(DIT_SIZES)), default="tiny",
+              help="DiT rows: tiny = DiT-S/2 at 64 px (seconds); mid = DiT-XL/2 at 128 px (minutes on 2 cores); "
+                   "dit-xl = DiT-XL/2 at 256 px, the paper's size (long on a CPU). SD VAE, AutoencoderTiny and "
+                   "the ResNet-50-size classifier are full-size at every size.")
+@click.option("--dit-repeats", type=click.IntRange(1, 20), default=2,
+              help=f"DiT rows: timed calls per case ({DIT_STEPS} steps each) after one warm-up call.")
 @click.option("--styleid/--no-styleid", default=True,
               help="Add the StyleID rows: transfer against DDIM inversion + reconstruction of the content image "
                    "(on mid when chosen, else tiny; --steps steps, 3 alternated calls each).")
@@ -670,11 +779,11 @@ def _frames(text: str, name: str, count: Optional[int] = None) -> tuple[int, ...
               help="FreeNoise rows: guidekit's fusion. block (default): diffusers' fusion point, the same work as "
                    "enable_free_noise; attention: FreeNoise's default, with each frame's projections shared by its "
                    "windows.")
-@click.option("--freenoise-attention-budget", type=click.FloatRange(min=0.0, min_open=True), default=None,
+@click.option("--freenoise-attention-budget", type=FiniteFloatRange(min=0.0, min_open=True), default=None,
               help="FreeNoise rows: guidekit's attention_budget in MiB (default: FreeNoise's, 64 MiB); it bounds the "
                    "largest gathered Q/K/V/score tensor of attention fusion.")
-def bench(sd, models, rounds, steps, json_out, uam, elucd, pixel, styleid, stylessp, freenoise, freenoise_model,
-          freenoise_size, freenoise_steps, freenoise_frames, freenoise_memory_frames, freenoise_fusion,
+def bench(sd, models, rounds, steps, json_out, uam, elucd, pixel, dit, dit_size, dit_repeats, styleid, stylessp, freenoise,
+          freenoise_model, freenoise_size, freenoise_steps, freenoise_frames, freenoise_memory_frames, freenoise_fusion,
           freenoise_attention_budget):
     """Time and memory of hooked pipelines (CFG, APG, CFG + EluCD) against stock diffusers, as a table; StyleID,
     StyleID + StyleSSP and UAM against their plain baselines; FreeNoise against itself and diffusers'."""
@@ -709,6 +818,9 @@ def bench(sd, models, rounds, steps, json_out, uam, elucd, pixel, styleid, style
     pixel_summary = pixel_rows() if pixel else []
     if pixel_summary:
         _echo_ratio_table("pixel EluCD case", "wall per step vs unguided", pixel_summary)
+    dit_summary = dit_rows(dit_size, dit_repeats) if dit else []
+    if dit_summary:
+        _echo_ratio_table("latent EluCD case", "wall per step vs unguided", dit_summary)
     styleid_summary = []
     if styleid:
         model = "mid" if "mid" in chosen else "tiny"
@@ -736,6 +848,7 @@ def bench(sd, models, rounds, steps, json_out, uam, elucd, pixel, styleid, style
         freenoise_summary = {"time": time_rows, "memory": memory_rows, "runs": freenoise_raw}
     if json_out:
         json_out.write_text(json.dumps({"summary": tables, "runs": raw, "elucd": elucd_summary, "pixel": pixel_summary,
+                                         "dit": dit_summary,
                                          "styleid": styleid_summary,
                                          "stylessp": {"summary": stylessp_summary, "runs": stylessp_raw},
                                          "uam": extra, "freenoise": freenoise_summary}, indent=2))
