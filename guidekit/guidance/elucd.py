@@ -256,12 +256,15 @@ class ClassifierGuidance(EluCD):
     """Plain classifier guidance with an off-the-shelf classifier: the uncalibrated baseline of EluCD.
 
     The same hook as :class:`EluCD` with ``softplus_beta=None`` (ReLUs kept), τ₂ = τ₁ (so with the default
-    temperature 1 the plain log-softmax) and γ = 0 (no sine boost): u = s·Σ_t·g for ``schedule="ddpm"``. Compare
-    the two in one line: ``hooks=[guidekit.ClassifierGuidance(clf, "cat")]`` vs ``hooks=[guidekit.EluCD(clf, "cat")]``.
+    temperature 1 the plain log-softmax) and, by default, γ = 0 (no sine boost): u = s·Σ_t·g for
+    ``schedule="ddpm"``. Compare the two in one line: ``hooks=[guidekit.ClassifierGuidance(clf, "cat")]`` vs
+    ``hooks=[guidekit.EluCD(clf, "cat")]``. With ``gamma=0.3`` it keeps EluCD's sine boost, so it differs from
+    ``EluCD(clf, "cat")`` by the calibration alone (the smoothing and the temperatures).
 
     Args:
         classifier, labels, scale, schedule, input, start, stop, gradient_checkpointing: as for :class:`EluCD`.
         temperature (`float`, defaults to `1.0`): τ₁ = τ₂.
+        gamma (`float`, defaults to `0.0`): γ of EluCD's sine boost, ≥ 0; 0 (plain classifier guidance) turns it off.
     """
 
     def __init__(
@@ -275,6 +278,7 @@ class ClassifierGuidance(EluCD):
         start: float = 0.0,
         stop: float = 1.0,
         gradient_checkpointing: bool = False,
+        gamma: float = 0.0,
     ):
         super().__init__(
             classifier,
@@ -284,7 +288,7 @@ class ClassifierGuidance(EluCD):
             joint_temperature=temperature,
             marginal_temperature=temperature,
             schedule=schedule,
-            gamma=0.0,
+            gamma=gamma,
             input=input,
             start=start,
             stop=stop,
