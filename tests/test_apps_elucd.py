@@ -112,6 +112,21 @@ def test_a_folder_that_is_not_a_classifier_is_a_clear_error(no_model_loading, ti
     assert "--classifier: cannot load" in result.output
 
 
+def test_a_multistep_scheduler_is_refused_before_sampling(tiny_sd_dir, classifier_dir, tmp_path):
+    """A model whose own scheduler is a multistep solver: a usage error with the hook's message, and no image."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    folder = tmp_path / "pndm-model"
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_dir))
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(str(folder))
+    out = tmp_path / "x.png"
+    result = generate(folder, out, "--classifier", str(classifier_dir), "--label", "red")
+    assert result.exit_code == 1 and not out.exists(), result.output
+    assert "--classifier: the model's scheduler: PNDMScheduler is a multistep solver" in result.output
+    assert "recommended: DDPMScheduler" in result.output and "Traceback" not in result.output
+
+
 def test_help_names_the_classifier_options():
     result = CliRunner().invoke(main, ["generate", "--help"])
     for option in ("--classifier", "--label", "--classifier-scale", "--calibration", "guidekit.EluCD"):
