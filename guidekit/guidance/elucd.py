@@ -7,6 +7,7 @@ The math lives in :mod:`guidekit.guidance.elucd_math`; this module carries it in
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import threading
 import warnings
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from ..checks import check_choice, check_number, check_window
-from ..hooks import SUPPORTED_SCHEDULERS, SamplerHook, SamplerState, scheduler_family
+from ..hooks import SamplerHook, SamplerState, scheduler_family
 from .classifiers import ImageClassifier, as_classifier, resolve_labels, unsmoothed_warning
 from .elucd_math import (
     calibrated_log_prob,
@@ -26,15 +27,63 @@ from .elucd_math import (
     edm_classifier_input,
     edm_guidance_weight,
     edm_rescale_gradient,
+    nonfinite_message,
     smooth_classifier,
+    zero_nonfinite,
 )
 
-__all__ = ["ClassifierGuidance", "EDM_MAX_GUIDANCE", "EluCD"]
+__all__ = ["ClassifierGuidance", "EDM_MAX_GUIDANCE", "ELUCD_SCHEDULERS", "EluCD", "check_elucd_scheduler"]
 
 #: G, ``max_guidance`` of the official EDM script; ``schedule="edm"`` uses G = scale · EDM_MAX_GUIDANCE.
 EDM_MAX_GUIDANCE = 0.004
 
 Labels = Union[int, str, Sequence[Union[int, str]], torch.Tensor]
+
+#: The schedulers whose step EluCD maps its mean shift onto exactly (subclasses included), by the kind of step.
+#: Each is first order: x_{t−1} depends on this step's prediction only, affinely. Multistep solvers (PNDM, LMS,
+#: DPM-Solver, UniPC) keep earlier predictions and feed them into later steps, so a correction would act again.
+ELUCD_SCHEDULERS = {
+    "DDPMScheduler": "ddpm",
+    "DDIMScheduler": "ddim",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral",
+}
+#: EluCD's own sampler: ancestral DDPM steps.
+RECOMMENDED_SCHEDULER = "DDPMScheduler"
+
+
+def _step_kind(scheduler) -> Optional[str]:
+    for cls in type(scheduler).__mro__:
+        kind = ELUCD_SCHEDULERS.get(cls.__name__)
+        if kind is not None:
+            return kind
+    return None
+
+
+def check_elucd_scheduler(scheduler, who: str = "EluCD") -> None:
+    """Raise the ValueError that EluCD (and ClassifierGuidance) give for a scheduler they cannot guide exactly.
+
+    Entry points call it before they load or run anything, so the user sees the same message everywhere.
+
+    Args:
+        scheduler: a diffusers scheduler (instance).
+        who (`str`, defaults to `"EluCD"`): the hook named in the message.
+    """
+    if _step_kind(scheduler) is not None:
+        return
+    name = type(scheduler).__name__
+    why = (
+        "is a multistep solver: it feeds earlier predictions into later steps, so a correction would act again "
+        "there and the step's mean would not move by EluCD's shift"
+        if name in ("PNDMScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                    "DEISMultistepScheduler")
+        else "is not one whose step guidekit maps the correction onto"
+    )
+    raise ValueError(
+        f"scheduler: {name} {why}; accepted by {who}: {', '.join(ELUCD_SCHEDULERS)}; recommended: "
+        f"{RECOMMENDED_SCHEDULER} (ancestral DDPM, EluCD's own sampler), e.g. "
+        f"pipe.scheduler = {RECOMMENDED_SCHEDULER}.from_config(pipe.scheduler.config)"
+    )
 
 
 class EluCD(SamplerHook):
@@ -46,21 +95,25 @@ class EluCD(SamplerHook):
     1. x̂0 = ``state.to_x0(pred)`` (eps, v and x0 prediction; model-input space, so sigma schedulers too);
     2. the classifier input: x̂0 (``input="x0"``), or the model input x_t divided by max(1, RMS(x_t))
        (``input="xt"``, the official EDM path). Latent models (a pipeline with a ``vae``) decode it with the
-       pipeline's VAE, differentiably; pixel models with ``input="x0"`` classify x̂0 clipped to [-1, 1], as the
-       official DDPM path does;
+       pipeline's VAE (or the lighter ``decoder`` you give), differentiably, in float32 where the autoencoder's
+       config asks for it (``force_upcast``), as diffusers' SDXL pipeline decodes; pixel models with
+       ``input="x0"`` classify x̂0 clipped to [-1, 1], as the official DDPM path does;
     3. g = ∇ log p̃(y|·) of the calibrated log-probability
        log p̃(y|x) = τ₁·f_y(x) − logsumexp(τ₂·f(x)) (:func:`~guidekit.guidance.calibrated_log_prob`), taken with
        respect to the latent x̂0 (or x_t) through the decoder and the classifier only, never through the denoiser,
        with the classifier's ReLUs smoothed into Softplus(β);
     4. the intended shift u of the step's mean (the schedule, below);
-    5. x̂0 ← x̂0 + u / c_t, converted back to the model's prediction type with ``state.from_x0``.
+    5. x̂0 ← x̂0 + u / k_t, converted back to the model's prediction type with ``state.from_x0`` (k_t below).
 
     **How the weights map onto diffusers schedulers.** EluCD's DDPM path moves the mean of the ancestral step
-    p(x_{t−1}|x_t) by u = (Σ_t + a_t)·s·g. In VP terms (model input x_t = α_t·x0 + σ_t·ε, ᾱ_t = α_t²), a DDPM
-    step's mean is μ = c_t·x̂0 + d_t·x_t with c_t = √ᾱ_prev·(1 − ᾱ_t/ᾱ_prev)/(1 − ᾱ_t), so correcting x̂0 by u/c_t
-    moves μ by exactly u: with ``DDPMScheduler`` (fixed variance) this hook *is* EluCD's update. Other samplers
-    (DDIM, PNDM, Euler, DPM-Solver) get the same x̂0 correction and carry it into x_{t−1} with their own
-    coefficient of x̂0. The terms, per step i of N (``state.num_steps``):
+    p(x_{t−1}|x_t) by u = (Σ_t + a_t)·s·g. Each accepted scheduler's step is affine in the prediction, with its own
+    coefficient k_t of x̂0 in x_{t−1} (model-input units; ``DDPMScheduler``: the posterior mean's
+    c_t = √ᾱ_prev·(1 − ᾱ_t/ᾱ_prev)/(1 − ᾱ_t); ``DDIMScheduler``: √ᾱ_prev − √(1 − ᾱ_prev − η²Σ_t)·√(ᾱ_t/(1 − ᾱ_t)),
+    about c_t/2 at many steps; ``EulerDiscreteScheduler`` and ``EulerAncestralDiscreteScheduler``: their step's),
+    so correcting x̂0 by u/k_t moves x_{t−1} by exactly u on every one of them (unless the scheduler clips or
+    thresholds x̂0). Multistep solvers (PNDM, LMS, DPM-Solver, UniPC) are refused with a ValueError: they feed
+    earlier predictions into later steps, where a correction would act again. The terms, per step i of N
+    (``state.num_steps``):
 
     * ᾱ_t: this step's noise level (``state.alpha_sigma``); ᾱ_prev: the level the scheduler steps to (timestep
       schedulers: ``previous_timestep`` or t − T_train/N, then ``final_alpha_cumprod`` or 1 past the end; sigma
@@ -70,7 +123,7 @@ class EluCD(SamplerHook):
       adds, and the fixed-variance counterpart of the learned Σ_t of the official ADM model;
     * ``schedule="ddpm"``: u = s·(Σ_t + a_t)·g with a_t = γ·max_var·sin(π·t/N), t = N − 1 − i (the official
       respaced index) and max_var the running maximum of Σ over the call's steps so far
-      (:func:`~guidekit.guidance.ddpm_guidance_weight`). Since Σ_t/c_t = (1 − ᾱ_prev)/√ᾱ_prev, the plain part
+      (:func:`~guidekit.guidance.ddpm_guidance_weight`). On DDPM, Σ_t/c_t = (1 − ᾱ_prev)/√ᾱ_prev: the plain part
       corrects x̂0 by s·(1 − ᾱ_prev)/√ᾱ_prev·g: strongly at high noise, fading to nothing at the end;
     * ``schedule="edm"``: u = g/RMS(g)·RMS(x_t)·λ_i per image, λ_i = max(G·(N+1−i)/(N+1), 10⁻⁵) + G·γ·sin(π·i/N),
       G = s·0.004 (the official script's ``max_guidance``; :func:`~guidekit.guidance.edm_guidance_weight`,
@@ -82,7 +135,7 @@ class EluCD(SamplerHook):
     classifier input (the latent, or x_t for ``input="xt"``), with no 1/√ᾱ chain factor, as in the official code.
     A step where ᾱ_prev ≤ ᾱ_t (a repeated timestep) gets no correction. An image whose gradient is zero or not
     finite (overflow in a half-precision VAE, a classifier that ignores its input) gets no correction, so the hook
-    never produces NaN.
+    never produces NaN; non-finite ones are counted, and the call ends with one warning giving the count.
 
     Args:
         classifier: the image classifier: a ``guidekit.guidance.TransformersClassifier`` /
@@ -116,7 +169,21 @@ class EluCD(SamplerHook):
         gradient_checkpointing (`bool`, defaults to `False`): recompute the VAE decoder's activations in the
             backward pass instead of keeping them (less memory, one more decoder forward). Switched on only
             during the hook's own decode; the VAE is left as it was.
+        decoder (`nn.Module`, *optional*): a cheaper autoencoder that decodes the classifier's input instead of
+            the pipeline's VAE, e.g. diffusers' ``AutoencoderTiny`` loaded from weights trained for the pipeline's
+            latent space (TAESD for SD 1.x/2.x and DiT, TAESDXL for SDXL). Anything with ``decode(z,
+            return_dict=False)`` and a ``config`` holding ``scaling_factor`` is accepted; the latents are scaled
+            for it from its own config exactly as for the VAE (z / scaling_factor, plus shift_factor or
+            latents_mean/std when set), which for ``AutoencoderTiny`` (scaling_factor 1.0) hands it the model's
+            latents unscaled, as diffusers' pipelines do when it is their ``vae``. The pipeline's own final
+            decode is unchanged. Put it on the pipeline's device and dtype; it is never modified. The gradient
+            is the decoder's, not the VAE's: it is cheaper per step (``guidekit bench --dit``) and only as close
+            to the VAE's as the decoder's images are to the VAE's.
 
+    When the autoencoder that decodes (the VAE or ``decoder``) is float16 and its config has ``force_upcast``,
+    the hook decodes and backpropagates through a float32 copy of its decoding half, made once per call and
+    dropped at the end of the call (your autoencoder is never converted, not even for a moment), with the latent
+    and the gradient in float32 too.
     Per-call state (the running max_var) lives in the call's `SamplerState`, so one object serves several calls.
     """
 
@@ -134,6 +201,7 @@ class EluCD(SamplerHook):
         start: float = 0.0,
         stop: float = 1.0,
         gradient_checkpointing: bool = False,
+        decoder: Optional[nn.Module] = None,
     ):
         self.classifier = as_classifier(classifier)
         self.labels = resolve_labels(labels, self.classifier.id2label)
@@ -151,21 +219,24 @@ class EluCD(SamplerHook):
         if not isinstance(gradient_checkpointing, bool):
             raise ValueError(f"gradient_checkpointing: {gradient_checkpointing!r} is not accepted; accepted: True or False")
         self.gradient_checkpointing = gradient_checkpointing
+        self.decoder = _check_decoder(decoder)
         self._smoothed: Optional[nn.Module] = None
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ checks
 
     def validate(self, state: SamplerState) -> None:
-        if scheduler_family(state.scheduler) is None:
+        check_elucd_scheduler(state.scheduler, type(self).__name__)
+        vae = _vae(state)
+        if self.decoder is not None and vae is None:
             raise ValueError(
-                f"scheduler: {type(self).__name__} needs x0 conversions, which guidekit does not know for "
-                f"{type(state.scheduler).__name__}; accepted: {', '.join(sorted(SUPPORTED_SCHEDULERS))}"
+                f"decoder: a {type(self.decoder).__name__} is not accepted for a pipeline with no VAE (a pixel "
+                f"model: the classifier reads x̂0 itself); accepted: None"
             )
         if self.gradient_checkpointing:
-            vae = _vae(state)
-            if vae is None or not _checkpointable(vae):
-                what = "no VAE" if vae is None else f"a {type(vae).__name__} whose decoder cannot checkpoint"
+            source = self.decoder if self.decoder is not None else vae
+            if source is None or not _checkpointable(source):
+                what = "no VAE" if source is None else f"a {type(source).__name__} whose decoder cannot checkpoint"
                 raise ValueError(
                     f"gradient_checkpointing: True is not accepted for a pipeline with {what}; accepted: False"
                 )
@@ -176,6 +247,7 @@ class EluCD(SamplerHook):
     # ------------------------------------------------------------------ the step
 
     def correct(self, state: SamplerState, pred: torch.Tensor) -> torch.Tensor:
+        check_elucd_scheduler(state.scheduler, type(self).__name__)
         memory = state.memory(self)
         alpha_bar, alpha_bar_prev = _alpha_bars(state)
         moves = alpha_bar_prev > alpha_bar
@@ -189,26 +261,53 @@ class EluCD(SamplerHook):
         classifier = self._classifier(pred.device)
         x0 = state.to_x0(pred)
         x_t = state.model_input.to(x0.dtype)
-        vae = _vae(state)
+        autoencoder = self._autoencoder(state, memory, x0.shape[1])
         if self.input == "x0":
-            point = x0 if vae is not None else x0.clamp(-1.0, 1.0)
+            point = x0 if autoencoder is not None else x0.clamp(-1.0, 1.0)
         else:
             point = edm_classifier_input(x_t)
+        if autoencoder is not None and memory.get("upcast"):
+            point = point.float()  # an upcast decode takes its latent and gives its gradient in float32 too
 
         def log_prob(x: torch.Tensor) -> torch.Tensor:
-            images = x if vae is None else _decode(vae, x, self.gradient_checkpointing)
-            logits = classifier(images)
+            images = x if autoencoder is None else _decode(autoencoder, x, self.gradient_checkpointing)
+            logits = classifier(images.to(pred.device))
             return calibrated_log_prob(logits, labels, self.joint_temperature, self.marginal_temperature)
 
-        grad = classifier_gradient(log_prob, point)
+        grad, nonfinite = classifier_gradient(log_prob, point, return_nonfinite=True)
         shift = self._mean_shift(state, memory, grad, x_t, variance)
-        c_t = math.sqrt(alpha_bar_prev) * (1.0 - alpha_bar / alpha_bar_prev) / (1.0 - alpha_bar)
-        delta = shift / c_t
-        finite = torch.isfinite(delta.flatten(1)).all(dim=1).view(-1, *([1] * (delta.dim() - 1)))
-        delta = torch.where(finite, delta, torch.zeros_like(delta))
+        delta, overflow = zero_nonfinite(shift / _x0_coefficient(state, alpha_bar, alpha_bar_prev))
+        memory["nonfinite"] = memory.get("nonfinite", 0) + nonfinite + overflow
+        memory["guided"] = memory.get("guided", 0) + delta.shape[0]
         # pred + (from_x0(x̂0 + Δ) − from_x0(x̂0)): from_x0 is affine, and an image with Δ = 0 keeps its exact value.
         change = state.from_x0(x0 + delta) - state.from_x0(x0)
         return (pred.to(change.dtype) + change).to(pred.dtype)
+
+    def end(self, state: SamplerState) -> None:
+        memory = state.memory(self)
+        if memory.get("nonfinite"):
+            # Once per call, with the count: a guidance method must never switch itself off without a word.
+            message = nonfinite_message("the classifier gradient", memory["nonfinite"], memory["guided"],
+                                        "image-steps of this call", method=type(self).__name__)
+            warnings.warn(message, UserWarning, stacklevel=2)
+        memory.pop("decoder", None)  # the call's float32 copy, if any: free it now
+
+    def _autoencoder(self, state: SamplerState, memory: dict, channels: int) -> Optional[nn.Module]:
+        """What decodes the classifier's input: `decoder` or the pipeline's VAE (None for pixel models), or, where
+        it is float16 and its config asks for upcasting, the call's float32 copy of it."""
+        source = self.decoder if self.decoder is not None else _vae(state)
+        if source is None:
+            return None
+        if "decoder" not in memory:
+            wanted = getattr(source.config, "latent_channels", None)
+            if self.decoder is not None and wanted is not None and int(wanted) != channels:
+                raise ValueError(
+                    f"decoder: a {type(source).__name__} with {wanted} latent channels is not accepted for a model "
+                    f"with {channels}; accepted: an autoencoder of the pipeline's latent space"
+                )
+            memory["upcast"] = _needs_upcast(source)
+            memory["decoder"] = _float32_decoder(source) if memory["upcast"] else source
+        return memory["decoder"]
 
     def _mean_shift(self, state, memory, grad, x_t, variance) -> torch.Tensor:
         """u, the shift of the step's mean (see the class docstring)."""
@@ -256,7 +355,8 @@ class EluCD(SamplerHook):
             f"{type(self).__name__}(classifier={type(self.classifier.model).__name__}, labels={self.labels!r}, "
             f"scale={self.scale}, softplus_beta={self.softplus_beta}, joint_temperature={self.joint_temperature}, "
             f"marginal_temperature={self.marginal_temperature}, schedule={self.schedule!r}, gamma={self.gamma}, "
-            f"input={self.input!r}, start={self.start}, stop={self.stop})"
+            f"input={self.input!r}, start={self.start}, stop={self.stop}"
+            + (f", decoder={type(self.decoder).__name__}" if self.decoder is not None else "") + ")"
         )
 
 
@@ -264,12 +364,16 @@ class ClassifierGuidance(EluCD):
     """Plain classifier guidance with an off-the-shelf classifier: the uncalibrated baseline of EluCD.
 
     The same hook as :class:`EluCD` with ``softplus_beta=None`` (ReLUs kept), τ₂ = τ₁ (so with the default
-    temperature 1 the plain log-softmax) and γ = 0 (no sine boost): u = s·Σ_t·g for ``schedule="ddpm"``. Compare
-    the two in one line: ``hooks=[guidekit.ClassifierGuidance(clf, "cat")]`` vs ``hooks=[guidekit.EluCD(clf, "cat")]``.
+    temperature 1 the plain log-softmax) and, by default, γ = 0 (no sine boost): u = s·Σ_t·g for
+    ``schedule="ddpm"``. Compare the two in one line: ``hooks=[guidekit.ClassifierGuidance(clf, "cat")]`` vs
+    ``hooks=[guidekit.EluCD(clf, "cat")]``. With ``gamma=0.3`` it keeps EluCD's sine boost, so it differs from
+    ``EluCD(clf, "cat")`` by the calibration alone (the smoothing and the temperatures).
 
     Args:
-        classifier, labels, scale, schedule, input, start, stop, gradient_checkpointing: as for :class:`EluCD`.
+        classifier, labels, scale, schedule, input, start, stop, gradient_checkpointing, decoder: as for
+            :class:`EluCD`.
         temperature (`float`, defaults to `1.0`): τ₁ = τ₂.
+        gamma (`float`, defaults to `0.0`): γ of EluCD's sine boost, ≥ 0; 0 (plain classifier guidance) turns it off.
     """
 
     def __init__(
@@ -283,6 +387,8 @@ class ClassifierGuidance(EluCD):
         start: float = 0.0,
         stop: float = 1.0,
         gradient_checkpointing: bool = False,
+        decoder: Optional[nn.Module] = None,
+        gamma: float = 0.0,
     ):
         super().__init__(
             classifier,
@@ -292,11 +398,12 @@ class ClassifierGuidance(EluCD):
             joint_temperature=temperature,
             marginal_temperature=temperature,
             schedule=schedule,
-            gamma=0.0,
+            gamma=gamma,
             input=input,
             start=start,
             stop=stop,
             gradient_checkpointing=gradient_checkpointing,
+            decoder=decoder,
         )
 
 
@@ -330,6 +437,33 @@ def _alpha_bars(state: SamplerState) -> tuple[float, float]:
     return alpha_bar, 1.0 / (1.0 + sigma_next * sigma_next)
 
 
+def _x0_coefficient(state: SamplerState, alpha_bar: float, alpha_bar_prev: float) -> float:
+    """k_t = ∂x_{t−1}/∂x̂0 of this step of the scheduler, in model-input (VP) units: correcting x̂0 by u/k_t moves
+    x_{t−1} by exactly u. Every accepted step is affine in the prediction, so k_t is the scheduler's own coefficient
+    of x̂0 (with ε̂ or the ODE direction re-derived from x̂0 and x_t):
+
+    * DDPM: the posterior mean's c_t = √ᾱ_prev·(1 − ᾱ_t/ᾱ_prev)/(1 − ᾱ_t);
+    * DDIM: √ᾱ_prev − √(1 − ᾱ_prev − σ_η²)·√(ᾱ_t/(1 − ᾱ_t)), σ_η² = η²·Σ_t (η of the call, 0 by default);
+    * Euler: latents x = x0 + σ·ε step to x + (σ' − σ)·(x − x̂0)/σ, so 1 − σ'/σ in latent units, times
+      α' = 1/√(σ'² + 1) in model-input units (σ' the sigma stepped to);
+    * Euler ancestral: the same with σ' = σ_down, the deterministic part of its step (then noise σ_up is added).
+    """
+    a, ap = alpha_bar, alpha_bar_prev
+    kind = _step_kind(state.scheduler)
+    if kind == "ddpm":
+        return math.sqrt(ap) * (1.0 - a / ap) / (1.0 - a)
+    if kind == "ddim":
+        eta = float(state.extras.get("eta", 0.0))
+        variance = (1.0 - ap) / (1.0 - a) * (1.0 - a / ap)
+        return math.sqrt(ap) - math.sqrt(max(1.0 - ap - eta * eta * variance, 0.0)) * math.sqrt(a / (1.0 - a))
+    sigma, sigma_to = math.sqrt((1.0 - a) / a), math.sqrt((1.0 - ap) / ap)
+    alpha_to = math.sqrt(ap)  # 1/√(σ'² + 1), the scaling of the next step's model input
+    if kind == "euler_ancestral":
+        sigma_up = math.sqrt(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2)
+        sigma_to = math.sqrt(sigma_to**2 - sigma_up**2)
+    return (1.0 - sigma_to / sigma) * alpha_to
+
+
 def _vae(state: SamplerState) -> Optional[nn.Module]:
     pipe = state.extras.get("pipeline")
     return getattr(pipe, "vae", None) if pipe is not None else None
@@ -361,6 +495,37 @@ def _decode(vae: nn.Module, latents: torch.Tensor, checkpointing: bool) -> torch
     context = _decoder_checkpointing(vae) if checkpointing else contextlib.nullcontext()
     with context:
         return vae.decode(z, return_dict=False)[0]
+
+
+def _check_decoder(decoder) -> Optional[nn.Module]:
+    if decoder is None:
+        return None
+    config = getattr(decoder, "config", None)
+    factor = getattr(config, "scaling_factor", None)
+    if (not isinstance(decoder, nn.Module) or not callable(getattr(decoder, "decode", None))
+            or isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0):
+        raise ValueError(
+            f"decoder: {type(decoder).__name__} is not accepted; accepted: None, or an nn.Module autoencoder with "
+            f"decode(z, return_dict=False) and a config with a positive scaling_factor (e.g. diffusers' AutoencoderTiny)"
+        )
+    return decoder
+
+
+def _needs_upcast(autoencoder: nn.Module) -> bool:
+    """diffusers' rule (SDXL pipelines): a float16 autoencoder whose config sets force_upcast decodes in float32."""
+    param = next(autoencoder.parameters(), None)
+    upcast = bool(getattr(autoencoder.config, "force_upcast", False))
+    return param is not None and param.dtype == torch.float16 and upcast
+
+
+def _float32_decoder(autoencoder: nn.Module) -> nn.Module:
+    """A float32 copy of `autoencoder` for decoding, leaving the original alone. diffusers' pipelines instead
+    convert the VAE itself to float32 and back around their decode; doing that at every step would convert it
+    twice per step and leave the user's VAE float32 if the step raised. The encoder is not copied (the hook never
+    encodes; it holds about 40% of an SD VAE's parameters)."""
+    skip = {id(module): None for name in ("encoder", "quant_conv")
+            if isinstance(module := getattr(autoencoder, name, None), nn.Module)}
+    return copy.deepcopy(autoencoder, memo=skip).float()
 
 
 def _checkpointable(vae: nn.Module) -> bool:
