@@ -785,13 +785,22 @@ def size_multiple(pipe) -> int:
     """
     factor = vae_factor(pipe)
     patch = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "patch_size", None)
-    if isinstance(patch, int) and patch > 1:
+    if hasattr(pipe, "_pack_latents"):
+        # Flux and Qwen-Image pack 2x2 latent pixels into one token, whatever the transformer's patch_size says
+        # (Flux's is 1); their pipelines ask for multiples of twice the VAE factor
+        factor *= 2
+    elif isinstance(patch, int) and patch > 1:
         factor *= patch
     return math.lcm(8, factor)
 
 
 def default_size(pipe) -> int:
-    return int(pipe.unet.config.sample_size) * vae_factor(pipe)
+    """The model's native image side in pixels: the UNet's sample size, or a transformer pipeline's
+    `default_sample_size` (SD3, Flux, Qwen-Image), times the VAE factor."""
+    unet = getattr(pipe, "unet", None)
+    if unet is not None:
+        return int(unet.config.sample_size) * vae_factor(pipe)
+    return int(pipe.default_sample_size) * vae_factor(pipe)
 
 
 def is_embedded_pipe(pipe) -> bool:
