@@ -1244,7 +1244,9 @@ def launch(demo, host: str = "127.0.0.1", port: Optional[int] = None, **kwargs):
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--model", metavar="ID_OR_PATH", default=None,
-              help="Hub id or local folder of a Stable Diffusion model; default: the embedded toy model.")
+              help="Hub id or local folder of a Stable Diffusion 1.x/2.x, SDXL, SD3, Flux or Qwen-Image model (the "
+                   "family is read from its model_index.json; SD3, Flux and Qwen-Image run the Generate and Sweep "
+                   "tabs); default: the embedded toy model.")
 @click.option("--host", default="127.0.0.1", metavar="ADDR", help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", default=7860, metavar="INT", type=click.IntRange(1, 65535), help="Port to listen on.")
 @click.option("--max-steps", default=Limits.max_steps, metavar="INT", type=click.IntRange(1, 1000),

@@ -83,7 +83,7 @@ def pipeline_class(config: dict, model: str):
     """The hooked pipeline class for a model whose `model_index.json` is `config`, from its `_class_name`
     (`guidekit.apps.families`): Stable Diffusion 1.x/2.x, SDXL, SD3, Flux or Qwen-Image.
 
-    Raises `ModelLoadError` for any other pipeline; a Wan text-to-video model is refused with what runs it.
+    Raises `ModelLoadError` for any other pipeline; a Wan text-to-video model is refused naming `guidekit video`.
     """
     from .families import family_of_config, hooked_class
 
@@ -91,8 +91,7 @@ def pipeline_class(config: dict, model: str):
     if family is not None and family.video:
         raise ModelLoadError(
             f"--model: {model} is a {config.get('_class_name')} (model_index.json), a {family.label} text-to-video "
-            f"model; guidekit's image entry points do not take it: run it from Python with "
-            f"guidekit.pipelines.{family.hooked} (its `hooks` take guidekit.CFG() or guidekit.APG())"
+            f"model; accepted here: an image model. Make a video with guidekit video --model {model} (CFG, or --apg)"
         )
     if family is not None:
         return hooked_class(family)

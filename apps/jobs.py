@@ -808,7 +808,8 @@ def read_jobs(path: str | Path, family=None) -> tuple[list[Job], list[tuple[int,
 # Running one call.
 
 def vae_factor(pipe) -> int:
-    return int(getattr(pipe, "vae_scale_factor", 8))
+    """The VAE's spatial factor (Wan's pipelines call it `vae_scale_factor_spatial`)."""
+    return int(getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", 8))
 
 
 def size_multiple(pipe) -> int:
@@ -822,6 +823,8 @@ def size_multiple(pipe) -> int:
     """
     factor = vae_factor(pipe)
     patch = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "patch_size", None)
+    if isinstance(patch, (tuple, list)) and patch:
+        patch = patch[-1]  # Wan's (frames, height, width) patch: its spatial side
     if hasattr(pipe, "_pack_latents"):
         # Flux and Qwen-Image pack 2x2 latent pixels into one token, whatever the transformer's patch_size says
         # (Flux's is 1); their pipelines ask for multiples of twice the VAE factor

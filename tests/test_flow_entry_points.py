@@ -116,7 +116,7 @@ def test_generate_refuses_classifier_guidance_on_flow_families(family, flow_dirs
 def test_generate_refuses_a_wan_folder_naming_what_runs_it(wan_dir, tmp_path):
     result = CliRunner().invoke(generate, ["a cat", "--model", str(wan_dir), "--out", str(tmp_path / "x.png")])
     assert result.exit_code == 1, result.output
-    assert "WanPipeline" in result.output and "GuidedWanPipeline" in result.output
+    assert "WanPipeline" in result.output and "guidekit video --model" in result.output
     assert not (tmp_path / "x.png").exists()
 
 
@@ -202,3 +202,60 @@ def test_demo_generate_tab_on_a_flow_folder(flow_dirs, calls):
                         (lambda: backend.classifier_guidance("", "1", 1.0, 0, 2), "EluCD")):
         with pytest.raises(JobError, match=f"{method}.*does not run on Stable Diffusion 3"):
             run()
+
+
+@pytest.mark.parametrize("apg", [False, True])
+def test_video_runs_a_wan_folder_with_the_wan_class(apg, wan_dir, monkeypatch, tmp_path):
+    from guidekit.apps.video import video
+    from guidekit.pipelines import GuidedWanPipeline
+
+    seen = []
+    original = GuidedWanPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append((type(self), kwargs))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GuidedWanPipeline, "__call__", spy)
+    out = tmp_path / "x.gif"
+    args = ["a cat", "--model", str(wan_dir), "--frames", "5", "--steps", "2", "--size", str(SIZE), "--scale", "4",
+            "--out", str(out)] + (["--apg"] if apg else [])
+    result = CliRunner().invoke(video, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as im:
+        assert im.size == (SIZE, SIZE) and im.n_frames == 5
+    (used, kwargs), = seen
+    assert used is GuidedWanPipeline and kwargs["guidance_scale"] == 4.0 and kwargs["num_frames"] == 5
+    assert isinstance(kwargs["hooks"][0], guidekit.APG if apg else guidekit.CFG)
+
+
+@pytest.mark.parametrize("option, method", [(["--context-length", "8"], "FreeNoise"),
+                                            (["--prompt", "0:a red cat"], "prompt travel"),
+                                            (["--frames", "6"], "4k + 1")])
+def test_video_refuses_what_wan_cannot_run(option, method, wan_dir, tmp_path):
+    from guidekit.apps.video import video
+
+    result = CliRunner().invoke(video, ["a cat", "--model", str(wan_dir), "--size", str(SIZE), "--out",
+                                        str(tmp_path / "x.gif"), *option])
+    assert result.exit_code == 2, result.output
+    assert method in result.output and option[0] in result.output
+    assert not (tmp_path / "x.gif").exists()
+
+
+def test_video_refuses_an_image_flow_model(flow_dirs, tmp_path):
+    from guidekit.apps.video import video
+
+    result = CliRunner().invoke(video, ["a cat", "--model", str(flow_dirs["sd3"]), "--out", str(tmp_path / "x.gif")])
+    assert result.exit_code == 2, result.output
+    assert "Stable Diffusion 3" in result.output and "guidekit generate" in result.output
+
+
+def test_style_refuses_a_flow_model_naming_styleid_and_the_family(flow_dirs, tmp_path):
+    from guidekit.apps.style import style
+
+    for name in ("content.png", "style.png"):
+        Image.new("RGB", (SIZE, SIZE), (200, 30, 30)).save(tmp_path / name)
+    result = CliRunner().invoke(style, [str(tmp_path / "content.png"), str(tmp_path / "style.png"), "--model",
+                                        str(flow_dirs["flux"]), "--out", str(tmp_path / "x.png")])
+    assert result.exit_code == 2, result.output
+    assert "StyleID" in result.output and "Flux" in result.output and "--model" in result.output
