@@ -230,7 +230,7 @@ def test_video_runs_a_wan_folder_with_the_wan_class(apg, wan_dir, monkeypatch, t
 
 
 @pytest.mark.parametrize("option, method", [(["--context-length", "8"], "FreeNoise"),
-                                            (["--prompt", "0:a red cat"], "prompt travel"),
+                                            (["--prompt", "4:a red cat"], "prompt travel"),
                                             (["--frames", "6"], "4k + 1")])
 def test_video_refuses_what_wan_cannot_run(option, method, wan_dir, tmp_path):
     from guidekit.apps.video import video
