@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 __all__ = ["Family", "FAMILIES", "FLOW_METHODS", "METHOD_NAMES", "MethodRefused", "family_of_config",
-           "family_of_pipe", "check_method", "scale_kwargs"]
+           "family_of_pipe", "check_method", "check_scale", "scale_kwargs", "slot_hooks"]
 
 #: What the messages call each method (the key is the name the entry points check).
 METHOD_NAMES = {
@@ -150,6 +150,25 @@ def scale_kwargs(family: Optional[Family], scale: float, negative_prompt=None) -
     prompt; a true-CFG family (Flux, Qwen-Image) gets "" when none is given, so that the unconditional pass,
     which CFG and APG need, runs."""
     name = family.scale_argument if family is not None else "guidance_scale"
-    if family is not None and family.true_cfg and not negative_prompt:
+    if family is not None and family.true_cfg and not negative_prompt and scale > 1:
         negative_prompt = ""
     return {name: scale, "negative_prompt": negative_prompt}
+
+
+def check_scale(family: Optional[Family], scale: float) -> None:
+    """Raise `ValueError` for a scale below 1 on a true-CFG family: its pipeline runs no unconditional pass at
+    true_cfg_scale <= 1, so w < 1 cannot mean what it means elsewhere (uncond + w (cond - uncond))."""
+    if family is not None and family.true_cfg and scale < 1:
+        raise ValueError(f"{scale:g} is below 1, where {family.label} ({family.stock}) runs no unconditional pass "
+                         f"(its {family.scale_argument} turns true CFG on above 1); accepted there: 1 (no guidance) "
+                         "or above")
+
+
+def slot_hooks(family: Optional[Family], scale: float, hooks: list) -> list:
+    """The guidance-slot hooks of a call: none on a true-CFG family at w = 1, whose pipeline then runs only the
+    conditional pass; CFG and APG give exactly the conditional prediction at w = 1 (APG asks for no
+    unconditional pass at w <= 1), so the image is theirs, and the pipeline's refusal of a hook without an
+    unconditional pass does not apply."""
+    if family is not None and family.true_cfg and scale <= 1:
+        return []
+    return list(hooks)

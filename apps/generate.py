@@ -27,7 +27,7 @@ from guidekit import toy as _toy
 from guidekit.checks import MAX_IMAGE_SIDE
 
 from .cli import FiniteFloatRange, ImageSize, check_size_option
-from .families import scale_kwargs
+from .families import check_scale, scale_kwargs, slot_hooks
 
 #: Denoising steps when none are given (and no recommendation applies).
 DEFAULT_STEPS = 25
@@ -364,9 +364,13 @@ def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, mo
     model_scale = None
     if model is None:
         model, model_scale = default_model()
-    pipe, name = load_pipeline(model, device=device)
     if scale is None:
         scale = model_scale or (family.default_scale if family is not None else None) or 7.5
+    try:
+        check_scale(family, scale)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--scale'") from None
+    pipe, name = load_pipeline(model, device=device)
     width, height = check_size(pipe, size)
     apg = apg_settings(model, eta=eta, norm_threshold=norm_threshold, momentum=momentum)
     hook = build_hook(guidance, apg["eta"], None if no_rescale else apg["norm_threshold"], apg["momentum"])
@@ -380,7 +384,7 @@ def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, mo
             width=width,
             height=height,
             generator=generator,
-            hooks=[hook] if correction is None else [hook, correction],
+            hooks=slot_hooks(family, scale, [hook]) + ([] if correction is None else [correction]),
         ).images[0]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")

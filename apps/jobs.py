@@ -769,6 +769,13 @@ def check_family(params: dict, family, where: str = "") -> None:
     if params.get("guidance_rescale"):
         raise JobError(f"{where}guidance_rescale: CFG rescale is not taken by {family.label} models "
                        f"({family.stock}); accepted there: 0 (or leave it out)")
+    if not is_video(params) and not is_style(params):
+        from .families import check_scale
+
+        try:
+            check_scale(family, params["guidance_scale"])
+        except ValueError as e:
+            raise JobError(f"{where}guidance_scale: {e}") from None
 
 
 def _job_where(line: int, raw: Any) -> str:
@@ -1106,14 +1113,14 @@ def generate(pipe, params: dict, seeds: Iterable[int], generator_device: str = "
         output_type="np",
     )
     extra = method.call_kwargs(params)
-    from .families import family_of_pipe
+    from .families import family_of_pipe, slot_hooks
 
     family = family_of_pipe(pipe)
     if family is not None and family.is_flow:
         check_family(params, family)  # not through `resolve`: a nonzero rescale is refused there
         extra.pop("guidance_rescale", None)  # 0: plain CFG, the flow pipelines' only CFG
     kwargs.update(extra)
-    hooks = list(method.build(params))
+    hooks = slot_hooks(family, params["guidance_scale"], method.build(params))
     if params.get("classifier") is not None:
         classifiers = classifiers if classifiers is not None else ClassifierCache()
         if not isinstance(params["label"], int):  # not through `resolve`

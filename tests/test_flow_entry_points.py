@@ -259,3 +259,26 @@ def test_style_refuses_a_flow_model_naming_styleid_and_the_family(flow_dirs, tmp
                                         str(flow_dirs["flux"]), "--out", str(tmp_path / "x.png")])
     assert result.exit_code == 2, result.output
     assert "StyleID" in result.output and "Flux" in result.output and "--model" in result.output
+
+
+def test_true_cfg_scale_of_one_is_the_conditional_pass_and_below_one_is_refused(flow_dirs, calls, tmp_path):
+    """Flux runs no unconditional pass at true_cfg_scale <= 1. CFG and APG at w = 1 are the conditional prediction
+    (APG asks for no unconditional pass at w <= 1), so w = 1 runs the conditional pass alone; w < 1, which
+    elsewhere extrapolates towards the unconditional prediction, is refused."""
+    result = run_generate("a red circle", "--model", flow_dirs["flux"], "--guidance", "apg", "--scale", 1,
+                          "--steps", 1, "--size", SIZE, "--out", tmp_path / "one.png")
+    assert result.exit_code == 0, result.output
+    (_cls, kwargs), = calls
+    assert kwargs["true_cfg_scale"] == 1.0 and kwargs["negative_prompt"] is None and kwargs["hooks"] == []
+    result = CliRunner().invoke(generate, ["a cat", "--model", str(flow_dirs["flux"]), "--scale", "0.5",
+                                           "--out", str(tmp_path / "half.png")])
+    assert result.exit_code == 2 and "--scale" in result.output and "below 1" in result.output, result.output
+    from guidekit.apps.demo import DemoBackend, Limits
+    from guidekit.apps.jobs import JobError, load_pipeline
+
+    pipe, name = load_pipeline(str(flow_dirs["flux"]))
+    backend = DemoBackend(pipe, name, Limits(max_steps=4, max_size=64))
+    grid, table = backend.sweep("a red circle", "", 0, 1, SIZE, SIZE, "1, 3", 0.0, 15.0, -0.5)
+    assert [row[0] for row in table] == [1.0, 3.0]
+    with pytest.raises(JobError, match="guidance_scale: 0.5 is below 1"):
+        backend.sweep("a red circle", "", 0, 1, SIZE, SIZE, "0.5", 0.0, 15.0, -0.5)
