@@ -278,10 +278,10 @@ def reconstruct(image, out, model, steps, size, device, prompt, guidance, baseli
     except ValueError as e:
         raise UAMError(str(e)) from None
     rec, metrics = result["uam"]
-    cells, labels = [img, rec], ["input", "UAM"]
+    cells, labels = [img, rec], ["input", "UAM reconstruction"]
     if result["baseline"] is not None:
         cells.append(result["baseline"][0])
-        labels.append("DDIM inversion")
+        labels.append("DDIM baseline")
     stem = image.stem
     paths, note = write_new_files(out, {f"{stem}-reconstruction.png": rec,
                                         f"{stem}-reconstruction-strip.png": labelled_strip(cells, labels)})
@@ -306,7 +306,7 @@ def reconstruct(image, out, model, steps, size, device, prompt, guidance, baseli
               help="CFG scale of the source and target branches (the paper: 7.5).")
 @click.option("--quantile", type=FiniteFloatRange(0.0, 1.0, min_open=True, max_open=True), default=DEFAULT_QUANTILE,
               help="Largest quantile of the mask threshold schedule (the official run script: 0.5).")
-@click.option("--recon-t", type=click.IntRange(0, 1000), default=DEFAULT_RECON_T,
+@click.option("--recon-t", type=click.IntRange(1, 1000), default=DEFAULT_RECON_T,
               help="The mask acts at timesteps below this (200: about the last 10 of 50 steps).")
 @click.option("--dilate-radius", type=click.IntRange(0, 16), default=DEFAULT_DILATE_RADIUS,
               help="Dilation radius of the edit mask, in latent pixels.")
@@ -322,9 +322,6 @@ def edit(image, out, model, steps, size, device, source, target, mode, guidance,
             raise click.BadParameter("an empty caption; accepted: a non-empty text", param_hint=f"'{option}'")
     start = time.perf_counter()
     upipe, name, img = _load(image, size, model, device)
-    if recon_t <= 0 and mode == "uam":
-        raise click.BadParameter(f"{recon_t} leaves the mask no timestep; accepted: 1 to 1000 with --mode uam",
-                                 param_hint="'--recon-t'")
     try:
         result = run_edit(upipe, img, source, target, steps, guidance=guidance, mode=mode, quantile=quantile,
                           recon_t=recon_t, dilate_radius=dilate_radius)
