@@ -1,9 +1,10 @@
-"""`guidekit reconstruct` and `guidekit edit`: UAM (uniform attention maps) on one's own image.
+r"""`guidekit reconstruct` and `guidekit edit`: UAM (uniform attention maps) on one's own image.
 
 Examples:
     guidekit reconstruct photo.png --out runs/rec
     guidekit reconstruct photo.png --out runs/rec --prompt "a red circle on a blue background" --steps 50
-    guidekit edit photo.png --source "a red circle on a blue background" --target "a green circle on a blue background" --out runs/edit
+    guidekit edit photo.png --source "a red circle on a blue background" \
+        --target "a green circle on a blue background" --out runs/edit
 
 The functions below (`uam_pipeline`, `check_uam_image`, `run_reconstruct`, `run_edit`, `labelled_strip`,
 `write_new_files`) are shared with the batch jobs of kinds "reconstruct" and "edit" (`guidekit.apps.uam_jobs`).
@@ -11,7 +12,7 @@ The functions below (`uam_pipeline`, `check_uam_image`, `run_reconstruct`, `run_
 
 from __future__ import annotations
 
-import os
+import io
 import time
 from pathlib import Path
 from typing import Optional
@@ -184,12 +185,10 @@ def write_new_files(folder: Path, files: dict) -> tuple[dict, Optional[str]]:
         taken = ", ".join(k for k in names if (folder / k).exists())
         note = f"{taken} exist{'s' if ',' not in taken else ''} in {folder}; wrote new names with suffix -{n}"
     for key, path in paths.items():
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        files[key].save(tmp, format="PNG")
-        try:
-            os.link(tmp, path)  # fails if the name appeared meanwhile: never replaces a file
-        finally:
-            tmp.unlink(missing_ok=True)
+        buffer = io.BytesIO()
+        files[key].save(buffer, format="PNG")
+        with open(path, "xb") as fh:  # "x": fails if the name appeared meanwhile, never replaces a file
+            fh.write(buffer.getvalue())
     return paths, note
 
 

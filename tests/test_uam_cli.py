@@ -207,7 +207,8 @@ def test_job_kinds_parse_and_refuse(image):
     assert job.params["mode"] == "uam" and job.params["steps"] == 50 and job.seeds == [0]
     assert (job.params["width"], job.params["height"]) == (64, 64)
     for raw, message in [
-        ({"kind": "blur", "image": "scene.png"}, "line 3: kind: 'blur' is not accepted; accepted: 'reconstruct', 'edit'"),
+        ({"kind": "blur", "image": "scene.png"},
+         "line 3: kind: 'blur' is not accepted; accepted: 'reconstruct', 'edit'"),
         ({"kind": "edit", "image": "scene.png", "source": "a"}, "line 3: target: required"),
         ({"kind": "edit", "image": "scene.png", "source": "a", "target": "b", "mode": "blend"},
          "line 3: mode: expected one of 'uam', 'masactrl', got 'blend'"),
