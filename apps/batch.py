@@ -13,6 +13,10 @@ Examples::
     # Style transfer jobs (StyleID, or StyleID + StyleSSP) name two images, relative to the job file:
     #   {"content_image": "content.png", "style_image": "style.png", "start_point": "stylessp"}
 
+    # UAM jobs reconstruct or edit an image (relative to the job file), one PNG each:
+    #   {"kind": "reconstruct", "image": "photo.png"}
+    #   {"kind": "edit", "image": "photo.png", "source": "a red circle", "target": "a green circle"}
+
     # Video jobs (AnimateDiff + FreeNoise, on the embedded video model or --video-model) have `frames`:
     #   {"prompts": {"0": "a red circle", "24": "a blue circle"}, "frames": 48, "freenoise": true, "format": "webp"}
 
@@ -20,6 +24,7 @@ Layout of --out::
 
     DIR/<name>-<key>-s<seed>.png   one finished image (written to a temporary file, then renamed)
     DIR/<name>-<key>-s<seed>.gif   one finished video (or .webp: the job's `format`), written the same way
+    DIR/<name>-<key>-s0-mask.png   an edit job's mask, written before its image
     DIR/manifest.jsonl             one row per finished image, merged at the end of each run
     DIR/.parts/*.jsonl             rows written while a run is going on (merged into manifest.jsonl)
     DIR/.lock                      held by the run using DIR: a second run on DIR at the same time is refused
@@ -42,8 +47,9 @@ from typing import Optional
 
 import click
 
-from .jobs import (CLASSIFIER, GUIDANCE, STYLE, ClassifierCache, Job, JobError, generate, generate_video, is_style,
-                   is_video, job_key, read_jobs, resolve, resolve_video, style_transfer, to_pil, video_bytes)
+from .jobs import (CLASSIFIER, GUIDANCE, KINDS, STYLE, ClassifierCache, Job, JobError, generate, generate_video,
+                   is_style, is_video, job_key, kind_module, read_jobs, resolve, resolve_video, style_transfer, to_pil,
+                   video_bytes)
 
 LOCK = ".lock"
 MANIFEST = "manifest.jsonl"
@@ -162,7 +168,9 @@ class Item:
 
 def _title(params: dict) -> str:
     """What a job makes, in words: its prompt (a video's first key prompt), or "<content> in the style of <style>"
-    for a style transfer."""
+    for a style transfer, "<kind> <image>" for a job with a kind."""
+    if params.get("kind") in KINDS:
+        return kind_module(params["kind"]).title(params)
     if is_style(params):
         return f"{Path(params['content_image']).stem} in the style of {Path(params['style_image']).stem}"
     if params.get("prompts"):
@@ -186,6 +194,10 @@ SAMPLER_NAMES = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler"}
 
 def a1111_parameters(params: dict, seed: int, model: dict) -> str:
     """The `parameters` PNG text chunk in the format most image tools read (A1111 style)."""
+    if params.get("kind") in KINDS:
+        line = (f"Steps: {params['steps']}, Sampler: DDIM inversion (UAM {params['kind']}), "
+                f"Size: {params['width']}x{params['height']}, Model: {model.get('id')}")
+        return f"{_title(params)}\n{line}"
     if is_style(params):
         line = (f"Steps: {params['steps']}, Sampler: DDIM inversion (StyleID), Seed: {seed}, "
                 f"Size: {params['width']}x{params['height']}, Model: {model.get('id')}, ")
@@ -508,6 +520,7 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
     classifiers = ClassifierCache()
     classifier_ids: dict[str, dict] = {}
     spipe = None  # the StyleID pipeline (the same modules) of style-transfer jobs, made at the first one
+    upipe = None  # the UAM pipeline (the same modules) of reconstruct and edit jobs, made at the first one
 
     # Expand jobs into one item per image; a job the model cannot run is a bad line too.
     items: list[Item] = []
@@ -520,6 +533,8 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
                 if vpipe is None:
                     raise JobError(where + no_video)
                 params = resolve_video(job.params, vpipe, where=where)
+            elif job.params.get("kind") in KINDS:
+                params = kind_module(job.params["kind"]).resolve(job.params, pipe, where=where)
             else:
                 params = resolve(job.params, pipe, where=where, images=min(batch_size, len(job.seeds)),
                                  embedded=embedded, classifiers=classifiers)
@@ -565,8 +580,17 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
         for chunk in _chunks(mine, batch_size):
             params = chunk[0].params
             t0 = time.perf_counter()
+            extra, numbers = {}, None
             try:
-                if is_video(params):  # a chunk of one video
+                if params.get("kind") in KINDS:  # a chunk of one job: its image and extra files (an edit's mask)
+                    if upipe is None:
+                        from .uam_image import uam_pipeline
+
+                        upipe = uam_pipeline(pipe)
+                    image, extra, numbers = kind_module(params["kind"]).run(upipe, params, chunk[0].job.files)
+                    outputs, nsfw = [_png(image, params, chunk[0].seed, ident)], None
+                    extra = {_extra_name(chunk[0].file, k): png_bytes(im, {}) for k, im in extra.items()}
+                elif is_video(params):  # a chunk of one video
                     frames = generate_video(vpipe, params, chunk[0].seed)
                     outputs, nsfw = [video_bytes(frames, params["format"], params["fps"])], None
                 else:
@@ -610,10 +634,13 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
                     "timings": {"call_seconds": round(dt, 4), "images_in_call": len(chunk),
                                 "seconds_per_image": round(dt / len(chunk), 4)},
                     "nsfw": bool(nsfw[i]) if nsfw is not None else None,
+                    **({"uam": numbers, "files": sorted(extra)} if numbers is not None else {}),
                     "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 }
                 # Image bytes, then the row, are durable before the image appears under its name;
                 # a row without an image is dropped at merge, a leftover .tmp is deleted by the next run.
+                for name, blob in extra.items():  # before the image: a finished image has its extra files
+                    write_atomic(out / name, blob)
                 tmp = write_tmp(out / it.file, data)
                 append_row(part, row)
                 _hang_for_tests(new)
@@ -662,6 +689,12 @@ def _png(image, params: dict, seed: int, ident: dict) -> bytes:
                              "guidekit": json.dumps(meta, sort_keys=True)})
 
 
+def _extra_name(file: str, what: str) -> str:
+    """The name of a job's extra file (an edit's mask) beside its image `file`."""
+    stem, dot, suffix = file.rpartition(".")
+    return f"{stem}-{what}.{suffix}"
+
+
 def _cpu_only() -> bool:
     """Whether this machine has no accelerator: accelerate then runs launched processes as MULTI_CPU (gloo)."""
     import torch
@@ -678,7 +711,8 @@ def _chunks(items, size):
     """Consecutive items of the same job, at most `size` per call (one per call for videos)."""
     chunk: list = []
     for it in items:
-        if chunk and (len(chunk) == (1 if is_video(it.params) else size) or it.key != chunk[0].key):
+        one = is_video(it.params) or it.params.get("kind") in KINDS
+        if chunk and (len(chunk) == (1 if one else size) or it.key != chunk[0].key):
             yield chunk
             chunk = []
         chunk.append(it)
@@ -727,6 +761,8 @@ def batch(jobs, out, model, strict, batch_size, dtype, video_model):
     (stylessp),
     with name, seed | seeds, steps (default 50), e.g.
       {"content_image": "a.png", "style_image": "b.png", "start_point": "stylessp", "style_prompt": "a red circle"}
+    UAM jobs have a kind: {"kind": "reconstruct", "image": "a.png"} or {"kind": "edit", "image": "a.png",
+    "source": "...", "target": "..."} (fields of guidekit reconstruct / guidekit edit; one PNG per job).
     Video jobs (one animated file per seed, on --video-model) add frames, and optionally prompts (an object
     {frame: prompt}; prompt, if given, is frame 0's), freenoise (true, false, or an object of guidekit.FreeNoise
     arguments), fps and format (gif|webp), e.g.

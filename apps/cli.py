@@ -27,6 +27,8 @@ SUBCOMMANDS = {
     "eval-style": "guidekit.apps.eval_style:eval_style",
     "video": "guidekit.apps.video:video",
     "eval-video": "guidekit.apps.eval_video:eval_video",
+    "reconstruct": "guidekit.apps.uam_image:reconstruct",
+    "edit": "guidekit.apps.uam_image:edit",
 }
 
 

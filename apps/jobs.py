@@ -272,6 +272,21 @@ STYLESSP_ONLY = ("alpha", STYLESSP_SCALE)
 
 SEED_FIELDS = ("seed", "seeds")
 
+#: Jobs named by a "kind" field: kind -> the module that parses (`parse_job`), resolves (`resolve`) and runs
+#: (`run`) them, and its `is_kind(params)`.
+KINDS = {"reconstruct": "guidekit.apps.uam_jobs", "edit": "guidekit.apps.uam_jobs"}
+
+
+def kind_module(kind: Any, where: str = ""):
+    """The module of a job's `kind` (`KINDS`); JobError naming the value and the accepted kinds."""
+    import importlib
+
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise JobError(f"{where}kind: {kind!r} is not accepted; accepted: {', '.join(map(repr, KINDS))}, or no kind "
+                       "(a text-to-image, style-transfer or video job)")
+    return importlib.import_module(KINDS[kind])
+
+
 #: Video jobs (AnimateDiff, with FreeNoise for videos longer than the motion model's training length): a job with
 #: `frames` writes one animated file per seed. `prompts` and `freenoise` are objects, checked by
 #: `_parse_prompts` and `_parse_freenoise`; their `Param` entries here are for the docs.
@@ -412,6 +427,8 @@ def parse_job(raw: Any, line: int = 0, base: Optional[Path] = None) -> Job:
     where = f"line {line}: " if line else ""
     if not isinstance(raw, dict):
         raise JobError(f"{where}expected a JSON object like {{\"prompt\": \"...\"}}, got {type(raw).__name__}")
+    if raw.get("kind") is not None:  # a job of another kind parses its own fields (KINDS)
+        return kind_module(raw["kind"], where).parse_job(raw, line, base)
     known = set(all_fields())
     unknown = [k for k in raw if k not in known]
     if unknown:
