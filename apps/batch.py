@@ -623,7 +623,8 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
                     "params": params,
                     "seed": it.seed,
                     "model": vident if is_video(params) else ident,
-                    **({} if is_video(params) or is_style(params) else _guidance_record(pipe, params)),
+                    **({} if is_video(params) or is_style(params) or params.get("kind") in KINDS
+                       else _guidance_record(pipe, params)),
                     **({"classifier": classifier_ids[params["classifier"]]} if params.get("classifier") else {}),
                     "guidekit_version": guidekit.__version__,
                     "versions": _versions(),
