@@ -11,6 +11,7 @@ sampled every millisecond.
     guidekit bench                     # tiny SD pipeline + a ~110M-parameter UNet, 4 rounds x 3 calls
     guidekit bench --models tiny --rounds 3 --json bench.json
     guidekit bench --models tiny --rounds 1 --no-elucd --no-styleid --no-uam --pixel   # + the pixel EluCD row
+    guidekit bench --no-sd --no-elucd --no-styleid --no-stylessp --no-uam --dit --dit-size mid  # latent EluCD rows
     guidekit bench --models tiny --rounds 3 --no-elucd --no-styleid --no-uam           # + StyleSSP vs StyleID
     guidekit bench --no-sd --no-elucd --no-styleid --no-stylessp --no-uam --freenoise  # FreeNoise rows only
 
@@ -25,7 +26,10 @@ stride 4): time per frame at a long and a short video (F=64 against F=16; F=16 i
 plain model) and guidekit against diffusers' own
 `enable_free_noise` at F=64, alternated call by call in one process; and the peak memory of the call (the
 rise of the resident set over what the process held before its first call) at F=16, 64 and 128 with and
-without FreeNoise's exact splitting (`FREENOISE_SPLIT`), each in a fresh process.
+without FreeNoise's exact splitting (`FREENOISE_SPLIT`), each in a fresh process, with a device-independent
+count next to it: the bytes of the largest query, key, value or score tensor the windowed temporal attention
+holds at once (`guidekit.attention.freenoise.record_window_tensors`: with `attention_budget`, as it would be had
+all rows been attended in one batch, and a full-length query for comparison).
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from pathlib import Path
 from typing import Optional
 
 import click
+
+from .cli import FiniteFloatRange
 
 CASES = ("stock", "cfg", "apg")
 ELUCD_CASE = "elucd"  # CFG() + EluCD(tiny random classifier): compared with "cfg" as well as with stock
@@ -205,10 +211,11 @@ def _build_animatediff(kind: str, folder: Path) -> None:
     AnimateDiffPipeline.from_pretrained(str(image_dir), motion_adapter=adapter).save_pretrained(str(folder))
 
 
-def _freenoise_pipeline(case: str, folder: str, fusion: str = "block"):
+def _freenoise_pipeline(case: str, folder: str, fusion: str = "block", budget_mib: Optional[float] = None):
     """The AnimateDiff pipeline of `case` and its call's extra arguments: "guidekit"
     (`guidekit.FreeNoise(fusion=fusion)`), "guidekit-split" (with `FREENOISE_SPLIT`) or "diffusers" (`enable_free_noise`); window 16, stride 4,
-    pyramid weights, shuffled noise in all three."""
+    pyramid weights, shuffled noise in all three. `budget_mib`: guidekit's `attention_budget` in MiB (None: its
+    default)."""
     from diffusers import AnimateDiffPipeline
 
     import guidekit
@@ -223,9 +230,11 @@ def _freenoise_pipeline(case: str, folder: str, fusion: str = "block"):
         extra = {}
     else:
         pipe = GuidedAnimateDiffPipeline.from_pretrained(folder)
-        split = FREENOISE_SPLIT if case == "guidekit-split" else {}
+        options = dict(FREENOISE_SPLIT) if case == "guidekit-split" else {}
+        if budget_mib is not None:
+            options["attention_budget"] = int(budget_mib * 2**20)
         # block fusion (the default here): the same work as diffusers' enable_free_noise, like with like
-        extra = {"hooks": [guidekit.FreeNoise(context_length=16, context_stride=4, fusion=fusion, **split)]}
+        extra = {"hooks": [guidekit.FreeNoise(context_length=16, context_stride=4, fusion=fusion, **options)]}
     pipe.set_progress_bar_config(disable=True)
     return pipe, extra
 
@@ -240,14 +249,18 @@ def _freenoise_call(pipe, extra: dict, num_frames: int, steps: int, size: int, s
 
 
 def measure_freenoise_memory(case: str, folder: str, num_frames: int, steps: int, size: int,
-                             fusion: str = "block") -> list[dict]:
+                             fusion: str = "block", budget_mib: Optional[float] = None) -> list[dict]:
     """Peak memory of the first call of `case` at `num_frames` frames in this process: `peak_delta_mib` is the
     peak resident set during the call minus the resident set before it (after a warm-up call the allocator
-    would hand the same pages back and the rise would hide); wall and thread CPU seconds too."""
+    would hand the same pages back and the rise would hide); wall and thread CPU seconds too; and the
+    device-independent count of `record_window_tensors` (MiB): `window_tensor_mib` (the largest gathered query,
+    key, value or score tensor), `unbounded_mib` (the same with all rows in one batch) and `full_query_mib`."""
     import torch
 
+    from guidekit.attention.freenoise import record_window_tensors
+
     torch.set_num_threads(int(os.environ.get("GUIDEKIT_BENCH_THREADS", "1")))
-    pipe, extra = _freenoise_pipeline(case, folder, fusion)
+    pipe, extra = _freenoise_pipeline(case, folder, fusion, budget_mib)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             # weights may be memory-mapped from the checkpoint and paged in on first use: read them now, so
@@ -255,16 +268,17 @@ def measure_freenoise_memory(case: str, folder: str, num_frames: int, steps: int
             for tensor in (*module.parameters(), *module.buffers()):
                 tensor.sum()
     before = _rss_bytes()
-    with PeakRSS() as mem:
+    with PeakRSS() as mem, record_window_tensors() as record:
         start, cpu_start = time.perf_counter(), time.thread_time()
         _freenoise_call(pipe, extra, num_frames, steps, size)
         wall, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
     return [{"case": case, "frames": num_frames, "wall_s": wall, "cpu_s": cpu,
-             "peak_delta_mib": (mem.peak - before) / 2**20}]
+             "peak_delta_mib": (mem.peak - before) / 2**20, "window_tensor_mib": record.largest / 2**20,
+             "unbounded_mib": record.unbounded / 2**20, "full_query_mib": record.full_query / 2**20}]
 
 
 def time_freenoise(folder: str, frames: tuple[int, int], steps: int, size: int, rounds: int,
-                   fusion: str = "block") -> list[dict]:
+                   fusion: str = "block", budget_mib: Optional[float] = None) -> list[dict]:
     """Time per call, in this process: guidekit's FreeNoise at the short and the long length of `frames` and
     diffusers' `enable_free_noise` at the long one, after one warm-up call each, then `rounds` rounds of one
     call each, alternated in a rotating order (so that a slow spell of a shared machine falls on all three).
@@ -273,7 +287,7 @@ def time_freenoise(folder: str, frames: tuple[int, int], steps: int, size: int, 
 
     torch.set_num_threads(int(os.environ.get("GUIDEKIT_BENCH_THREADS", "1")))
     short, long = frames
-    pipes = {case: _freenoise_pipeline(case, folder, fusion) for case in ("guidekit", "diffusers")}
+    pipes = {case: _freenoise_pipeline(case, folder, fusion, budget_mib) for case in ("guidekit", "diffusers")}
     cases = [("guidekit", short), ("guidekit", long), ("diffusers", long)]
     for case, num_frames in cases:
         _freenoise_call(*pipes[case], num_frames, 1, size)  # warm-up: lazy initialisations are not measured
@@ -306,9 +320,10 @@ def _median(results: list[dict], case: str, frames: int, key: str) -> float:
 
 def freenoise_rows(model: str, rounds: int, steps: int, size: int, frames: tuple[int, int] = (16, 64),
                    memory_frames: tuple[int, ...] = (16, 64, 128),
-                   fusion: str = "block") -> tuple[list[dict], list[dict], list[dict]]:
+                   fusion: str = "block", budget_mib: Optional[float] = None) -> tuple[list[dict], list[dict], list[dict]]:
     """The FreeNoise tables on the `model` AnimateDiff checkpoint: (time rows, memory rows, raw results), with
-    guidekit's FreeNoise at `fusion` ("block" or "attention").
+    guidekit's FreeNoise at `fusion` ("block" or "attention") and `attention_budget` `budget_mib` MiB (None:
+    its default).
 
     Time: one fresh process runs `time_freenoise` (`rounds` alternated calls per case). Memory: one fresh
     process per length of `memory_frames`, with and without splitting, its first call measured.
@@ -318,12 +333,12 @@ def freenoise_rows(model: str, rounds: int, steps: int, size: int, frames: tuple
         folder = Path(tmp) / model
         _build_animatediff(model, folder)
         with click.progressbar(length=1 + 2 * len(memory_frames), label=f"bench FreeNoise {model}") as bar:
-            raw = _run_freenoise_worker("time", folder, list(frames), steps, size, rounds, fusion)
+            raw = _run_freenoise_worker("time", folder, list(frames), steps, size, rounds, fusion, budget_mib)
             bar.update(1)
             memory = []
             for f in memory_frames:
                 for case in ("guidekit", "guidekit-split"):
-                    memory.extend(_run_freenoise_worker("memory", case, folder, f, steps, size, fusion))
+                    memory.extend(_run_freenoise_worker("memory", case, folder, f, steps, size, fusion, budget_mib))
                     bar.update(1)
     for row in raw + memory:
         row.update(model=model, steps=steps, size=size, fusion=fusion)
@@ -351,7 +366,10 @@ def freenoise_rows(model: str, rounds: int, steps: int, size: int, frames: tuple
         split = _median(memory, "guidekit-split", f, "peak_delta_mib")
         memory_rows.append({"frames": f, "unsplit_mib": plain, "split_mib": split,
                             "split_ratio": split / plain if plain > 0 else float("nan"), "model": model,
-                            "steps": steps, "size": size})
+                            "steps": steps, "size": size, "fusion": fusion,
+                            **{key: _median(memory, "guidekit", f, key)
+                               for key in ("window_tensor_mib", "unbounded_mib", "full_query_mib")},
+                            "split_window_tensor_mib": _median(memory, "guidekit-split", f, "window_tensor_mib")})
     return time_rows, memory_rows, raw + memory
 
 
@@ -365,10 +383,13 @@ def format_freenoise_tables(time_rows: list[dict], memory_rows: list[dict]) -> s
                      f"{row['model']}, {row['size']} px, {row['steps']} | {row['runs']} |")
     split = ", ".join(f"{k}={v}" for k, v in FREENOISE_SPLIT.items())
     lines += ["", f"| frames | peak RSS rise, unsplit (MiB) | peak RSS rise, split ({split}) (MiB) | split / unsplit "
-              "| model, size, steps |", "|---|---|---|---|---|"]
+              "| largest gathered Q/K/V/score (MiB), unsplit | split | unbounded | full-length query (MiB) "
+              "| model, size, steps, fusion |", "|---|---|---|---|---|---|---|---|---|"]
     for row in memory_rows:
         lines.append(f"| {row['frames']} | {row['unsplit_mib']:.0f} | {row['split_mib']:.0f} | "
-                     f"{row['split_ratio']:.3f} | {row['model']}, {row['size']} px, {row['steps']} |")
+                     f"{row['split_ratio']:.3f} | {row['window_tensor_mib']:.3f} | {row['split_window_tensor_mib']:.3f} | "
+                     f"{row['unbounded_mib']:.3f} | {row['full_query_mib']:.3f} | "
+                     f"{row['model']}, {row['size']} px, {row['steps']}, {row['fusion']} |")
     return "\n".join(lines)
 
 
@@ -557,6 +578,103 @@ def pixel_rows(steps: int = PIXEL_STEPS, repeats: int = PIXEL_REPEATS, size: int
     }]
 
 
+#: The latent EluCD row's sizes: the DiT transformer (heads × head dim, layers; patch 2, learned sigma) and the
+#: image side. The SD VAE, the AutoencoderTiny (TAESD's architecture) and the ResNet-50-size classifier are
+#: full-size at every size; only the image side changes their cost.
+DIT_SIZES = {
+    "tiny": {"heads": 6, "head_dim": 64, "layers": 12, "px": 64},  # DiT-S/2 at 64 px: seconds
+    "mid": {"heads": 16, "head_dim": 72, "layers": 28, "px": 128},  # DiT-XL/2 at 128 px: minutes on 2 cores
+    "dit-xl": {"heads": 16, "head_dim": 72, "layers": 28, "px": 256},  # DiT-XL/2 at 256 px, the paper's
+}
+DIT_STEPS = 2
+
+
+def dit_models(size: str):
+    """Random-weight DiT transformer, SD VAE (128-256-512-512, 83.7M parameters) and diffusers' `AutoencoderTiny`
+    with its default configuration (TAESD's architecture, 2.4M parameters; only its decoder runs) at `size`."""
+    import torch
+    from diffusers import AutoencoderKL, AutoencoderTiny, DiTTransformer2DModel
+
+    spec = DIT_SIZES[size]
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=spec["heads"], attention_head_dim=spec["head_dim"], num_layers=spec["layers"],
+        in_channels=4, out_channels=8, patch_size=2, sample_size=spec["px"] // 8).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=spec["px"],
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        scaling_factor=0.18215).eval()
+    tiny = AutoencoderTiny().eval()
+    return transformer, vae, tiny
+
+
+def step_timer():
+    """A hook that records each denoising step's wall and thread-CPU seconds (step_begin → step_end)."""
+    from guidekit.hooks import SamplerHook
+
+    class StepTimer(SamplerHook):
+        def __init__(self):
+            self.wall, self.cpu = [], []
+
+        def step_begin(self, state):
+            self._start = (time.perf_counter(), time.thread_time())
+
+        def step_end(self, state):
+            self.wall.append(time.perf_counter() - self._start[0])
+            self.cpu.append(time.thread_time() - self._start[1])
+
+    return StepTimer()
+
+
+def dit_rows(size: str = "tiny", repeats: int = 2, steps: int = DIT_STEPS, seed: int = 0) -> list[dict]:
+    """Cost per step of EluCD on a latent DiT model against unguided sampling, with the pipeline's SD VAE and with
+    a lightweight `AutoencoderTiny` decoding the classifier's input (`EluCD(..., decoder=...)`).
+
+    `GuidedDiTPipeline` (DDPMScheduler, guidance scale 1: no null-class pass, so the comparison is against a
+    single transformer forward) runs the three cases in turn, one warm-up call each, then `repeats` rounds. Each
+    step is timed inside the loop (transformer, guidance, EluCD's decode + classifier forward and backward, the
+    scheduler step; not the final VAE decode), so the ratios are per step. EluCD corrects every step (its
+    default window, start 0, stop 1) with the ResNet-50-size random classifier.
+    """
+    import torch
+    from diffusers import DDPMScheduler
+
+    import guidekit
+    from guidekit.pipelines import GuidedDiTPipeline
+
+    torch.set_num_threads(int(os.environ.get("GUIDEKIT_BENCH_THREADS", "1")))
+    transformer, vae, tiny = dit_models(size)
+    classifier = resnet50_classifier()
+    pipe = GuidedDiTPipeline(transformer=transformer, vae=vae, scheduler=DDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    cases = {
+        "unguided": lambda: [],
+        "EluCD, SD VAE decode": lambda: [guidekit.EluCD(classifier, 1)],
+        "EluCD, AutoencoderTiny decode": lambda: [guidekit.EluCD(classifier, 1, decoder=tiny)],
+    }
+    timings = {name: {"wall": [], "cpu": []} for name in cases}
+    names = list(cases)
+    for r in range(repeats + 1):  # round 0 is the warm-up
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            timer = step_timer()
+            pipe([1], guidance_scale=1.0, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                 output_type="pt", hooks=cases[name]() + [timer])
+            if r:
+                timings[name]["wall"].extend(timer.wall)
+                timings[name]["cpu"].extend(timer.cpu)
+    med = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in timings.items()}
+    base = med["unguided"]
+    millions = lambda m: round(sum(p.numel() for p in m.parameters()) / 1e6, 1)  # noqa: E731
+    common = {"size": size, "px": DIT_SIZES[size]["px"], "transformer_M": millions(transformer),
+              "vae_decoder_M": millions(vae.decoder) + millions(vae.post_quant_conv),
+              "tiny_decoder_M": millions(tiny.decoder), "classifier_M": millions(classifier), "steps": steps,
+              "timed_steps": steps * repeats, "threads": torch.get_num_threads(),
+              "unguided_s_per_step": round(base["wall"], 4)}
+    return [{"case": f"DiT {name} vs unguided", "wall_ratio": med[name]["wall"] / base["wall"],
+             "cpu_ratio": round(med[name]["cpu"] / base["cpu"], 4), "s_per_step": round(med[name]["wall"], 4),
+             **common} for name in names[1:]]
+
+
 def stylessp_rows(models, rounds: int, steps: int, sizes: dict) -> tuple[list[dict], list[dict]]:
     """StyleID + StyleSSP against StyleID, per transfer, on each of `models`: each case runs in its own process
     `rounds` times (interleaved, the first case alternating), three timed transfers each without the style cache
@@ -632,6 +750,15 @@ def _frames(text: str, name: str, count: Optional[int] = None) -> tuple[int, ...
               help="Add the pixel EluCD row: cost per step of EluCD with a ResNet-50-size random classifier against "
                    "unguided sampling on a 35.7M-parameter pixel UNet2DModel at 64x64 (3 steps, 3 alternated calls "
                    "each). Off by default: about a minute on a 2-core CPU.")
+@click.option("--dit/--no-dit", default=False,
+              help="Add the latent EluCD rows: cost per step of EluCD on a random DiT against unguided sampling, "
+                   "decoding the classifier's input with the SD VAE and with AutoencoderTiny (--dit-size).")
+@click.option("--dit-size", type=click.Choice(tuple(DIT_SIZES)), default="tiny",
+              help="DiT rows: tiny = DiT-S/2 at 64 px (seconds); mid = DiT-XL/2 at 128 px (minutes on 2 cores); "
+                   "dit-xl = DiT-XL/2 at 256 px, the paper's size (long on a CPU). SD VAE, AutoencoderTiny and "
+                   "the ResNet-50-size classifier are full-size at every size.")
+@click.option("--dit-repeats", type=click.IntRange(1, 20), default=2,
+              help=f"DiT rows: timed calls per case ({DIT_STEPS} steps each) after one warm-up call.")
 @click.option("--styleid/--no-styleid", default=True,
               help="Add the StyleID rows: transfer against DDIM inversion + reconstruction of the content image "
                    "(on mid when chosen, else tiny; --steps steps, 3 alternated calls each).")
@@ -656,9 +783,12 @@ def _frames(text: str, name: str, count: Optional[int] = None) -> tuple[int, ...
               help="FreeNoise rows: guidekit's fusion. block (default): diffusers' fusion point, the same work as "
                    "enable_free_noise; attention: FreeNoise's default, with each frame's projections shared by its "
                    "windows.")
-def bench(sd, models, rounds, steps, json_out, uam, elucd, pixel, styleid, stylessp, freenoise, freenoise_model,
-          freenoise_size, freenoise_steps, freenoise_frames, freenoise_memory_frames, flow, flow_families, flow_rounds,
-          freenoise_fusion):
+@click.option("--freenoise-attention-budget", type=FiniteFloatRange(min=0.0, min_open=True), default=None,
+              help="FreeNoise rows: guidekit's attention_budget in MiB (default: FreeNoise's, 64 MiB); it bounds the "
+                   "largest gathered Q/K/V/score tensor of attention fusion.")
+def bench(sd, models, rounds, steps, json_out, uam, elucd, pixel, dit, dit_size, dit_repeats, styleid, stylessp, freenoise,
+          freenoise_model, freenoise_size, freenoise_steps, freenoise_frames, freenoise_memory_frames, flow, flow_families,
+          flow_rounds, freenoise_fusion, freenoise_attention_budget):
     """Time and memory of hooked pipelines (CFG, APG, CFG + EluCD) against stock diffusers, as a table; StyleID,
     StyleID + StyleSSP and UAM against their plain baselines; FreeNoise against itself and diffusers'."""
     chosen = [m.strip() for m in models.split(",") if m.strip()]
@@ -692,6 +822,9 @@ def bench(sd, models, rounds, steps, json_out, uam, elucd, pixel, styleid, style
     pixel_summary = pixel_rows() if pixel else []
     if pixel_summary:
         _echo_ratio_table("pixel EluCD case", "wall per step vs unguided", pixel_summary)
+    dit_summary = dit_rows(dit_size, dit_repeats) if dit else []
+    if dit_summary:
+        _echo_ratio_table("latent EluCD case", "wall per step vs unguided", dit_summary)
     styleid_summary = []
     if styleid:
         model = "mid" if "mid" in chosen else "tiny"
@@ -712,7 +845,8 @@ def bench(sd, models, rounds, steps, json_out, uam, elucd, pixel, styleid, style
     freenoise_summary = {}
     if freenoise:
         time_rows, memory_rows, freenoise_raw = freenoise_rows(
-            freenoise_model, rounds, freenoise_steps, freenoise_size, time_frames, memory_frames, freenoise_fusion)
+            freenoise_model, rounds, freenoise_steps, freenoise_size, time_frames, memory_frames, freenoise_fusion,
+            freenoise_attention_budget)
         click.echo("")
         click.echo(format_freenoise_tables(time_rows, memory_rows))
         freenoise_summary = {"time": time_rows, "memory": memory_rows, "runs": freenoise_raw}
@@ -729,6 +863,7 @@ def bench(sd, models, rounds, steps, json_out, uam, elucd, pixel, styleid, style
         click.echo(format_flow_table(flow_summary))
     if json_out:
         json_out.write_text(json.dumps({"summary": tables, "runs": raw, "elucd": elucd_summary, "pixel": pixel_summary,
+                                         "dit": dit_summary,
                                          "styleid": styleid_summary,
                                          "stylessp": {"summary": stylessp_summary, "runs": stylessp_raw},
                                          "uam": extra, "freenoise": freenoise_summary, "flow": flow_summary}, indent=2))

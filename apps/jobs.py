@@ -568,6 +568,11 @@ def _parse_freenoise(value: Any, params: dict, where: str) -> Optional[dict]:
     if kwargs["motion_injection"] is not None and kwargs["motion_injection"] is not False and not params["prompts"]:
         raise JobError(f"{where}freenoise: motion_injection needs prompt travel; accepted: it with \"prompts\", or "
                        "without motion_injection")
+    scale = params.get("guidance_scale")
+    if kwargs["motion_injection"] not in (None, False) and isinstance(scale, (int, float)) and scale <= 1:
+        # as in the official code it acts in the conditional pass of classifier-free guidance only
+        raise JobError(f"{where}freenoise: motion_injection needs guidance_scale > 1, got {scale!r}; accepted: a larger "
+                       "guidance_scale, or without motion_injection")
     import guidekit
 
     try:

@@ -8,26 +8,23 @@ and the temporal layers run on windows of W frames whose outputs are fused per f
 
 from __future__ import annotations
 
+import warnings
 from contextlib import ExitStack, contextmanager
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from .attention.freenoise import INJECTION_BLOCKS
+from .attention.freenoise import DEFAULT_ATTENTION_BUDGET, FUSIONS, INJECTION_BLOCKS, default_tail
 from .checks import check_choice
 from .hooks import SamplerHook, SamplerState
-from .video import NOISE_MODES, reschedule_noise, uses_fixed_prompt, window_weights
+from .video import NOISE_MODES, TAILS, reschedule_noise, uses_fixed_prompt, window_weights
 from .video._args import check_context, check_int
 from .video.motion import NORM_SCOPES
 
-__all__ = ["FreeNoise", "FUSIONS", "NORM_SCOPES"]
+__all__ = ["FreeNoise", "FUSIONS", "NORM_SCOPES", "TAILS"]
 
 #: W when `context_length=None` and the motion model states no `motion_max_seq_length`.
 DEFAULT_CONTEXT_LENGTH = 16
-
-#: Where the window outputs are fused: per temporal transformer block (AnimateDiff port, diffusers) or per
-#: temporal-attention output (VideoCrafter, the paper's code).
-FUSIONS = ("block", "attention")
 
 
 def _check_injection(value) -> Optional[tuple[float, float]]:
@@ -93,14 +90,19 @@ class FreeNoise(SamplerHook):
       attentions (diffusers, the AnimateDiff port), with `fusion="attention"` each attention's output
       (the official VideoCrafter code); the feed-forward then runs once on the fused sequence.
 
-    F <= W runs the plain model (one window covers every frame). Unlike diffusers' `enable_free_noise`, the
-    tail window (when (F − W) mod S != 0) is normalised exactly, "repeat" repeats, a list of generators gives
-    each sample its own shuffle, an odd W works with every weighting, and nothing is left on the model after
-    the call.
+    F <= W runs the plain model (one window covers every frame). When (F − W) mod S != 0 a tail window
+    [F − W, F) covers the last frames (`tail`). With `fusion="block"` and the default tail the call equals
+    diffusers' `enable_free_noise` with the same settings wherever diffusers is correct (flat weights, or one
+    frame after the last regular window); unlike diffusers, the tail frames are normalised exactly, "repeat"
+    repeats, a list of generators gives each sample its own shuffle, an odd W works with every weighting, and
+    nothing is left on the model after the call.
 
-    Memory: the windows run one at a time into a running weighted mean, so the temporal attention never holds
-    more than one window's scores. `spatial_chunk` and `temporal_chunk` split the remaining layers whose
-    intermediates grow with F; both are exact (the same video up to float rounding).
+    Memory: with `fusion="attention"` and diffusers' stock attention processors, the windows attend as one
+    batch in chunks of pixel rows, each gathered query, key, value or score tensor within `attention_budget`
+    bytes on every device (64 MiB by default; unbounded, the gathered queries are n·W/F times a full-length
+    query, 3.25× at F = 64 with W = 16, S = 4). Block fusion and other processors run the windows one at a
+    time (one window's tensors). `spatial_chunk` and `temporal_chunk` split the remaining layers whose
+    intermediates grow with F. All of these are exact (the same video up to float rounding).
 
     Args:
         context_length (`int`, *optional*, defaults to `16`): W, the frames of one window; the motion model's
@@ -114,11 +116,21 @@ class FreeNoise(SamplerHook):
         fusion (`str`, defaults to `"attention"`): where windows are fused: "attention" (per temporal-attention
             output, the official VideoCrafter code) or "block" (per temporal transformer block, diffusers and the
             AnimateDiff port; `fusion="block"` reproduces diffusers' `enable_free_noise` where it is correct).
+        tail (`str`, *optional*): how the tail window [F − W, F) enters the temporal fusion: "new" (only the
+            frames no other window covers, each then exactly the tail window's output: diffusers' design) or
+            "full" (all its W frames with the window weights, like any other window; the last frames then blend
+            in smoothly). None: "new" with `fusion="block"` (diffusers' fusion, so that it stays diffusers'
+            result) and "full" with `fusion="attention"` (the official code has no tail window). The GroupNorm
+            of `norm_scope="window"` always takes the full tail window.
         motion_injection (`bool` or `tuple[float, float]`, *optional*): FreeNoise's motion injection for a
             `{frame: prompt}` schedule (official code): at steps i < t_a·N or i > t_b·N the spatial
             cross-attention of `injection_blocks` reads the last prompt for every frame (conditional pass
             only), while the other layers and steps read the per-frame prompts. `True` takes the official
             (t_a, t_b) = (0.1, 0.3), i.e. steps 0–4 and 16–49 of 50; a pair gives (t_a, t_b). None: off.
+            As in the official code it acts only in the conditional pass of classifier-free guidance: a call
+            with guidance_scale <= 1 is refused, and a step run without the unconditional pass (guidance turned
+            off by a callback) is not injected, with a warning. With an IP-Adapter only the text tokens are
+            replaced; the image tokens stay.
             It is made for prompts that change what one subject does; the early frames then also lean towards
             the last prompt (on the embedded toy model, where a background colour switch is the only test,
             it lowers the first prompt's accuracy and does not keep the shape steadier: README, FreeNoise).
@@ -135,6 +147,9 @@ class FreeNoise(SamplerHook):
             guidance the batch holds two copies of each frame). None: unsplit.
         temporal_chunk (`int`, *optional*): run the temporal transformer blocks over the batch×height×width
             axis in chunks of this many pixel rows (each row is one pixel's F frames). None: unsplit.
+        attention_budget (`int`, *optional*, defaults to `64 * 2**20`): attention fusion with stock processors:
+            the most bytes any one gathered query, key, value or score tensor may take (at least one pixel row's);
+            raise it for fewer, larger batches. None: no bound (all rows in one batch).
 
     Example:
         >>> pipe = GuidedAnimateDiffPipeline.from_pretrained(path)
@@ -148,11 +163,13 @@ class FreeNoise(SamplerHook):
         weighting: Any = "pyramid",
         noise: str = "shuffle",
         fusion: str = "attention",
+        tail: Optional[str] = None,
         motion_injection: Optional[Any] = None,
         injection_blocks: Sequence[str] = ("down", "mid"),
         norm_scope: str = "all",
         spatial_chunk: Optional[int] = None,
         temporal_chunk: Optional[int] = None,
+        attention_budget: Optional[int] = DEFAULT_ATTENTION_BUDGET,
     ):
         if context_length is None:
             # resolved per call from the motion model; S <= W is checked then
@@ -165,11 +182,13 @@ class FreeNoise(SamplerHook):
         self.weighting = weighting
         self.noise = check_choice("noise", noise, NOISE_MODES)
         self.fusion = check_choice("fusion", fusion, FUSIONS)
+        self.tail = default_tail(self.fusion) if tail is None else check_choice("tail", tail, TAILS)
         self.motion_injection = _check_injection(motion_injection)
         self.injection_blocks = _check_injection_blocks(injection_blocks)
         self.norm_scope = check_choice("norm_scope", norm_scope, NORM_SCOPES)
         self.spatial_chunk = None if spatial_chunk is None else check_int("spatial_chunk", spatial_chunk, 1)
         self.temporal_chunk = None if temporal_chunk is None else check_int("temporal_chunk", temporal_chunk, 1)
+        self.attention_budget = None if attention_budget is None else check_int("attention_budget", attention_budget, 1)
         if self.motion_injection is not None:
             # it replaces the processors of the chosen blocks' cross-attention layers for the call
             self.attention_layers = frozenset({"<all cross-attention layers>"})
@@ -177,10 +196,11 @@ class FreeNoise(SamplerHook):
     def __repr__(self) -> str:
         return (
             f"FreeNoise(context_length={self.context_length}, context_stride={self.context_stride}, "
-            f"weighting={self.weighting!r}, noise={self.noise!r}, fusion={self.fusion!r}, "
+            f"weighting={self.weighting!r}, noise={self.noise!r}, fusion={self.fusion!r}, tail={self.tail!r}, "
             f"motion_injection={self.motion_injection!r}, injection_blocks={self.injection_blocks!r}, "
             f"norm_scope={self.norm_scope!r}, "
-            f"spatial_chunk={self.spatial_chunk!r}, temporal_chunk={self.temporal_chunk!r})"
+            f"spatial_chunk={self.spatial_chunk!r}, temporal_chunk={self.temporal_chunk!r}, "
+            f"attention_budget={self.attention_budget!r})"
         )
 
     def _unet(self, state: SamplerState):
@@ -223,10 +243,32 @@ class FreeNoise(SamplerHook):
             )
         check_context(self._context_length(state), self.context_stride)
         window_weights(self._context_length(state), self.weighting)
-        if self.motion_injection is not None and state.extras.get("fixed_prompt_embeds") is None:
+        if self.motion_injection is not None:
+            self._validate_injection(state, unet)
+
+    def _validate_injection(self, state: SamplerState, unet) -> None:
+        """Motion injection needs a prompt schedule, classifier-free guidance and cross-attention to act in."""
+        from .attention.freenoise import injection_layers
+
+        if state.extras.get("fixed_prompt_embeds") is None:
             raise ValueError(
                 "motion_injection: needs a {frame: prompt} dict prompt (its last prompt is the injected one); "
                 "accepted: such a prompt, or motion_injection=None"
+            )
+        pipeline = state.extras.get("pipeline")
+        guided = state.guidance_scale > 1 and getattr(pipeline, "do_classifier_free_guidance", True)
+        if not guided or not getattr(pipeline, "_uncond_encoded", True):
+            # the official sampler injects only when it runs both passes, into the conditional one
+            raise ValueError(
+                f"motion_injection: needs classifier-free guidance, which guidance_scale={state.guidance_scale:g} "
+                "turns off (motion injection acts in the conditional pass of guidance only, as in the official "
+                "code); accepted: guidance_scale > 1, or motion_injection=None"
+            )
+        if not injection_layers(unet, self.injection_blocks):
+            raise ValueError(
+                f"injection_blocks: {self.injection_blocks!r} hold no cross-attention layer in this UNet, so "
+                "motion injection would change nothing; accepted: blocks with cross-attention, or "
+                "motion_injection=None"
             )
 
     def begin(self, state: SamplerState) -> None:
@@ -234,6 +276,7 @@ class FreeNoise(SamplerHook):
             InjectionControl,
             MotionInjectionProcessor,
             injection_layers,
+            watch_guidance,
             windowed_motion_blocks,
         )
         from .attention.install import replaced_processors
@@ -245,7 +288,10 @@ class FreeNoise(SamplerHook):
         stack = ExitStack()
         try:
             stack.enter_context(
-                windowed_motion_blocks(unet, length, self.context_stride, self.weighting, owner=self, fusion=self.fusion)
+                windowed_motion_blocks(
+                    unet, length, self.context_stride, self.weighting, owner=self, fusion=self.fusion, tail=self.tail,
+                    attention_budget=self.attention_budget,
+                )
             )
             if self.norm_scope == "window":
                 stack.enter_context(windowed_group_norms(unet, length, self.context_stride, self.weighting))
@@ -264,6 +310,7 @@ class FreeNoise(SamplerHook):
                         unet, {name: MotionInjectionProcessor(processors[name], control) for name in layers}
                     )
                 )
+                stack.enter_context(watch_guidance(unet, control, lambda: state.step_index))
                 memory["control"] = control
         except BaseException:
             stack.close()
@@ -275,6 +322,7 @@ class FreeNoise(SamplerHook):
         if control is not None:
             batch, _, num_frames = state.latents.shape[:3]
             control.rows = batch * num_frames  # the conditional videos' frames, last in the UNet batch
+            control.videos = batch
             t_a, t_b = self.motion_injection
             control.active = uses_fixed_prompt(state.step_index, state.num_steps, t_a, t_b)
 
@@ -302,6 +350,14 @@ class FreeNoise(SamplerHook):
         return rescheduled
 
     def end(self, state: SamplerState) -> None:
-        stack = state.memory(self).pop("installed", None)
+        memory = state.memory(self)
+        stack = memory.pop("installed", None)
         if stack is not None:
             stack.close()
+        control = memory.pop("control", None)
+        if control is not None and control.skipped:
+            warnings.warn(
+                f"motion_injection: steps {sorted(set(control.skipped))} ran without the unconditional pass (guidance "
+                "turned off during the call), so nothing was injected there, as in the official code",
+                stacklevel=2,
+            )

@@ -94,6 +94,8 @@ def test_video_job_fields():
     ({"prompt": "x", "frames": 4, "freenoise": {"noise": "pink"}}, "freenoise: noise: 'pink' is not accepted"),
     ({"prompt": "x", "frames": 4, "freenoise": {"motion_injection": True}}, "freenoise: motion_injection needs "
                                                                            "prompt travel"),
+    ({"prompt": "x", "frames": 4, "prompts": {"2": "y"}, "guidance_scale": 1.0, "freenoise": {"motion_injection": True}},
+     r"freenoise: motion_injection needs guidance_scale > 1, got 1.0"),
     ({"prompt": "x", "frames": 4, "prompts": {"2": "y"}, "freenoise": {"motion_injection": True,
                                                                        "injection_blocks": ["side"]}},
      r"freenoise: injection_blocks: \['side'\] is not accepted; accepted: a non-empty sequence of 'down', 'mid'"),

@@ -69,6 +69,9 @@ def test_arguments_are_checked_before_any_work(tmp_path):
         ev.run_video_evaluation(tmp_path / "out", model=tmp_path / "absent", rows=("world", "tiles"))
     with pytest.raises(ValueError, match="first_video: got -1; accepted: an integer >= 0"):
         ev.run_video_evaluation(tmp_path / "out", model=tmp_path / "absent", first_video=-1)
+    # the switch's motion-injection row needs classifier-free guidance
+    with pytest.raises(ValueError, match="scale: 1.0 turns classifier-free guidance off"):
+        ev.run_video_evaluation(tmp_path / "out", model=tmp_path / "absent", scale=1.0)
     assert not (tmp_path / "out").exists()
 
 

@@ -136,7 +136,7 @@ def test_bench_freenoise_tables_build(monkeypatch, tmp_path):
     calls = []
 
     def in_process(kind, *args):
-        calls.append((kind, *args[:-3]) if kind == "memory" else (kind, args[1], args[-2]))
+        calls.append((kind, *args[:-4]) if kind == "memory" else (kind, args[1], args[-3]))
         run = bench_mod.time_freenoise if kind == "time" else bench_mod.measure_freenoise_memory
         return run(*[str(a) if isinstance(a, type(tmp_path)) else a for a in args])
 
@@ -144,18 +144,25 @@ def test_bench_freenoise_tables_build(monkeypatch, tmp_path):
     out = tmp_path / "bench.json"
     args = ["bench", "--no-sd", "--no-elucd", "--no-styleid", "--no-stylessp", "--no-uam", "--freenoise",
             "--rounds", "2", "--freenoise-size", "16", "--freenoise-steps", "1", "--freenoise-frames", "4,20",
-            "--freenoise-memory-frames", "4,20", "--json", str(out)]
+            "--freenoise-memory-frames", "4,20", "--freenoise-fusion", "attention", "--freenoise-attention-budget",
+            "0.001", "--json", str(out)]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert [c[0] for c in calls] == ["time"] + ["memory"] * 4
     assert calls[0][1:] == ([4, 20], 2)
     assert sorted((c[1], c[3]) for c in calls[1:]) == [("guidekit", 4), ("guidekit", 20), ("guidekit-split", 4),
                                                       ("guidekit-split", 20)]
-    assert "| guidekit FreeNoise, time per frame F=20 vs F=4 | <= 1.10 |" in result.output
-    assert "| guidekit FreeNoise vs diffusers enable_free_noise, F=20 | <= 1.00 |" in result.output
+    assert "| guidekit FreeNoise (attention fusion), time per frame F=20 vs F=4 | <= 1.10 |" in result.output
+    assert "| guidekit FreeNoise (attention fusion) vs diffusers enable_free_noise, F=20 | <= 1.00 |" in result.output
     assert "peak RSS rise, unsplit (MiB)" in result.output
+    assert "largest gathered Q/K/V/score (MiB), unsplit" in result.output
     data = json.loads(out.read_text())["freenoise"]
     assert [row["frames"] for row in data["memory"]] == [4, 20]
+    long = data["memory"][1]
+    # F=20: windows (0, 16), (4, 20); the budget (0.001 MiB) is below one pixel row's windows here, so one row
+    # at a time, while unbounded the two windows' queries are 2·16/20 = 1.6 times a full-length query
+    assert 0 < long["window_tensor_mib"] < long["unbounded_mib"]
+    assert long["unbounded_mib"] >= 1.6 * long["full_query_mib"] - 1e-12
     assert all(row["wall_ratio"] > 0 and row["cpu_ratio"] > 0 and row["runs"] == 2 for row in data["time"])
     assert sorted((r["case"], r["frames"]) for r in data["runs"][:6]) == [("diffusers", 20)] * 2 + [
         ("guidekit", 4)] * 2 + [("guidekit", 20)] * 2

@@ -161,13 +161,17 @@ def test_bench_times_the_chosen_fusion(tiny_dir, fusion):
 
 
 def test_row_chunks_cover_the_rows_once():
-    chunks = freenoise._row_chunks(1000, 13 * 16 * 320, torch.device("cpu"))
-    assert len(chunks) > 1 and [i for c in chunks for i in range(1000)[c]] == list(range(1000))
-    assert freenoise._row_chunks(1000, 13 * 16 * 320, torch.device("meta")) == [slice(0, 1000)]
+    row_bytes = freenoise.window_tensor_bytes(1, 13, 16, 320, 8, 2)
+    for device in ("cpu", "meta"):
+        for budget in (None, 10**6, 2**26):
+            chunks = freenoise._row_chunks(1000, row_bytes, 13 * 16 * 320, budget, torch.device(device))
+            assert [i for c in chunks for i in range(1000)[c]] == list(range(1000))
+    assert len(freenoise._row_chunks(1000, row_bytes, 13 * 16 * 320, None, torch.device("cpu"))) > 1  # cache
+    assert freenoise._row_chunks(1000, row_bytes, 13 * 16 * 320, None, torch.device("meta")) == [slice(0, 1000)]
 
 
 def test_chunked_rows_and_gradients_are_the_window_loop(monkeypatch):
-    monkeypatch.setattr(freenoise, "_row_chunks", lambda rows, size, device: [slice(0, 4), slice(4, rows)])
+    monkeypatch.setattr(freenoise, "_row_chunks", lambda rows, *args: [slice(0, 4), slice(4, rows)])
     block = temporal_block(5, True)
     x = hidden(12).requires_grad_()
     plan = plan_windows(12, 5, 2)

@@ -7,6 +7,7 @@ The math lives in :mod:`guidekit.guidance.elucd_math`; this module carries it in
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import threading
 import warnings
@@ -26,7 +27,9 @@ from .elucd_math import (
     edm_classifier_input,
     edm_guidance_weight,
     edm_rescale_gradient,
+    nonfinite_message,
     smooth_classifier,
+    zero_nonfinite,
 )
 
 __all__ = ["ClassifierGuidance", "EDM_MAX_GUIDANCE", "EluCD"]
@@ -46,8 +49,9 @@ class EluCD(SamplerHook):
     1. x̂0 = ``state.to_x0(pred)`` (eps, v and x0 prediction; model-input space, so sigma schedulers too);
     2. the classifier input: x̂0 (``input="x0"``), or the model input x_t divided by max(1, RMS(x_t))
        (``input="xt"``, the official EDM path). Latent models (a pipeline with a ``vae``) decode it with the
-       pipeline's VAE, differentiably; pixel models with ``input="x0"`` classify x̂0 clipped to [-1, 1], as the
-       official DDPM path does;
+       pipeline's VAE (or the lighter ``decoder`` you give), differentiably, in float32 where the autoencoder's
+       config asks for it (``force_upcast``), as diffusers' SDXL pipeline decodes; pixel models with
+       ``input="x0"`` classify x̂0 clipped to [-1, 1], as the official DDPM path does;
     3. g = ∇ log p̃(y|·) of the calibrated log-probability
        log p̃(y|x) = τ₁·f_y(x) − logsumexp(τ₂·f(x)) (:func:`~guidekit.guidance.calibrated_log_prob`), taken with
        respect to the latent x̂0 (or x_t) through the decoder and the classifier only, never through the denoiser,
@@ -82,7 +86,7 @@ class EluCD(SamplerHook):
     classifier input (the latent, or x_t for ``input="xt"``), with no 1/√ᾱ chain factor, as in the official code.
     A step where ᾱ_prev ≤ ᾱ_t (a repeated timestep) gets no correction. An image whose gradient is zero or not
     finite (overflow in a half-precision VAE, a classifier that ignores its input) gets no correction, so the hook
-    never produces NaN.
+    never produces NaN; non-finite ones are counted, and the call ends with one warning giving the count.
 
     Args:
         classifier: the image classifier: a ``guidekit.guidance.TransformersClassifier`` /
@@ -116,7 +120,21 @@ class EluCD(SamplerHook):
         gradient_checkpointing (`bool`, defaults to `False`): recompute the VAE decoder's activations in the
             backward pass instead of keeping them (less memory, one more decoder forward). Switched on only
             during the hook's own decode; the VAE is left as it was.
+        decoder (`nn.Module`, *optional*): a cheaper autoencoder that decodes the classifier's input instead of
+            the pipeline's VAE, e.g. diffusers' ``AutoencoderTiny`` loaded from weights trained for the pipeline's
+            latent space (TAESD for SD 1.x/2.x and DiT, TAESDXL for SDXL). Anything with ``decode(z,
+            return_dict=False)`` and a ``config`` holding ``scaling_factor`` is accepted; the latents are scaled
+            for it from its own config exactly as for the VAE (z / scaling_factor, plus shift_factor or
+            latents_mean/std when set), which for ``AutoencoderTiny`` (scaling_factor 1.0) hands it the model's
+            latents unscaled, as diffusers' pipelines do when it is their ``vae``. The pipeline's own final
+            decode is unchanged. Put it on the pipeline's device and dtype; it is never modified. The gradient
+            is the decoder's, not the VAE's: it is cheaper per step (``guidekit bench --dit``) and only as close
+            to the VAE's as the decoder's images are to the VAE's.
 
+    When the autoencoder that decodes (the VAE or ``decoder``) is float16 and its config has ``force_upcast``,
+    the hook decodes and backpropagates through a float32 copy of its decoding half, made once per call and
+    dropped at the end of the call (your autoencoder is never converted, not even for a moment), with the latent
+    and the gradient in float32 too.
     Per-call state (the running max_var) lives in the call's `SamplerState`, so one object serves several calls.
     """
 
@@ -134,6 +152,7 @@ class EluCD(SamplerHook):
         start: float = 0.0,
         stop: float = 1.0,
         gradient_checkpointing: bool = False,
+        decoder: Optional[nn.Module] = None,
     ):
         self.classifier = as_classifier(classifier)
         self.labels = resolve_labels(labels, self.classifier.id2label)
@@ -151,6 +170,7 @@ class EluCD(SamplerHook):
         if not isinstance(gradient_checkpointing, bool):
             raise ValueError(f"gradient_checkpointing: {gradient_checkpointing!r} is not accepted; accepted: True or False")
         self.gradient_checkpointing = gradient_checkpointing
+        self.decoder = _check_decoder(decoder)
         self._smoothed: Optional[nn.Module] = None
         self._lock = threading.Lock()
 
@@ -162,10 +182,16 @@ class EluCD(SamplerHook):
                 f"scheduler: {type(self).__name__} needs x0 conversions, which guidekit does not know for "
                 f"{type(state.scheduler).__name__}; accepted: {', '.join(sorted(SUPPORTED_SCHEDULERS))}"
             )
+        vae = _vae(state)
+        if self.decoder is not None and vae is None:
+            raise ValueError(
+                f"decoder: a {type(self.decoder).__name__} is not accepted for a pipeline with no VAE (a pixel "
+                f"model: the classifier reads x̂0 itself); accepted: None"
+            )
         if self.gradient_checkpointing:
-            vae = _vae(state)
-            if vae is None or not _checkpointable(vae):
-                what = "no VAE" if vae is None else f"a {type(vae).__name__} whose decoder cannot checkpoint"
+            source = self.decoder if self.decoder is not None else vae
+            if source is None or not _checkpointable(source):
+                what = "no VAE" if source is None else f"a {type(source).__name__} whose decoder cannot checkpoint"
                 raise ValueError(
                     f"gradient_checkpointing: True is not accepted for a pipeline with {what}; accepted: False"
                 )
@@ -189,26 +215,54 @@ class EluCD(SamplerHook):
         classifier = self._classifier(pred.device)
         x0 = state.to_x0(pred)
         x_t = state.model_input.to(x0.dtype)
-        vae = _vae(state)
+        autoencoder = self._autoencoder(state, memory, x0.shape[1])
         if self.input == "x0":
-            point = x0 if vae is not None else x0.clamp(-1.0, 1.0)
+            point = x0 if autoencoder is not None else x0.clamp(-1.0, 1.0)
         else:
             point = edm_classifier_input(x_t)
+        if autoencoder is not None and memory.get("upcast"):
+            point = point.float()  # an upcast decode takes its latent and gives its gradient in float32 too
 
         def log_prob(x: torch.Tensor) -> torch.Tensor:
-            images = x if vae is None else _decode(vae, x, self.gradient_checkpointing)
-            logits = classifier(images)
+            images = x if autoencoder is None else _decode(autoencoder, x, self.gradient_checkpointing)
+            logits = classifier(images.to(pred.device))
             return calibrated_log_prob(logits, labels, self.joint_temperature, self.marginal_temperature)
 
-        grad = classifier_gradient(log_prob, point)
+        grad, nonfinite = classifier_gradient(log_prob, point, return_nonfinite=True)
         shift = self._mean_shift(state, memory, grad, x_t, variance)
         c_t = math.sqrt(alpha_bar_prev) * (1.0 - alpha_bar / alpha_bar_prev) / (1.0 - alpha_bar)
-        delta = shift / c_t
-        finite = torch.isfinite(delta.flatten(1)).all(dim=1).view(-1, *([1] * (delta.dim() - 1)))
-        delta = torch.where(finite, delta, torch.zeros_like(delta))
+        delta, overflow = zero_nonfinite(shift / c_t)
+        memory["nonfinite"] = memory.get("nonfinite", 0) + nonfinite + overflow
+        memory["guided"] = memory.get("guided", 0) + delta.shape[0]
         # pred + (from_x0(x̂0 + Δ) − from_x0(x̂0)): from_x0 is affine, and an image with Δ = 0 keeps its exact value.
         change = state.from_x0(x0 + delta) - state.from_x0(x0)
         return (pred.to(change.dtype) + change).to(pred.dtype)
+
+    def end(self, state: SamplerState) -> None:
+        memory = state.memory(self)
+        if memory.get("nonfinite"):
+            # Once per call, with the count: a guidance method must never switch itself off without a word.
+            message = nonfinite_message("the classifier gradient", memory["nonfinite"], memory["guided"],
+                                        "image-steps of this call", method=type(self).__name__)
+            warnings.warn(message, UserWarning, stacklevel=2)
+        memory.pop("decoder", None)  # the call's float32 copy, if any: free it now
+
+    def _autoencoder(self, state: SamplerState, memory: dict, channels: int) -> Optional[nn.Module]:
+        """What decodes the classifier's input: `decoder` or the pipeline's VAE (None for pixel models), or, where
+        it is float16 and its config asks for upcasting, the call's float32 copy of it."""
+        source = self.decoder if self.decoder is not None else _vae(state)
+        if source is None:
+            return None
+        if "decoder" not in memory:
+            wanted = getattr(source.config, "latent_channels", None)
+            if self.decoder is not None and wanted is not None and int(wanted) != channels:
+                raise ValueError(
+                    f"decoder: a {type(source).__name__} with {wanted} latent channels is not accepted for a model "
+                    f"with {channels}; accepted: an autoencoder of the pipeline's latent space"
+                )
+            memory["upcast"] = _needs_upcast(source)
+            memory["decoder"] = _float32_decoder(source) if memory["upcast"] else source
+        return memory["decoder"]
 
     def _mean_shift(self, state, memory, grad, x_t, variance) -> torch.Tensor:
         """u, the shift of the step's mean (see the class docstring)."""
@@ -256,7 +310,8 @@ class EluCD(SamplerHook):
             f"{type(self).__name__}(classifier={type(self.classifier.model).__name__}, labels={self.labels!r}, "
             f"scale={self.scale}, softplus_beta={self.softplus_beta}, joint_temperature={self.joint_temperature}, "
             f"marginal_temperature={self.marginal_temperature}, schedule={self.schedule!r}, gamma={self.gamma}, "
-            f"input={self.input!r}, start={self.start}, stop={self.stop})"
+            f"input={self.input!r}, start={self.start}, stop={self.stop}"
+            + (f", decoder={type(self.decoder).__name__}" if self.decoder is not None else "") + ")"
         )
 
 
@@ -268,7 +323,8 @@ class ClassifierGuidance(EluCD):
     the two in one line: ``hooks=[guidekit.ClassifierGuidance(clf, "cat")]`` vs ``hooks=[guidekit.EluCD(clf, "cat")]``.
 
     Args:
-        classifier, labels, scale, schedule, input, start, stop, gradient_checkpointing: as for :class:`EluCD`.
+        classifier, labels, scale, schedule, input, start, stop, gradient_checkpointing, decoder: as for
+            :class:`EluCD`.
         temperature (`float`, defaults to `1.0`): τ₁ = τ₂.
     """
 
@@ -283,6 +339,7 @@ class ClassifierGuidance(EluCD):
         start: float = 0.0,
         stop: float = 1.0,
         gradient_checkpointing: bool = False,
+        decoder: Optional[nn.Module] = None,
     ):
         super().__init__(
             classifier,
@@ -297,6 +354,7 @@ class ClassifierGuidance(EluCD):
             start=start,
             stop=stop,
             gradient_checkpointing=gradient_checkpointing,
+            decoder=decoder,
         )
 
 
@@ -361,6 +419,37 @@ def _decode(vae: nn.Module, latents: torch.Tensor, checkpointing: bool) -> torch
     context = _decoder_checkpointing(vae) if checkpointing else contextlib.nullcontext()
     with context:
         return vae.decode(z, return_dict=False)[0]
+
+
+def _check_decoder(decoder) -> Optional[nn.Module]:
+    if decoder is None:
+        return None
+    config = getattr(decoder, "config", None)
+    factor = getattr(config, "scaling_factor", None)
+    if (not isinstance(decoder, nn.Module) or not callable(getattr(decoder, "decode", None))
+            or isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0):
+        raise ValueError(
+            f"decoder: {type(decoder).__name__} is not accepted; accepted: None, or an nn.Module autoencoder with "
+            f"decode(z, return_dict=False) and a config with a positive scaling_factor (e.g. diffusers' AutoencoderTiny)"
+        )
+    return decoder
+
+
+def _needs_upcast(autoencoder: nn.Module) -> bool:
+    """diffusers' rule (SDXL pipelines): a float16 autoencoder whose config sets force_upcast decodes in float32."""
+    param = next(autoencoder.parameters(), None)
+    upcast = bool(getattr(autoencoder.config, "force_upcast", False))
+    return param is not None and param.dtype == torch.float16 and upcast
+
+
+def _float32_decoder(autoencoder: nn.Module) -> nn.Module:
+    """A float32 copy of `autoencoder` for decoding, leaving the original alone. diffusers' pipelines instead
+    convert the VAE itself to float32 and back around their decode; doing that at every step would convert it
+    twice per step and leave the user's VAE float32 if the step raised. The encoder is not copied (the hook never
+    encodes; it holds about 40% of an SD VAE's parameters)."""
+    skip = {id(module): None for name in ("encoder", "quant_conv")
+            if isinstance(module := getattr(autoencoder, name, None), nn.Module)}
+    return copy.deepcopy(autoencoder, memo=skip).float()
 
 
 def _checkpointable(vae: nn.Module) -> bool:

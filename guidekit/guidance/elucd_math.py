@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from numbers import Real
 from typing import Callable, Optional, Union
 
@@ -139,7 +140,9 @@ def calibrated_log_prob(
 # Gradient w.r.t. the classifier's input
 
 
-def classifier_gradient(log_prob_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def classifier_gradient(
+    log_prob_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, return_nonfinite: bool = False
+) -> Union[torch.Tensor, tuple[torch.Tensor, int]]:
     """g = ∇ₓ Σ_b log p̃(y_b|x_b): the gradient of the summed per-sample log-probabilities w.r.t. `x` alone.
 
     The graph is built under ``torch.enable_grad()`` on a detached copy of `x`, so it works inside a sampler's
@@ -149,7 +152,8 @@ def classifier_gradient(log_prob_fn: Callable[[torch.Tensor], torch.Tensor], x: 
 
     Never NaN: a sample whose gradient has any non-finite element (an overflow, or a NaN input) gets a zero
     gradient, i.e. no correction, and an `x` that `log_prob_fn` does not use gives zeros. A zero gradient stays
-    zero, so it also gives no correction.
+    zero, so it also gives no correction. Zeroing is never silent: it warns with the count of such samples, or
+    returns the count (``return_nonfinite=True``) for a caller that reports it itself.
 
     Args:
         log_prob_fn (`Callable[[torch.Tensor], torch.Tensor]`): maps the classifier input (B, ...) to the
@@ -157,10 +161,13 @@ def classifier_gradient(log_prob_fn: Callable[[torch.Tensor], torch.Tensor], x: 
             ``lambda x: calibrated_log_prob(classifier(x), labels)``.
         x (`torch.Tensor`): the classifier input (x̂0 or the normalised noisy sample), shape (B, ...), floating
             point. It is not modified.
+        return_nonfinite (`bool`, defaults to `False`): also return how many samples had a non-finite gradient
+            (and were zeroed), instead of warning about them.
 
     Returns:
         `torch.Tensor`, the gradient, detached, same shape and dtype as `x` (a half `x` gives a half gradient; a
-        classifier run in float32 should upcast inside `log_prob_fn`).
+        classifier run in float32 should upcast inside `log_prob_fn`); with ``return_nonfinite=True``, the pair
+        (gradient, number of zeroed samples).
 
     Raises:
         RuntimeError: under ``torch.inference_mode()``, where ``enable_grad`` cannot record a graph (run the sampler
@@ -183,14 +190,33 @@ def classifier_gradient(log_prob_fn: Callable[[torch.Tensor], torch.Tensor], x: 
         objective = log_prob_fn(x_in)
         if not isinstance(objective, torch.Tensor) or not objective.is_floating_point():
             raise ValueError(f"log_prob_fn must return a floating-point tensor, got {type(objective).__name__}")
-        if not objective.requires_grad:  # constant in x: the gradient is zero
-            return torch.zeros_like(x)
-        (grad,) = torch.autograd.grad(objective.sum(), x_in, allow_unused=True)
-    if grad is None:
-        return torch.zeros_like(x)
-    grad = grad.detach().to(x.dtype)
-    finite = torch.isfinite(grad.flatten(1) if grad.dim() > 1 else grad.view(-1, 1)).all(dim=1)
-    return torch.where(_per_sample(finite, grad), grad, torch.zeros_like(grad))
+        grad = None
+        if objective.requires_grad:  # else constant in x: the gradient is zero
+            (grad,) = torch.autograd.grad(objective.sum(), x_in, allow_unused=True)
+    grad = torch.zeros_like(x) if grad is None else grad.detach().to(x.dtype)
+    grad, zeroed = zero_nonfinite(grad)
+    if return_nonfinite:
+        return grad, zeroed
+    if zeroed:
+        warnings.warn(nonfinite_message("the classifier gradient", zeroed, grad.shape[0]), UserWarning, stacklevel=2)
+    return grad
+
+
+def zero_nonfinite(values: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`values` (B, ...) with every sample that holds a non-finite element set to zero, and how many were."""
+    finite = torch.isfinite(values.flatten(1) if values.dim() > 1 else values.view(-1, 1)).all(dim=1)
+    zeroed = int((~finite).sum())
+    if zeroed == 0:
+        return values, 0
+    return torch.where(_per_sample(finite, values), values, torch.zeros_like(values)), zeroed
+
+
+def nonfinite_message(what: str, zeroed: int, total: int, unit: str = "samples", method: str = "EluCD") -> str:
+    """The warning for gradients zeroed because they were not finite: guidance must never stop silently."""
+    return (
+        f"{method}: {what} was non-finite for {zeroed} of {total} {unit} and was zeroed; guidance did nothing for "
+        f"them (an overflow, e.g. a half-precision decoder or classifier, or a NaN input)"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -356,7 +382,7 @@ def edm_rescale_gradient(grad: torch.Tensor, x: torch.Tensor, weight: Scalar) ->
     The official sampler then steps from x_hat = x_cur + √(t_hat² − t_cur²)·noise + Δx; the Heun correction is
     unchanged. The step is thus a fixed fraction λ_i of the sample's own scale, whatever the classifier's gradient
     magnitude. RMS(x) is that of the raw sample, not of the classifier input. A sample whose gradient is zero or
-    not finite gets Δx = 0 (the official code divides by zero there).
+    not finite gets Δx = 0 (the official code divides by zero there); a non-finite one also warns with the count.
 
     Args:
         grad (`torch.Tensor`): g, the classifier gradient, shape (B, ...).
@@ -372,9 +398,9 @@ def edm_rescale_gradient(grad: torch.Tensor, x: torch.Tensor, weight: Scalar) ->
     if not isinstance(weight, torch.Tensor):
         weight = _real("weight", weight, minimum=0.0)
     dtype = math_dtype(x.device)
-    g = grad.to(dtype)
-    finite = torch.isfinite(g.flatten(1)).all(dim=1)
-    g = torch.where(_per_sample(finite, g), g, torch.zeros_like(g))
+    g, zeroed = zero_nonfinite(grad.to(dtype))
+    if zeroed:
+        warnings.warn(nonfinite_message("the gradient", zeroed, g.shape[0]), UserWarning, stacklevel=2)
     g_rms = _rms(g)
     scale = _rms(x.to(dtype)) / g_rms.clamp_min(torch.finfo(dtype).tiny)
     scale = torch.where(g_rms > 0, scale, torch.zeros_like(scale))

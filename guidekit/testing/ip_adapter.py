@@ -50,7 +50,8 @@ def save_tiny_ip_adapter(
     same weights.
 
     Args:
-        unet (`UNet2DConditionModel`): the UNet the adapter is for (its cross-attention layers and width).
+        unet (`UNet2DConditionModel` or `UNetMotionModel`): the UNet the adapter is for (its cross-attention
+            layers and width).
         folder (`str` or `os.PathLike`): where to write; created if missing.
         image_embed_dim (`int`, defaults to `8`): the width of the image embeddings the adapter takes.
         seed (`int`, defaults to `0`): the seed of the random weights.
@@ -72,10 +73,11 @@ def save_tiny_ip_adapter(
         "image_proj.norm.bias": torch.zeros(dim),
     }
     # diffusers numbers the adapter's cross-attention layers 1, 3, 5, ... in `unet.attn_processors` order
-    # (the numbering of the original checkpoints, which also counted the self-attention layers).
+    # (the numbering of the original checkpoints, which also counted the self-attention layers); a motion UNet's
+    # temporal attentions take no image tokens, and diffusers skips them too.
     key_id = 1
     for name in unet.attn_processors:
-        if name.endswith("attn1.processor"):
+        if name.endswith("attn1.processor") or "motion_modules" in name:
             continue
         hidden = unet.get_submodule(name[: -len(".processor")]).to_q.out_features
         weights[f"ip_adapter.{key_id}.to_k_ip.weight"] = torch.randn(hidden, dim, generator=g) / dim**0.5

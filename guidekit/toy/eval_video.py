@@ -162,6 +162,10 @@ def run_video_evaluation(out, model=None, device: str = "cpu", num_videos: int =
             raise ValueError(f"rows: got {r!r}; accepted: {', '.join(ROWS)}")
     if not isinstance(first_video, int) or first_video < 0:
         raise ValueError(f"first_video: got {first_video!r}; accepted: an integer >= 0")
+    if switch and scale <= 1:
+        # the switch's motion-injection row acts in the conditional pass of classifier-free guidance only
+        raise ValueError(f"scale: {scale!r} turns classifier-free guidance off, which the switch's motion-injection "
+                         "row needs; accepted: scale > 1, or switch=False")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_video_pipeline(model, device)

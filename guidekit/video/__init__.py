@@ -1,6 +1,7 @@
 """FreeNoise (Qiu et al., ICLR 2024): the torch-only math core of long and multi-prompt video sampling.
 
-* `plan_windows`: the temporal windows, shared by the noise rescheduling and the fusion;
+* `plan_windows`: the temporal windows, shared by the noise rescheduling and the fusion; `fused_spans`: the
+  frames each window contributes (the tail window all or only its new ones, `TAILS`);
 * `reschedule_noise`, `shuffle_sources`: the official block shuffle of the initial noise (and "repeat", "random");
 * `window_weights`, `fuse_windows`, `fusion_weights`, `WindowAccumulator`: weighted fusion of window outputs;
 * `interpolate_prompt_schedule`, `official_two_prompt_schedule`, `blend_embeddings`: per-frame prompt embeddings;
@@ -20,17 +21,28 @@ from .prompts import (
     official_two_prompt_schedule,
     uses_fixed_prompt,
 )
-from .windows import WEIGHTINGS, WindowAccumulator, fuse_windows, fusion_weights, plan_windows, window_weights
+from .windows import (
+    TAILS,
+    WEIGHTINGS,
+    WindowAccumulator,
+    fuse_windows,
+    fused_spans,
+    fusion_weights,
+    plan_windows,
+    window_weights,
+)
 
 __all__ = [
     "NOISE_MODES",
     "NORM_SCOPES",
     "PromptBlend",
+    "TAILS",
     "WEIGHTINGS",
     "WindowAccumulator",
     "blend_embeddings",
     "chunked_layers",
     "fuse_windows",
+    "fused_spans",
     "fusion_weights",
     "interpolate_prompt_schedule",
     "official_two_prompt_schedule",

@@ -20,11 +20,14 @@ import torch
 from ._args import check_context, check_int, check_tensor
 
 __all__ = [
+    "TAILS",
     "WEIGHTINGS",
     "WindowAccumulator",
     "fuse_windows",
+    "fused_spans",
     "fusion_weights",
     "plan_windows",
+    "span_weights",
     "window_weights",
 ]
 
@@ -33,6 +36,10 @@ __all__ = [
 WEIGHTINGS = ("pyramid", "flat", "delayed_reverse_sawtooth", "gaussian")
 
 Weighting = Union[str, Callable[[int], Sequence[float]], Sequence[float], torch.Tensor]
+
+#: How the tail window [F − W, F) (added when (F − W) mod S != 0) enters the fusion: "new" fuses only the frames
+#: no earlier window covers (diffusers' `FreeNoiseTransformerBlock`), "full" all its W frames, like any window.
+TAILS = ("new", "full")
 
 
 def plan_windows(
@@ -64,6 +71,47 @@ def plan_windows(
     if plan[-1][1] != num_frames:
         plan.append((num_frames - window, num_frames))
     return plan
+
+
+def fused_spans(
+    num_frames: int, context_length: int = 16, context_stride: int = 4, tail: str = "full",
+    max_length: Optional[int] = None,
+) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """The windows of `plan_windows(F, W, S)`, each with the frames [first, stop) it contributes to the fusion.
+
+    Every window runs on all its frames; with `tail="full"` each one also contributes all of them. With
+    `tail="new"` the tail window [F − W, F) contributes only the frames after the last regular window, i.e. the
+    frames no other window covers (diffusers' design), so each of them is exactly the tail window's output,
+    whatever the weights (diffusers' weight sum scales them when there are two or more and the weights are not
+    flat). Without a tail window the two are the same.
+
+    Examples: F=22, W=16, S=4, "new" → [((0, 16), (0, 16)), ((4, 20), (4, 20)), ((6, 22), (20, 22))].
+
+    Args:
+        num_frames (`int`): F.
+        context_length (`int`, defaults to `16`): W.
+        context_stride (`int`, defaults to `4`): S.
+        tail (`str`, defaults to `"full"`): "full" or "new" (see above).
+        max_length (`int`, *optional*): the motion model's positional limit, as for `plan_windows`.
+
+    Returns:
+        A list of ((start, stop), (first, stop)) pairs with start <= first < stop, in the order of `plan_windows`.
+    """
+    if tail not in TAILS:
+        raise ValueError(f"tail: {tail!r} is not accepted; accepted: {', '.join(repr(t) for t in TAILS)}")
+    plan = plan_windows(num_frames, context_length, context_stride, max_length)
+    spans = [(window, window) for window in plan]
+    if tail == "new" and len(plan) > 1 and plan[-1][0] % context_stride != 0:
+        # regular windows start at multiples of S; the tail starts at F − W, which is not one
+        (start, stop), previous_stop = plan[-1], plan[-2][1]
+        spans[-1] = ((start, stop), (previous_stop, stop))
+    return spans
+
+
+def span_weights(window: tuple[int, int], span: tuple[int, int], weighting: Weighting = "pyramid") -> torch.Tensor:
+    """The weights of the frames `span` of `window`: the window's weights, evaluated at its length, sliced."""
+    start, stop = window
+    return window_weights(stop - start, weighting)[span[0] - start : span[1] - start]
 
 
 @functools.lru_cache(maxsize=64)
@@ -148,6 +196,20 @@ def _check_window(window, num_frames: int) -> tuple[int, int]:
     if start >= stop:
         raise ValueError(f"window: {window!r} is not accepted; accepted: 0 <= start < stop <= {num_frames}")
     return start, stop
+
+
+def _check_span(span, window: tuple[int, int]) -> int:
+    """The first frame of `span`, a part of `window` that ends at the window's stop."""
+    try:
+        first, stop = span
+    except (TypeError, ValueError):
+        raise ValueError(f"span: {span!r} is not accepted; accepted: a pair (first, stop)") from None
+    if stop != window[1] or not (isinstance(first, int) and window[0] <= first < stop):
+        raise ValueError(
+            f"span: {span!r} is not accepted for window {window}; accepted: (first, {window[1]}) with "
+            f"{window[0]} <= first < {window[1]}"
+        )
+    return first
 
 
 def _check_frame_dim(frame_dim, dims: int) -> int:
@@ -254,13 +316,20 @@ class WindowAccumulator:
         return self._mean.to(self._out_dtype, copy=True)
 
 
-def fusion_weights(plan: Sequence[tuple[int, int]], num_frames: int, weighting: Weighting = "pyramid") -> torch.Tensor:
+def fusion_weights(
+    plan: Sequence[tuple[int, int]],
+    num_frames: int,
+    weighting: Weighting = "pyramid",
+    spans: Optional[Sequence[tuple[int, int]]] = None,
+) -> torch.Tensor:
     """The normalised weight of each window at each frame: w_v(f) / Σ_u w_u(f), 0 where v does not cover f.
 
     Args:
         plan (`list[tuple[int, int]]`): the windows, e.g. from `plan_windows`.
         num_frames (`int`): F.
         weighting (`str`, callable or sequence, defaults to `"pyramid"`): as for `window_weights`.
+        spans (`list[tuple[int, int]]`, *optional*): per window, the frames it contributes (inside the window,
+            ending at its stop; e.g. from `fused_spans`). None: every window contributes all its frames.
 
     Returns:
         A float64 tensor of shape (len(plan), F) whose columns each sum to 1.
@@ -269,7 +338,8 @@ def fusion_weights(plan: Sequence[tuple[int, int]], num_frames: int, weighting: 
     matrix = torch.zeros(len(plan), num_frames, dtype=torch.float64)
     for row, window in enumerate(plan):
         start, stop = _check_window(window, num_frames)
-        matrix[row, start:stop] = window_weights(stop - start, weighting)
+        first = start if spans is None else _check_span(spans[row], (start, stop))
+        matrix[row, first:stop] = span_weights((start, stop), (first, stop), weighting)
     sums = matrix.sum(dim=0)
     missing = (sums == 0).nonzero().flatten().tolist()
     if missing:
@@ -290,10 +360,11 @@ def fuse_windows(
     Every window of `plan` contributes all its frames with the same per-window weights, and each frame's
     weights are normalised to sum to 1, the tail window [F − W, F) included.
 
-    Differences from diffusers' `FreeNoiseTransformerBlock`: there the tail window is meant to contribute only
-    to the frames no earlier window covers, but its weight sum adds one scalar weight instead of the slice, so
-    whenever (F − W) mod S >= 2 with non-flat weights the tail frames come out scaled (e.g. F=27, W=16, S=4,
-    pyramid: ×2/3 and ×1/3). Here the weights of every covered frame sum to exactly 1.
+    This is the "full" tail of `fused_spans`. diffusers' `FreeNoiseTransformerBlock` lets the tail window
+    contribute only to the frames no earlier window covers (the "new" tail), so with a tail window the two
+    fusions differ on the frames the tail window shares with others; and its weight sum adds one scalar weight
+    instead of the slice, so whenever (F − W) mod S >= 2 with non-flat weights its tail frames come out scaled
+    (e.g. F=27, W=16, S=4, pyramid: ×2/3 and ×1/3). Here the weights of every covered frame sum to exactly 1.
 
     Args:
         window_outputs (`list[torch.Tensor]`): one output per window of `plan`, in the same order, each with
