@@ -27,17 +27,50 @@ from .elucd_math import (
     edm_classifier_input,
     edm_guidance_weight,
     edm_rescale_gradient,
+    flow_posterior_variance,
     nonfinite_message,
     smooth_classifier,
     zero_nonfinite,
 )
 
-__all__ = ["ClassifierGuidance", "EDM_MAX_GUIDANCE", "EluCD"]
+__all__ = ["ClassifierGuidance", "EDM_MAX_GUIDANCE", "ELUCD_FLOW_SCHEDULERS", "EluCD", "check_elucd_flow_scheduler"]
 
 #: G, ``max_guidance`` of the official EDM script; ``schedule="edm"`` uses G = scale · EDM_MAX_GUIDANCE.
 EDM_MAX_GUIDANCE = 0.004
 
 Labels = Union[int, str, Sequence[Union[int, str]], torch.Tensor]
+
+#: The flow-matching scheduler whose step EluCD maps its mean shift onto exactly (subclasses included): first
+#: order, affine in the velocity, deterministic or with ``stochastic_sampling=True``.
+ELUCD_FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+#: EluCD's sampler on flow models: the flow analogue of ancestral DDPM (x̂0 renoised with fresh noise each step).
+RECOMMENDED_FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler with stochastic_sampling=True"
+
+
+def check_elucd_flow_scheduler(scheduler, who: str = "EluCD") -> None:
+    """Raise the ValueError that EluCD (and ClassifierGuidance) give for a flow-matching scheduler they cannot guide
+    exactly: every one but FlowMatchEulerDiscreteScheduler.
+
+    Args:
+        scheduler: a diffusers flow-matching scheduler (instance).
+        who (`str`, defaults to `"EluCD"`): the hook named in the message.
+    """
+    names = [cls.__name__ for cls in type(scheduler).__mro__]
+    if any(name in ELUCD_FLOW_SCHEDULERS for name in names):
+        return
+    name = type(scheduler).__name__
+    if "FlowMatchHeunDiscreteScheduler" in names:
+        why = ("is an order-2 solver: the correction would enter both of its stages (the Euler predictor and the "
+               "averaged corrector), so the step's mean would not move by EluCD's shift")
+    else:
+        why = ("is a multistep solver: it feeds earlier predictions into later steps, so a correction would act "
+               "again there and the step's mean would not move by EluCD's shift")
+    raise ValueError(
+        f"scheduler: {name} {why}; accepted by {who} on flow-matching models: {', '.join(ELUCD_FLOW_SCHEDULERS)} "
+        f"(deterministic or stochastic_sampling=True); recommended: {RECOMMENDED_FLOW_SCHEDULER} (the flow analogue "
+        "of ancestral DDPM, EluCD's own sampler), e.g. pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=..., "
+        "stochastic_sampling=True) with the shift of the model's scheduler"
+    )
 
 
 class EluCD(SamplerHook):
@@ -182,6 +215,8 @@ class EluCD(SamplerHook):
                 f"scheduler: {type(self).__name__} needs x0 conversions, which guidekit does not know for "
                 f"{type(state.scheduler).__name__}; accepted: {', '.join(sorted(SUPPORTED_SCHEDULERS))}"
             )
+        if scheduler_family(state.scheduler) == "flow":
+            check_elucd_flow_scheduler(state.scheduler, type(self).__name__)
         vae = _vae(state)
         if self.decoder is not None and vae is None:
             raise ValueError(
@@ -203,11 +238,19 @@ class EluCD(SamplerHook):
 
     def correct(self, state: SamplerState, pred: torch.Tensor) -> torch.Tensor:
         memory = state.memory(self)
-        alpha_bar, alpha_bar_prev = _alpha_bars(state)
-        moves = alpha_bar_prev > alpha_bar
+        flow = scheduler_family(state.scheduler) == "flow"
+        if flow:
+            sigma, sigma_next = _flow_sigmas(state)
+            moves = sigma_next < sigma
+        else:
+            alpha_bar, alpha_bar_prev = _alpha_bars(state)
+            moves = alpha_bar_prev > alpha_bar
         variance = None
         if moves:
-            variance = ddpm_posterior_variance(_f64(alpha_bar), _f64(alpha_bar_prev))
+            if flow:
+                variance = _f64(flow_posterior_variance(sigma, sigma_next))
+            else:
+                variance = ddpm_posterior_variance(_f64(alpha_bar), _f64(alpha_bar_prev))
             memory["max_variance"] = max(memory.get("max_variance", 0.0), float(variance))
         if self.scale == 0.0 or not moves or not self.is_active(state):
             return pred
@@ -215,7 +258,7 @@ class EluCD(SamplerHook):
         classifier = self._classifier(pred.device)
         x0 = state.to_x0(pred)
         x_t = state.model_input.to(x0.dtype)
-        autoencoder = self._autoencoder(state, memory, x0.shape[1])
+        autoencoder = self._autoencoder(state, memory, x0)
         if self.input == "x0":
             point = x0 if autoencoder is not None else x0.clamp(-1.0, 1.0)
         else:
@@ -224,13 +267,19 @@ class EluCD(SamplerHook):
             point = point.float()  # an upcast decode takes its latent and gives its gradient in float32 too
 
         def log_prob(x: torch.Tensor) -> torch.Tensor:
+            if autoencoder is not None and "decode_latents" in state.extras:
+                return self._frames_log_prob(classifier, _decode_frames(autoencoder, x, self.gradient_checkpointing,
+                                                                        state.extras), labels)
             images = x if autoencoder is None else _decode(autoencoder, x, self.gradient_checkpointing)
             logits = classifier(images.to(pred.device))
             return calibrated_log_prob(logits, labels, self.joint_temperature, self.marginal_temperature)
 
         grad, nonfinite = classifier_gradient(log_prob, point, return_nonfinite=True)
         shift = self._mean_shift(state, memory, grad, x_t, variance)
-        c_t = math.sqrt(alpha_bar_prev) * (1.0 - alpha_bar / alpha_bar_prev) / (1.0 - alpha_bar)
+        if flow:
+            c_t = _flow_x0_coefficient(state.scheduler, sigma, sigma_next)
+        else:
+            c_t = math.sqrt(alpha_bar_prev) * (1.0 - alpha_bar / alpha_bar_prev) / (1.0 - alpha_bar)
         delta, overflow = zero_nonfinite(shift / c_t)
         memory["nonfinite"] = memory.get("nonfinite", 0) + nonfinite + overflow
         memory["guided"] = memory.get("guided", 0) + delta.shape[0]
@@ -247,7 +296,16 @@ class EluCD(SamplerHook):
             warnings.warn(message, UserWarning, stacklevel=2)
         memory.pop("decoder", None)  # the call's float32 copy, if any: free it now
 
-    def _autoencoder(self, state: SamplerState, memory: dict, channels: int) -> Optional[nn.Module]:
+    def _frames_log_prob(self, classifier: nn.Module, frames: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """log p̃(y|x) of each sample from its decoded frames (B, F, 3, H, W): the sum over its frames, each
+        classified with the sample's label (F = 1 for image models)."""
+        batch, count = frames.shape[:2]
+        logits = classifier(frames.flatten(0, 1).to(labels.device))
+        per_frame = calibrated_log_prob(logits, labels.repeat_interleave(count), self.joint_temperature,
+                                        self.marginal_temperature)
+        return per_frame.view(batch, count).sum(dim=1)
+
+    def _autoencoder(self, state: SamplerState, memory: dict, x0: torch.Tensor) -> Optional[nn.Module]:
         """What decodes the classifier's input: `decoder` or the pipeline's VAE (None for pixel models), or, where
         it is float16 and its config asks for upcasting, the call's float32 copy of it."""
         source = self.decoder if self.decoder is not None else _vae(state)
@@ -255,6 +313,8 @@ class EluCD(SamplerHook):
             return None
         if "decoder" not in memory:
             wanted = getattr(source.config, "latent_channels", None)
+            if self.decoder is not None and wanted is not None:
+                channels = _latent_channels(state, x0)
             if self.decoder is not None and wanted is not None and int(wanted) != channels:
                 raise ValueError(
                     f"decoder: a {type(source).__name__} with {wanted} latent channels is not accepted for a model "
@@ -388,6 +448,35 @@ def _alpha_bars(state: SamplerState) -> tuple[float, float]:
     return alpha_bar, 1.0 / (1.0 + sigma_next * sigma_next)
 
 
+def _flow_sigmas(state: SamplerState) -> tuple[float, float]:
+    """(σ, σ'): this step's flow sigma (the one ``state.to_x0`` converts with) and the one the step goes to."""
+    sched = state.scheduler
+    index = state._sigma_index
+    if index is None and getattr(sched, "begin_index", None) is not None:
+        index = sched.begin_index
+    if index is None:
+        index = sched.index_for_timestep(state.timestep)
+    sigmas = sched.sigmas
+    sigma_next = float(sigmas[index + 1]) if index + 1 < len(sigmas) else 0.0
+    return float(sigmas[index]), sigma_next
+
+
+def _flow_x0_coefficient(scheduler, sigma: float, sigma_next: float) -> float:
+    """k = ∂x_{σ'}/∂x̂0 of a FlowMatchEuler step, with the velocity re-derived from x̂0 at the same latents x
+    (``state.from_x0``: v = (x − x̂0)/σ) and x itself held:
+
+    * deterministic, x' = x + (σ' − σ)·v = x + (σ' − σ)·(x − x̂0)/σ, so k = (σ − σ')/σ;
+    * ``stochastic_sampling=True``, x' = (1 − σ')·(x − σ·v) + σ'·z with fresh noise z, and x − σ·v = x̂0, so
+      k = 1 − σ'.
+
+    Both steps are affine in v with x held, and the noise z does not depend on v, so correcting x̂0 by u/k moves
+    x' by exactly u (for the same z).
+    """
+    if scheduler.config.get("stochastic_sampling", False):
+        return 1.0 - sigma_next
+    return (sigma - sigma_next) / sigma
+
+
 def _vae(state: SamplerState) -> Optional[nn.Module]:
     pipe = state.extras.get("pipeline")
     return getattr(pipe, "vae", None) if pipe is not None else None
@@ -450,6 +539,26 @@ def _float32_decoder(autoencoder: nn.Module) -> nn.Module:
     skip = {id(module): None for name in ("encoder", "quant_conv")
             if isinstance(module := getattr(autoencoder, name, None), nn.Module)}
     return copy.deepcopy(autoencoder, memo=skip).float()
+
+
+def _latent_channels(state: SamplerState, x0: torch.Tensor) -> int:
+    """The latent channels of the autoencoder's input for latents x0 in the hooks' layout (a flow pipeline's
+    tokens are unpacked first)."""
+    to_vae = state.extras.get("decode_latents")
+    if to_vae is None:
+        return x0.shape[1]
+    return to_vae(x0[:1], _vae(state)).shape[1]
+
+
+def _decode_frames(autoencoder: nn.Module, latents: torch.Tensor, checkpointing: bool, extras: dict) -> torch.Tensor:
+    """Flow pipelines: latents in the hooks' layout → frames (B, F, 3, H, W) in about [-1, 1], differentiably, with
+    the pipeline's own unpacking and de-normalisation (``extras["decode_latents"]``) and its reading of the
+    autoencoder's output (``extras["decoded_frames"]``)."""
+    param = next(autoencoder.parameters())
+    z = extras["decode_latents"](latents.to(device=param.device, dtype=param.dtype), autoencoder)
+    context = _decoder_checkpointing(autoencoder) if checkpointing else contextlib.nullcontext()
+    with context:
+        return extras["decoded_frames"](autoencoder.decode(z, return_dict=False)[0])
 
 
 def _checkpointable(vae: nn.Module) -> bool:
