@@ -121,7 +121,7 @@ def measure(scheduler, hook, steps, scale, tau1, tau2, gamma, labels=(0, 2), see
 SCHEDULERS = {
     "euler": dict(shift=3.0),
     "euler-stochastic": dict(shift=3.0, stochastic_sampling=True),
-    "euler-dynamic-terminal": dict(use_dynamic_shifting=False, shift=1.0, shift_terminal=0.02),
+    "euler-terminal": dict(shift=1.0, shift_terminal=0.02),
     "euler-stochastic-terminal": dict(shift=2.0, shift_terminal=0.05, stochastic_sampling=True),
 }
 
