@@ -319,3 +319,28 @@ def test_wan_with_its_unipc_scheduler_is_refused_before_sampling(dirs):
     with pytest.raises(ValueError, match="UniPCMultistepScheduler is a multistep solver.*recommended: "
                                          "FlowMatchEulerDiscreteScheduler with stochastic_sampling=True"):
         call(pipe, "wan", [guidekit.EluCD(TinyReLUClassifier(), 0)])
+
+
+def test_a_lighter_decoder_is_checked_against_the_unpacked_latent_channels(pipes):
+    """Flux's hooks see packed tokens (B, N, 4C); the decoder's latent channels are compared with the unpacked C."""
+    from guidekit.testing.flow import tiny_flow_vae
+
+    pipe = pipes("flux")
+    spy = X0Spy()
+    RecordingClassifier.seen.clear()
+    decoder = tiny_flow_vae(latent_channels=1, seed=5)
+    call(pipe, "flux", [spy, guidekit.EluCD(RecordingClassifier(), 1, softplus_beta=None, decoder=decoder)])
+    with torch.no_grad():
+        z = FluxPipeline._unpack_latents(spy.x0[0], 8, 8, pipe.vae_scale_factor)
+        expected = decoder.decode(z / decoder.config.scaling_factor + decoder.config.shift_factor)[0]
+    assert_close_to_scale(RecordingClassifier.seen[0], expected, rel=1e-5)
+    with pytest.raises(ValueError, match="decoder: a AutoencoderKL with 4 latent channels .* with 1"):
+        call(pipe, "flux", [guidekit.EluCD(TinyReLUClassifier(), 1, decoder=tiny_flow_vae(latent_channels=4))])
+
+
+def test_the_edm_schedule_on_the_noisy_input_runs_on_qwenimage(pipes):
+    pipe = pipes("qwenimage")
+    plain = call(pipe, "qwenimage", [guidekit.CFG()], steps=3, output_type="latent")
+    hook = guidekit.EluCD(TinyReLUClassifier(), "red", scale=20.0, schedule="edm", input="xt", marginal_temperature=0.0)
+    guided = call(pipe, "qwenimage", [guidekit.CFG(), hook], steps=3, output_type="latent")
+    assert torch.isfinite(guided).all() and (guided - plain).abs().max() > 1e-4

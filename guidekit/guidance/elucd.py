@@ -114,6 +114,17 @@ class EluCD(SamplerHook):
       :func:`~guidekit.guidance.edm_rescale_gradient`). The official EDM sampler adds u to x_t *before* its
       denoiser call; a `correct` hook runs after it, so here u moves the step's mean instead.
 
+    **Flow-matching models** (SD3, Flux, Qwen-Image, Wan: the velocity v, latents x = (1 − σ)·x0 + σ·ε). The path is
+    Gaussian with α = 1 − σ, so Σ is the posterior variance of q(x_{σ'}|x_σ, x0) between this step's σ and the σ'
+    the scheduler steps to (:func:`~guidekit.guidance.flow_posterior_variance`), and g is in latent units. Only
+    ``FlowMatchEulerDiscreteScheduler`` is accepted, deterministic or with ``stochastic_sampling=True`` (recommended:
+    the flow analogue of ancestral DDPM, x̂0 renoised to σ' with fresh noise). With x held and v re-derived from the
+    corrected x̂0, its step moves x_{σ'} by k·Δ with k = (σ − σ')/σ (deterministic: x + (σ' − σ)·v) or k = 1 − σ'
+    (stochastic: (1 − σ')·(x − σ·v) + σ'·z), so Δ = u/k moves it by exactly u. FlowMatchHeun (order 2: the correction
+    would enter both stages) and UniPC / DPM-Solver with flow sigmas (multistep) are refused. The classifier reads
+    the pipeline's own decode of x̂0: unpacked (Flux, Qwen-Image), de-normalised and decoded as the pipeline's
+    output is; a video (Wan) is classified frame by frame with its label, its log-probability the sum over frames.
+
     **Signs and scales.** g ascends the calibrated log-probability of the requested labels: a positive scale
     pulls toward them. ``scale=0`` leaves the prediction untouched (bit for bit). g is in the units of the
     classifier input (the latent, or x_t for ``input="xt"``), with no 1/√ᾱ chain factor, as in the official code.
