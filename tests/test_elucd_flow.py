@@ -344,3 +344,19 @@ def test_the_edm_schedule_on_the_noisy_input_runs_on_qwenimage(pipes):
     hook = guidekit.EluCD(TinyReLUClassifier(), "red", scale=20.0, schedule="edm", input="xt", marginal_temperature=0.0)
     guided = call(pipe, "qwenimage", [guidekit.CFG(), hook], steps=3, output_type="latent")
     assert torch.isfinite(guided).all() and (guided - plain).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwenimage", "wan"])
+def test_gradient_checkpointing_is_refused_for_video_autoencoders_that_ignore_it(pipes, family):
+    """diffusers' Wan and Qwen-Image autoencoders have `gradient_checkpointing` flags that their forward never reads
+    (`_supports_gradient_checkpointing = False`): switching them on would save no memory."""
+    hook = guidekit.EluCD(TinyReLUClassifier(), 0, gradient_checkpointing=True)
+    with pytest.raises(ValueError, match="gradient_checkpointing: True is not accepted .*whose decoder cannot checkpoint"):
+        call(pipes(family), family, [hook])
+
+
+def test_gradient_checkpointing_decodes_the_same_on_sd3(pipes):
+    pipe = pipes("sd3")
+    runs = [call(pipe, "sd3", [guidekit.EluCD(TinyReLUClassifier(), 0, scale=50.0, gradient_checkpointing=flag)],
+                 output_type="latent") for flag in (False, True)]
+    assert_close_to_scale(runs[1], runs[0], rel=1e-5)
