@@ -524,10 +524,20 @@ def pixel_unet(size: int = PIXEL_SIZE):
                        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")).eval()
 
 
+#: The preprocessor config of microsoft/resnet-50 (ConvNextImageProcessor: short side to 224 / 0.875, centre crop
+#: 224, bicubic, ImageNet statistics): what `TransformersClassifier.from_pretrained("microsoft/resnet-50")` feeds.
+RESNET50_PROCESSOR = {
+    "image_processor_type": "ConvNextImageProcessor", "do_resize": True, "size": {"shortest_edge": 224},
+    "crop_pct": 0.875, "resample": 3, "do_rescale": True, "do_normalize": True,
+    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+}
+
+
 def resnet50_classifier():
     """A transformers `ResNetForImageClassification` with ResNet-50's configuration (bottleneck blocks, depths
-    3-4-6-3, 1000 labels, 25.6M parameters), random weights, built in code; ImageNet normalisation, and no resize:
-    it reads the pipeline's samples at their own size, as the official EluCD code feeds its ResNets."""
+    3-4-6-3, 1000 labels, 25.6M parameters), random weights, built in code, with microsoft/resnet-50's
+    preprocessing (`RESNET50_PROCESSOR`): it reads 224×224 crops, whatever the pipeline's size, as the adapter
+    feeds the real checkpoint."""
     import torch
     from transformers import ResNetConfig, ResNetForImageClassification
 
@@ -535,7 +545,16 @@ def resnet50_classifier():
 
     torch.manual_seed(1)
     model = ResNetForImageClassification(ResNetConfig(num_labels=1000)).eval()
-    return TransformersClassifier(model, image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225))
+    return TransformersClassifier(model, preprocessor_config=RESNET50_PROCESSOR)
+
+
+def classifier_input_size(classifier, size: int) -> str:
+    """"H×W" of what `classifier` reads from a size×size sample: its own preprocessing, run once."""
+    import torch
+
+    with torch.no_grad():
+        h, w = classifier.preprocess(torch.zeros(1, 3, size, size)).shape[-2:]
+    return f"{h}x{w}"
 
 
 def pixel_rows(steps: int = PIXEL_STEPS, repeats: int = PIXEL_REPEATS, size: int = PIXEL_SIZE,
@@ -543,8 +562,9 @@ def pixel_rows(steps: int = PIXEL_STEPS, repeats: int = PIXEL_REPEATS, size: int
     """Cost per step of EluCD against unguided sampling on a pixel UNet2DModel (DDPMScheduler, EluCD's own setting).
 
     The stock `DDPMPipeline` and `GuidedDDPMPipeline` with `EluCD(ResNet-50-size classifier)` share one UNet and
-    run alternately in this process after one warm-up call each (medians of wall and process CPU time). EluCD
-    computes the classifier's forward and backward pass (to its input; the classifier is frozen) at every step.
+    run alternately in this process after one warm-up call each (medians of wall and process CPU time: all the
+    process's threads, ``time.process_time``). EluCD computes the classifier's forward and backward pass (to its
+    input; the classifier is frozen) at every step, at the size its preprocessing feeds it (``classifier_input``).
     """
     import torch
     from diffusers import DDPMPipeline, DDPMScheduler
@@ -569,12 +589,12 @@ def pixel_rows(steps: int = PIXEL_STEPS, repeats: int = PIXEL_REPEATS, size: int
     return [{
         "case": PIXEL_CASE,
         "wall_ratio": t["a_wall"] / t["b_wall"],
-        "cpu_ratio": round(t["a_cpu"] / t["b_cpu"], 4),
+        "process_cpu_ratio": round(t["a_cpu"] / t["b_cpu"], 4),
         "elucd_s_per_step": round(t["a_wall"] / steps, 4),
         "unguided_s_per_step": round(t["b_wall"] / steps, 4),
         "unet_M": millions(unet),
         "classifier_M": millions(classifier),
-        "size": size, "steps": steps, "repeats": repeats, "threads": torch.get_num_threads(),
+        "size": size, "classifier_input": classifier_input_size(classifier, unet.config.sample_size), "steps": steps, "repeats": repeats, "threads": torch.get_num_threads(),
     }]
 
 

@@ -311,7 +311,8 @@ class DemoBackend:
         import guidekit
         import torch
         from guidekit.checks import check_number
-        from guidekit.toy.eval_elucd import using_scheduler
+        from guidekit.guidance.elucd import check_elucd_scheduler
+        from guidekit.toy.eval_elucd import scheduler_for, using_scheduler
 
         from .generate import classifier_settings, elucd_recommended, recommended_sampler
         from .jobs import resolve_classifier
@@ -327,6 +328,8 @@ class DemoBackend:
         # The embedded classifier on the embedded model: its recommended settings and sampler, for all three runs
         recommended = elucd_recommended(self.embedded, path)
         sampler = recommended_sampler(recommended)
+        # the hooks' own refusal of the sampler, before the unguided run
+        check_elucd_scheduler(scheduler_for(self.pipe, sampler["scheduler"]) if sampler else self.pipe.scheduler)
         runs = [("Unguided", None, None), ("Naive (ClassifierGuidance)", guidekit.ClassifierGuidance, "plain"),
                 ("EluCD", guidekit.EluCD, "elucd")]
         images, rows = [], []

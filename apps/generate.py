@@ -305,6 +305,7 @@ def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, mo
              negative_prompt, device, out, overwrite, classifier, label, classifier_scale, calibration):
     """Generate one image from PROMPT with CFG or APG guidance (and optionally EluCD classifier guidance)."""
     import torch
+    from guidekit.guidance.elucd import check_elucd_scheduler
     from guidekit.toy.eval_elucd import using_scheduler
 
     out = out or _default_out(prompt, seed, guidance)
@@ -338,6 +339,11 @@ def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, mo
     generator = torch.Generator(device="cpu").manual_seed(seed)  # the start noise, and DDPM's step noise
     with using_scheduler(pipe, sampler["scheduler"] if sampler else None) as scheduler:
         sampler_name = type(scheduler).__name__
+        if correction is not None:  # the hook's own refusal, before any step runs
+            try:
+                check_elucd_scheduler(scheduler, type(correction).__name__)
+            except ValueError as exc:
+                raise click.ClickException(f"--classifier: the model's {exc}") from None
         image = pipe(
             prompt,
             negative_prompt=negative_prompt,

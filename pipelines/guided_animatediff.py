@@ -230,6 +230,7 @@ class GuidedAnimateDiffPipeline(HookedPipelineMixin, AnimateDiffPipeline):
             latents,
         )
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        state.extras["eta"] = eta  # DDIM's η: EluCD maps its correction through the step with it
 
         def denoise(model_input: torch.Tensor, t: torch.Tensor, with_uncond: bool) -> torch.Tensor:
             # prompt_embeds rows are [negative videos, positive videos], each video's frames together

@@ -413,6 +413,7 @@ class GuidedAnimateDiffSDXLPipeline(HookedPipelineMixin, AnimateDiffSDXLPipeline
             latents,
         )
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        state.extras["eta"] = eta  # DDIM's η: EluCD maps its correction through the step with it
 
         # 6. Added time ids and pooled embeddings; with guidance the batch is [negative, positive]
         add_text_embeds = pooled_prompt_embeds

@@ -157,6 +157,7 @@ class GuidedStableDiffusionPipeline(HookedPipelineMixin, StableDiffusionPipeline
             latents,
         )
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        state.extras["eta"] = eta  # DDIM's η: EluCD maps its correction through the step with it
 
         timestep_cond = None
         if self.unet.config.time_cond_proj_dim is not None:

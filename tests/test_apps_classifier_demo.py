@@ -190,3 +190,19 @@ def test_the_default_step_limit_fits_the_recommended_sampler():
     assert Limits().max_steps == 100 >= guidekit.toy.RECOMMENDED_ELUCD_SAMPLER["steps"]
     text = " ".join(CliRunner().invoke(demo, ["--help"], terminal_width=200).output.split())
     assert "Most denoising steps one request may ask for" in text and "[default: 100;" in text
+
+
+def test_a_multistep_scheduler_is_refused_before_any_run(pipe, classifier_dir, monkeypatch):
+    """The model's own PNDM scheduler: the hooks' refusal, naming the accepted and the recommended scheduler,
+    before the unguided image is drawn."""
+    from diffusers import PNDMScheduler
+
+    from guidekit.apps.demo import DemoBackend, Limits
+
+    pndm = type(pipe).from_pipe(pipe, scheduler=PNDMScheduler.from_config(pipe.scheduler.config))
+    backend = DemoBackend(pndm, "tiny", Limits(max_steps=8, max_size=64))
+    called = []
+    monkeypatch.setattr(type(pndm), "__call__", lambda *a, **k: called.append(1))
+    with pytest.raises(ValueError, match=r"scheduler: PNDMScheduler .*accepted by EluCD: .*recommended: DDPMScheduler"):
+        backend.classifier_guidance(str(classifier_dir), "red", 1.0, 0, 2)
+    assert not called

@@ -112,6 +112,21 @@ def test_a_folder_that_is_not_a_classifier_is_a_clear_error(no_model_loading, ti
     assert "--classifier: cannot load" in result.output
 
 
+def test_a_multistep_scheduler_is_refused_before_sampling(tiny_sd_dir, classifier_dir, tmp_path):
+    """A model whose own scheduler is a multistep solver: a usage error with the hook's message, and no image."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    folder = tmp_path / "pndm-model"
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_dir))
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(str(folder))
+    out = tmp_path / "x.png"
+    result = generate(folder, out, "--classifier", str(classifier_dir), "--label", "red")
+    assert result.exit_code == 1 and not out.exists(), result.output
+    assert "--classifier: the model's scheduler: PNDMScheduler is a multistep solver" in result.output
+    assert "recommended: DDPMScheduler" in result.output and "Traceback" not in result.output
+
+
 def test_help_names_the_classifier_options():
     result = CliRunner().invoke(main, ["generate", "--help"])
     for option in ("--classifier", "--label", "--classifier-scale", "--calibration", "guidekit.EluCD"):
@@ -286,6 +301,18 @@ def test_bench_without_elucd_has_no_elucd_rows(monkeypatch):
     assert "EluCD" not in result.output and "StyleID" not in result.output
 
 
+def test_the_pixel_bench_classifier_reads_what_the_resnet50_adapter_feeds():
+    """microsoft/resnet-50's preprocessing: a 64 px sample is resized (short side 224 / 0.875) and centre-cropped
+    to 224 × 224, which the pixel row's ResNet-50-size classifier must read too."""
+    import guidekit.apps.bench as bench_mod
+    from guidekit.guidance import TransformersClassifier
+    from guidekit.testing.classifiers import tiny_resnet_classifier
+
+    clf = TransformersClassifier(tiny_resnet_classifier(0).eval(), preprocessor_config=bench_mod.RESNET50_PROCESSOR)
+    assert bench_mod.classifier_input_size(clf, 64) == "224x224"
+    assert clf.resize == ("shortest_edge", 256) and clf.crop == (224, 224)
+
+
 def test_bench_prints_the_pixel_elucd_row(monkeypatch, tmp_path):
     """--pixel adds the pixel-UNet EluCD row (here with a tiny UNet and the tiny classifier: no timing asserted)."""
     import guidekit.apps.bench as bench_mod
@@ -309,6 +336,9 @@ def test_bench_prints_the_pixel_elucd_row(monkeypatch, tmp_path):
     assert f"| {bench_mod.PIXEL_CASE} |" in result.output and "wall per step vs unguided" in result.output
     row = json.loads(out.read_text())["pixel"][0]
     assert row["case"] == bench_mod.PIXEL_CASE and row["wall_ratio"] > 0 and row["elucd_s_per_step"] > 0
+    # the size the classifier's own preprocessing feeds it, and CPU time named for what it is (the whole process's)
+    assert row["classifier_input"] == "16x16" and "classifier_input=16x16" in result.output
+    assert row["process_cpu_ratio"] > 0 and "cpu_ratio" not in {k for k in row if k != "process_cpu_ratio"}
     no_pixel = CliRunner().invoke(main, ["bench", "--models", "tiny", "--rounds", "1", "--no-uam", "--no-elucd",
                                          "--no-styleid", "--no-stylessp"], catch_exceptions=False)
     assert "pixel" not in no_pixel.output  # off by default

@@ -97,7 +97,8 @@ class Record(SamplerHook):
 # ---------------------------------------------------------------------------------------------------- by hand
 
 
-def by_hand(pipe, clf, label, step, n, steps_before, prediction_type, scale, beta, tau1, tau2, gamma, schedule, inp):
+def by_hand(pipe, clf, label, step, n, steps_before, prediction_type, scale, beta, tau1, tau2, gamma, schedule, inp,
+            eta=0.0):
     """One step of the hook, re-derived: x̂0, the gradient through the decoder, the weight, the prediction."""
     sched = pipe.scheduler
     levels = []  # (ᾱ_t, ᾱ_prev) of every step up to this one
@@ -138,7 +139,13 @@ def by_hand(pipe, clf, label, step, n, steps_before, prediction_type, scale, bet
         lam = max(big_g * (n + 1 - i) / (n + 1), 1e-5) + big_g * gamma * math.sin(math.pi * i / n)
         rms = lambda v: v.flatten(1).square().mean(1).sqrt().view(-1, 1, 1, 1)  # noqa: E731
         u = g / rms(g) * rms(x) * lam
-    c = math.sqrt(ap) * (1 - a / ap) / (1 - a)
+    # the scheduler's own coefficient of x̂0 in x_{t−1} (model-input units), so that x_{t−1} moves by u
+    if isinstance(sched, EulerDiscreteScheduler):  # x' = x + (σ' − σ)·(x − x̂0)/σ on latents x = x̂0 + σ·ε
+        s, s_next = math.sqrt((1 - a) / a), math.sqrt((1 - ap) / ap)
+        c = (1 - s_next / s) * math.sqrt(ap)
+    else:  # DDIM: x' = √ᾱ'·x̂0 + √(1 − ᾱ' − η²·Σ)·ε̂ (+ noise) with ε̂ = (x − √ᾱ·x̂0)/√(1 − ᾱ)
+        assert isinstance(sched, DDIMScheduler)
+        c = math.sqrt(ap) - math.sqrt(1 - ap - eta**2 * post_var(a, ap)) * math.sqrt(a / (1 - a))
     x0_new = x0 + u / c
     return {
         "epsilon": (x - alpha * x0_new) / sigma,
@@ -153,6 +160,7 @@ CASES = {
     "x0pred-cfg-ddpm": dict(model="sample", guidance=None, schedule="ddpm", input="x0"),
     "eps-euler-ddpm": dict(model="euler", guidance=None, schedule="ddpm", input="x0"),
     "eps-cfg-edm-xt": dict(model="eps", guidance=None, schedule="edm", input="xt"),
+    "eps-ddim-eta-ddpm": dict(model="eps", guidance=None, schedule="ddpm", input="x0", eta=0.6),
 }
 
 
@@ -177,13 +185,14 @@ def test_one_step_equals_the_formula_by_hand(case, sd, sd_v):
     )
     before, after = Record(), Record()
     hooks = ([guidekit.APG(norm_threshold=3.0)] if cfg["guidance"] == "apg" else []) + [before, hook, after]
-    run(pipe, hooks, prompt=[PROMPT, PROMPT], guidance_scale=7.5)
+    eta = cfg.get("eta", 0.0)
+    run(pipe, hooks, prompt=[PROMPT, PROMPT], guidance_scale=7.5, eta=eta)
     n = len(before.steps)
     for i in (1, n - 2):
         s = dict(settings, scale=scale)
         expected = by_hand(
             pipe, clf, torch.tensor([1, 2]), before.steps[i], n, before.steps[:i], prediction_type,
-            s["scale"], s["beta"], s["tau1"], s["tau2"], s["gamma"], cfg["schedule"], cfg["input"],
+            s["scale"], s["beta"], s["tau1"], s["tau2"], s["gamma"], cfg["schedule"], cfg["input"], eta,
         )
         change = expected - before.steps[i]["pred"].double()
         assert change.abs().max() > 1e-2 * expected.abs().max()  # the step does move
@@ -419,7 +428,7 @@ def test_pixel_model_classifies_the_clipped_x0_directly():
     log_p = logits[[0, 1], [0, 2]] - torch.logsumexp(0.5 * logits, dim=1)
     (grad,) = torch.autograd.grad(log_p.sum(), point)
     weight = post_var[1] + 0.5 * max(post_var) * math.sin(math.pi * 3 / 5)
-    c = math.sqrt(ap) * (1 - a / ap) / (1 - a)
+    c = math.sqrt(ap) - math.sqrt(1 - ap) * math.sqrt(a / (1 - a))  # DDIM's coefficient of x̂0 in x_{t−1} (η = 0)
     x0_new = x0 + 2.0 * weight * grad / c
     expected = (x.double() - math.sqrt(a) * x0_new) / math.sqrt(1 - a)
     assert (expected - pred).abs().max() > 1e-3

@@ -8,6 +8,7 @@ import torch
 
 import guidekit
 import guidekit.toy
+from guidekit.testing import TinyReLUClassifier
 from guidekit.toy import classifier as tc
 from guidekit.toy import eval_elucd as ev
 from guidekit.toy import world
@@ -118,12 +119,36 @@ def test_method_rows_hold_the_ablations(monkeypatch):
     # each ablation switches one calibration part of the recommendation the other way
     smoothed = {**guidekit.toy.RECOMMENDED_ELUCD, "softplus_beta": 3.0, "joint_temperature": 1.0}
     monkeypatch.setattr(guidekit.toy, "RECOMMENDED_ELUCD", smoothed)
-    ablations = {r["method"]: r["kwargs"] for r in ev.method_rows((2.0,))[3:]}
+    ablations = {r["method"]: r["kwargs"] for r in ev.method_rows((2.0,))[4:]}
     assert ablations == {"EluCD, no smoothing": {"softplus_beta": None}, "EluCD, τ₂ = τ₁": {"marginal_temperature": 1.0},
                          "EluCD, no boost": {"gamma": 0.0}}
     monkeypatch.setattr(guidekit.toy, "RECOMMENDED_ELUCD", {**smoothed, "softplus_beta": None})
-    ablations = {r["method"]: r["kwargs"] for r in ev.method_rows((2.0,))[3:]}
+    ablations = {r["method"]: r["kwargs"] for r in ev.method_rows((2.0,))[4:]}
     assert ablations["EluCD, Softplus(3) smoothing"] == {"softplus_beta": 3.0} and len(ablations) == 3
+
+
+HOOK_SETTINGS = ("scale", "softplus_beta", "joint_temperature", "marginal_temperature", "schedule", "gamma", "input",
+                 "start", "stop", "gradient_checkpointing", "labels")
+CALIBRATION = {"softplus_beta", "joint_temperature", "marginal_temperature"}
+
+
+def _differences(a, b) -> set:
+    return {k for k in HOOK_SETTINGS if getattr(a, k) != getattr(b, k)}
+
+
+@pytest.mark.parametrize("softplus_beta", [None, 3.0], ids=["relu", "softplus"])
+def test_a_classifier_guidance_row_differs_from_elucd_by_the_calibration_only(monkeypatch, softplus_beta):
+    """The plain ClassifierGuidance rows also drop EluCD's sine boost; the "sine boost" row keeps it, so it and
+    the EluCD row at the same scale differ by the calibration alone (smoothing and temperatures)."""
+    monkeypatch.setattr(guidekit.toy, "RECOMMENDED_ELUCD", {**guidekit.toy.RECOMMENDED_ELUCD, "softplus_beta": softplus_beta})
+    rows = {(r["method"], r["scale"]): r for r in ev.method_rows((1.0, 2.0), ablation_scale=2.0)}
+    clf, labels = TinyReLUClassifier(), [0, 1]
+    hook = lambda method: ev._hooks(rows[(method, 2.0)], clf, labels)[0]  # noqa: E731
+    elucd, boosted, plain = hook("EluCD"), hook("ClassifierGuidance, sine boost"), hook("ClassifierGuidance")
+    assert type(boosted) is guidekit.ClassifierGuidance
+    assert boosted.gamma == elucd.gamma == guidekit.toy.RECOMMENDED_ELUCD["gamma"] > 0
+    assert _differences(boosted, elucd) and _differences(boosted, elucd) <= CALIBRATION
+    assert _differences(plain, boosted) == {"gamma"}
 
 
 def test_recommended_elucd_builds_a_hook(shipped):

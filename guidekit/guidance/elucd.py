@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..checks import check_choice, check_number, check_window
-from ..hooks import SUPPORTED_SCHEDULERS, SamplerHook, SamplerState, scheduler_family
+from ..hooks import SamplerHook, SamplerState, scheduler_family
 from .classifiers import ImageClassifier, as_classifier, resolve_labels, unsmoothed_warning
 from .elucd_math import (
     calibrated_log_prob,
@@ -33,7 +33,14 @@ from .elucd_math import (
     zero_nonfinite,
 )
 
-__all__ = ["ClassifierGuidance", "EDM_MAX_GUIDANCE", "ELUCD_FLOW_SCHEDULERS", "EluCD", "check_elucd_flow_scheduler"]
+__all__ = [
+    "ClassifierGuidance",
+    "EDM_MAX_GUIDANCE",
+    "ELUCD_FLOW_SCHEDULERS",
+    "ELUCD_SCHEDULERS",
+    "EluCD",
+    "check_elucd_scheduler",
+]
 
 #: G, ``max_guidance`` of the official EDM script; ``schedule="edm"`` uses G = scale · EDM_MAX_GUIDANCE.
 EDM_MAX_GUIDANCE = 0.004
@@ -47,14 +54,8 @@ ELUCD_FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 RECOMMENDED_FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler with stochastic_sampling=True"
 
 
-def check_elucd_flow_scheduler(scheduler, who: str = "EluCD") -> None:
-    """Raise the ValueError that EluCD (and ClassifierGuidance) give for a flow-matching scheduler they cannot guide
-    exactly: every one but FlowMatchEulerDiscreteScheduler.
-
-    Args:
-        scheduler: a diffusers flow-matching scheduler (instance).
-        who (`str`, defaults to `"EluCD"`): the hook named in the message.
-    """
+def _check_flow_scheduler(scheduler, who: str) -> None:
+    """The flow-matching half of `check_elucd_scheduler`: every flow scheduler but FlowMatchEuler is refused."""
     names = [cls.__name__ for cls in type(scheduler).__mro__]
     if any(name in ELUCD_FLOW_SCHEDULERS for name in names):
         return
@@ -70,6 +71,57 @@ def check_elucd_flow_scheduler(scheduler, who: str = "EluCD") -> None:
         f"(deterministic or stochastic_sampling=True); recommended: {RECOMMENDED_FLOW_SCHEDULER} (the flow analogue "
         "of ancestral DDPM, EluCD's own sampler), e.g. pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=..., "
         "stochastic_sampling=True) with the shift of the model's scheduler"
+    )
+
+
+#: The schedulers whose step EluCD maps its mean shift onto exactly (subclasses included), by the kind of step.
+#: Each is first order: x_{t−1} depends on this step's prediction only, affinely. Multistep solvers (PNDM, LMS,
+#: DPM-Solver, UniPC) keep earlier predictions and feed them into later steps, so a correction would act again.
+ELUCD_SCHEDULERS = {
+    "DDPMScheduler": "ddpm",
+    "DDIMScheduler": "ddim",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral",
+}
+#: EluCD's own sampler: ancestral DDPM steps.
+RECOMMENDED_SCHEDULER = "DDPMScheduler"
+
+
+def _step_kind(scheduler) -> Optional[str]:
+    for cls in type(scheduler).__mro__:
+        kind = ELUCD_SCHEDULERS.get(cls.__name__)
+        if kind is not None:
+            return kind
+    return None
+
+
+def check_elucd_scheduler(scheduler, who: str = "EluCD") -> None:
+    """Raise the ValueError that EluCD (and ClassifierGuidance) give for a scheduler they cannot guide exactly
+    (flow-matching schedulers: every one but FlowMatchEulerDiscreteScheduler, with the flow message).
+
+    Entry points call it before they load or run anything, so the user sees the same message everywhere.
+
+    Args:
+        scheduler: a diffusers scheduler (instance).
+        who (`str`, defaults to `"EluCD"`): the hook named in the message.
+    """
+    if scheduler_family(scheduler) == "flow":
+        _check_flow_scheduler(scheduler, who)
+        return
+    if _step_kind(scheduler) is not None:
+        return
+    name = type(scheduler).__name__
+    why = (
+        "is a multistep solver: it feeds earlier predictions into later steps, so a correction would act again "
+        "there and the step's mean would not move by EluCD's shift"
+        if name in ("PNDMScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                    "DEISMultistepScheduler")
+        else "is not one whose step guidekit maps the correction onto"
+    )
+    raise ValueError(
+        f"scheduler: {name} {why}; accepted by {who}: {', '.join(ELUCD_SCHEDULERS)}; recommended: "
+        f"{RECOMMENDED_SCHEDULER} (ancestral DDPM, EluCD's own sampler), e.g. "
+        f"pipe.scheduler = {RECOMMENDED_SCHEDULER}.from_config(pipe.scheduler.config)"
     )
 
 
@@ -90,14 +142,17 @@ class EluCD(SamplerHook):
        respect to the latent x̂0 (or x_t) through the decoder and the classifier only, never through the denoiser,
        with the classifier's ReLUs smoothed into Softplus(β);
     4. the intended shift u of the step's mean (the schedule, below);
-    5. x̂0 ← x̂0 + u / c_t, converted back to the model's prediction type with ``state.from_x0``.
+    5. x̂0 ← x̂0 + u / k_t, converted back to the model's prediction type with ``state.from_x0`` (k_t below).
 
     **How the weights map onto diffusers schedulers.** EluCD's DDPM path moves the mean of the ancestral step
-    p(x_{t−1}|x_t) by u = (Σ_t + a_t)·s·g. In VP terms (model input x_t = α_t·x0 + σ_t·ε, ᾱ_t = α_t²), a DDPM
-    step's mean is μ = c_t·x̂0 + d_t·x_t with c_t = √ᾱ_prev·(1 − ᾱ_t/ᾱ_prev)/(1 − ᾱ_t), so correcting x̂0 by u/c_t
-    moves μ by exactly u: with ``DDPMScheduler`` (fixed variance) this hook *is* EluCD's update. Other samplers
-    (DDIM, PNDM, Euler, DPM-Solver) get the same x̂0 correction and carry it into x_{t−1} with their own
-    coefficient of x̂0. The terms, per step i of N (``state.num_steps``):
+    p(x_{t−1}|x_t) by u = (Σ_t + a_t)·s·g. Each accepted scheduler's step is affine in the prediction, with its own
+    coefficient k_t of x̂0 in x_{t−1} (model-input units; ``DDPMScheduler``: the posterior mean's
+    c_t = √ᾱ_prev·(1 − ᾱ_t/ᾱ_prev)/(1 − ᾱ_t); ``DDIMScheduler``: √ᾱ_prev − √(1 − ᾱ_prev − η²Σ_t)·√(ᾱ_t/(1 − ᾱ_t)),
+    about c_t/2 at many steps; ``EulerDiscreteScheduler`` and ``EulerAncestralDiscreteScheduler``: their step's),
+    so correcting x̂0 by u/k_t moves x_{t−1} by exactly u on every one of them (unless the scheduler clips or
+    thresholds x̂0). Multistep solvers (PNDM, LMS, DPM-Solver, UniPC) are refused with a ValueError: they feed
+    earlier predictions into later steps, where a correction would act again. The terms, per step i of N
+    (``state.num_steps``):
 
     * ᾱ_t: this step's noise level (``state.alpha_sigma``); ᾱ_prev: the level the scheduler steps to (timestep
       schedulers: ``previous_timestep`` or t − T_train/N, then ``final_alpha_cumprod`` or 1 past the end; sigma
@@ -107,7 +162,7 @@ class EluCD(SamplerHook):
       adds, and the fixed-variance counterpart of the learned Σ_t of the official ADM model;
     * ``schedule="ddpm"``: u = s·(Σ_t + a_t)·g with a_t = γ·max_var·sin(π·t/N), t = N − 1 − i (the official
       respaced index) and max_var the running maximum of Σ over the call's steps so far
-      (:func:`~guidekit.guidance.ddpm_guidance_weight`). Since Σ_t/c_t = (1 − ᾱ_prev)/√ᾱ_prev, the plain part
+      (:func:`~guidekit.guidance.ddpm_guidance_weight`). On DDPM, Σ_t/c_t = (1 − ᾱ_prev)/√ᾱ_prev: the plain part
       corrects x̂0 by s·(1 − ᾱ_prev)/√ᾱ_prev·g: strongly at high noise, fading to nothing at the end;
     * ``schedule="edm"``: u = g/RMS(g)·RMS(x_t)·λ_i per image, λ_i = max(G·(N+1−i)/(N+1), 10⁻⁵) + G·γ·sin(π·i/N),
       G = s·0.004 (the official script's ``max_guidance``; :func:`~guidekit.guidance.edm_guidance_weight`,
@@ -221,13 +276,7 @@ class EluCD(SamplerHook):
     # ------------------------------------------------------------------ checks
 
     def validate(self, state: SamplerState) -> None:
-        if scheduler_family(state.scheduler) is None:
-            raise ValueError(
-                f"scheduler: {type(self).__name__} needs x0 conversions, which guidekit does not know for "
-                f"{type(state.scheduler).__name__}; accepted: {', '.join(sorted(SUPPORTED_SCHEDULERS))}"
-            )
-        if scheduler_family(state.scheduler) == "flow":
-            check_elucd_flow_scheduler(state.scheduler, type(self).__name__)
+        check_elucd_scheduler(state.scheduler, type(self).__name__)
         vae = _vae(state)
         if self.decoder is not None and vae is None:
             raise ValueError(
@@ -248,6 +297,7 @@ class EluCD(SamplerHook):
     # ------------------------------------------------------------------ the step
 
     def correct(self, state: SamplerState, pred: torch.Tensor) -> torch.Tensor:
+        check_elucd_scheduler(state.scheduler, type(self).__name__)
         memory = state.memory(self)
         flow = scheduler_family(state.scheduler) == "flow"
         if flow:
@@ -288,10 +338,10 @@ class EluCD(SamplerHook):
         grad, nonfinite = classifier_gradient(log_prob, point, return_nonfinite=True)
         shift = self._mean_shift(state, memory, grad, x_t, variance)
         if flow:
-            c_t = _flow_x0_coefficient(state.scheduler, sigma, sigma_next)
+            coefficient = _flow_x0_coefficient(state.scheduler, sigma, sigma_next)
         else:
-            c_t = math.sqrt(alpha_bar_prev) * (1.0 - alpha_bar / alpha_bar_prev) / (1.0 - alpha_bar)
-        delta, overflow = zero_nonfinite(shift / c_t)
+            coefficient = _x0_coefficient(state, alpha_bar, alpha_bar_prev)
+        delta, overflow = zero_nonfinite(shift / coefficient)
         memory["nonfinite"] = memory.get("nonfinite", 0) + nonfinite + overflow
         memory["guided"] = memory.get("guided", 0) + delta.shape[0]
         # pred + (from_x0(x̂0 + Δ) − from_x0(x̂0)): from_x0 is affine, and an image with Δ = 0 keeps its exact value.
@@ -390,13 +440,16 @@ class ClassifierGuidance(EluCD):
     """Plain classifier guidance with an off-the-shelf classifier: the uncalibrated baseline of EluCD.
 
     The same hook as :class:`EluCD` with ``softplus_beta=None`` (ReLUs kept), τ₂ = τ₁ (so with the default
-    temperature 1 the plain log-softmax) and γ = 0 (no sine boost): u = s·Σ_t·g for ``schedule="ddpm"``. Compare
-    the two in one line: ``hooks=[guidekit.ClassifierGuidance(clf, "cat")]`` vs ``hooks=[guidekit.EluCD(clf, "cat")]``.
+    temperature 1 the plain log-softmax) and, by default, γ = 0 (no sine boost): u = s·Σ_t·g for
+    ``schedule="ddpm"``. Compare the two in one line: ``hooks=[guidekit.ClassifierGuidance(clf, "cat")]`` vs
+    ``hooks=[guidekit.EluCD(clf, "cat")]``. With ``gamma=0.3`` it keeps EluCD's sine boost, so it differs from
+    ``EluCD(clf, "cat")`` by the calibration alone (the smoothing and the temperatures).
 
     Args:
         classifier, labels, scale, schedule, input, start, stop, gradient_checkpointing, decoder: as for
             :class:`EluCD`.
         temperature (`float`, defaults to `1.0`): τ₁ = τ₂.
+        gamma (`float`, defaults to `0.0`): γ of EluCD's sine boost, ≥ 0; 0 (plain classifier guidance) turns it off.
     """
 
     def __init__(
@@ -411,6 +464,7 @@ class ClassifierGuidance(EluCD):
         stop: float = 1.0,
         gradient_checkpointing: bool = False,
         decoder: Optional[nn.Module] = None,
+        gamma: float = 0.0,
     ):
         super().__init__(
             classifier,
@@ -420,7 +474,7 @@ class ClassifierGuidance(EluCD):
             joint_temperature=temperature,
             marginal_temperature=temperature,
             schedule=schedule,
-            gamma=0.0,
+            gamma=gamma,
             input=input,
             start=start,
             stop=stop,
@@ -457,6 +511,33 @@ def _alpha_bars(state: SamplerState) -> tuple[float, float]:
     sigmas = sched.sigmas
     sigma_next = float(sigmas[index + 1]) if index + 1 < len(sigmas) else 0.0
     return alpha_bar, 1.0 / (1.0 + sigma_next * sigma_next)
+
+
+def _x0_coefficient(state: SamplerState, alpha_bar: float, alpha_bar_prev: float) -> float:
+    """k_t = ∂x_{t−1}/∂x̂0 of this step of the scheduler, in model-input (VP) units: correcting x̂0 by u/k_t moves
+    x_{t−1} by exactly u. Every accepted step is affine in the prediction, so k_t is the scheduler's own coefficient
+    of x̂0 (with ε̂ or the ODE direction re-derived from x̂0 and x_t):
+
+    * DDPM: the posterior mean's c_t = √ᾱ_prev·(1 − ᾱ_t/ᾱ_prev)/(1 − ᾱ_t);
+    * DDIM: √ᾱ_prev − √(1 − ᾱ_prev − σ_η²)·√(ᾱ_t/(1 − ᾱ_t)), σ_η² = η²·Σ_t (η of the call, 0 by default);
+    * Euler: latents x = x0 + σ·ε step to x + (σ' − σ)·(x − x̂0)/σ, so 1 − σ'/σ in latent units, times
+      α' = 1/√(σ'² + 1) in model-input units (σ' the sigma stepped to);
+    * Euler ancestral: the same with σ' = σ_down, the deterministic part of its step (then noise σ_up is added).
+    """
+    a, ap = alpha_bar, alpha_bar_prev
+    kind = _step_kind(state.scheduler)
+    if kind == "ddpm":
+        return math.sqrt(ap) * (1.0 - a / ap) / (1.0 - a)
+    if kind == "ddim":
+        eta = float(state.extras.get("eta", 0.0))
+        variance = (1.0 - ap) / (1.0 - a) * (1.0 - a / ap)
+        return math.sqrt(ap) - math.sqrt(max(1.0 - ap - eta * eta * variance, 0.0)) * math.sqrt(a / (1.0 - a))
+    sigma, sigma_to = math.sqrt((1.0 - a) / a), math.sqrt((1.0 - ap) / ap)
+    alpha_to = math.sqrt(ap)  # 1/√(σ'² + 1), the scaling of the next step's model input
+    if kind == "euler_ancestral":
+        sigma_up = math.sqrt(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2)
+        sigma_to = math.sqrt(sigma_to**2 - sigma_up**2)
+    return (1.0 - sigma_to / sigma) * alpha_to
 
 
 def _flow_sigmas(state: SamplerState) -> tuple[float, float]:

@@ -58,10 +58,12 @@ PAPER_SOFTPLUS_BETA = 3.0
 
 
 def method_rows(scales: Sequence[float], ablation_scale: Optional[float] = None) -> list[dict]:
-    """The rows measured: unguided, then ClassifierGuidance and EluCD at every scale, then one ablation row per
-    calibration part at `ablation_scale` (default: the largest scale), each switching that part of
-    `guidekit.toy.RECOMMENDED_ELUCD` the other way: the smoothing (off, or the paper's Softplus(3) when the
-    recommendation keeps ReLU), the temperatures (τ₂ = τ₁) and the sine boost (γ = 0)."""
+    """The rows measured: unguided, then ClassifierGuidance and EluCD at every scale, then, at `ablation_scale`
+    (default: the largest scale), ClassifierGuidance with EluCD's sine boost (γ of
+    `guidekit.toy.RECOMMENDED_ELUCD`: it differs from that scale's EluCD row by the calibration alone, where the
+    plain ClassifierGuidance rows also drop the boost) and one ablation row per part of the recommendation,
+    switched the other way: the smoothing (off, or the paper's Softplus(3) when the recommendation keeps ReLU),
+    the temperatures (τ₂ = τ₁) and the sine boost (γ = 0)."""
     from . import RECOMMENDED_ELUCD
 
     rows = [{"method": "unguided", "scale": 0.0, "kwargs": {}}]
@@ -69,6 +71,8 @@ def method_rows(scales: Sequence[float], ablation_scale: Optional[float] = None)
         rows.append({"method": "ClassifierGuidance", "scale": float(s), "kwargs": {}})
         rows.append({"method": "EluCD", "scale": float(s), "kwargs": {}})
     a = float(max(scales) if ablation_scale is None else ablation_scale)
+    rows.append({"method": "ClassifierGuidance, sine boost", "scale": a,
+                 "kwargs": {"gamma": RECOMMENDED_ELUCD.get("gamma", 0.3)}})
     if RECOMMENDED_ELUCD.get("softplus_beta", 3.0) is None:
         rows.append({"method": "EluCD, Softplus(3) smoothing", "scale": a,
                      "kwargs": {"softplus_beta": PAPER_SOFTPLUS_BETA}})
@@ -128,9 +132,9 @@ def _hooks(row: dict, classifier, labels):
         return []
     from . import RECOMMENDED_ELUCD
 
-    if row["method"] == "ClassifierGuidance":  # the same schedule and step window as EluCD, uncalibrated
+    if row["method"].startswith("ClassifierGuidance"):  # the same schedule and step window as EluCD, uncalibrated
         shared = {k: RECOMMENDED_ELUCD[k] for k in ("schedule", "input", "start", "stop") if k in RECOMMENDED_ELUCD}
-        return [guidekit.ClassifierGuidance(classifier, labels, scale=row["scale"], **shared)]
+        return [guidekit.ClassifierGuidance(classifier, labels, scale=row["scale"], **shared, **row["kwargs"])]
 
     kwargs = {**RECOMMENDED_ELUCD, **row["kwargs"], "scale": row["scale"]}
     return [guidekit.EluCD(classifier, labels, **kwargs)]
