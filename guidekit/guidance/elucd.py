@@ -654,6 +654,10 @@ def _decode_frames(autoencoder: nn.Module, latents: torch.Tensor, checkpointing:
 
 
 def _checkpointable(vae: nn.Module) -> bool:
+    # The video autoencoders of Wan and Qwen-Image carry `gradient_checkpointing` flags that their forward never
+    # reads (diffusers marks them `_supports_gradient_checkpointing = False`): switching them on would save nothing.
+    if not getattr(vae, "_supports_gradient_checkpointing", True):
+        return False
     decoder = getattr(vae, "decoder", None)
     return isinstance(decoder, nn.Module) and any(hasattr(m, "gradient_checkpointing") for m in decoder.modules())
 
