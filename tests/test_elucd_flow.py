@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ from diffusers import (
 from torch import nn
 
 import guidekit
+from guidekit.guidance.elucd import check_elucd_scheduler
 from guidekit.hooks import SamplerHook, SamplerState
 from guidekit.pipelines import (
     GuidedFluxPipeline,
@@ -158,6 +160,8 @@ def test_realised_shift_of_the_next_latents_is_the_intended_one(case, hook_kind)
 ], ids=lambda s: type(s).__name__)
 @pytest.mark.parametrize("cls", [guidekit.EluCD, guidekit.ClassifierGuidance], ids=lambda c: c.__name__)
 def test_flow_solvers_other_than_euler_are_refused(scheduler, cls):
+    for accepted in (FlowMatchEulerDiscreteScheduler(), FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)):
+        check_elucd_scheduler(accepted, cls.__name__)
     hook = cls(LinearClassifier(SHAPE[1:]), 0, **({"softplus_beta": None} if cls is guidekit.EluCD else {}))
     state = SamplerState(num_steps=4, scheduler=scheduler, prediction_type="flow_prediction")
     why = "order-2" if isinstance(scheduler, FlowMatchHeunDiscreteScheduler) else "multistep"
@@ -360,3 +364,20 @@ def test_gradient_checkpointing_decodes_the_same_on_sd3(pipes):
     runs = [call(pipe, "sd3", [guidekit.EluCD(TinyReLUClassifier(), 0, scale=50.0, gradient_checkpointing=flag)],
                  output_type="latent") for flag in (False, True)]
     assert_close_to_scale(runs[1], runs[0], rel=1e-5)
+
+
+def test_a_float16_vae_that_asks_for_upcasting_decodes_in_float32(dirs):
+    """force_upcast: the hook decodes with a float32 copy of the float16 VAE, through the pipeline's unpacking."""
+    pipe = GuidedFluxPipeline.from_pretrained(str(dirs["flux"]))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.vae.to(torch.float16)
+    assert pipe.vae.config.force_upcast
+    spy = X0Spy()
+    RecordingClassifier.seen.clear()
+    call(pipe, "flux", [spy, guidekit.EluCD(RecordingClassifier(), 1, softplus_beta=None)], output_type="latent")
+    assert pipe.vae.dtype == torch.float16  # the user's VAE is left as it was
+    upcast = copy.deepcopy(pipe.vae).float()
+    with torch.no_grad():
+        expected = stock_decode(SimpleNamespace(vae=upcast, vae_scale_factor=pipe.vae_scale_factor), "flux", spy.x0[0])
+    assert RecordingClassifier.seen[0].dtype == torch.float32
+    assert_close_to_scale(RecordingClassifier.seen[0], expected, rel=1e-5)
