@@ -11,11 +11,11 @@ from .elucd_math import (
     classifier_gradient,
     ddpm_guidance_weight,
     ddpm_posterior_variance,
-    flow_posterior_variance,
     ddpm_sine_boost,
     edm_classifier_input,
     edm_guidance_weight,
     edm_rescale_gradient,
+    flow_posterior_variance,
     smooth_classifier,
 )
 
@@ -32,11 +32,11 @@ __all__ = [
     "classifier_gradient",
     "ddpm_guidance_weight",
     "ddpm_posterior_variance",
-    "flow_posterior_variance",
     "ddpm_sine_boost",
     "edm_classifier_input",
     "edm_guidance_weight",
     "edm_rescale_gradient",
+    "flow_posterior_variance",
     "project",
     "smooth_classifier",
 ]

@@ -374,9 +374,8 @@ class EluCD(SamplerHook):
             return None
         if "decoder" not in memory:
             wanted = getattr(source.config, "latent_channels", None)
-            if self.decoder is not None and wanted is not None:
-                channels = _latent_channels(state, x0)
-            if self.decoder is not None and wanted is not None and int(wanted) != channels:
+            checked = self.decoder is not None and wanted is not None
+            if checked and int(wanted) != (channels := _latent_channels(state, x0)):
                 raise ValueError(
                     f"decoder: a {type(source).__name__} with {wanted} latent channels is not accepted for a model "
                     f"with {channels}; accepted: an autoencoder of the pipeline's latent space"
