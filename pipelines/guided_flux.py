@@ -13,7 +13,7 @@ from diffusers.utils.torch_utils import get_module_execution_device
 
 from guidekit.hooks import SamplerHook
 
-from .hooked_flow import FlowHookedPipelineMixin
+from .hooked_flow import FlowHookedPipelineMixin, image_as_frame, undo_scale_shift
 
 
 class GuidedFluxPipeline(FlowHookedPipelineMixin, FluxPipeline):
@@ -238,6 +238,11 @@ class GuidedFluxPipeline(FlowHookedPipelineMixin, FluxPipeline):
         # 6. Denoising loop, with the hooks at their points: conditional pass, then the unconditional one when
         # the guidance hook asks for it, the guidance slot on the velocities, corrections, the Euler step.
         self.scheduler.set_begin_index(0)
+        self.share_decode(
+            state,
+            lambda z, vae: undo_scale_shift(self._unpack_latents(z, height, width, self.vae_scale_factor), vae),
+            image_as_frame,
+        )
         chain.validate(state)
         chain.begin(state)
         try:

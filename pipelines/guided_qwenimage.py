@@ -14,7 +14,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, re
 
 from guidekit.hooks import HookChain, SamplerHook, SamplerState
 
-from .hooked_flow import FlowHookedPipelineMixin
+from .hooked_flow import FlowHookedPipelineMixin, first_frame, undo_per_channel
 
 
 def rescale_to_cond_norm(guided: torch.Tensor, pred_cond: torch.Tensor) -> torch.Tensor:
@@ -256,6 +256,11 @@ class GuidedQwenImagePipeline(FlowHookedPipelineMixin, QwenImagePipeline):
         # 6. Denoising loop, with the hooks at their points: conditional pass, then the unconditional one when
         # the guidance hook asks for it, the guidance slot and its norm rescale, corrections, the Euler step.
         self.scheduler.set_begin_index(0)
+        self.share_decode(
+            state,
+            lambda z, vae: undo_per_channel(self._unpack_latents(z, height, width, self.vae_scale_factor), vae),
+            first_frame,
+        )
         chain.validate(state)
         chain.begin(state)
         try:

@@ -12,7 +12,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 
 from guidekit.hooks import SamplerHook
 
-from .hooked_flow import FlowHookedPipelineMixin
+from .hooked_flow import FlowHookedPipelineMixin, image_as_frame, undo_scale_shift
 
 
 class GuidedStableDiffusion3Pipeline(FlowHookedPipelineMixin, StableDiffusion3Pipeline):
@@ -214,6 +214,7 @@ class GuidedStableDiffusion3Pipeline(FlowHookedPipelineMixin, StableDiffusion3Pi
             return transformer(model_input, t, prompt_embeds[-n:], pooled_prompt_embeds[-n:])
 
         # 7. Denoising loop, with the hooks at their points
+        self.share_decode(state, undo_scale_shift, image_as_frame)
         chain.validate(state)
         chain.begin(state)
         try:

@@ -16,7 +16,7 @@ from diffusers.utils.torch_utils import get_module_execution_device
 from guidekit.checks import check_number
 from guidekit.hooks import SamplerHook
 
-from .hooked_flow import FlowHookedPipelineMixin
+from .hooked_flow import FlowHookedPipelineMixin, undo_per_channel, video_frames
 
 if XLA_AVAILABLE:
     import torch_xla.core.xla_model as xm
@@ -172,6 +172,7 @@ class GuidedWanPipeline(FlowHookedPipelineMixin, WanPipeline):
         if self.config.boundary_ratio is not None:
             boundary_timestep = self.config.boundary_ratio * self.scheduler.config.num_train_timesteps
 
+        self.share_decode(state, undo_per_channel, video_frames)
         chain.validate(state)
         chain.begin(state)
         try:

@@ -9,10 +9,41 @@ import warnings
 
 import torch
 
+from torch import nn
+
 from guidekit.guidance.cfg import CFG
 from guidekit.hooks import FLOW_PREDICTION, HookChain, SamplerHook, SamplerState, check_flow_scheduler
 
 from .hooked import HookedPipelineMixin
+
+
+def undo_scale_shift(latents: torch.Tensor, vae: nn.Module) -> torch.Tensor:
+    """SD3 and Flux: the transformer's latents -> the VAE's input, z / scaling_factor + shift_factor."""
+    return latents / vae.config.scaling_factor + vae.config.shift_factor
+
+
+def undo_per_channel(latents: torch.Tensor, vae: nn.Module) -> torch.Tensor:
+    """Qwen-Image and Wan: 5-D latents (B, C, F, H, W) -> the VAE's input, z·std + mean per channel (as the
+    pipelines write it: z / (1/std) + mean)."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+    inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+    return latents / inverse_std + mean
+
+
+def image_as_frame(images: torch.Tensor) -> torch.Tensor:
+    """An image VAE's output (B, 3, H, W) -> (B, 1, 3, H, W): one frame per sample."""
+    return images.unsqueeze(1)
+
+
+def first_frame(images: torch.Tensor) -> torch.Tensor:
+    """Qwen-Image's video VAE output (B, 3, 1, H, W) -> (B, 1, 3, H, W): its frame 0, as the pipeline keeps it."""
+    return images[:, :, :1].transpose(1, 2)
+
+
+def video_frames(video: torch.Tensor) -> torch.Tensor:
+    """Wan's VAE output (B, 3, F, H, W) -> (B, F, 3, H, W): every frame an image."""
+    return video.transpose(1, 2)
 
 
 class FlowHookedPipelineMixin(HookedPipelineMixin):
@@ -36,6 +67,25 @@ class FlowHookedPipelineMixin(HookedPipelineMixin):
         chain, state = self.start_hooks(hooks, guidance_scale, 0.0, generator)
         state.prediction_type = FLOW_PREDICTION
         return chain, state
+
+    def share_decode(
+        self,
+        state: SamplerState,
+        vae_input: Callable[[torch.Tensor, nn.Module], torch.Tensor],
+        frames: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        """Give the hooks this pipeline's decode, differentiable, for classifiers that read x̂0 (EluCD).
+
+        Args:
+            state (`SamplerState`): the call's state; sets ``state.extras["decode_latents"]`` and
+                ``state.extras["decoded_frames"]``.
+            vae_input (`Callable`): (latents in the hooks' layout, the autoencoder that decodes) -> that
+                autoencoder's input: unpacked and de-normalised with its config, as the pipeline's own decode.
+            frames (`Callable`): the autoencoder's output -> images (B, F, 3, H, W), F frames per sample (1 for
+                image models).
+        """
+        state.extras["decode_latents"] = vae_input
+        state.extras["decoded_frames"] = frames
 
     #: The arguments that give a negative without text, for the message of `check_true_cfg`.
     negative_embeds_names = "negative_prompt_embeds"
