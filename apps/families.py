@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["Family", "FAMILIES", "FLOW_METHODS", "METHOD_NAMES", "MethodRefused", "family_of_config",
+__all__ = ["Family", "FAMILIES", "FLOW_METHODS", "FLOW_IMAGE_METHODS", "METHOD_NAMES", "MethodRefused", "family_of_config",
            "family_of_pipe", "check_method", "check_scale", "scale_kwargs", "slot_hooks"]
 
 #: What the messages call each method (the key is the name the entry points check).
@@ -24,9 +24,10 @@ METHOD_NAMES = {
     "elucd": "EluCD classifier guidance",
 }
 
-#: The methods the flow-matching families run: the guidance slot (CFG, APG). EluCD is left out until
-#: `guidekit.EluCD` accepts a flow scheduler; adding "elucd" here lifts the refusal everywhere.
+#: The methods the flow-matching families run: the guidance slot (CFG, APG), and on the image families EluCD
+#: (`guidekit.EluCD` on FlowMatchEuler; the Wan entry point, `guidekit video`, has no classifier option).
 FLOW_METHODS = ("cfg", "apg")
+FLOW_IMAGE_METHODS = FLOW_METHODS + ("elucd",)
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,11 @@ FAMILIES = (
     # Stock default w of SD3 (7.0) and Qwen-Image (4.0); stock Flux's true_cfg_scale is 1 (true CFG off), so
     # Flux takes Qwen-Image's 4.0, the value of GuidedFluxPipeline's example.
     Family("sd3", "Stable Diffusion 3", "StableDiffusion3Pipeline", "GuidedStableDiffusion3Pipeline",
-           default_scale=7.0, methods=FLOW_METHODS),
+           default_scale=7.0, methods=FLOW_IMAGE_METHODS),
     Family("flux", "Flux", "FluxPipeline", "GuidedFluxPipeline", scale_argument="true_cfg_scale", true_cfg=True,
-           default_scale=4.0, methods=FLOW_METHODS),
+           default_scale=4.0, methods=FLOW_IMAGE_METHODS),
     Family("qwenimage", "Qwen-Image", "QwenImagePipeline", "GuidedQwenImagePipeline",
-           scale_argument="true_cfg_scale", true_cfg=True, default_scale=4.0, methods=FLOW_METHODS),
+           scale_argument="true_cfg_scale", true_cfg=True, default_scale=4.0, methods=FLOW_IMAGE_METHODS),
     Family("wan", "Wan", "WanPipeline", "GuidedWanPipeline", default_scale=5.0, methods=FLOW_METHODS, video=True),
 )
 

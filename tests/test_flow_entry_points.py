@@ -103,14 +103,24 @@ def test_generate_keeps_a_given_negative_prompt(flow_dirs, calls, tmp_path):
     assert calls[-1][1]["negative_prompt"] == "blurry"
 
 
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+    from guidekit.testing import CONVNEXT_PROCESSOR, make_tiny_classifier
+
+    return make_tiny_classifier(tmp_path_factory.mktemp("tiny-resnet"), processor=CONVNEXT_PROCESSOR)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_generate_refuses_classifier_guidance_on_flow_families(family, flow_dirs, calls, tmp_path):
-    result = CliRunner().invoke(generate, ["a cat", "--model", str(flow_dirs[family]), "--classifier", str(tmp_path),
-                                           "--label", "1", "--out", str(tmp_path / "x.png")])
-    assert result.exit_code == 2, result.output
-    assert "--classifier" in result.output
-    assert "EluCD" in result.output and FAMILIES[family][3] in result.output
-    assert calls == [] and not (tmp_path / "x.png").exists()
+def test_generate_runs_classifier_guidance_on_flow_families(family, flow_dirs, calls, classifier_dir, tmp_path):
+    import guidekit
+
+    result = run_generate("a cat", "--model", flow_dirs[family], "--classifier", classifier_dir, "--label", "1",
+                          "--classifier-scale", "50", "--steps", 2, "--size", SIZE, "--out", tmp_path / "x.png")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "x.png").exists()
+    cls, kwargs = calls[-1]
+    assert cls is FAMILIES[family][1]
+    assert any(isinstance(h, guidekit.EluCD) for h in kwargs["hooks"])
 
 
 def test_generate_refuses_a_wan_folder_naming_what_runs_it(wan_dir, tmp_path):
@@ -163,16 +173,14 @@ def test_batch_refuses_methods_the_family_cannot_run_when_the_file_is_read(flow_
     (tmp_path / "c.png").write_bytes(b"")
     Image.new("RGB", (SIZE, SIZE)).save(tmp_path / "c.png")
     jobs = write_jobs(tmp_path / "jobs.jsonl",
-                      dict(prompt="a cat", classifier=str(tmp_path), label=1, name="clf"),
-                      dict(content_image="c.png", style_image="c.png"),
+                      dict(content_image="c.png", style_image="c.png", name="style"),
                       dict(prompt="a cat", guidance="cfg", guidance_rescale=0.7))
     out = tmp_path / "out"
     # --strict stops before any model weights load: the family comes from model_index.json alone
     assert batch_mod.run_batch(jobs, out, model=str(flow_dirs["qwenimage"]), strict=True) == 2
     err = capsys.readouterr().err
-    assert "line 1 (job 'clf'): classifier: EluCD classifier guidance does not run on Qwen-Image" in err
-    assert "line 2: content_image: StyleID style transfer does not run on Qwen-Image" in err
-    assert "line 3: guidance_rescale:" in err and "Qwen-Image" in err
+    assert "line 1 (job 'style'): content_image: StyleID style transfer does not run on Qwen-Image" in err
+    assert "line 2: guidance_rescale:" in err and "Qwen-Image" in err
     assert not (out / "manifest.jsonl").exists()
 
 
@@ -198,8 +206,7 @@ def test_demo_generate_tab_on_a_flow_folder(flow_dirs, calls):
     assert [c[0] for c in calls] == [GuidedStableDiffusion3Pipeline] * 2
     assert all(kwargs["guidance_scale"] == 6.0 for _, kwargs in calls)
     for run, method in ((lambda: backend.reconstruct_edit(None, "a", "b", 0, 2, SIZE, 5.0), "UAM"),
-                        (lambda: backend.style(None, None, "", 0, 2, SIZE, 0.75, 1.5, 0.7), "StyleID"),
-                        (lambda: backend.classifier_guidance("", "1", 1.0, 0, 2), "EluCD")):
+                        (lambda: backend.style(None, None, "", 0, 2, SIZE, 0.75, 1.5, 0.7), "StyleID")):
         with pytest.raises(JobError, match=f"{method}.*does not run on Stable Diffusion 3"):
             run()
 
