@@ -398,7 +398,7 @@ def run_batch(jobs_file, out, model=None, strict=False, batch_size=1, dtype="aut
     main = state.is_main_process
     out = Path(out)
 
-    jobs, errors = read_jobs(jobs_file)
+    jobs, errors = read_jobs(jobs_file, family=_image_family(model, pipe))
     if main:
         for line, msg in errors:
             _say(f"{jobs_file}: skipped {msg}" if not strict else f"{jobs_file}: {msg}")
@@ -416,6 +416,23 @@ def run_batch(jobs_file, out, model=None, strict=False, batch_size=1, dtype="aut
         if not go_on:
             return 1
         return _run_jobs(state, jobs, errors, jobs_file, out, model, strict, batch_size, dtype, pipe, video_model)
+
+
+def _image_family(model, pipe):
+    """The image model's family (`guidekit.apps.families.Family`) from its model_index.json, before any weights
+    load, so that a job whose method it cannot run is a bad line of the job file; None when unknown (loading
+    the model then says what is wrong with it)."""
+    from .families import family_of_pipe
+    from .generate import ModelLoadError, model_family
+
+    if pipe is not None:
+        return family_of_pipe(pipe)
+    if model is None:
+        return None  # the embedded model: Stable Diffusion, every method runs
+    try:
+        return model_family(model)
+    except ModelLoadError:
+        return None
 
 
 def _image_model(pipe, model, run_dtype, device) -> tuple:
@@ -606,6 +623,8 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
                     "params": params,
                     "seed": it.seed,
                     "model": vident if is_video(params) else ident,
+                    **({} if is_video(params) or is_style(params) or params.get("kind") in KINDS
+                       else _guidance_record(pipe, params)),
                     **({"classifier": classifier_ids[params["classifier"]]} if params.get("classifier") else {}),
                     "guidekit_version": guidekit.__version__,
                     "versions": _versions(),
@@ -648,6 +667,16 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
         _say(f"manifest: {out / MANIFEST} ({rows} images)")
     no_valid_line = not items and bad_after_load > 0
     return 1 if failed or no_valid_line else 0
+
+
+def _guidance_record(pipe, params: dict) -> dict:
+    """An image job's model family and the guidance slot's scale as the pipeline took it: {"family": "flux",
+    "scale": {"true_cfg_scale": 4.0, "negative_prompt": ""}}."""
+    from .families import family_of_pipe
+    from .jobs import guidance_call
+
+    family = family_of_pipe(pipe)
+    return {"family": family.name if family is not None else None, "scale": guidance_call(pipe, params)}
 
 
 def _png(image, params: dict, seed: int, ident: dict) -> bytes:
@@ -708,7 +737,9 @@ def _versions() -> dict:
 @click.option("--out", "out", metavar="DIR", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: PNGs and manifest.jsonl. Finished images there are never overwritten.")
 @click.option("--model", metavar="ID_OR_PATH", default=None,
-              help="Hub id or local folder of a Stable Diffusion 1.x/2.x model; default: the embedded toy model.")
+              help="Hub id or local folder of a Stable Diffusion 1.x/2.x, SDXL, SD3, Flux or Qwen-Image model (the "
+                   "family is read from its model_index.json; SD3, Flux and Qwen-Image run cfg and apg jobs); "
+                   "default: the embedded toy model.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad job line or failed image instead of skipping it.")
 @click.option("--batch-size", metavar="INT", type=click.IntRange(min=1, max=64), default=1,
               help="Images per pipeline call (seeds of one job). Images do not depend on it.")

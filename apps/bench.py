@@ -795,6 +795,10 @@ def _frames(text: str, name: str, count: Optional[int] = None) -> tuple[int, ...
 @click.option("--freenoise-steps", type=click.IntRange(1, 200), default=2, help="FreeNoise rows: denoising steps.")
 @click.option("--freenoise-frames", default="16,64", help="FreeNoise time rows: the short and the long length.")
 @click.option("--freenoise-memory-frames", default="16,64,128", help="FreeNoise memory rows: the lengths.")
+@click.option("--flow/--no-flow", default=False,
+              help="Flow-matching rows: hooked CFG and APG against the stock pipeline per family, on tiny components.")
+@click.option("--flow-families", default="sd3,flux,qwenimage,wan", help="Flow rows: comma-separated families.")
+@click.option("--flow-rounds", type=click.IntRange(1, 200), default=9, help="Flow rows: interleaved calls per case.")
 @click.option("--freenoise-fusion", type=click.Choice(("block", "attention")), default="block",
               help="FreeNoise rows: guidekit's fusion. block (default): diffusers' fusion point, the same work as "
                    "enable_free_noise; attention: FreeNoise's default, with each frame's projections shared by its "
@@ -804,7 +808,7 @@ def _frames(text: str, name: str, count: Optional[int] = None) -> tuple[int, ...
                    "largest gathered Q/K/V/score tensor of attention fusion.")
 def bench(sd, models, rounds, steps, json_out, uam, elucd, pixel, dit, dit_size, dit_repeats, styleid, stylessp, freenoise,
           freenoise_model, freenoise_size, freenoise_steps, freenoise_frames, freenoise_memory_frames, freenoise_fusion,
-          freenoise_attention_budget):
+          freenoise_attention_budget, flow, flow_families, flow_rounds):
     """Time and memory of hooked pipelines (CFG, APG, CFG + EluCD) against stock diffusers, as a table; StyleID,
     StyleID + StyleSSP and UAM against their plain baselines; FreeNoise against itself and diffusers'."""
     chosen = [m.strip() for m in models.split(",") if m.strip()]
@@ -866,12 +870,23 @@ def bench(sd, models, rounds, steps, json_out, uam, elucd, pixel, dit, dit_size,
         click.echo("")
         click.echo(format_freenoise_tables(time_rows, memory_rows))
         freenoise_summary = {"time": time_rows, "memory": memory_rows, "runs": freenoise_raw}
+    flow_summary = []
+    if flow:
+        from guidekit.apps.bench_flow import FLOW_FAMILIES, flow_rows, format_flow_table
+
+        families = [f.strip() for f in flow_families.split(",") if f.strip()]
+        for family in families:
+            if family not in FLOW_FAMILIES:
+                raise click.BadParameter(f"{family!r}; accepted: {', '.join(FLOW_FAMILIES)}", param_hint="--flow-families")
+        flow_summary = flow_rows(families, rounds=flow_rounds)
+        click.echo("")
+        click.echo(format_flow_table(flow_summary))
     if json_out:
         json_out.write_text(json.dumps({"summary": tables, "runs": raw, "elucd": elucd_summary, "pixel": pixel_summary,
                                          "dit": dit_summary,
                                          "styleid": styleid_summary,
                                          "stylessp": {"summary": stylessp_summary, "runs": stylessp_raw},
-                                         "uam": extra, "freenoise": freenoise_summary}, indent=2))
+                                         "uam": extra, "freenoise": freenoise_summary, "flow": flow_summary}, indent=2))
 
 
 def main(argv=None):

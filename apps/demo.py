@@ -28,8 +28,9 @@ import click
 
 from guidekit.checks import MAX_IMAGE_SIDE
 
-from .jobs import (COMMON, GUIDANCE, JobError, generate, is_embedded_pipe, parse_job, resolve, size_multiple, to_pil,
-                   vae_factor)
+from .families import family_of_pipe
+from .jobs import (COMMON, GUIDANCE, JobError, default_size, generate, is_embedded_pipe, parse_job, resolve,
+                   size_multiple, to_pil, vae_factor)
 
 log = logging.getLogger("guidekit.demo")
 
@@ -112,7 +113,8 @@ class DemoBackend:
         # the embedded toy model: APG's defaults are its recommended setting (guidekit.toy.RECOMMENDED_APG)
         self.embedded = (_is_embedded_name(model_name) or is_embedded_pipe(pipe)) if embedded is None else embedded
         self.factor = size_multiple(pipe)  # sizes: the one rule of every entry point
-        self.default_size = int(pipe.unet.config.sample_size) * vae_factor(pipe)
+        self.default_size = default_size(pipe)
+        self.family = family_of_pipe(pipe)  # SD3, Flux, Qwen-Image: CFG and APG only (`check_method`)
         self._uam = None
         self._styleid = None
         self._classifier: Optional[tuple[str, object]] = None  # (path, ClassifierCache): the last one used
@@ -182,7 +184,19 @@ class DemoBackend:
 
     # -- Reconstruct / Edit (UAM)
 
+    def check_method(self, method: str) -> None:
+        """Raise JobError (a message in the page) when the model's family cannot run `method` (a key of
+        `guidekit.apps.families.METHOD_NAMES`)."""
+        from .families import MethodRefused
+        from .families import check_method as check
+
+        try:
+            check(self.family, method)
+        except MethodRefused as e:
+            raise JobError(f"model: {e}") from None
+
     def uam(self):
+        self.check_method("uam")
         if self._uam is None:
             from diffusers import StableDiffusionXLPipeline
 
@@ -199,6 +213,8 @@ class DemoBackend:
     def reconstruct_edit(self, image, source_prompt, target_prompt, seed, steps, size, guidance_scale):
         """(original, reconstruction, edit, mask, Markdown metrics)."""
         import torch
+
+        self.check_method("uam")  # before any input check: no input makes it run on this model
 
         if image is None:
             raise JobError("image: upload an image or pick an example")
@@ -224,6 +240,7 @@ class DemoBackend:
     # -- Style (StyleID, StyleID + StyleSSP)
 
     def styleid(self):
+        self.check_method("styleid")
         if self._styleid is None:
             from .style import style_pipeline
 
@@ -237,6 +254,7 @@ class DemoBackend:
 
         from .style import negative_scale_for, run_transfer, style_numbers
 
+        self.check_method("styleid")
         if content is None:
             raise JobError("content image: upload an image or pick an example")
         if style is None:
@@ -317,6 +335,7 @@ class DemoBackend:
         from .generate import classifier_settings, elucd_recommended, recommended_sampler
         from .jobs import resolve_classifier
 
+        self.check_method("elucd")
         if label is None or (isinstance(label, str) and not label.strip()):
             raise JobError("class: pick the class to steer toward")
         path, cache = self.classifier_cache(classifier)
@@ -1228,7 +1247,9 @@ def launch(demo, host: str = "127.0.0.1", port: Optional[int] = None, **kwargs):
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--model", metavar="ID_OR_PATH", default=None,
-              help="Hub id or local folder of a Stable Diffusion model; default: the embedded toy model.")
+              help="Hub id or local folder of a Stable Diffusion 1.x/2.x, SDXL, SD3, Flux or Qwen-Image model (the "
+                   "family is read from its model_index.json; SD3, Flux and Qwen-Image run the Generate and Sweep "
+                   "tabs); default: the embedded toy model.")
 @click.option("--host", default="127.0.0.1", metavar="ADDR", help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", default=7860, metavar="INT", type=click.IntRange(1, 65535), help="Port to listen on.")
 @click.option("--max-steps", default=Limits.max_steps, metavar="INT", type=click.IntRange(1, 1000),

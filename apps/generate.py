@@ -1,10 +1,15 @@
-"""`guidekit generate`: one image from a prompt, with CFG or APG, on any diffusers SD 1.x/2.x/SDXL model.
+"""`guidekit generate`: one image from a prompt, with CFG or APG, on a diffusers SD 1.x/2.x, SDXL, SD3, Flux or
+Qwen-Image model (the family is read from its model_index.json).
 
 Examples:
     guidekit generate "a red circle on a blue background"
     guidekit generate "a red circle on a blue background" --guidance apg --scale 15 --out apg.png
     guidekit generate "a photo of a cat" --model stabilityai/stable-diffusion-xl-base-1.0 --device cuda
     guidekit generate "a photo of an animal" --model MODEL --guidance cfg --classifier ./resnet --label "tabby cat"
+    guidekit generate "a photo of a cat" --model ./flux-folder --guidance apg --scale 4
+
+On SD3 `--scale` is the pipeline's guidance_scale; on Flux and Qwen-Image it is true_cfg_scale, and the negative
+prompt is "" unless --negative-prompt gives one, so that the unconditional pass CFG and APG need runs.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from guidekit import toy as _toy
 from guidekit.checks import MAX_IMAGE_SIDE
 
 from .cli import FiniteFloatRange, ImageSize, check_size_option
+from .families import check_scale, scale_kwargs, slot_hooks
 
 #: Denoising steps when none are given (and no recommendation applies).
 DEFAULT_STEPS = 25
@@ -74,31 +80,43 @@ def _is_embedded(model: str) -> bool:
 
 
 def pipeline_class(config: dict, model: str):
-    """The hooked pipeline class for a model whose `model_index.json` is `config`, from its `_class_name`.
+    """The hooked pipeline class for a model whose `model_index.json` is `config`, from its `_class_name`
+    (`guidekit.apps.families`): Stable Diffusion 1.x/2.x, SDXL, SD3, Flux or Qwen-Image.
 
-    Raises `ModelLoadError` for a pipeline that is neither Stable Diffusion 1.x/2.x nor SDXL.
+    Raises `ModelLoadError` for any other pipeline; a Wan text-to-video model is refused naming `guidekit video`.
     """
-    import diffusers
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from .families import family_of_config, hooked_class
 
-    import guidekit.pipelines
-    from guidekit.pipelines import GuidedStableDiffusionPipeline, GuidedStableDiffusionXLPipeline
-
+    family = family_of_config(config)
+    if family is not None and family.video:
+        raise ModelLoadError(
+            f"--model: {model} is a {config.get('_class_name')} (model_index.json), a {family.label} text-to-video "
+            f"model; accepted here: an image model. Make a video with guidekit video --model {model} (CFG, or --apg)"
+        )
+    if family is not None:
+        return hooked_class(family)
     name = config.get("_class_name")
-    cls = None
-    if isinstance(name, str):  # a stock diffusers pipeline, or one of guidekit's (saved by save_pretrained)
-        try:
-            cls = getattr(diffusers, name, None) or getattr(guidekit.pipelines, name, None)
-        except Exception:  # noqa: BLE001 - a class whose optional dependencies are missing: not SD either
-            cls = None
-    if isinstance(cls, type) and issubclass(cls, StableDiffusionXLPipeline):
-        return GuidedStableDiffusionXLPipeline
-    if isinstance(cls, type) and issubclass(cls, StableDiffusionPipeline):
-        return GuidedStableDiffusionPipeline
     raise ModelLoadError(
         f"--model: {model} is a {name or 'pipeline without _class_name'} (model_index.json); accepted: a "
-        "StableDiffusionPipeline (SD 1.x/2.x) or StableDiffusionXLPipeline (SDXL) checkpoint"
+        "StableDiffusionPipeline (SD 1.x/2.x), StableDiffusionXLPipeline (SDXL), StableDiffusion3Pipeline (SD3), "
+        "FluxPipeline (Flux) or QwenImagePipeline (Qwen-Image) checkpoint"
     )
+
+
+def model_family(model: Optional[str]):
+    """The family (`guidekit.apps.families.Family`) of `model` (None: the embedded model) from its
+    `model_index.json` alone, before any weights load; None when it is none of guidekit's families (loading it
+    then says what is accepted)."""
+    from .families import family_of_config
+
+    if model is None:
+        model, _ = default_model()
+    local = Path(model).expanduser()
+    if local.exists() and not (local / "model_index.json").exists():
+        return None  # load_pipeline says what is wrong with the folder
+    source = str(local) if local.exists() else model
+    hint = "" if local.exists() else " (a hub id needs network access, or the model in the local Hugging Face cache)"
+    return family_of_config(_read_model_index(source, model, hint))
 
 
 def _read_model_index(source: str, model: str, hint: str) -> dict:
@@ -251,6 +269,17 @@ def build_classifier_hook(path: str, label: str, scale: Optional[float] = None, 
         raise click.BadParameter(str(exc), param_hint="'--label'") from None
 
 
+def check_family_method(family, method: str, option: str) -> None:
+    """Refuse, as a usage error naming `option`, a method (a key of `guidekit.apps.families.METHOD_NAMES`) that
+    the model's family cannot run."""
+    from .families import MethodRefused, check_method
+
+    try:
+        check_method(family, method)
+    except MethodRefused as e:
+        raise click.BadParameter(str(e), param_hint=f"'{option}'") from None
+
+
 def _default_out(prompt: str, seed: int, guidance: str) -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "image"
     return Path(f"{slug}-{guidance}-{seed}.png")
@@ -262,7 +291,8 @@ def _default_out(prompt: str, seed: int, guidance: str) -> Path:
               help="diffusers model folder or hub id. Default: the embedded toy model (offline, CPU).")
 @click.option("--guidance", type=click.Choice(["cfg", "apg"]), default="apg", help="Guidance method.")
 @click.option("--scale", type=FiniteFloatRange(min=0.0), default=None,
-              help="Guidance scale w. Default: the model's default (7.5 for other models).")
+              help="Guidance scale w (SD3: guidance_scale; Flux, Qwen-Image: true_cfg_scale). Default: the embedded "
+                   "model's; SD3 7.0, Flux and Qwen-Image 4.0; 7.5 for other models.")
 @click.option("--eta", type=FiniteFloatRange(0.0, 1.0), default=None,
               help="APG: weight of the parallel component. " + APG_DEFAULT_HELP.format("0"))
 @click.option("--norm-threshold", type=FiniteFloatRange(min=0.0, min_open=True), default=None,
@@ -278,7 +308,8 @@ def _default_out(prompt: str, seed: int, guidance: str) -> Path:
 @click.option("--size", type=ImageSize(), default=None,
               help=f"Image size in pixels, at most {MAX_IMAGE_SIDE} per side and a multiple of the model's VAE "
                    "factor. Default: the model's.")
-@click.option("--negative-prompt", default=None, help="Negative prompt.")
+@click.option("--negative-prompt", default=None,
+              help="Negative prompt. Default: none; on Flux and Qwen-Image \"\" (their guidance needs a negative).")
 @click.option("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output PNG. Default: <prompt>-<guidance>-<seed>.png in the current folder.")
@@ -320,6 +351,9 @@ def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, mo
         raise click.BadParameter("is required with --classifier; accepted: a class id or name of the classifier",
                                  param_hint="'--label'")
     start = time.perf_counter()
+    family = model_family(model) if model is not None else None  # model_index.json only: a method the family cannot run costs no model load
+    if classifier is not None:
+        check_family_method(family, "elucd", "--classifier")
     correction = None
     # The embedded classifier on the embedded model: its recommended EluCD settings and sampler (user values win)
     recommended = elucd_recommended(model is None or _is_embedded(model), classifier)
@@ -331,8 +365,13 @@ def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, mo
     model_scale = None
     if model is None:
         model, model_scale = default_model()
+    if scale is None:
+        scale = model_scale or (family.default_scale if family is not None else None) or 7.5
+    try:
+        check_scale(family, scale)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--scale'") from None
     pipe, name = load_pipeline(model, device=device)
-    scale = scale if scale is not None else (model_scale or 7.5)
     width, height = check_size(pipe, size)
     apg = apg_settings(model, eta=eta, norm_threshold=norm_threshold, momentum=momentum)
     hook = build_hook(guidance, apg["eta"], None if no_rescale else apg["norm_threshold"], apg["momentum"])
@@ -346,13 +385,12 @@ def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, mo
                 raise click.ClickException(f"--classifier: the model's {exc}") from None
         image = pipe(
             prompt,
-            negative_prompt=negative_prompt,
             num_inference_steps=steps,
-            guidance_scale=scale,
+            **scale_kwargs(family, scale, negative_prompt),
             width=width,
             height=height,
             generator=generator,
-            hooks=[hook] if correction is None else [hook, correction],
+            hooks=slot_hooks(family, scale, [hook]) + ([] if correction is None else [correction]),
         ).images[0]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
@@ -363,6 +401,8 @@ def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, mo
         extra = f", {type(correction).__name__} s={correction.scale:g} label {correction.labels}"
         if recommended:
             extra += f" (recommended settings, window {correction.start:g}-{correction.stop:g})"
+    if family is not None and family.is_flow:
+        extra += f", {family.label} {family.scale_argument}"
     click.echo(f"wrote {out} ({image.width}x{image.height}, {guidance} w={scale}{extra}, {sampler_name} {steps} "
                f"steps, seed {seed}, {name}) in {time.perf_counter() - start:.1f}s")
 

@@ -765,10 +765,52 @@ def _jsonl_rows(text: str):
             yield i, None, f"line {i}: not valid JSON ({e.msg} at column {e.colno})"
 
 
-def read_jobs(path: str | Path) -> tuple[list[Job], list[tuple[int, str]]]:
+def job_methods(params: dict) -> list[tuple[str, str]]:
+    """The methods a job runs on the image model, as (key of `guidekit.apps.families.METHOD_NAMES`, the field
+    that asks for it). A video job runs on the video model: none here."""
+    if is_video(params):
+        return []
+    if is_style(params):
+        return [("styleid", "content_image")]
+    methods = [(params["guidance"], "guidance")]
+    if params.get("classifier") is not None:
+        methods.append(("elucd", "classifier"))
+    return methods
+
+
+def check_family(params: dict, family, where: str = "") -> None:
+    """Raise JobError when the image model's `family` (`guidekit.apps.families.Family`; None: any) cannot run
+    the job: the message names the job (`where`), the method and the family."""
+    from .families import refusal
+
+    if family is None or not family.is_flow:
+        return
+    for method, name in job_methods(params):
+        if not family.runs(method):
+            raise JobError(f"{where}{name}: {refusal(family, method)}; remove it, or use another --model")
+    if params.get("guidance_rescale"):
+        raise JobError(f"{where}guidance_rescale: CFG rescale is not taken by {family.label} models "
+                       f"({family.stock}); accepted there: 0 (or leave it out)")
+    if not is_video(params) and not is_style(params):
+        from .families import check_scale
+
+        try:
+            check_scale(family, params["guidance_scale"])
+        except ValueError as e:
+            raise JobError(f"{where}guidance_scale: {e}") from None
+
+
+def _job_where(line: int, raw: Any) -> str:
+    name = raw.get("name") if isinstance(raw, dict) else None
+    return f"line {line}" + (f" (job {name!r})" if isinstance(name, str) and name else "") + ": "
+
+
+def read_jobs(path: str | Path, family=None) -> tuple[list[Job], list[tuple[int, str]]]:
     """Parse a JSONL (default) or CSV (`.csv`) job file. Returns (jobs, [(line, error message), ...]).
 
-    Image paths of style-transfer jobs are relative to the job file's folder."""
+    Image paths of style-transfer jobs are relative to the job file's folder. `family`: the image model's
+    family (`guidekit.apps.families.Family`, read from its model_index.json); a job whose method it cannot run
+    is an error line (`check_family`). None: every job is kept."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -783,7 +825,9 @@ def read_jobs(path: str | Path) -> tuple[list[Job], list[tuple[int, str]]]:
             errors.append((line, err))
             continue
         try:
-            jobs.append(parse_job(raw, line, base=path.parent))
+            job = parse_job(raw, line, base=path.parent)
+            check_family(job.params, family, _job_where(line, raw))
+            jobs.append(job)
         except JobError as e:
             errors.append((line, str(e)))
     return jobs, errors
@@ -793,7 +837,8 @@ def read_jobs(path: str | Path) -> tuple[list[Job], list[tuple[int, str]]]:
 # Running one call.
 
 def vae_factor(pipe) -> int:
-    return int(getattr(pipe, "vae_scale_factor", 8))
+    """The VAE's spatial factor (Wan's pipelines call it `vae_scale_factor_spatial`)."""
+    return int(getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", 8))
 
 
 def size_multiple(pipe) -> int:
@@ -807,13 +852,24 @@ def size_multiple(pipe) -> int:
     """
     factor = vae_factor(pipe)
     patch = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "patch_size", None)
-    if isinstance(patch, int) and patch > 1:
+    if isinstance(patch, (tuple, list)) and patch:
+        patch = patch[-1]  # Wan's (frames, height, width) patch: its spatial side
+    if hasattr(pipe, "_pack_latents"):
+        # Flux and Qwen-Image pack 2x2 latent pixels into one token, whatever the transformer's patch_size says
+        # (Flux's is 1); their pipelines ask for multiples of twice the VAE factor
+        factor *= 2
+    elif isinstance(patch, int) and patch > 1:
         factor *= patch
     return math.lcm(8, factor)
 
 
 def default_size(pipe) -> int:
-    return int(pipe.unet.config.sample_size) * vae_factor(pipe)
+    """The model's native image side in pixels: the UNet's sample size, or a transformer pipeline's
+    `default_sample_size` (SD3, Flux, Qwen-Image), times the VAE factor."""
+    unet = getattr(pipe, "unet", None)
+    if unet is not None:
+        return int(unet.config.sample_size) * vae_factor(pipe)
+    return int(pipe.default_sample_size) * vae_factor(pipe)
 
 
 def is_embedded_pipe(pipe) -> bool:
@@ -962,7 +1018,11 @@ def resolve(params: dict, pipe, where: str = "", images: int = 1, embedded: Opti
     through `classifiers`: give one cache for a whole run so each classifier loads once).
 
     A style-transfer job has its size from its content image; it is checked the same way, and the model must
-    be a Stable Diffusion 1.x/2.x one (StyleID)."""
+    be a Stable Diffusion 1.x/2.x one (StyleID). A method the model's family cannot run is refused
+    (`check_family`)."""
+    from .families import family_of_pipe
+
+    check_family(params, family_of_pipe(pipe), where)
     if is_style(params):
         if not styleid_supported(pipe):
             raise JobError(f"{where}content_image: style transfer (StyleID) needs a Stable Diffusion 1.x/2.x model, "
@@ -1062,18 +1122,27 @@ def generate(pipe, params: dict, seeds: Iterable[int], generator_device: str = "
     method = GUIDANCE[params["guidance"]]
     gens = [torch.Generator(device=generator_device).manual_seed(int(s)) for s in seeds]
     n = len(seeds)
+    scale = guidance_call(pipe, params)
+    negative = scale.pop("negative_prompt")
     kwargs = dict(
         prompt=[params["prompt"]] * n,
-        negative_prompt=[params["negative_prompt"]] * n if params.get("negative_prompt") else None,
+        negative_prompt=[negative] * n if negative is not None else None,
         num_inference_steps=params["steps"],
         width=params["width"],
         height=params["height"],
-        guidance_scale=params["guidance_scale"],
+        **scale,
         generator=gens,
         output_type="np",
     )
-    kwargs.update(method.call_kwargs(params))
-    hooks = list(method.build(params))
+    extra = method.call_kwargs(params)
+    from .families import family_of_pipe, slot_hooks
+
+    family = family_of_pipe(pipe)
+    if family is not None and family.is_flow:
+        check_family(params, family)  # not through `resolve`: a nonzero rescale is refused there
+        extra.pop("guidance_rescale", None)  # 0: plain CFG, the flow pipelines' only CFG
+    kwargs.update(extra)
+    hooks = slot_hooks(family, params["guidance_scale"], method.build(params))
     if params.get("classifier") is not None:
         classifiers = classifiers if classifiers is not None else ClassifierCache()
         if not isinstance(params["label"], int):  # not through `resolve`
@@ -1086,6 +1155,15 @@ def generate(pipe, params: dict, seeds: Iterable[int], generator_device: str = "
     with using_scheduler(pipe, params.get("scheduler")):  # the recommended sampler, for this call only
         out = pipe(**kwargs)
     return out.images, getattr(out, "nsfw_content_detected", None)
+
+
+def guidance_call(pipe, params: dict) -> dict:
+    """The guidance slot's pipeline arguments of a job on `pipe`: its scale under the family's name
+    (guidance_scale; Flux and Qwen-Image: true_cfg_scale) and the negative prompt (None: the unconditional
+    prompt; Flux and Qwen-Image: "" when the job has none, so that their unconditional pass runs)."""
+    from .families import family_of_pipe, scale_kwargs
+
+    return scale_kwargs(family_of_pipe(pipe), params["guidance_scale"], params.get("negative_prompt") or None)
 
 
 def to_pil(images):

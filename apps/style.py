@@ -199,7 +199,7 @@ def style(content, style_path, out, overwrite, model, steps, gamma, temperature,
 
     The output has CONTENT's size; both sizes must be multiples of the model's VAE factor (8 for SD).
     """
-    from .generate import load_pipeline
+    from .generate import check_family_method, load_pipeline, model_family
 
     if out.suffix.lower() != ".png":
         raise click.BadParameter(f"{out}; accepted: a path ending in .png", param_hint="--out")
@@ -213,6 +213,8 @@ def style(content, style_path, out, overwrite, model, steps, gamma, temperature,
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="'--negative-scale'") from None
     start = time.perf_counter()
+    if model is not None:  # from model_index.json: a family without StyleID costs no model load
+        check_family_method(model_family(model), "styleid", "--model")
     pipe, name = load_pipeline(model, device=device)
     try:
         spipe = style_pipeline(pipe)

@@ -6,6 +6,7 @@ Examples:
     guidekit video "a red ball rolling" --model SD15_DIR --motion-adapter ADAPTER_DIR --frames 64 --out ball.gif
     guidekit video --prompt 0:"a red circle" --prompt 40:"a blue circle" --model SD15_DIR \\
         --motion-adapter ADAPTER_DIR --frames 64 --motion-injection --apg --out travel.webp
+    guidekit video "a red ball rolling" --model WAN_DIR --frames 33 --apg --out ball.webp   # GuidedWanPipeline
 """
 
 from __future__ import annotations
@@ -84,6 +85,87 @@ def _check_folder(path: Path, option: str, marker: str, what: str) -> Path:
     return path
 
 
+def _flow_family(model: Path):
+    """The family of a flow-matching --model folder from its model_index.json: Wan runs here (`_wan_video`); an
+    image family (SD3, Flux, Qwen-Image) is refused naming `guidekit generate`. None for any other folder
+    (AnimateDiff's SD 1.x image model; `_check_folder` and the loader say what is wrong with a bad one)."""
+    import json
+
+    from .families import family_of_config
+
+    try:
+        config = json.loads((Path(model).expanduser() / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    family = family_of_config(config) if isinstance(config, dict) else None
+    if family is None or not family.is_flow:
+        return None
+    if not family.video:
+        raise click.BadParameter(f"{model} is a {config.get('_class_name')} (model_index.json), a {family.label} "
+                                 "image model; accepted: a Wan folder, or an SD 1.x folder with --motion-adapter "
+                                 "(AnimateDiff); for images run guidekit generate --model", param_hint="'--model'")
+    return family
+
+
+#: Options of the AnimateDiff path that a Wan model has no use for: the motion adapter, prompt travel, FreeNoise.
+WAN_REFUSED = {"adapter": ("--motion-adapter", "a motion adapter (AnimateDiff)"),
+               "specs": ("--prompt", "prompt travel (FreeNoise)"),
+               **{name: ("--" + name.replace("_", "-"), "FreeNoise") for name in
+                  ("context_length", "context_stride", "fusion", "motion_injection", "injection_blocks")}}
+
+
+#: Frames of a Wan video when --frames is not given: stock WanPipeline's default.
+WAN_FRAMES = 81
+
+
+def _wan_video(ctx, family, prompt, model: Path, frames, steps, scale, apg, seed, size, fps, negative_prompt,
+               device, out):
+    """`guidekit video --model WAN_DIR`: the plain GuidedWanPipeline with CFG or APG in its guidance slot."""
+    import torch
+
+    import guidekit
+    from guidekit.video.export import save_video
+
+    from .families import METHOD_NAMES, hooked_class, refusal
+
+    for name, (option, method) in WAN_REFUSED.items():
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            what = refusal(family, "freenoise") if method == "FreeNoise" else \
+                f"{method} does not run on {family.label} models ({family.stock}); accepted there: " + \
+                ", ".join(METHOD_NAMES[m] for m in family.methods)
+            raise click.BadParameter(what, param_hint=f"'{option}'")
+    if not prompt:
+        raise click.BadParameter("is required with a Wan model; accepted: a non-empty prompt", param_hint="'PROMPT'")
+    start = time.perf_counter()
+    try:
+        pipe = hooked_class(family).from_pretrained(str(model), local_files_only=True, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - diffusers' OSError, ValueError...: say which folder failed
+        raise VideoError(f"--model: cannot load {str(model)!r}: {exc}") from exc
+    pipe = pipe.to(device)
+    temporal = int(getattr(pipe, "vae_scale_factor_temporal", 4))
+    if ctx.get_parameter_source("frames") != click.core.ParameterSource.COMMANDLINE:
+        frames = WAN_FRAMES
+    if (frames - 1) % temporal:
+        raise click.BadParameter(f"{frames}; accepted on {family.label}: {temporal}k + 1 frames (its VAE compresses "
+                                 f"{temporal} frames into one), e.g. {frames - (frames - 1) % temporal}",
+                                 param_hint="'--frames'")
+    # Wan's own default frame is 832x480 (stock WanPipeline); `--size` N is N x N
+    width, height = check_size_option(pipe, size or (832, 480), 0, images=min(frames, DECODE_CHUNK))
+    scale = family.default_scale if scale is None else scale
+    hooks = [guidekit.APG() if apg else guidekit.CFG()]
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    try:
+        result = pipe(prompt, negative_prompt=negative_prompt, num_frames=frames, height=height, width=width,
+                      num_inference_steps=steps, guidance_scale=scale, generator=generator, output_type="np",
+                      hooks=hooks)
+    except ValueError as exc:
+        raise VideoError(str(exc)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_video(result.frames[0], out, fps=fps)
+    click.echo(f"wrote {out} ({frames} frames, {width}x{height}, {fps:g} fps, {'APG' if apg else 'CFG'} w={scale:g}, "
+               f"{family.label} plain pipeline, {steps} steps, seed {seed}) in {time.perf_counter() - start:.1f}s")
+
+
 def load_adapter(path: Path):
     from diffusers import MotionAdapter
 
@@ -138,17 +220,20 @@ def _injection_blocks(ctx, param, value: Optional[str]) -> Optional[tuple[str, .
 @click.command(context_settings={"show_default": True})
 @click.argument("prompt", required=False)
 @click.option("--model", type=click.Path(path_type=Path), default=None, metavar="DIR",
-              help="Local diffusers SD 1.x pipeline folder (the image model), with --motion-adapter. Default: the "
+              help="Local diffusers SD 1.x pipeline folder (the image model), with --motion-adapter; or a Wan "
+                   "text-to-video folder (WanPipeline, alone: CFG or APG, no FreeNoise or prompt travel). Default: the "
                    "embedded toy video model (image model and motion adapter).")
 @click.option("--motion-adapter", "adapter", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Local diffusers MotionAdapter folder (AnimateDiff's motion modules), with --model.")
 @click.option("--prompt", "specs", type=PromptSpec(), multiple=True,
               help="Prompt travel: the prompt at key frame FRAME, e.g. --prompt 0:'a red circle' --prompt "
                    "40:'a blue circle'; repeat for each key frame. Frames between keys blend linearly.")
-@click.option("--frames", type=click.IntRange(min=1), default=16, help="Frames of the video.")
+@click.option("--frames", type=click.IntRange(min=1), default=16,
+              help="Frames of the video. On a Wan model: 4k + 1 frames, default 81 (stock WanPipeline's).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=25, help="Denoising steps.")
 @click.option("--scale", type=FiniteFloatRange(min=0.0), default=None,
-              help="Guidance scale w (CFG, or APG's). Default: 3 on the embedded model (its card's), else 7.5.")
+              help="Guidance scale w (CFG, or APG's). Default: 3 on the embedded model (its card's), 5 on Wan (stock "
+                   "WanPipeline's), else 7.5.")
 @click.option("--apg", is_flag=True, help="Guide with guidekit.APG() instead of CFG (on the embedded model with its "
                                           "recommended settings, guidekit.toy.RECOMMENDED_APG; else APG's defaults).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the start noise.")
@@ -212,6 +297,10 @@ def video(ctx, prompt, model, adapter, specs, frames, steps, scale, apg, seed, s
                                  f"integer from 1 to {context_length}", param_hint="'--context-stride'")
     import guidekit.toy
 
+    family = _flow_family(model) if model is not None else None
+    if family is not None:
+        return _wan_video(ctx, family, prompt, model, frames, steps, scale, apg, seed, size, fps, negative_prompt,
+                          device, out)
     embedded = model is None and adapter is None
     if embedded:
         try:

@@ -12,8 +12,12 @@ def _hooked_classes():
         AnimateDiffSDXLPipeline,
         DDPMPipeline,
         DiTPipeline,
+        FluxPipeline,
+        QwenImagePipeline,
+        StableDiffusion3Pipeline,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
+        WanPipeline,
     )
 
     from guidekit.pipelines import (
@@ -21,24 +25,36 @@ def _hooked_classes():
         GuidedAnimateDiffSDXLPipeline,
         GuidedDDPMPipeline,
         GuidedDiTPipeline,
+        GuidedFluxPipeline,
+        GuidedQwenImagePipeline,
+        GuidedStableDiffusion3Pipeline,
         GuidedStableDiffusionPipeline,
         GuidedStableDiffusionXLPipeline,
+        GuidedWanPipeline,
     )
 
     # Most specific first: a hooked pipeline is also an instance of its stock parent.
     return [
         (GuidedStableDiffusionXLPipeline, GuidedStableDiffusionXLPipeline),
         (GuidedStableDiffusionPipeline, GuidedStableDiffusionPipeline),
+        (GuidedStableDiffusion3Pipeline, GuidedStableDiffusion3Pipeline),
         (GuidedDiTPipeline, GuidedDiTPipeline),
         (GuidedDDPMPipeline, GuidedDDPMPipeline),
         (GuidedAnimateDiffPipeline, GuidedAnimateDiffPipeline),
         (GuidedAnimateDiffSDXLPipeline, GuidedAnimateDiffSDXLPipeline),
+        (GuidedFluxPipeline, GuidedFluxPipeline),
+        (GuidedQwenImagePipeline, GuidedQwenImagePipeline),
+        (GuidedWanPipeline, GuidedWanPipeline),
         (StableDiffusionXLPipeline, GuidedStableDiffusionXLPipeline),
         (StableDiffusionPipeline, GuidedStableDiffusionPipeline),
+        (StableDiffusion3Pipeline, GuidedStableDiffusion3Pipeline),
         (DiTPipeline, GuidedDiTPipeline),
         (DDPMPipeline, GuidedDDPMPipeline),
         (AnimateDiffPipeline, GuidedAnimateDiffPipeline),
         (AnimateDiffSDXLPipeline, GuidedAnimateDiffSDXLPipeline),
+        (FluxPipeline, GuidedFluxPipeline),
+        (QwenImagePipeline, GuidedQwenImagePipeline),
+        (WanPipeline, GuidedWanPipeline),
     ]
 
 

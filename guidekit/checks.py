@@ -102,7 +102,12 @@ def decode_memory_estimate(pipe, width: int, height: int, images: int = 1) -> in
     refuse sizes that cannot fit, never to promise that a size will.
     """
     vae = pipe.vae
-    channels = list(vae.config.block_out_channels)
+    channels = vae.config.get("block_out_channels")
+    if channels is None:
+        # Qwen-Image's and Wan's VAE (base_dim, dim_mult): its decoder ends at no fewer than base_dim channels
+        # at full resolution; base_dim for both keeps this a lower bound
+        channels = [int(vae.config.get("base_dim", 0))] * 2
+    channels = list(channels)
     full_res = channels[0]
     upsampled = channels[1] if len(channels) > 1 else channels[0]
     if getattr(vae, "use_slicing", False):

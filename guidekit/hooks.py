@@ -15,7 +15,8 @@ A guided call runs this loop (the pipeline files keep it visible)::
     hooks.end(state)                 # always, also when the call raises
 
 `SamplerState` carries what hooks need and converts between the eps, v and x0 parameterisations of
-the schedulers people use with Stable Diffusion.
+the schedulers people use with Stable Diffusion, and the velocity of flow-matching models (SD3, Flux,
+Qwen-Image, Wan).
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ __all__ = [
     "HookChain",
     "HookConflictError",
     "SUPPORTED_SCHEDULERS",
+    "FLOW_SCHEDULERS",
+    "FLOW_SOLVERS",
+    "FLOW_PREDICTION",
     "as_hook_list",
+    "check_flow_scheduler",
     "scheduler_family",
 ]
 
@@ -57,17 +62,64 @@ SUPPORTED_SCHEDULERS = {
     "DPMSolverMultistepScheduler": "dpm",
 }
 
+# Flow matching: x_sigma = (1 - sigma) x0 + sigma eps, the model predicts the velocity v = eps - x0, and
+# sigma is read from the scheduler's sigmas at the step (never derived from the timestep, which UniPC
+# and DPM-Solver truncate to integers).
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+# Multistep solvers that run flow models when built with `use_flow_sigmas=True` and
+# `prediction_type="flow_prediction"`.
+FLOW_SOLVERS = ("UniPCMultistepScheduler", "DPMSolverMultistepScheduler")
+FLOW_PREDICTION = "flow_prediction"
+
+
+def _class_names(scheduler: Any) -> list[str]:
+    return [cls.__name__ for cls in type(scheduler).__mro__]
+
 
 def scheduler_family(scheduler: Any) -> Optional[str]:
     """How a scheduler parameterises x_t, or None when guidekit cannot read it.
 
-    Read from the class hierarchy, so a user's subclass of a supported scheduler is supported too.
+    ``"vp"``, ``"ve"`` and ``"dpm"`` for the DDPM-family schedulers, ``"flow"`` for flow matching. Read
+    from the class hierarchy, so a user's subclass of a supported scheduler is supported too.
     """
-    for cls in type(scheduler).__mro__:
-        family = SUPPORTED_SCHEDULERS.get(cls.__name__)
+    names = _class_names(scheduler)
+    if any(name in FLOW_SCHEDULERS for name in names):
+        return "flow"
+    if any(name in FLOW_SOLVERS for name in names) and getattr(scheduler, "config", {}).get("use_flow_sigmas", False):
+        return "flow"
+    for name in names:
+        family = SUPPORTED_SCHEDULERS.get(name)
         if family is not None:
             return family
     return None
+
+
+def check_flow_scheduler(scheduler: Any, argument: str = "scheduler") -> None:
+    """Raise a ValueError unless `scheduler` is one whose flow-matching sigmas guidekit can read.
+
+    Accepted: FlowMatchEulerDiscreteScheduler (static or dynamic shift, `shift_terminal`, either time-shift
+    type, `stochastic_sampling`), FlowMatchHeunDiscreteScheduler, and UniPC / DPM-Solver++ multistep built with
+    `use_flow_sigmas=True, prediction_type="flow_prediction"`. Every other scheduler (FlowMatchLCMScheduler
+    among them: it adds fresh noise each step after rescaling x0) is refused on a flow model.
+    """
+    names = _class_names(scheduler)
+    config = getattr(scheduler, "config", {})
+    accepted = (
+        "FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, or UniPCMultistepScheduler / "
+        "DPMSolverMultistepScheduler with use_flow_sigmas=True and prediction_type='flow_prediction'"
+    )
+    if any(name in FLOW_SCHEDULERS for name in names):
+        if config.get("invert_sigmas", False):
+            raise ValueError(f"{argument}: invert_sigmas=True (a data-to-noise schedule) is not supported; accepted: {accepted}")
+        return
+    if any(name in FLOW_SOLVERS for name in names):
+        if not config.get("use_flow_sigmas", False) or config.get("prediction_type") != FLOW_PREDICTION:
+            raise ValueError(
+                f"{argument}: {type(scheduler).__name__} with use_flow_sigmas={config.get('use_flow_sigmas', False)} and "
+                f"prediction_type={config.get('prediction_type')!r} does not run a flow-matching model; accepted: {accepted}"
+            )
+        return
+    raise ValueError(f"{argument}: {type(scheduler).__name__} is not supported on a flow-matching model; accepted: {accepted}")
 
 
 @dataclass
@@ -77,7 +129,8 @@ class SamplerState:
     Args:
         num_steps (`int`): number of denoising steps of this call.
         scheduler: the pipeline's scheduler (after `set_timesteps`).
-        prediction_type (`str`): the model's output: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        prediction_type (`str`): the model's output: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``, or
+            ``"flow_prediction"`` (the velocity v = eps - x0 of a flow-matching model).
         guidance_scale (`float`): the resolved guidance scale of the call.
         guidance_rescale (`float`): the call's `guidance_rescale` (CFG rescale φ).
         generator: the call's generator (or list of generators), for hooks that draw noise.
@@ -92,6 +145,11 @@ class SamplerState:
     scheduler that has already advanced its index (Euler, LMS, DPM-Solver after `scheduler.step`) still
     converts with the sigma the model saw. Hooks keep per-call state in `state.memory(self)`, so one hook
     object serves several calls at once.
+
+    Flow matching (``family == "flow"``): the model input is the latents, x = (1 - sigma) x0 + sigma eps with
+    sigma = `scheduler.sigmas` at the pinned index, and x0 = x - sigma v, eps = x + (1 - sigma) v. With an
+    order-2 scheduler (FlowMatchHeun) the hook points run once per model call: the second call of a step
+    sees the Euler predictor at the next sigma, and converts with that sigma.
     """
 
     num_steps: int
@@ -170,13 +228,16 @@ class SamplerState:
         if family is None:
             raise ValueError(
                 f"scheduler: {type(self.scheduler).__name__} is not supported for x0 conversions; "
-                f"accepted: {', '.join(sorted(SUPPORTED_SCHEDULERS))} (or use space='model')"
+                f"accepted: {', '.join(sorted(SUPPORTED_SCHEDULERS + FLOW_SCHEDULERS))}, or UniPC / DPM-Solver++ "
+                "with use_flow_sigmas=True (or use space='model')"
             )
         if family == "vp":
             t = int(self.timestep)
             alpha_bar = self.scheduler.alphas_cumprod[t].to(torch.float64)
             return alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
         s = self._current_sigma()
+        if family == "flow":
+            return 1.0 - s, s
         alpha = 1.0 / torch.sqrt(s * s + 1.0)
         return alpha, s * alpha
 
@@ -185,6 +246,8 @@ class SamplerState:
         # The index pinned with the model input: after `scheduler.step` the scheduler's own index points
         # at the next sigma, which does not belong to this step's model input.
         index = self._sigma_index
+        if index is None and getattr(sched, "begin_index", None) is not None:
+            index = sched.begin_index  # Flux, Qwen-Image, Wan and img2img set it before the loop
         if index is None:
             index = sched.index_for_timestep(self.timestep) if hasattr(sched, "index_for_timestep") else self.step_index
         return sched.sigmas[index].to(torch.float64)
@@ -202,9 +265,10 @@ class SamplerState:
             return alpha * x - sigma * pred
         if self.prediction_type == "sample":
             return pred
-        raise ValueError(
-            f"prediction_type: {self.prediction_type!r} is not supported; accepted: 'epsilon', 'v_prediction', 'sample'"
-        )
+        if self.prediction_type == FLOW_PREDICTION:
+            self._check_flow()
+            return x - sigma * pred
+        raise self._unsupported_prediction()
 
     def from_x0(self, x0: torch.Tensor, model_input: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Predicted clean sample -> the model's prediction type, in float64 (float32 on MPS); inverse of `to_x0`."""
@@ -217,8 +281,37 @@ class SamplerState:
             return (alpha * x - x0) / sigma
         if self.prediction_type == "sample":
             return x0
-        raise ValueError(
-            f"prediction_type: {self.prediction_type!r} is not supported; accepted: 'epsilon', 'v_prediction', 'sample'"
+        if self.prediction_type == FLOW_PREDICTION:
+            self._check_flow()
+            return (x - x0) / sigma
+        raise self._unsupported_prediction()
+
+    def to_eps(self, pred: torch.Tensor, model_input: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Model prediction -> the noise eps of model_input = alpha x0 + sigma eps, in float64 (float32 on MPS).
+
+        For a flow model eps = x + (1 - sigma) v, the point the Euler step moves towards.
+        """
+        x = self._input64() if model_input is None else model_input.to(math_dtype(model_input.device))
+        alpha, sigma = self._coefficients()
+        if self.prediction_type == FLOW_PREDICTION:
+            self._check_flow()
+            return x + alpha * pred.to(x.dtype)
+        if self.prediction_type == "epsilon":
+            return pred.to(x.dtype)
+        return (x - alpha * self.to_x0(pred, model_input)) / sigma
+
+    def _check_flow(self) -> None:
+        if scheduler_family(self.scheduler) != "flow":
+            raise ValueError(
+                f"prediction_type: 'flow_prediction' needs a flow-matching scheduler, not {type(self.scheduler).__name__}; "
+                "accepted: FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, or UniPC / DPM-Solver++ "
+                "multistep with use_flow_sigmas=True"
+            )
+
+    def _unsupported_prediction(self) -> ValueError:
+        return ValueError(
+            f"prediction_type: {self.prediction_type!r} is not supported; "
+            "accepted: 'epsilon', 'v_prediction', 'sample', 'flow_prediction'"
         )
 
 

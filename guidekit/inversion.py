@@ -248,3 +248,16 @@ def ddim_invert(
         x = ddim_inverse_step(x, pred, levels.alpha_bar[i], levels.alpha_bar_prev[i], prediction_type)
         trajectory.append(x)
     return InversionOutput(latents=x, trajectory=trajectory, timesteps=list(levels.timesteps))
+
+
+# The flow-matching counterpart (SD3, Flux, Qwen-Image, Wan) lives in its own module.
+from .flow_inversion import (  # noqa: E402
+    FlowInversionOutput,
+    FlowLevels,
+    flow_euler_step,
+    flow_inverse_step,
+    flow_invert,
+    flow_levels,
+)
+
+__all__ += ["FlowLevels", "flow_levels", "flow_euler_step", "flow_inverse_step", "flow_invert", "FlowInversionOutput"]

@@ -4,8 +4,12 @@ from .guided_animatediff import GuidedAnimateDiffPipeline
 from .guided_animatediff_sdxl import GuidedAnimateDiffSDXLPipeline
 from .guided_ddpm import GuidedDDPMPipeline
 from .guided_dit import GuidedDiTPipeline
+from .guided_flux import GuidedFluxPipeline
+from .guided_qwenimage import GuidedQwenImagePipeline
 from .guided_sd import GuidedStableDiffusionPipeline
+from .guided_sd3 import GuidedStableDiffusion3Pipeline
 from .guided_sdxl import GuidedStableDiffusionXLPipeline
+from .guided_wan import GuidedWanPipeline
 from .styleid_sd import StyleIDStableDiffusionPipeline
 from .styleid_sdxl import StyleIDStableDiffusionXLPipeline
 from .uam_sd import UAMStableDiffusionPipeline
@@ -16,8 +20,12 @@ __all__ = [
     "GuidedAnimateDiffSDXLPipeline",
     "GuidedDDPMPipeline",
     "GuidedDiTPipeline",
+    "GuidedFluxPipeline",
+    "GuidedQwenImagePipeline",
     "GuidedStableDiffusionPipeline",
+    "GuidedStableDiffusion3Pipeline",
     "GuidedStableDiffusionXLPipeline",
+    "GuidedWanPipeline",
     "StyleIDStableDiffusionPipeline",
     "StyleIDStableDiffusionXLPipeline",
     "UAMStableDiffusionPipeline",

@@ -128,7 +128,8 @@ class HookedPipelineMixin(SharedComponentsMixin):
         state.update(step_index, t, latents, model_input=None)
         with_uncond = self.use_uncond(chain, state)
         model_input = torch.cat([latents] * 2) if with_uncond else latents
-        model_input = self.scheduler.scale_model_input(model_input, t)
+        if hasattr(self.scheduler, "scale_model_input"):  # flow-matching schedulers have none: input = latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
         state.set_model_input(model_input.chunk(2)[1] if with_uncond else model_input)
         chain.step_begin(state)
         pred = model(model_input, t, with_uncond)

@@ -168,10 +168,10 @@ def test_a_pipeline_that_is_not_sd_is_a_clear_error(tiny_sd_dir, tmp_path):
     folder = tmp_path / "other"
     shutil.copytree(tiny_sd_dir, folder)
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps(dict(index, _class_name="FluxPipeline")))
+    (folder / "model_index.json").write_text(json.dumps(dict(index, _class_name="PixArtAlphaPipeline")))
     result = CliRunner().invoke(main, ["generate", "x", "--model", str(folder), "--out", str(tmp_path / "x.png")])
     assert result.exit_code != 0
-    assert "FluxPipeline" in result.output and "StableDiffusionXLPipeline" in result.output
+    assert "PixArtAlphaPipeline" in result.output and "StableDiffusionXLPipeline" in result.output
 
 
 def test_missing_embedded_model_is_an_error_not_noise(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from .elucd_math import (
     edm_classifier_input,
     edm_guidance_weight,
     edm_rescale_gradient,
+    flow_posterior_variance,
     smooth_classifier,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "edm_classifier_input",
     "edm_guidance_weight",
     "edm_rescale_gradient",
+    "flow_posterior_variance",
     "project",
     "smooth_classifier",
 ]

@@ -42,6 +42,7 @@ __all__ = [
     "edm_classifier_input",
     "edm_guidance_weight",
     "edm_rescale_gradient",
+    "flow_posterior_variance",
     "smooth_classifier",
 ]
 
@@ -250,6 +251,32 @@ def ddpm_posterior_variance(alpha_prod_t: Scalar, alpha_prod_prev: Scalar) -> Sc
         if a_prev < a_t:
             raise ValueError(f"alpha_prod_prev ({a_prev!r}) must be >= alpha_prod_t ({a_t!r})")
     return (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
+
+
+def flow_posterior_variance(sigma: float, sigma_next: float) -> float:
+    """Σ of q(x_{σ'} | x_σ, x0) on the flow-matching path x_σ = (1 − σ)·x0 + σ·ε, between this step's σ and the
+    σ' < σ the scheduler steps to: the flow counterpart of :func:`ddpm_posterior_variance`.
+
+    The path is the Gaussian one with α = 1 − σ (not variance preserving), so the DDPM algebra holds with the
+    forward transition x_σ = α_{t|s}·x_{σ'} + σ_{t|s}·ε', α_{t|s} = α/α', σ²_{t|s} = σ² − α²_{t|s}·σ'²:
+    Σ = σ²_{t|s}·σ'²/σ². With α² + σ² = 1 this is (1 − ᾱ_prev)/(1 − ᾱ_t)·(1 − ᾱ_t/ᾱ_prev) again. At σ = 1
+    (pure noise) it is σ'², and 0 at the last step (σ' = 0).
+
+    Args:
+        sigma (`float`): σ of this step, in (0, 1].
+        sigma_next (`float`): σ' of the next step, in [0, σ).
+
+    Returns:
+        Σ, a float.
+    """
+    s, s_next = _real("sigma", sigma), _real("sigma_next", sigma_next)
+    if not 0.0 < s <= 1.0:
+        raise ValueError(f"sigma must lie in (0, 1], got {sigma!r}")
+    if not 0.0 <= s_next < s:
+        raise ValueError(f"sigma_next must lie in [0, sigma) = [0, {s!r}), got {sigma_next!r}")
+    alpha_ts = (1.0 - s) / (1.0 - s_next)
+    var_ts = s * s - alpha_ts * alpha_ts * s_next * s_next
+    return var_ts * s_next * s_next / (s * s)
 
 
 def ddpm_sine_boost(t: Scalar, num_timesteps: int, max_variance: Scalar, gamma: float = 0.3) -> Scalar:

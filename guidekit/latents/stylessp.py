@@ -309,6 +309,7 @@ class StyleSSP(SamplerHook):
         negative_ip_adapter_image=None,
         ip_adapter_image_embeds: Optional[List[torch.Tensor]] = None,
         negative_ip_adapter_image_embeds: Optional[List[torch.Tensor]] = None,
+        max_sequence_length: Optional[int] = None,
     ) -> torch.Tensor:
         r"""StyleSSP's start latents z_T of `content_image` for `pipe(..., latents=z_T)` (METHODS.md §5.2–5.3).
 
@@ -345,6 +346,14 @@ class StyleSSP(SamplerHook):
           instruction query; the standard adapter has 4 image tokens from the pooled CLIP embedding ("plus"
           adapters: their resampler's tokens) where IP-Adapter-Instruct has 16. The guidance equation, w_inv,
           which image goes to which role on each side, and the zero negative text are the same.
+
+        Flow-matching pipelines (`StableDiffusion3Pipeline`, `FluxPipeline` and their guidekit subclasses): the
+        text form only. z_0 is the VAE mean normalised as the pipeline's img2img encode does; step 2 is the exact
+        inverse of the flow Euler step (`guidekit.inversion.flow_invert`, two fixed-point refinements per step)
+        through the schedule the pipeline samples with at `num_inference_steps` (its sigmas, shift and `mu`),
+        with ṽ = v(z, c⁻) + w_inv·(v(z, c⁺) − v(z, c⁻)); step 3 filters the unpacked (B, C, H, W) latent. The
+        result is in the layout ``latents=`` takes (packed tokens for Flux): sample with the pipeline's own
+        FlowMatchEuler scheduler, the same steps and the content's size.
 
         How to sample from it: use a `DDIMScheduler` built from the pipeline's scheduler config with the same
         `num_inference_steps` (the inversion walks that schedule's timesteps up), and the image's height and
@@ -426,6 +435,9 @@ class StyleSSP(SamplerHook):
                 pipeline's argument of that name they hold no classifier-free-guidance rows: c⁻ has its own.
             negative_ip_adapter_image_embeds (`List[torch.Tensor]`, *optional*): c⁻'s, as
                 `ip_adapter_image_embeds`.
+            max_sequence_length (`int`, *optional*): flow pipelines only: the T5 token count, as the pipeline call's
+                argument of that name (the pipeline's default when None: 256 for SD3, 512 for Flux); pass the
+                value you will sample with.
 
         Returns:
             `torch.Tensor`: z_T, (B, C, H/8, W/8), in the UNet's dtype on the pipeline's execution device.
@@ -446,6 +458,27 @@ class StyleSSP(SamplerHook):
             plan_content_inversion,
             scheduler_warning,
         )
+        from ..pipelines.stylessp_start_flow import flow_start_point, is_flow_pipeline
+
+        if is_flow_pipeline(pipe):
+            image_inputs = dict(style_image=style_image, ip_adapter_image=ip_adapter_image,
+                                negative_ip_adapter_image=negative_ip_adapter_image,
+                                ip_adapter_image_embeds=ip_adapter_image_embeds,
+                                negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds)
+            given = [name for name, value in image_inputs.items() if value is not None]
+            if given:
+                raise ValueError(
+                    f"{given[0]}: the image-embedding form is not supported on {type(pipe).__name__}; accepted: the "
+                    "text form (prompt and style_prompt)"
+                )
+            return flow_start_point(self, pipe, content_image, prompt=prompt, style_prompt=style_prompt,
+                                    num_inference_steps=num_inference_steps, generator=generator, height=height,
+                                    width=width, max_sequence_length=max_sequence_length)
+        if max_sequence_length is not None:
+            raise ValueError(
+                f"max_sequence_length: {max_sequence_length!r} is for flow pipelines (SD3, Flux); {type(pipe).__name__} "
+                "takes None"
+            )
 
         negative = self._check_style_prompt(style_prompt, image_form=loaded_ip_adapters(pipe) > 0)
         plan = plan_content_inversion(

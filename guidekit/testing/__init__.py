@@ -17,6 +17,9 @@ from .tiny import (
 from .ip_adapter import TINY_IP_ADAPTER_WEIGHTS, save_tiny_ip_adapter, tiny_image_encoder
 from .classifiers import CONVNEXT_PROCESSOR, PLAIN_PROCESSOR, TinyReLUClassifier, make_tiny_classifier
 from .tokenizer import build_clip_tokenizer
+from .flux import make_tiny_flux, tiny_flux_components
+from .qwenimage import build_qwen2_tokenizer, make_tiny_qwenimage, tiny_qwenimage_components
+from .wan import make_tiny_wan, tiny_wan_pipeline, wan_scheduler
 
 __all__ = [
     "CONVNEXT_PROCESSOR",
@@ -35,4 +38,12 @@ __all__ = [
     "TINY_IP_ADAPTER_WEIGHTS",
     "save_tiny_ip_adapter",
     "tiny_image_encoder",
+    "make_tiny_flux",
+    "tiny_flux_components",
+    "build_qwen2_tokenizer",
+    "make_tiny_qwenimage",
+    "tiny_qwenimage_components",
+    "make_tiny_wan",
+    "tiny_wan_pipeline",
+    "wan_scheduler",
 ]
