@@ -12,7 +12,7 @@ from diffusers import QwenImagePipeline
 from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutput
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 
-from guidekit.hooks import HookChain, SamplerHook, SamplerState
+from guidekit.hooks import SamplerHook
 
 from .hooked_flow import FlowHookedPipelineMixin, first_frame, undo_per_channel
 
@@ -58,35 +58,6 @@ class GuidedQwenImagePipeline(FlowHookedPipelineMixin, QwenImagePipeline):
 
     #: The arguments that give a negative without text, for the message of `check_true_cfg`.
     negative_embeds_names = "negative_prompt_embeds"
-
-    def guided_velocity(
-        self,
-        chain: HookChain,
-        state: SamplerState,
-        step_index: int,
-        t: torch.Tensor,
-        latents: torch.Tensor,
-        cond: Callable[[], torch.Tensor],
-        uncond: Optional[Callable[[], torch.Tensor]],
-        guidance_scale: float,
-        norm_rescale: bool = True,
-    ) -> torch.Tensor:
-        """One step's velocity from two passes, conditional first, with Qwen-Image's norm rescale.
-
-        As `FlowHookedPipelineMixin.guided_velocity`, plus: when the unconditional pass ran and `norm_rescale`
-        is on, the guidance slot's result is rescaled per token to the conditional velocity's norm before the
-        correction hooks run (stock rescales its CFG result at that point).
-        """
-        state.guidance_scale = float(guidance_scale)
-        state.update(step_index, t, latents, model_input=latents)
-        with_uncond = uncond is not None and chain.needs_uncond(state)
-        chain.step_begin(state)
-        pred_cond = cond()
-        pred_uncond = uncond() if with_uncond else None
-        pred = chain.guide(state, pred_cond, pred_uncond)
-        if pred_uncond is not None and norm_rescale:
-            pred = rescale_to_cond_norm(pred, pred_cond)
-        return chain.correct(state, pred)
 
     @torch.no_grad()
     def __call__(
@@ -277,8 +248,10 @@ class GuidedQwenImagePipeline(FlowHookedPipelineMixin, QwenImagePipeline):
                         uncond = lambda: velocity(  # noqa: E731
                             "uncond", latents, timestep, negative_prompt_embeds, negative_prompt_embeds_mask
                         )
+                    # stock rescales its CFG result per token at this point; here the guidance slot's result
                     noise_pred = self.guided_velocity(
-                        chain, state, i, t, latents, cond, uncond, true_cfg_scale, norm_rescale=norm_rescale
+                        chain, state, i, t, latents, cond, uncond, true_cfg_scale,
+                        after_guidance=rescale_to_cond_norm if norm_rescale else None,
                     )
 
                     latents_dtype = latents.dtype

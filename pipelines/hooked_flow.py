@@ -133,12 +133,14 @@ class FlowHookedPipelineMixin(HookedPipelineMixin):
         cond: Callable[[], torch.Tensor],
         uncond: Optional[Callable[[], torch.Tensor]],
         guidance_scale: float,
+        after_guidance: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
     ) -> torch.Tensor:
         """One step's velocity from two separate passes, conditional first (Flux, Qwen-Image, Wan).
 
         `cond()` / `uncond()` run the transformer on the conditional / unconditional inputs; `uncond` is None when
         the call encoded no negative (no CFG). The unconditional pass runs only when the guidance hook asks for
-        it at this step.
+        it at this step. `after_guidance(guided, pred_cond)`, when given, post-processes the guidance slot's result
+        on steps whose unconditional pass ran, before the correction hooks (Qwen-Image's norm rescale).
         """
         state.guidance_scale = float(guidance_scale)
         state.update(step_index, t, latents, model_input=latents)
@@ -147,4 +149,6 @@ class FlowHookedPipelineMixin(HookedPipelineMixin):
         pred_cond = cond()
         pred_uncond = uncond() if with_uncond else None
         pred = chain.guide(state, pred_cond, pred_uncond)
+        if pred_uncond is not None and after_guidance is not None:
+            pred = after_guidance(pred, pred_cond)
         return chain.correct(state, pred)

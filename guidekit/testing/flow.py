@@ -38,9 +38,9 @@ def tiny_t5_encoder(d_model: int = 32, seed: int = 0) -> T5EncoderModel:
     return T5EncoderModel(config).eval()
 
 
-def _clip_with_projection(seed: int) -> CLIPTextModelWithProjection:
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
+def fast_test_clip_config() -> CLIPTextConfig:
+    """The CLIP text config of diffusers' SD3 and Flux fast tests."""
+    return CLIPTextConfig(
         bos_token_id=0,
         eos_token_id=2,
         hidden_size=32,
@@ -53,7 +53,11 @@ def _clip_with_projection(seed: int) -> CLIPTextModelWithProjection:
         hidden_act="gelu",
         projection_dim=32,
     )
-    return CLIPTextModelWithProjection(config).eval()
+
+
+def _clip_with_projection(seed: int) -> CLIPTextModelWithProjection:
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(fast_test_clip_config()).eval()
 
 
 def tiny_flow_vae(latent_channels: int = 4, seed: int = 0) -> AutoencoderKL:

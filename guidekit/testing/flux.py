@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
-from .flow import build_t5_tokenizer, tiny_flow_vae, tiny_t5_encoder
+from .flow import build_t5_tokenizer, fast_test_clip_config, tiny_flow_vae, tiny_t5_encoder
 from .tokenizer import build_clip_tokenizer
 
 __all__ = ["tiny_flux_components", "make_tiny_flux"]
@@ -18,20 +18,7 @@ __all__ = ["tiny_flux_components", "make_tiny_flux"]
 
 def _clip_text_encoder(seed: int) -> CLIPTextModel:
     torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        bos_token_id=0,
-        eos_token_id=2,
-        hidden_size=32,
-        intermediate_size=37,
-        layer_norm_eps=1e-5,
-        num_attention_heads=4,
-        num_hidden_layers=5,
-        pad_token_id=1,
-        vocab_size=1000,
-        hidden_act="gelu",
-        projection_dim=32,
-    )
-    return CLIPTextModel(config).eval()
+    return CLIPTextModel(fast_test_clip_config()).eval()
 
 
 def tiny_flux_components(seed: int = 0, guidance_embeds: bool = False) -> dict:

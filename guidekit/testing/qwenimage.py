@@ -4,10 +4,10 @@ Qwen2 tokenizer is built here instead of downloaded."""
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
-import re
 import torch
 from diffusers import (
     AutoencoderKLQwenImage,
@@ -16,6 +16,8 @@ from diffusers import (
     QwenImageTransformer2DModel,
 )
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+from .tokenizer import _merge
 
 __all__ = ["QWEN_TEMPLATE_PREFIX_TOKENS", "build_qwen2_tokenizer", "tiny_qwenimage_components", "make_tiny_qwenimage"]
 
@@ -39,18 +41,6 @@ def _byte_symbols() -> dict[int, str]:
             symbols[byte] = chr(256 + shifted)
             shifted += 1
     return symbols
-
-
-def _merge(symbols: list[str], pair: tuple[str, str]) -> list[str]:
-    out, i = [], 0
-    while i < len(symbols):
-        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
-            out.append(symbols[i] + symbols[i + 1])
-            i += 2
-        else:
-            out.append(symbols[i])
-            i += 1
-    return out
 
 
 def _template_words(template: str) -> list[str]:
