@@ -799,6 +799,7 @@ def _frames(text: str, name: str, count: Optional[int] = None) -> tuple[int, ...
               help="Flow-matching rows: hooked CFG and APG against the stock pipeline per family, on tiny components.")
 @click.option("--flow-families", default="sd3,flux,qwenimage,wan", help="Flow rows: comma-separated families.")
 @click.option("--flow-rounds", type=click.IntRange(1, 200), default=9, help="Flow rows: interleaved calls per case.")
+@click.option("--flow-steps", type=click.IntRange(1, 200), default=4, help="Flow rows: denoising steps per call.")
 @click.option("--freenoise-fusion", type=click.Choice(("block", "attention")), default="block",
               help="FreeNoise rows: guidekit's fusion. block (default): diffusers' fusion point, the same work as "
                    "enable_free_noise; attention: FreeNoise's default, with each frame's projections shared by its "
@@ -808,7 +809,7 @@ def _frames(text: str, name: str, count: Optional[int] = None) -> tuple[int, ...
                    "largest gathered Q/K/V/score tensor of attention fusion.")
 def bench(sd, models, rounds, steps, json_out, uam, elucd, pixel, dit, dit_size, dit_repeats, styleid, stylessp, freenoise,
           freenoise_model, freenoise_size, freenoise_steps, freenoise_frames, freenoise_memory_frames, freenoise_fusion,
-          freenoise_attention_budget, flow, flow_families, flow_rounds):
+          freenoise_attention_budget, flow, flow_families, flow_rounds, flow_steps):
     """Time and memory of hooked pipelines (CFG, APG, CFG + EluCD) against stock diffusers, as a table; StyleID,
     StyleID + StyleSSP and UAM against their plain baselines; FreeNoise against itself and diffusers'."""
     chosen = [m.strip() for m in models.split(",") if m.strip()]
@@ -878,7 +879,7 @@ def bench(sd, models, rounds, steps, json_out, uam, elucd, pixel, dit, dit_size,
         for family in families:
             if family not in FLOW_FAMILIES:
                 raise click.BadParameter(f"{family!r}; accepted: {', '.join(FLOW_FAMILIES)}", param_hint="--flow-families")
-        flow_summary = flow_rows(families, rounds=flow_rounds)
+        flow_summary = flow_rows(families, rounds=flow_rounds, steps=flow_steps)
         click.echo("")
         click.echo(format_flow_table(flow_summary))
     if json_out:
