@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from guidekit.toy import world
-from guidekit.toy.judge import fidelity_summary, judge, judge_batch, mask_fidelity, score, shape_fidelity
+from guidekit.toy.judge import FILL_BANDS, MIN_FIDELITY, fidelity_summary, judge, judge_batch, mask_fidelity, score, shape_fidelity
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +91,41 @@ def test_no_shape_means_no_fidelity():
     flat = np.full((64, 64, 3), (90, 200, 120), dtype=np.uint8)
     j = judge(flat)
     assert j.shape is None and j.mask is None and np.isnan(j.fidelity) and np.isnan(shape_fidelity(flat))
+
+
+def _blob():
+    """An irregular blob: a few discs of varied size joined by thin bridges, as a model draws when it fails."""
+    y, x = np.mgrid[0:64, 0:64] + 0.5
+    blob = np.zeros((64, 64), bool)
+    for cx, cy, r in ((20, 20, 5), (44, 26, 4), (30, 46, 6), (26, 33, 2)):
+        blob |= np.hypot(x - cx, y - cy) <= r
+    blob |= (np.abs(y - 20) <= 1) & (x > 20) & (x < 44)
+    blob |= (np.abs(x - 25) <= 1) & (y > 20) & (y < 46)
+    return _canvas(blob, fg=(190, 170, 40), bg=(200, 40, 40))
+
+
+def test_strict_judge_reads_no_shape_into_a_blob():
+    lenient, strict = judge(_blob(), strict=False), judge(_blob())
+    assert lenient.shape is not None  # the corners alone read some kind into it
+    assert strict.shape is None and strict.outline == lenient.shape
+    assert strict.colour == "yellow" and strict.fidelity == lenient.fidelity < MIN_FIDELITY
+    acc = score([_blob()], ["a yellow circle on a red background"], [strict])
+    assert acc["colour"] == 1.0 and acc["shape"] == 0.0 and acc["all3"] == 0.0
+
+
+def test_strict_judge_refuses_a_fill_outside_the_kinds_band():
+    """A thin ring has corners like a circle and a fair outline IoU with nothing, but only a sixth of its box."""
+    y, x = np.mgrid[0:64, 0:64] + 0.5
+    d = np.hypot(x - 32, y - 32)
+    ring = _canvas((d <= 16) & (d >= 13))
+    j = judge(ring)
+    assert j.shape is None and j.fill < FILL_BANDS["circle"][0]
+
+
+def test_strict_limits_keep_the_world_right(world_batch):
+    """The limits are set on the world: its own images never come near them."""
+    images, captions, _, judgements = world_batch
+    assert score(images, captions, judgements)["all3"] == 1.0
+    for j in judgements:
+        low, high = FILL_BANDS[j.shape]
+        assert j.fidelity >= MIN_FIDELITY + 0.08 and low + 0.06 <= j.fill <= high
