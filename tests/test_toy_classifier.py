@@ -93,7 +93,20 @@ def test_measuring_helpers_on_world_images():
         ys, xs = np.nonzero(s.mask)
         assert abs(cx - xs.mean()) < 1.0 and abs(cy - ys.mean()) < 1.0
     m = ev.measure(images, labels)
-    assert m["accuracy"] == 1.0 and 0.8 < m["fidelity"] <= 1.0
+    assert m["accuracy"] == m["colour_accuracy"] == m["shape_accuracy"] == m["accuracy_lenient"] == 1.0
+    assert 0.8 < m["fidelity"] <= 1.0
+    # the class's colour with another shape, and the class's shape in another colour: one part right each
+    from guidekit.toy.classifier import LABELS
+    same_colour = [LABELS.index(next(l for l in LABELS if l.split()[0] == LABELS[y].split()[0] and l != LABELS[y]))
+                   for y in labels]
+    same_shape = [LABELS.index(next(l for l in LABELS if l.split()[1] == LABELS[y].split()[1] and l != LABELS[y]))
+                  for y in labels]
+    assert ev.class_hits(judgements, same_colour, "colour") == [True] * 4
+    assert not any(ev.class_hits(judgements, same_colour, "shape") + ev.class_hits(judgements, same_colour))
+    assert ev.class_hits(judgements, same_shape, "shape") == [True] * 4
+    assert not any(ev.class_hits(judgements, same_shape, "colour"))
+    with pytest.raises(ValueError, match="part"):
+        ev.class_hits(judgements, labels, "texture")
     # all four as one class: diversity counts their distinct backgrounds and spread of centres
     d = ev.diversity(judgements, [0] * 4)
     assert d["backgrounds"] == len({s.scene.background for s in samples}) == d["backgrounds_all"]

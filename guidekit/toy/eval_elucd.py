@@ -7,8 +7,10 @@ images for every class (its accuracy is chance, about 1/18) and the rows differ 
 empty prompt, guidance scale 1 (no CFG pass), with the sampler of :data:`guidekit.toy.RECOMMENDED_ELUCD_SAMPLER`
 (EluCD's own setting: ancestral DDPM steps, which let each step's mean shift stick) unless one is given.
 
-Measured per method: class accuracy (the judged shape colour *and* shape both match the class), mean shape
-fidelity (`fidelity_summary`), diversity (distinct judged background colours per class, and the spread of the
+Measured per method: class accuracy (the judged shape colour *and* shape both match the class, read by the
+strict judge, which reads no shape into a blob), colour and shape accuracy separately (EluCD steers the colour
+more easily than the outline), the class accuracy a lenient judge would give (the kind from the corners alone:
+what the strict reading moved), mean shape fidelity (`fidelity_summary`), diversity (distinct judged background colours per class, and the spread of the
 shape's centroid, from the judge's mask, per class) and seconds.
 """
 
@@ -164,12 +166,16 @@ def render(pipe, row: dict, classifier, classes: Sequence[int], samples: int, st
     return np.concatenate(out)
 
 
-def class_hits(judgements: Sequence[Judgement], labels: Sequence[int]) -> list[bool]:
-    """Per image: the judged shape colour and shape are the class's (``LABELS[label]``)."""
+def class_hits(judgements: Sequence[Judgement], labels: Sequence[int], part: str = "class") -> list[bool]:
+    """Per image: the judged shape colour and shape are the class's (``LABELS[label]``); ``part="colour"`` or
+    ``"shape"`` checks that one alone."""
+    if part not in ("class", "colour", "shape"):
+        raise ValueError(f"part: got {part!r}; accepted: class, colour, shape")
     hits = []
     for j, y in zip(judgements, labels):
         colour, shape = LABELS[int(y)].split(" ")
-        hits.append(j.colour == colour and j.shape == shape)
+        hit = {"colour": j.colour == colour, "shape": j.shape == shape}
+        hits.append(hit["colour"] and hit["shape"] if part == "class" else hit[part])
     return hits
 
 
@@ -203,10 +209,15 @@ def diversity(judgements: Sequence[Judgement], labels: Sequence[int]) -> dict:
 
 
 def measure(images: np.ndarray, labels: Sequence[int]) -> dict:
-    """Class accuracy by the judge, mean shape fidelity and diversity of a set of images with their classes."""
+    """Class, colour and shape accuracy by the strict judge (and class accuracy by the lenient one), mean shape
+    fidelity and diversity of a set of images with their classes."""
     judgements = judge_batch(images)
+    lenient = judge_batch(images, strict=False)
     return {
         "accuracy": float(np.mean(class_hits(judgements, labels))),
+        "colour_accuracy": float(np.mean(class_hits(judgements, labels, "colour"))),
+        "shape_accuracy": float(np.mean(class_hits(judgements, labels, "shape"))),
+        "accuracy_lenient": float(np.mean(class_hits(lenient, labels))),
         "fidelity": fidelity_summary(judgements)["fidelity"],
         **diversity(judgements, labels),
     }
@@ -231,7 +242,8 @@ def run(pipe, classifier, scales: Sequence[float] = DEFAULT_SCALES, samples: int
         result = {"method": row["method"], "scale": row["scale"], **{k: v for k, v in row["kwargs"].items()},
                   **measure(images, labels), "seconds": round(seconds, 1)}
         rows.append(result)
-        log(f"{row['method']} s={row['scale']:g}: accuracy {result['accuracy']:.3f} fidelity {result['fidelity']:.3f} "
+        log(f"{row['method']} s={row['scale']:g}: accuracy {result['accuracy']:.3f} (colour "
+            f"{result['colour_accuracy']:.3f}, shape {result['shape_accuracy']:.3f}) fidelity {result['fidelity']:.3f} "
             f"backgrounds {result['backgrounds']:.2f} position std {result['position_std']:.2f} ({seconds:.0f} s)")
     return {"classes": len(classes), "samples": samples, "steps": steps, "scheduler": scheduler,
             "scales": list(map(float, scales)),
@@ -249,12 +261,14 @@ def pick_scale(result: dict, max_fidelity_drop: float = 0.03) -> Optional[float]
 
 
 def markdown(result: dict) -> str:
-    lines = ["| method | scale | class accuracy (judge) | shape fidelity | backgrounds per class | "
-             "position std (px) | seconds |", "|---|---|---|---|---|---|---|"]
+    lines = ["| method | scale | class accuracy (strict judge) | colour | shape | class accuracy (lenient judge) | "
+             "shape fidelity | backgrounds per class | position std (px) | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         scale = "" if r["method"] == "unguided" else f"{r['scale']:g}"
-        lines.append(f"| {r['method']} | {scale} | {r['accuracy']:.1%} | {r['fidelity']:.3f} | {r['backgrounds']:.2f} | "
-                     f"{r['position_std']:.2f} | {r['seconds']:.0f} |")
+        lines.append(f"| {r['method']} | {scale} | {r['accuracy']:.1%} | {r['colour_accuracy']:.1%} | "
+                     f"{r['shape_accuracy']:.1%} | {r['accuracy_lenient']:.1%} | {r['fidelity']:.3f} | "
+                     f"{r['backgrounds']:.2f} | {r['position_std']:.2f} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 

@@ -85,11 +85,14 @@ def generate(pipe, prompts: Sequence[str], scale: float, method: str = "cfg", st
 
 
 def _measure(images, latents, prompts) -> dict:
-    """Accuracies, saturation, clipped fraction, shape fidelity (mean and per judged shape), mean |x0|."""
+    """Accuracies (strict judge; all three also by the lenient one, to show what the strict reading moved),
+    saturation, clipped fraction, shape fidelity (mean and per outline kind), mean |x0|."""
     judgements = judge_batch(images)
     acc = score(images, prompts, judgements)
+    lenient = score(images, prompts, judge_batch(images, strict=False))
     return {
         **{f"acc_{k}": v for k, v in acc.items()},
+        "acc_all3_lenient": lenient["all3"],
         "saturation": mean_saturation(images),
         "clipped": clipped_fraction(images),
         **fidelity_summary(judgements),
@@ -241,14 +244,15 @@ def _cell(value, fmt: str) -> str:
 def markdown_table(result: dict) -> str:
     """The table of a :func:`run_evaluation` result, the world's reference row first when the result has one."""
     lines = [
-        "| guidance | w | shape colour | background | shape | all three | texture (asked) | saturation | clipped | "
-        "shape fidelity | mean abs x0 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| guidance | w | shape colour | background | shape | all three | all three, lenient judge | texture (asked) | "
+        "texture (all) | saturation | clipped | shape fidelity | mean abs x0 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = ([result["world"]] if result.get("world") else []) + list(result["table"])
     for r in rows:
         name, scale = ("world", "—") if r["method"] == "world" else (r["method"].upper(), f"{r['scale']:g}")
-        cells = [_cell(r.get(f"acc_{k}"), ".1%") for k in ("colour", "background", "shape", "all3", "texture_asked")]
+        cells = [_cell(r.get(f"acc_{k}"), ".1%") for k in ("colour", "background", "shape", "all3", "all3_lenient",
+                                                            "texture_asked", "texture")]
         cells += [_cell(r.get("saturation"), ".3f"), _cell(r.get("clipped"), ".4f"), _cell(r.get("fidelity"), ".3f"),
                   _cell(r.get("mean_abs_x0"), ".3f")]
         lines.append(f"| {name} | {scale} | " + " | ".join(cells) + " |")
