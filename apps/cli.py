@@ -104,8 +104,8 @@ def check_size_option(pipe, dims, default: int, images: int = 1, name: str = "--
     return width, height
 
 
-VERBOSE_HELP = ("Show every library's messages and loading bars. Default: only guidekit's own messages and "
-                "warnings, the denoising progress bars and download bars (see guidekit.apps.quiet).")
+VERBOSE_HELP = ("Show the libraries' loading bars and notes too. Default: guidekit's messages and warnings, "
+                "the libraries' warnings a user can act on, and the denoising and download progress bars.")
 VERBOSE_KEY = "guidekit.verbose"
 
 
