@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
-import os
 import re
 
 import click
+
+from .quiet import quiet
 
 # name -> "module:attribute" of a click command; modules load lazily so `guidekit --help` stays fast.
 SUBCOMMANDS = {
@@ -103,6 +104,16 @@ def check_size_option(pipe, dims, default: int, images: int = 1, name: str = "--
     return width, height
 
 
+VERBOSE_HELP = ("Show the libraries' loading bars and notes too. Default: guidekit's messages and warnings, "
+                "the libraries' warnings a user can act on, and the denoising and download progress bars.")
+VERBOSE_KEY = "guidekit.verbose"
+
+
+def verbose_option() -> click.Option:
+    # LazyGroup.parse_args reads the flag from the raw arguments; the option itself only lets click accept it.
+    return click.Option(["--verbose"], is_flag=True, expose_value=False, help=VERBOSE_HELP)
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return sorted(name for name, target in SUBCOMMANDS.items() if importlib.util.find_spec(target.split(":")[0]))
@@ -114,16 +125,27 @@ class LazyGroup(click.Group):
         module, attr = target.split(":")
         if importlib.util.find_spec(module) is None:
             return None
-        return getattr(importlib.import_module(module), attr)
+        command = getattr(importlib.import_module(module), attr)
+        if not any(param.name == "verbose" for param in command.params):  # `guidekit CMD --verbose` too
+            command.params.append(verbose_option())
+        return command
 
+    def parse_args(self, ctx, args):
+        words = args[:args.index("--")] if "--" in args else args
+        ctx.meta[VERBOSE_KEY] = "--verbose" in words  # before the group's or the subcommand's option is parsed
+        return super().parse_args(ctx, args)
 
-# transformers warns at import time about optional image backends the CLI never uses; keep the
-# terminal for guidekit's own output unless the user asked for transformers' messages.
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    def invoke(self, ctx):
+        # Here, before the subcommand's module is imported (transformers warns at import time), and after
+        # parsing, so that --help and --version stay fast.
+        if not ctx.meta.get(VERBOSE_KEY):
+            ctx.call_on_close(quiet())
+        return super().invoke(ctx)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="guidekit")
+@click.option("--verbose", is_flag=True, expose_value=False, help=VERBOSE_HELP)
 def main():
     """guidekit: training-free guidance and editing for diffusers pipelines."""
 
