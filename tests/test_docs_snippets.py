@@ -266,6 +266,12 @@ def test_the_readme_test_command_is_what_ci_runs():
     assert generate, "the README shows one command that installs guidekit and runs `guidekit generate`"
 
 
+def test_the_batch_page_shows_the_shipped_example_job_file():
+    example = (ROOT / "assets" / "examples" / "jobs.jsonl").read_text(encoding="utf-8")
+    shown = [b.code for b in fenced_blocks(ROOT / "docs" / "batch.md") if b.lang in {"json", "jsonl"}]
+    assert example in shown, "docs/batch.md should show assets/examples/jobs.jsonl as it is"
+
+
 # ------------------------------------------------------------------------------------------------------ links
 
 def _slug(heading: str) -> str:
