@@ -158,9 +158,10 @@ def test_snippet_runs(block, tmp_path, monkeypatch, pipeline_calls):
 # --------------------------------------------------------------------------------------------- shell commands
 
 def _commands():
-    from guidekit.apps.cli import SUBCOMMANDS, main
-
+    """The CLI's commands by name, and by the module `python -m` runs them as."""
     import click
+
+    from guidekit.apps.cli import SUBCOMMANDS, main
 
     ctx = click.Context(main)
     names = main.list_commands(ctx)
