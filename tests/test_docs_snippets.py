@@ -239,16 +239,22 @@ def _outside_fences(text: str):
             yield line
 
 
+#: Options every command takes, documented once at the top of the page rather than in each section.
+COMMON_OPTIONS = ("--verbose",)
+
+
 def test_the_cli_page_lists_every_command_and_option():
     commands, _ = _commands()
     text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
     sections = re.split(r"^## ", text, flags=re.M)
+    for opt in COMMON_OPTIONS:
+        assert f"`{opt}`" in sections[0], f"docs/cli.md: the introduction does not mention {opt}"
     for name, command in commands.items():
         section = next((s for s in sections if s.startswith(f"`guidekit {name}`")), None)
         assert section is not None, f"docs/cli.md has no section '## `guidekit {name}`'"
         for param in command.params:
             for opt in [*getattr(param, "opts", []), *getattr(param, "secondary_opts", [])]:
-                if opt.startswith("--") and opt != "--help":
+                if opt.startswith("--") and opt not in ("--help", *COMMON_OPTIONS):
                     assert f"`{opt}" in section, f"docs/cli.md: guidekit {name}'s section does not mention {opt}"
 
 
