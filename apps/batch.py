@@ -515,6 +515,8 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
         embedded = bool(ident["path"]) and _is_embedded(ident["path"])
     # Video jobs run on the video model, loaded only when the file has one; without it they are bad lines.
     vpipe, vident, no_video = _video_model(jobs, video_model, pipe, run_dtype, device, ident)
+    # The folder whose denoiser the video jobs run: a motion adapter runs on the image model's
+    vsource = (ident or {}).get("path") if _is_adapter(_video_path(video_model)) else (vident or {}).get("path")
     # Each classifier a job names is loaded once per run; its label is resolved to a class id, which (with the
     # classifier's path, scale and calibration) is recorded and names the files like any other parameter.
     classifiers = ClassifierCache()
@@ -532,7 +534,7 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
             if is_video(job.params):
                 if vpipe is None:
                     raise JobError(where + no_video)
-                params = resolve_video(job.params, vpipe, where=where)
+                params = resolve_video(job.params, vpipe, where=where, model=vsource)
             elif job.params.get("kind") in KINDS:
                 params = kind_module(job.params["kind"]).resolve(job.params, pipe, where=where)
             else:
@@ -768,11 +770,13 @@ def batch(jobs, out, model, strict, batch_size, dtype, video_model):
     {frame: prompt}; prompt, if given, is frame 0's), freenoise (true, false, or an object of guidekit.FreeNoise
     arguments), fps and format (gif|webp), e.g.
       {"prompts": {"0": "a red circle", "24": "a blue circle"}, "frames": 48, "freenoise": {"context_stride": 2}}
-    APG's eta / norm_threshold / momentum default to the embedded model's recommended setting
-    (guidekit.toy.RECOMMENDED_APG) with that model, else to the paper's 0 / 15 / -0.5. A job with the
-    embedded classifier on the embedded model gets guidekit.toy.RECOMMENDED_ELUCD (a classifier_scale it
-    gives wins) and samples with guidekit.toy.RECOMMENDED_ELUCD_SAMPLER (ancestral DDPM; its steps unless
-    the job gives steps); other jobs keep the model's scheduler and 25 steps.
+    Defaults are those of guidekit generate and guidekit video (guidekit.apps.defaults): guidance apg (cfg
+    in a video job); guidance_scale, steps and APG's eta / norm_threshold / momentum the embedded model's
+    (guidekit.toy.settings_for), else the model family's scale (7.5 for SD), 25 steps and the paper's
+    0 / 15 / -0.5; guidance_scale 1 for an empty prompt. A job with the embedded classifier on the embedded
+    model gets guidekit.toy.RECOMMENDED_ELUCD (a classifier_scale it gives wins) and samples with
+    guidekit.toy.RECOMMENDED_ELUCD_SAMPLER (ancestral DDPM; its steps unless the job gives steps); other jobs
+    keep the model's scheduler. The manifest records every resolved value.
 
     \b
     Examples:

@@ -28,6 +28,7 @@ import click
 
 from guidekit.checks import MAX_IMAGE_SIDE
 
+from .defaults import PAPER_CLASSIFIER_SCALE, resolve_defaults
 from .families import family_of_pipe
 from .jobs import (COMMON, GUIDANCE, JobError, default_size, generate, is_embedded_pipe, parse_job, resolve,
                    size_multiple, to_pil, vae_factor)
@@ -44,7 +45,10 @@ EXAMPLE_PROMPTS = [
 MAX_CLASSIFIER_SCALE = 100.0
 #: Where that tab's scale slider starts on other models than the embedded one: the official classifier_scale of
 #: the EluCD DDPM script (on the embedded model: the scale of guidekit.toy.RECOMMENDED_ELUCD).
-DEFAULT_CLASSIFIER_SCALE = 1.0
+DEFAULT_CLASSIFIER_SCALE = PAPER_CLASSIFIER_SCALE
+#: Where the Generate tab's scale starts: above the models' defaults, where CFG and APG differ visibly (the model's
+#: default scale is in the slider's text).
+COMPARE_SCALE = 10.0
 #: The Sweep tab's default guidance scales: from no guidance up to the scales where CFG degrades and APG is
 #: built not to (w = 15 and above).
 SWEEP_SCALES = (1, 5, 10, 15, 20)
@@ -118,6 +122,10 @@ class DemoBackend:
         self._uam = None
         self._styleid = None
         self._classifier: Optional[tuple[str, object]] = None  # (path, ClassifierCache): the last one used
+
+    def defaults(self, request: str = "image", **given):
+        """The resolved defaults (`guidekit.apps.defaults.resolve_defaults`) of a request on this model."""
+        return resolve_defaults(request, pipe=self.pipe, family=self.family, embedded=self.embedded, **given)
 
     # -- parameters
 
@@ -330,9 +338,8 @@ class DemoBackend:
         import torch
         from guidekit.checks import check_number
         from guidekit.guidance.elucd import check_elucd_scheduler
-        from guidekit.toy.eval_elucd import scheduler_for, using_scheduler
 
-        from .generate import classifier_settings, elucd_recommended, recommended_sampler
+        from .defaults import scheduler_for, using_sampler
         from .jobs import resolve_classifier
 
         self.check_method("elucd")
@@ -344,22 +351,30 @@ class DemoBackend:
         size = min(self.default_size, self.limits.max_size) // self.factor * self.factor
         params, seed = self.params("cfg", "an image", None, seed, steps, size, size, 1.0)
         clf = cache.get(path)
-        # The embedded classifier on the embedded model: its recommended settings and sampler, for all three runs
-        recommended = elucd_recommended(self.embedded, path)
-        sampler = recommended_sampler(recommended)
+        # The request's defaults: with the embedded classifier on the embedded model, its recommended settings and
+        # sampler, for all three runs; unconditional (empty prompt), so guidance scale 1
+        settings = {calibration: self.defaults("classifier", prompt="", classifier=path, calibration=calibration,
+                                               steps=params["steps"], classifier_scale=scale)
+                    for calibration in ("plain", "elucd")}
+        chosen = settings["elucd"]
+        recommended, sampler = chosen.classifier_recommended, chosen.sampler
         # the hooks' own refusal of the sampler, before the unguided run
-        check_elucd_scheduler(scheduler_for(self.pipe, sampler["scheduler"]) if sampler else self.pipe.scheduler)
+        check_elucd_scheduler(scheduler_for(self.pipe, sampler["scheduler"], sampler["scheduler_kwargs"]) if sampler
+                              else self.pipe.scheduler)
+        # CFG and APG give the conditional prediction at w <= 1: the slot needs a hook only above it
+        slot = [] if chosen.guidance_scale <= 1 else \
+            [guidekit.APG(**chosen.apg) if chosen.method == "apg" else guidekit.CFG()]
         runs = [("Unguided", None, None), ("Naive (ClassifierGuidance)", guidekit.ClassifierGuidance, "plain"),
                 ("EluCD", guidekit.EluCD, "elucd")]
         images, rows = [], []
         for name, cls, calibration in runs:
-            kwargs = {} if cls is None else \
-                {"hooks": [cls(clf, target, **classifier_settings(recommended, calibration, scale))]}
+            hooks = slot + ([] if cls is None else [cls(clf, target, **settings[calibration].classifier)])
+            kwargs = {"hooks": hooks} if hooks else {}
             t0 = time.perf_counter()
-            with using_scheduler(self.pipe, sampler["scheduler"] if sampler else None) as scheduler:
+            with using_sampler(self.pipe, sampler) as scheduler:
                 sampler_name = type(scheduler).__name__
                 # one generator per run: the same start noise (and DDPM step noise) for all three
-                out = self.pipe(prompt="", num_inference_steps=params["steps"], guidance_scale=1.0,
+                out = self.pipe(prompt="", num_inference_steps=chosen.steps, guidance_scale=chosen.guidance_scale,
                                 width=params["width"], height=params["height"], output_type="np",
                                 generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
             dt = time.perf_counter() - t0
@@ -370,15 +385,15 @@ class DemoBackend:
             rows.append(f"| **{name}** | {_class_name(clf, top)} ({p_top:.2f}) | {p_target:.2f}{judged} | {dt:.1f} s |")
         judge_head = (" | judge: colour, shape", "|---") if self.embedded else ("", "")
         if recommended:
-            rec = classifier_settings(True, "elucd", scale)
-            settings = (f"{sampler['scheduler'].upper()} ({sampler_name}), {params['steps']} steps, EluCD window "
-                        f"{rec['start']:g}–{rec['stop']:g} (the embedded model's recommended settings, "
-                        "guidekit.toy.RECOMMENDED_ELUCD; the naive run shares its window)")
+            rec = chosen.classifier
+            described = (f"{str(sampler['scheduler']).upper()} ({sampler_name}), {chosen.steps} steps, EluCD window "
+                         f"{rec['start']:g}–{rec['stop']:g} (the embedded model's recommended settings, "
+                         "guidekit.toy.RECOMMENDED_ELUCD; the naive run shares its window)")
         else:
-            settings = f"{sampler_name}, {params['steps']} steps, the paper's defaults"
+            described = f"{sampler_name}, {chosen.steps} steps, the paper's defaults"
         summary = (f"Class **{_class_name(clf, target)}** (id {target}), classifier scale {scale:g}, seed {seed}, "
-                   f"{settings}, {params['width']}x{params['height']}, unconditional (empty prompt, "
-                   "guidance scale 1).\n\n"
+                   f"{described}, {params['width']}x{params['height']}, unconditional (empty prompt, "
+                   f"guidance scale {chosen.guidance_scale:g}).\n\n"
                    f"| | classifier: top class (probability) | p(requested class){judge_head[0]} | time |\n"
                    f"|---|---|---{judge_head[1]}|---|\n" + "\n".join(rows) +
                    "\n\nThe same start noise for all three; the classifier reads the final images."
@@ -449,12 +464,14 @@ class VideoBackend:
         self._folder = tempfile.TemporaryDirectory(prefix="guidekit-demo-video-")
         self._count = 0
 
+    def defaults(self):
+        """The resolved defaults of a video request on this model (`guidekit.apps.defaults.resolve_defaults`)."""
+        return resolve_defaults("video", pipe=self.pipe, embedded=True if self.embedded else None)
+
     @property
     def default_scale(self) -> float:
-        """Where the guidance-scale slider starts: the embedded model's scale, else the stock 7.5."""
-        from guidekit.toy import DEFAULT_GUIDANCE_SCALE
-
-        return DEFAULT_GUIDANCE_SCALE if self.embedded else 7.5
+        """Where the guidance-scale slider starts: the model's default scale (the embedded model's, else 7.5)."""
+        return self.defaults().guidance_scale
 
     def params(self, prompt, frames, context_length, context_stride, seed, guidance_scale, steps, size,
                fusion: str = "attention", motion_injection: bool = False) -> dict:
@@ -870,8 +887,8 @@ def _sampling_controls(backend: DemoBackend, tab: str):
     negative = gr.Textbox(label="Negative prompt", placeholder="optional", elem_id=f"{tab}-negative")
     seed = Number(label="Seed", value=0, precision=0, minimum=0, maximum=2**31 - 1,
                      info="Same seed, same start noise: CFG and APG start from the same point.", elem_id=f"{tab}-seed")
-    steps = Slider(1, lim.max_steps, value=min(25, lim.max_steps), step=1, label="Steps",
-                      info=f"Denoising steps (this demo allows up to {lim.max_steps}).", elem_id=f"{tab}-steps")
+    steps = Slider(1, lim.max_steps, value=min(backend.defaults().steps, lim.max_steps), step=1, label="Steps",
+                   info=f"Denoising steps (this demo allows up to {lim.max_steps}).", elem_id=f"{tab}-steps")
     size_info = f"Pixels, a multiple of {f}; the model's native size is {backend.default_size}."
     width = Slider(size_min, lim.max_size, value=min(backend.default_size, lim.max_size), step=f, label="Width",
                    info=size_info, elem_id=f"{tab}-width")
@@ -952,8 +969,10 @@ def build_demo(pipe, model_name: str = "", limits: Limits = Limits(), embedded: 
                 with gr.Column(scale=2):
                     prompt = gr.Textbox(label="Prompt", value=EXAMPLE_PROMPTS[0], lines=2, elem_id="gen-prompt")
                     negative, seed, steps, width, height = _sampling_controls(backend, "gen")
-                    scale = Slider(1.0, limits.max_scale, value=10.0, step=0.5, label="Guidance scale w",
-                                      info=scale_param.help + " Stock default 7.5.", elem_id="gen-scale")
+                    scale = Slider(1.0, limits.max_scale, value=COMPARE_SCALE, step=0.5, label="Guidance scale w",
+                                   info=scale_param.help.split(" Default: ")[0] + f" Starts at {COMPARE_SCALE:g}, "
+                                   "where the two differ; the model's default (guidekit generate's) is "
+                                   f"{backend.defaults().guidance_scale:g}.", elem_id="gen-scale")
                     eta, norm, momentum = _apg_controls(backend, "gen")
                     button = gr.Button("Generate", variant="primary", elem_id="gen-button")
                 with gr.Column(scale=3):
@@ -1005,6 +1024,8 @@ def build_demo(pipe, model_name: str = "", limits: Limits = Limits(), embedded: 
 def _uam_tab(backend: DemoBackend, queue: dict):
     import gradio as gr
 
+    from . import uam_image
+
     lim, f = backend.limits, backend.factor
     with gr.Tab("Reconstruct / Edit"):
         gr.Markdown("Uniform attention maps (UAM): invert a real image, rebuild it almost exactly, and edit it "
@@ -1020,13 +1041,15 @@ def _uam_tab(backend: DemoBackend, queue: dict):
                 if edits:
                     gr.Examples(edits, inputs=[image, source, target], label="Examples")
                 seed = Number(label="Seed", value=0, precision=0, minimum=0, maximum=2**31 - 1)
-                steps = Slider(1, lim.max_steps, value=min(50, lim.max_steps), step=1, label="Steps",
-                                  info="DDIM steps of the inversion and of the rebuild (UAM paper: 50).")
+                steps = Slider(1, lim.max_steps, value=min(uam_image.DEFAULT_STEPS, lim.max_steps), step=1,
+                               label="Steps", info="DDIM steps of the inversion and of the rebuild (UAM paper: 50).")
                 size = Slider(f * 4 if f * 4 <= backend.default_size else f, lim.max_size,
                                  value=min(backend.default_size, lim.max_size), step=f, label="Size",
                                  info=f"The image is resized to this square size (a multiple of {f}).")
-                scale = Slider(1.0, lim.max_scale, value=7.5, step=0.5, label="Edit guidance scale",
-                                  info="CFG scale of the edit; the reconstruction uses 1 (no guidance).")
+                scale = Slider(1.0, lim.max_scale, value=uam_image.DEFAULT_GUIDANCE, step=0.5,
+                               label="Edit guidance scale",
+                               info="CFG scale of the edit (guidekit edit's default); the reconstruction uses 1 (no "
+                                    "guidance).")
                 button = gr.Button("Reconstruct and edit", variant="primary", elem_id="uam-button")
             with gr.Column(scale=3):
                 with gr.Row():
@@ -1106,19 +1129,18 @@ def _classifier_tab(backend: DemoBackend, queue: dict):
         except ValueError:  # a broken install: the textbox still takes another folder
             log.exception("the embedded classifier cannot be loaded")
             default = None
-    # On the embedded model, the sliders start at the embedded classifier's recommended settings
-    if backend.embedded and default is not None:
-        from guidekit import toy
-
-        default_scale = float(toy.RECOMMENDED_ELUCD["scale"])
-        default_steps = min(int(toy.RECOMMENDED_ELUCD_SAMPLER["steps"]), lim.max_steps)
+    # The sliders start at the request's defaults: on the embedded model with the embedded classifier, its
+    # recommended settings and sampler
+    resolved = backend.defaults("classifier", prompt="", classifier=str(default) if default is not None else "")
+    default_scale = float(resolved.classifier["scale"])
+    default_steps = min(resolved.steps, lim.max_steps)
+    if resolved.classifier_recommended:
         scale_origin = ("the embedded model's recommended scale with the embedded classifier "
                         "(guidekit.toy.RECOMMENDED_ELUCD).")
-        kind = str(toy.RECOMMENDED_ELUCD_SAMPLER["scheduler"]).upper()
+        kind = str(resolved.scheduler).upper()
         steps_origin = (f" Default: the recommended sampler's steps ({kind}, guidekit.toy.RECOMMENDED_ELUCD_SAMPLER), "
                         "which the embedded classifier's three runs use.")
     else:
-        default_scale, default_steps = DEFAULT_CLASSIFIER_SCALE, min(25, lim.max_steps)
         scale_origin, steps_origin = "the official classifier_scale of the EluCD DDPM script.", ""
     with gr.Tab("Classifier guidance"):
         gr.Markdown("Steer an unconditional image (empty prompt, guidance scale 1, as in the EluCD paper) toward "
@@ -1202,10 +1224,10 @@ def _video_tab(video: Optional[VideoBackend], note: str, queue: dict):
                               info="Same seed for both videos.", elem_id="video-seed")
                 scale = Slider(0.0, lim.max_scale, value=min(video.default_scale, lim.max_scale), step=0.5,
                                label="Guidance scale w",
-                               info="CFG scale; 1 turns guidance off " + (
-                                   "(the embedded model's card: 3)." if video.embedded else "(stock default 7.5)."),
+                               info=f"CFG scale; 1 turns guidance off. Default: {video.default_scale:g}, the model's "
+                                    "(guidekit video's and a batch video job's).",
                                elem_id="video-scale")
-                steps = Slider(1, lim.max_steps, value=min(25, lim.max_steps), step=1, label="Steps",
+                steps = Slider(1, lim.max_steps, value=min(video.defaults().steps, lim.max_steps), step=1, label="Steps",
                                info=f"Denoising steps (this demo allows up to {lim.max_steps}).", elem_id="video-steps")
                 low = f * 4 if f * 4 <= video.default_size else f
                 size = Slider(low, max(low, lim.max_size), value=min(video.default_size, lim.max_size), step=f,

@@ -27,16 +27,9 @@ from guidekit import toy as _toy
 from guidekit.checks import MAX_IMAGE_SIDE
 
 from .cli import FiniteFloatRange, ImageSize, check_size_option
+from .defaults import (DEFAULT_METHOD, DEFAULT_STEPS, PAPER_CLASSIFIER_SCALE, STOCK_SCALE, resolve_defaults,
+                       using_sampler)
 from .families import check_scale, scale_kwargs, slot_hooks
-
-#: Denoising steps when none are given (and no recommendation applies).
-DEFAULT_STEPS = 25
-#: Classifier scale when none is given and no recommendation applies: `guidekit.EluCD`'s default, the official
-#: classifier_scale of the EluCD DDPM script.
-PAPER_CLASSIFIER_SCALE = 1.0
-#: The keys of `guidekit.toy.RECOMMENDED_ELUCD` that plain classifier guidance takes too, so that the two differ
-#: only by the calibration.
-PLAIN_SHARED = ("schedule", "input", "start", "stop")
 
 
 class ModelLoadError(click.ClickException):
@@ -180,16 +173,6 @@ APG_DEFAULT_HELP = ("Default: the embedded model's recommended setting (guidekit
                     "else the paper's SDXL value {}.")
 
 
-def apg_settings(model: str, eta: Optional[float] = None, norm_threshold: Optional[float] = None,
-                 momentum: Optional[float] = None) -> dict:
-    """APG's `eta`, `norm_threshold`, `momentum` for `model`: each value given (not None), else the embedded
-    model's recommended setting (`guidekit.toy.RECOMMENDED_APG`) when `model` is the embedded model, else
-    the paper's SDXL values (`guidekit.APG`'s defaults)."""
-    from guidekit import toy
-
-    return toy.apg_settings(_is_embedded(model), eta=eta, norm_threshold=norm_threshold, momentum=momentum)
-
-
 def build_hook(guidance: str, eta: float, norm_threshold: Optional[float], momentum: float):
     import guidekit
 
@@ -204,49 +187,10 @@ def parse_label(label: str):
     return int(text) if text.isdecimal() else label
 
 
-def is_embedded_classifier(path) -> bool:
-    """Whether `path` is the embedded classifier's folder (`guidekit.toy.default_classifier_path`)."""
-    if path is None:
-        return False
-    try:
-        return Path(str(path)).expanduser().resolve() == Path(_toy.default_classifier_path()).resolve()
-    except (AttributeError, FileNotFoundError, OSError):
-        return False
-
-
-def elucd_recommended(embedded_model: bool, classifier) -> bool:
-    """Whether the embedded model's EluCD recommendation (`guidekit.toy.RECOMMENDED_ELUCD` with
-    `RECOMMENDED_ELUCD_SAMPLER`) applies: the embedded model steered by the embedded classifier."""
-    return bool(embedded_model) and is_embedded_classifier(classifier)
-
-
-def classifier_settings(recommended: bool, calibration: str = "elucd", scale: Optional[float] = None) -> dict:
-    """Keyword arguments (other than classifier and labels) of the correction hook: `scale` when given (not
-    None) always wins. With the recommendation (`elucd_recommended`): `guidekit.toy.RECOMMENDED_ELUCD` for
-    EluCD, and its schedule, input and step window (`PLAIN_SHARED`) and scale for plain classifier guidance;
-    else the paper's defaults (only the scale, `PAPER_CLASSIFIER_SCALE` unless given)."""
-    if not recommended:
-        return {"scale": PAPER_CLASSIFIER_SCALE if scale is None else scale}
-    rec = dict(_toy.RECOMMENDED_ELUCD)
-    if calibration != "elucd":
-        rec = {k: rec[k] for k in ("scale", *PLAIN_SHARED) if k in rec}
-    if scale is not None:
-        rec["scale"] = scale
-    return rec
-
-
-def recommended_sampler(recommended: bool) -> Optional[dict]:
-    """`guidekit.toy.RECOMMENDED_ELUCD_SAMPLER` (its scheduler and steps) when the recommendation applies, else
-    None (the pipeline's own scheduler)."""
-    return dict(_toy.RECOMMENDED_ELUCD_SAMPLER) if recommended else None
-
-
-def build_classifier_hook(path: str, label: str, scale: Optional[float] = None, calibration: str = "elucd",
-                          recommended: bool = False):
+def build_classifier_hook(path: str, label: str, settings: dict, calibration: str = "elucd"):
     """The EluCD correction hook (`calibration="elucd"`) or plain classifier guidance (`"plain"`) for the
-    transformers image classifier in the folder `path`, steering toward `label` (an id or a name), with
-    `classifier_settings(recommended, calibration, scale)`: `recommended` says whether the embedded model's
-    recommendation applies (`elucd_recommended`).
+    transformers image classifier in the folder `path`, steering toward `label` (an id or a name), with the hook
+    keyword arguments `settings` (`guidekit.apps.defaults.Defaults.classifier`, its scale included).
 
     Raises `click.ClickException` naming `--classifier` when the classifier cannot be loaded, and
     `click.BadParameter` naming `--label` for a label the classifier does not have.
@@ -264,7 +208,7 @@ def build_classifier_hook(path: str, label: str, scale: Optional[float] = None, 
         raise click.ClickException(f"--classifier: cannot load {path!r}: {exc}") from exc
     cls = guidekit.EluCD if calibration == "elucd" else guidekit.ClassifierGuidance
     try:
-        return cls(classifier, parse_label(label), **classifier_settings(recommended, calibration, scale))
+        return cls(classifier, parse_label(label), **settings)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--label'") from None
 
@@ -289,10 +233,12 @@ def _default_out(prompt: str, seed: int, guidance: str) -> Path:
 @click.argument("prompt")
 @click.option("--model", default=None, metavar="ID_OR_PATH",
               help="diffusers model folder or hub id. Default: the embedded toy model (offline, CPU).")
-@click.option("--guidance", type=click.Choice(["cfg", "apg"]), default="apg", help="Guidance method.")
+@click.option("--guidance", type=click.Choice(["cfg", "apg"]), default=None,
+              help=f"Guidance method. Default: {DEFAULT_METHOD['image']}.")
 @click.option("--scale", type=FiniteFloatRange(min=0.0), default=None,
               help="Guidance scale w (SD3: guidance_scale; Flux, Qwen-Image: true_cfg_scale). Default: the embedded "
-                   "model's; SD3 7.0, Flux and Qwen-Image 4.0; 7.5 for other models.")
+                   "model's (guidekit.toy.settings_for); 1 for an empty PROMPT without --negative-prompt (nothing to "
+                   f"steer toward); SD3 7.0, Flux and Qwen-Image 4.0; {STOCK_SCALE:g} for other models.")
 @click.option("--eta", type=FiniteFloatRange(0.0, 1.0), default=None,
               help="APG: weight of the parallel component. " + APG_DEFAULT_HELP.format("0"))
 @click.option("--norm-threshold", type=FiniteFloatRange(min=0.0, min_open=True), default=None,
@@ -337,9 +283,9 @@ def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, mo
     """Generate one image from PROMPT with CFG or APG guidance (and optionally EluCD classifier guidance)."""
     import torch
     from guidekit.guidance.elucd import check_elucd_scheduler
-    from guidekit.toy.eval_elucd import using_scheduler
 
-    out = out or _default_out(prompt, seed, guidance)
+    request = "image" if classifier is None else "classifier"
+    out = out or _default_out(prompt, seed, guidance or DEFAULT_METHOD[request])
     if out.suffix.lower() != ".png":
         raise click.BadParameter(f"{out}; accepted: a path ending in .png", param_hint="--out")
     if out.exists() and not overwrite:
@@ -354,29 +300,27 @@ def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, mo
     family = model_family(model) if model is not None else None  # model_index.json only: a method the family cannot run costs no model load
     if classifier is not None:
         check_family_method(family, "elucd", "--classifier")
-    correction = None
-    # The embedded classifier on the embedded model: its recommended EluCD settings and sampler (user values win)
-    recommended = elucd_recommended(model is None or _is_embedded(model), classifier)
-    sampler = recommended_sampler(recommended)
-    if steps is None:
-        steps = sampler["steps"] if sampler else DEFAULT_STEPS
-    if classifier is not None:  # before the diffusion model: a wrong label costs no model load
-        correction = build_classifier_hook(classifier, label, classifier_scale, calibration, recommended=recommended)
-    model_scale = None
     if model is None:
-        model, model_scale = default_model()
-    if scale is None:
-        scale = model_scale or (family.default_scale if family is not None else None) or 7.5
+        model, _ = default_model()
+    # Every default of the request (method, scale, steps, sampler, APG and classifier settings) for this model:
+    # the embedded model's recommendation, its family's, or the papers'; the user's values win.
+    settings = resolve_defaults(request, model=model, family=family, prompt=prompt, negative_prompt=negative_prompt,
+                                classifier=classifier, calibration=calibration, method=guidance, guidance_scale=scale,
+                                steps=steps, eta=eta, norm_threshold=norm_threshold, momentum=momentum,
+                                classifier_scale=classifier_scale)
+    guidance, scale, steps, apg = settings.method, settings.guidance_scale, settings.steps, settings.apg
+    correction = None
+    if classifier is not None:  # before the diffusion model: a wrong label costs no model load
+        correction = build_classifier_hook(classifier, label, settings.classifier, calibration)
     try:
         check_scale(family, scale)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--scale'") from None
     pipe, name = load_pipeline(model, device=device)
     width, height = check_size(pipe, size)
-    apg = apg_settings(model, eta=eta, norm_threshold=norm_threshold, momentum=momentum)
     hook = build_hook(guidance, apg["eta"], None if no_rescale else apg["norm_threshold"], apg["momentum"])
     generator = torch.Generator(device="cpu").manual_seed(seed)  # the start noise, and DDPM's step noise
-    with using_scheduler(pipe, sampler["scheduler"] if sampler else None) as scheduler:
+    with using_sampler(pipe, settings.sampler) as scheduler:
         sampler_name = type(scheduler).__name__
         if correction is not None:  # the hook's own refusal, before any step runs
             try:
@@ -399,7 +343,7 @@ def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, mo
     extra = ""
     if correction is not None:
         extra = f", {type(correction).__name__} s={correction.scale:g} label {correction.labels}"
-        if recommended:
+        if settings.classifier_recommended:
             extra += f" (recommended settings, window {correction.start:g}-{correction.stop:g})"
     if family is not None and family.is_flow:
         extra += f", {family.label} {family.scale_argument}"

@@ -28,6 +28,8 @@ from typing import Any, Callable, Iterable, Optional
 
 from guidekit.checks import MAX_IMAGE_SIDE, check_image_memory, check_image_size
 
+from .defaults import APG_KEYS, DEFAULT_METHOD, Defaults, resolve_defaults, using_sampler
+
 __all__ = [
     "Param",
     "Guidance",
@@ -40,10 +42,12 @@ __all__ = [
     "read_jobs",
     "resolve",
     "apg_defaults",
+    "job_defaults",
+    "apply_defaults",
+    "job_sampler",
     "CLASSIFIER",
     "ClassifierCache",
     "resolve_classifier",
-    "classifier_defaults",
     "STYLE",
     "START_POINTS",
     "is_style",
@@ -133,15 +137,19 @@ COMMON: dict[str, Param] = {p.name: p for p in [
     Param("prompt", str, None, "What to draw (required)."),
     Param("negative_prompt", str, "", "What to steer away from; empty means the unconditional prompt."),
     Param("name", str, None, "Optional file-name prefix for this job's images (letters, digits, . _ -)."),
-    Param("steps", int, 25, "Number of denoising steps. Default: 25; a job with the embedded classifier on the "
-          "embedded model: the steps of guidekit.toy.RECOMMENDED_ELUCD_SAMPLER.", min=1, max=1000),
+    Param("steps", int, None, "Number of denoising steps. Default: the embedded model's (guidekit.toy.settings_for), "
+          "else 25; a job with the embedded classifier on the embedded model: the steps of its EluCD sampler "
+          "(guidekit.toy.RECOMMENDED_ELUCD_SAMPLER).", min=1, max=1000),
     Param("width", int, None, "Image width in pixels; default: the model's native size.",
           min=8, max=MAX_IMAGE_SIDE, multiple_of=8),
     Param("height", int, None, "Image height in pixels; default: the model's native size.",
           min=8, max=MAX_IMAGE_SIDE, multiple_of=8),
-    Param("guidance", str, "cfg", "Guidance method.", choices=("cfg", "apg")),
-    Param("guidance_scale", float, 7.5,
-          "Guidance scale w; 1 turns guidance off. CFG oversaturates at high w, APG is built to stay clean there.",
+    Param("guidance", str, None, f"Guidance method. Default: {DEFAULT_METHOD['image']} ({DEFAULT_METHOD['video']} in a "
+          "video job).", choices=("cfg", "apg")),
+    Param("guidance_scale", float, None,
+          "Guidance scale w; 1 turns guidance off. CFG oversaturates at high w, APG is built to stay clean there. "
+          "Default: the embedded model's (guidekit.toy.settings_for); 1 for an empty prompt without a negative "
+          "prompt; the model family's (SD3 7, Flux and Qwen-Image 4); else 7.5.",
           min=0.0, max=100.0),
 ]}
 
@@ -214,7 +222,7 @@ CLASSIFIER: dict[str, Param] = {p.name: p for p in [
     Param("label", str, None,
           "The class to steer toward: an id (an integer, or a string of digits) or a name from the classifier's "
           "id2label (case-insensitive). Required with `classifier`; recorded as the class id."),
-    Param("classifier_scale", float, 1.0,
+    Param("classifier_scale", float, None,
           "Classifier scale s; 0 turns the correction off. Default: the scale of guidekit.toy.RECOMMENDED_ELUCD "
           "for the embedded classifier on the embedded model, else 1, the official classifier_scale of the EluCD "
           "DDPM script.", min=0.0, max=1000.0),
@@ -271,6 +279,8 @@ STYLE_STEPS = 50
 STYLESSP_ONLY = ("alpha", STYLESSP_SCALE)
 
 SEED_FIELDS = ("seed", "seeds")
+#: Fields whose default the model decides (`resolve`, through `guidekit.apps.defaults.resolve_defaults`).
+MODEL_DEFAULTS = ("guidance", "guidance_scale", "steps")
 
 #: Jobs named by a "kind" field: kind -> the module that parses (`parse_job`), resolves (`resolve`) and runs
 #: (`run`) them, and its `is_kind(params)`.
@@ -331,7 +341,8 @@ def fields_doc() -> str:
     """A Markdown table of every job field (used for the docs)."""
     rows = ["| field | type / accepted | default | meaning |", "|---|---|---|---|"]
     for p in COMMON.values():
-        rows.append(f"| `{p.name}` | {p.bounds_text()} | {p.default!r} | {p.help} |")
+        default = "per model" if p.default is None and p.name in MODEL_DEFAULTS else repr(p.default)
+        rows.append(f"| `{p.name}` | {p.bounds_text()} | {default} | {p.help} |")
     rows.append('| `seed` / `seeds` | an int, or a range "0-7", a list "1,5,9" or a JSON list | 0 | One image per seed. |')
     for g in GUIDANCE.values():
         for p in g.params.values():
@@ -339,7 +350,8 @@ def fields_doc() -> str:
             rows.append(f"| `{p.name}` ({g.name}) | {p.bounds_text()} | {default} | {p.help} |")
     for p in CLASSIFIER.values():
         accepted = "an integer or a string" if p.name == "label" else p.bounds_text()
-        rows.append(f"| `{p.name}` | {accepted} | {p.default!r} | {p.help} |")
+        default = "per model" if p.name == "classifier_scale" else repr(p.default)
+        rows.append(f"| `{p.name}` | {accepted} | {default} | {p.help} |")
     for p in STYLE.values():
         accepted = "an existing image file" if p.name.endswith("_image") else p.bounds_text()
         if p.name == "temperature":
@@ -448,17 +460,19 @@ def parse_job(raw: Any, line: int = 0, base: Optional[Path] = None) -> Job:
 
 def _parse_generation(raw: dict, where: str) -> dict:
     """The parameters of a text-to-image job (prompt, guidance method, optional classifier)."""
-    if raw.get("prompt") in (None, ""):
-        raise JobError(f"{where}prompt: required, a non-empty string")
-    params = _parse_method(raw, where)
+    # Classifier guidance steers an unconditional image too (the EluCD paper's setting): there "" is a prompt.
+    if raw.get("prompt") is None or raw.get("prompt") == "" and raw.get("classifier") is None:
+        raise JobError(f"{where}prompt: required, a non-empty string (\"\" is accepted with a classifier: "
+                       "unconditional classifier guidance)")
+    request = "image" if raw.get("classifier") is None else "classifier"
+    params = _parse_method(raw, where, request)
     params.update(_parse_classifier(raw, where))
-    if params.get("classifier") is not None and raw.get("steps") is None:
-        params["steps"] = None  # the model and classifier decide (`classifier_defaults`)
     return params
 
 
-def _parse_method(raw: dict, where: str) -> dict:
-    """The fields every generation job has (`COMMON`) and those of its guidance method."""
+def _parse_method(raw: dict, where: str, request: str = "image") -> dict:
+    """The fields every generation job has (`COMMON`) and those of its guidance method (none given: the default
+    of `request`, `guidekit.apps.defaults.DEFAULT_METHOD`)."""
     if "seed" in raw and "seeds" in raw:
         raise JobError(f"{where}seed and seeds: give one of them, not both")
 
@@ -466,6 +480,8 @@ def _parse_method(raw: dict, where: str) -> dict:
     for p in COMMON.values():
         v = raw.get(p.name)
         params[p.name] = p.default if v is None else p.check(v, where)
+    if params["guidance"] is None:  # the method does not depend on the model: known at parse time
+        params["guidance"] = DEFAULT_METHOD[request]
     if params["name"] is not None and not _NAME.match(params["name"]):
         raise JobError(f"{where}name: expected 1-64 letters, digits, '.', '_' or '-', got {params['name']!r}")
     method = GUIDANCE[params["guidance"]]
@@ -499,7 +515,7 @@ def _parse_video(raw: dict, where: str) -> dict:
                        f"{'it' if len(refused) == 1 else 'them'}")
     if raw.get("prompt") in (None, "") and raw.get("prompts") is None:
         raise JobError(f"{where}prompt: required, a non-empty string (or prompts, an object {{frame: prompt}})")
-    params = _parse_method({k: v for k, v in raw.items() if k != "prompt" or v != ""}, where)
+    params = _parse_method({k: v for k, v in raw.items() if k != "prompt" or v != ""}, where, "video")
     params.pop("guidance_rescale", None)
     for p in VIDEO.values():
         if p.name not in ("prompts", "freenoise"):
@@ -718,7 +734,7 @@ def _image_file(value: str, name: str, where: str, base: Optional[Path]) -> tupl
 
 def _parse_classifier(raw: dict, where: str) -> dict:
     """The classifier fields of a job: {} without `classifier`, else all four (defaults filled, except
-    `classifier_scale`: None until `resolve` knows the model and the classifier, `classifier_defaults`)."""
+    `classifier_scale`: None until `resolve` knows the model and the classifier)."""
     given = {k: raw.get(k) for k in CLASSIFIER if raw.get(k) is not None}
     if not given:
         return {}
@@ -791,7 +807,7 @@ def check_family(params: dict, family, where: str = "") -> None:
     if params.get("guidance_rescale"):
         raise JobError(f"{where}guidance_rescale: CFG rescale is not taken by {family.label} models "
                        f"({family.stock}); accepted there: 0 (or leave it out)")
-    if not is_video(params) and not is_style(params):
+    if not is_video(params) and not is_style(params) and params.get("guidance_scale") is not None:
         from .families import check_scale
 
         try:
@@ -885,6 +901,55 @@ def is_embedded_pipe(pipe) -> bool:
         return False
 
 
+def job_defaults(params: dict, pipe=None, embedded: Optional[bool] = None, model=None) -> Defaults:
+    """The resolved defaults (`guidekit.apps.defaults.resolve_defaults`) of a job's `params` on `pipe`: the job's
+    own values win. `embedded` says whether the model is the embedded one (None: read from the folder); `model`:
+    the folder whose recommendation applies (None: `pipe`'s)."""
+    request = "video" if is_video(params) else "classifier" if params.get("classifier") is not None else "image"
+    return resolve_defaults(
+        request, model=model, pipe=pipe, embedded=embedded, prompt=params.get("prompt"),
+        negative_prompt=params.get("negative_prompt") or None, classifier=params.get("classifier"),
+        calibration=params.get("calibration", "elucd"), method=params.get("guidance"),
+        guidance_scale=params.get("guidance_scale"), steps=params.get("steps"),
+        **{k: params.get(k) for k in APG_KEYS}, classifier_scale=params.get("classifier_scale"))
+
+
+def apply_defaults(params: dict, defaults: Defaults) -> dict:
+    """`params` with the resolved `defaults` filled in: the method, scale and steps; APG's eta / norm_threshold /
+    momentum (APG jobs); the classifier scale. The embedded classifier on the embedded model also records
+    `classifier_settings` (the hook's other keyword arguments) and `scheduler` (the sampler swapped in for the
+    call, and `scheduler_kwargs` when it has any); other jobs get no such keys, so their keys (file names) do not
+    depend on a recommendation they do not use."""
+    out = {**params, "guidance": defaults.method, "guidance_scale": defaults.guidance_scale, "steps": defaults.steps}
+    for name in MODEL_DEPENDENT.get(defaults.method, ()):
+        out[name] = defaults.apg[name]
+    if defaults.classifier is not None and params.get("classifier") is not None:
+        settings = dict(defaults.classifier)
+        out["classifier_scale"] = settings.pop("scale")
+        if defaults.classifier_recommended:
+            out["classifier_settings"] = settings
+            if defaults.sampler is not None:
+                out["scheduler"] = defaults.sampler["scheduler"]
+                if defaults.sampler.get("scheduler_kwargs"):
+                    out["scheduler_kwargs"] = dict(defaults.sampler["scheduler_kwargs"])
+    return out
+
+
+def job_sampler(params: dict) -> Optional[dict]:
+    """The sampler (`guidekit.apps.defaults.using_sampler`) recorded in resolved `params`, or None."""
+    if params.get("scheduler") is None and not params.get("scheduler_kwargs"):
+        return None
+    return {"scheduler": params.get("scheduler"), "scheduler_kwargs": dict(params.get("scheduler_kwargs") or {})}
+
+
+def _unresolved(params: dict) -> bool:
+    """Whether `params` still have a default to fill (they did not come through `resolve`)."""
+    names = ["guidance_scale", "steps", *MODEL_DEPENDENT.get(params.get("guidance"), ())]
+    if params.get("classifier") is not None:
+        names.append("classifier_scale")
+    return any(params.get(n) is None for n in names)
+
+
 def apg_defaults(params: dict, embedded: bool) -> dict:
     """`params` with the APG parameters the job left unset (None) filled for the model: the embedded model's
     recommended setting (`guidekit.toy.RECOMMENDED_APG`) when `embedded`, else the paper's SDXL values.
@@ -892,35 +957,8 @@ def apg_defaults(params: dict, embedded: bool) -> dict:
     names = MODEL_DEPENDENT.get(params.get("guidance"), ())
     if not names or all(params.get(n) is not None for n in names):
         return dict(params)
-    from guidekit.toy import apg_settings
-
-    settings = apg_settings(embedded, **{n: params.get(n) for n in names})
+    settings = job_defaults(params, embedded=embedded).apg
     return {**params, **{n: settings[n] for n in names}}
-
-
-def classifier_defaults(params: dict, embedded: bool) -> dict:
-    """`params` with the classifier defaults the job left unset (None) filled: `classifier_scale` and `steps`.
-
-    The embedded classifier on the embedded model (`embedded`) gets the embedded model's recommendation: the
-    scale of `guidekit.toy.RECOMMENDED_ELUCD`, the steps of `RECOMMENDED_ELUCD_SAMPLER`, and two more params
-    recorded with the job (they name its files): `classifier_settings`, the hook's other keyword arguments, and
-    `scheduler`, the sampler `generate` swaps in for the call. Any other model or classifier gets the paper's
-    scale and 25 steps, and no more params (their keys are those they had before the recommendation existed).
-    Values the job gave are kept. Params without a classifier are returned unchanged."""
-    if params.get("classifier") is None:
-        return dict(params)
-    from .generate import classifier_settings, elucd_recommended, recommended_sampler
-
-    recommended = elucd_recommended(embedded, params["classifier"])
-    settings = classifier_settings(recommended, params.get("calibration", "elucd"), params.get("classifier_scale"))
-    out = {**params, "classifier_scale": settings.pop("scale")}
-    sampler = recommended_sampler(recommended)
-    if out.get("steps") is None:
-        out["steps"] = sampler["steps"] if sampler else COMMON["steps"].default
-    if recommended:
-        out["classifier_settings"] = settings
-        out["scheduler"] = sampler["scheduler"]
-    return out
 
 
 class ClassifierCache:
@@ -1010,9 +1048,9 @@ def resolve(params: dict, pipe, where: str = "", images: int = 1, embedded: Opti
     """Fill the model-dependent defaults and check the size against the model: a multiple of its VAE factor,
     and small enough that `images` images per call can be decoded in the free memory.
 
-    The defaults: width and height (the model's native size), and APG's eta / norm_threshold / momentum (the
-    embedded model's recommended setting, else the paper's; `apg_defaults`). `embedded` says whether the
-    model is the embedded one; None reads it from the pipeline's folder.
+    The defaults: width and height (the model's native size); the method, guidance scale, steps, APG's eta /
+    norm_threshold / momentum and the classifier settings and sampler (`job_defaults`, the one resolver of every
+    entry point). `embedded` says whether the model is the embedded one; None reads it from the pipeline's folder.
 
     A job with a classifier gets its `label` as the class id (`resolve_classifier`, loading the classifier
     through `classifiers`: give one cache for a whole run so each classifier loads once).
@@ -1038,13 +1076,11 @@ def resolve(params: dict, pipe, where: str = "", images: int = 1, embedded: Opti
     if is_video(params):
         raise JobError(f"{where}frames: a video job is resolved by resolve_video, on the video model")
     out = resolve_classifier(params, classifiers, where)
-    if out.get("classifier") is not None:
-        out = classifier_defaults(out, is_embedded_pipe(pipe) if embedded is None else embedded)
+    out = apply_defaults(out, job_defaults(out, pipe, embedded))
+    check_family(out, family_of_pipe(pipe), where)  # the resolved scale, on a family with a lower bound
     for key in ("width", "height"):
         if out[key] is None:
             out[key] = default_size(pipe)
-    if any(out.get(n) is None for n in MODEL_DEPENDENT.get(out.get("guidance"), ())):
-        out = apg_defaults(out, is_embedded_pipe(pipe) if embedded is None else embedded)
     try:
         check_image_size(out["width"], out["height"], multiple_of=size_multiple(pipe))
         check_image_memory(pipe, out["width"], out["height"], images=images, name="width/height")
@@ -1114,11 +1150,8 @@ def generate(pipe, params: dict, seeds: Iterable[int], generator_device: str = "
     if is_video(params):
         raise JobError("frames: a video job runs through generate_video, not generate")
     seeds = list(seeds)
-    if any(params.get(n) is None for n in MODEL_DEPENDENT.get(params["guidance"], ())):  # not through `resolve`
-        params = apg_defaults(params, is_embedded_pipe(pipe))
-    if params.get("classifier") is not None and (params.get("steps") is None
-                                                 or params.get("classifier_scale") is None):  # not through `resolve`
-        params = classifier_defaults(params, is_embedded_pipe(pipe))
+    if params.get("guidance") is None or _unresolved(params):  # not through `resolve`
+        params = apply_defaults(params, job_defaults(params, pipe))
     method = GUIDANCE[params["guidance"]]
     gens = [torch.Generator(device=generator_device).manual_seed(int(s)) for s in seeds]
     n = len(seeds)
@@ -1150,9 +1183,7 @@ def generate(pipe, params: dict, seeds: Iterable[int], generator_device: str = "
         hooks.append(classifiers.hook(params))
     if hooks:
         kwargs["hooks"] = hooks
-    from guidekit.toy.eval_elucd import using_scheduler
-
-    with using_scheduler(pipe, params.get("scheduler")):  # the recommended sampler, for this call only
+    with using_sampler(pipe, job_sampler(params)):  # the recommended sampler, for this call only
         out = pipe(**kwargs)
     return out.images, getattr(out, "nsfw_content_detected", None)
 
@@ -1278,15 +1309,20 @@ def check_video_windows(vpipe, frames: int, freenoise: Optional[dict], where: st
                        f"motion_max_seq_length {limit}; accepted: an integer from 1 to {limit}")
 
 
-def resolve_video(params: dict, vpipe, where: str = "") -> dict:
+def resolve_video(params: dict, vpipe, where: str = "", model=None) -> dict:
     """A video job's params with the model-dependent defaults filled (width and height: the video model's native
-    size; APG: the paper's values), checked against the video model: size, memory of one decode chunk, window."""
-    out = dict(params)
+    size; method, scale, steps and APG's settings: `guidekit.apps.defaults.resolve_defaults`, for the folder of
+    `vpipe`, or `model`: the image model a motion adapter runs on), checked against the video model: size, memory
+    of one decode chunk, window."""
+    out = apply_defaults(params, job_defaults(params, vpipe, model=model))
     for key in ("width", "height"):
         if out[key] is None:
             out[key] = default_size(vpipe)
-    if any(out.get(n) is None for n in MODEL_DEPENDENT.get(out.get("guidance"), ())):
-        out = apg_defaults(out, embedded=False)  # the recommended setting is the embedded image model's
+    injection = (out.get("freenoise") or {}).get("motion_injection")
+    if injection is not None and out["guidance_scale"] <= 1:
+        # as in the official code it acts in the conditional pass of classifier-free guidance only
+        raise JobError(f"{where}freenoise: motion_injection needs guidance_scale > 1, got {out['guidance_scale']:g}; "
+                       "accepted: a larger guidance_scale, or without motion_injection")
     try:
         check_image_size(out["width"], out["height"], multiple_of=size_multiple(vpipe))
         check_image_memory(vpipe, out["width"], out["height"], images=min(out["frames"], DECODE_CHUNK),

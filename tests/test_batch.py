@@ -76,13 +76,18 @@ def test_job_defaults_and_errors():
     assert job.seeds == [0, 1, 2]
     # APG's eta / norm_threshold / momentum depend on the model: `resolve` fills them once it is known
     assert job.params["eta"] is job.params["momentum"] is job.params["norm_threshold"] is None
+    # so do the scale and the steps; the method does not: APG for an image job, CFG for a video job
+    assert job.params["guidance_scale"] is job.params["steps"] is None
+    assert parse_job({"prompt": "x"}).params["guidance"] == "apg"
+    assert parse_job({"prompt": "x", "frames": 8}).params["guidance"] == "cfg"
     bad = [
         ({"seeds": "0-1"}, "line 4: prompt: required"),
         ({"prompt": "x", "steps": 0}, r"line 4: steps: expected an integer in \[1, 1000\], got 0"),
         ({"prompt": "x", "width": 100}, "width: .*multiple of 8, got 100"),
         ({"prompt": "x", "guidance": "pag"}, "guidance: expected one of 'cfg', 'apg', got 'pag'"),
         ({"prompt": "x", "guidance_scale": float("nan")}, "guidance_scale"),
-        ({"prompt": "x", "eta": 0.5}, "eta: only applies to guidance 'apg'"),
+        ({"prompt": "x", "guidance": "cfg", "eta": 0.5}, "eta: only applies to guidance 'apg'"),
+        ({"prompt": "", "guidance": "cfg"}, "prompt: required, a non-empty string"),
         ({"prompt": "x", "guidance": "apg", "momentum": 1.5}, "momentum"),
         ({"prompt": "x", "guidance-scale": 3}, "unknown field.*'guidance-scale'.*accepted: prompt"),
         ({"prompt": "x", "seed": 1, "seeds": "0-1"}, "seed and seeds"),
@@ -103,7 +108,7 @@ def test_csv_jobs(tmp_path):
                  "bad,0,many,cfg,5,\n")
     jobs, errors = read_jobs(f)
     assert [j.seeds for j in jobs] == [[0, 1], [2]]
-    assert jobs[0].params["eta"] == 0.1 and jobs[1].params["steps"] == 25
+    assert jobs[0].params["eta"] == 0.1 and jobs[1].params["steps"] is None  # None: the model's
     assert errors == [(4, "line 4: steps: expected an integer in [1, 1000], got 'many'")]
 
 
