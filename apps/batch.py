@@ -47,6 +47,8 @@ from typing import Optional
 
 import click
 
+from guidekit.toy.settings import embedded_name
+
 from .jobs import (CLASSIFIER, GUIDANCE, KINDS, STYLE, ClassifierCache, Job, JobError, generate, generate_video,
                    is_style, is_video, job_key, kind_module, read_jobs, resolve, resolve_video, style_transfer, to_pil,
                    video_bytes)
@@ -507,16 +509,18 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
     device = state.device
     run_dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32,
                  "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    ident, embedded = None, False
+    ident, embedded, recommended = None, None, None
     if pipe is not None or _needs_image_model(jobs, video_model):
         pipe, ident = _image_model(pipe, model, run_dtype, device)
-        # A job that leaves APG's eta / norm_threshold / momentum out gets the embedded model's recommended
-        # setting, or the paper's values on other models; the resolved values name its files and are recorded.
-        embedded = bool(ident["path"]) and _is_embedded(ident["path"])
+        # A job that leaves a value out gets the default of `guidekit.apps.defaults`: for the embedded model (the
+        # folder holding its weights) its recommendation; the resolved values name its files and are recorded.
+        recommended = embedded_name(ident["path"])
+        embedded = True if recommended is not None else None
     # Video jobs run on the video model, loaded only when the file has one; without it they are bad lines.
     vpipe, vident, no_video = _video_model(jobs, video_model, pipe, run_dtype, device, ident)
     # The folder whose denoiser the video jobs run: a motion adapter runs on the image model's
     vsource = (ident or {}).get("path") if _is_adapter(_video_path(video_model)) else (vident or {}).get("path")
+    vrecommended = embedded_name(vsource)
     # Each classifier a job names is loaded once per run; its label is resolved to a class id, which (with the
     # classifier's path, scale and calibration) is recorded and names the files like any other parameter.
     classifiers = ClassifierCache()
@@ -583,6 +587,7 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
             params = chunk[0].params
             t0 = time.perf_counter()
             extra, numbers = {}, None
+            ran: dict = {}  # what the call ran with (generate and generate_video fill it)
             try:
                 if params.get("kind") in KINDS:  # a chunk of one job: its image and extra files (an edit's mask)
                     if upipe is None:
@@ -593,7 +598,7 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
                     outputs, nsfw = [_png(image, params, chunk[0].seed, ident)], None
                     extra = {_extra_name(chunk[0].file, k): png_bytes(im, {}) for k, im in extra.items()}
                 elif is_video(params):  # a chunk of one video
-                    frames = generate_video(vpipe, params, chunk[0].seed)
+                    frames = generate_video(vpipe, params, chunk[0].seed, record=ran)
                     outputs, nsfw = [video_bytes(frames, params["format"], params["fps"])], None
                 else:
                     if is_style(params):
@@ -604,7 +609,8 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
                         seeds = [it.seed for it in chunk]
                         images, nsfw = style_transfer(spipe, params, seeds, chunk[0].job.files), None
                     else:
-                        images, nsfw = generate(pipe, params, [it.seed for it in chunk], classifiers=classifiers)
+                        images, nsfw = generate(pipe, params, [it.seed for it in chunk], classifiers=classifiers,
+                                                record=ran)
                     outputs = [_png(image, params, it.seed, ident) for it, image in zip(chunk, to_pil(images))]
             except Exception as e:  # one failed call must not lose the others
                 failed += len(chunk)
@@ -627,6 +633,9 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
                     "model": vident if is_video(params) else ident,
                     **({} if is_video(params) or is_style(params) or params.get("kind") in KINDS
                        else _guidance_record(pipe, params)),
+                    # the settings the call ran with, and the embedded model whose recommendation applied
+                    **({"settings": {**ran, "recommended": vrecommended if is_video(params) else recommended}}
+                       if ran else {}),
                     **({"classifier": classifier_ids[params["classifier"]]} if params.get("classifier") else {}),
                     "guidekit_version": guidekit.__version__,
                     "versions": _versions(),

@@ -28,7 +28,7 @@ from typing import Optional
 __all__ = ["REQUESTS", "METHODS", "DEFAULT_METHOD", "STOCK_SCALE", "DEFAULT_STEPS", "PAPER_CLASSIFIER_SCALE",
            "PLAIN_SHARED", "APG_KEYS", "Defaults", "resolve_defaults", "default_method", "model_settings",
            "model_path_of", "is_embedded_classifier", "paper_apg", "scheduler_for", "using_sampler",
-           "sampler_label"]
+           "sampler_label", "hook_settings", "ran_settings"]
 
 #: The kinds of request: a text-to-image call, one with classifier guidance (EluCD), a video.
 REQUESTS = ("image", "classifier", "video")
@@ -85,15 +85,6 @@ class Defaults:
     def scheduler(self) -> Optional[str]:
         """The name of the scheduler swapped in (`sampler`), or None."""
         return None if self.sampler is None else self.sampler.get("scheduler")
-
-    def record(self) -> dict:
-        """What a manifest records of these settings (JSON-ready)."""
-        out = {"method": self.method, "guidance_scale": self.guidance_scale, "steps": self.steps,
-               "sampler": None if self.sampler is None else dict(self.sampler),
-               "apg": dict(self.apg) if self.method == "apg" else None,
-               "classifier": None if self.classifier is None else dict(self.classifier),
-               "recommended": self.recommended}
-        return out
 
 
 def default_method(request: str) -> str:
@@ -305,3 +296,42 @@ def using_sampler(pipe, sampler: Optional[dict]):
         yield pipe.scheduler
     finally:
         pipe.scheduler = own
+
+
+#----------------------------------------------------------------------------
+# What ran, for the manifest.
+
+_NOT_SETTINGS = ("self", "classifier", "decoder")
+
+
+def _plain(value):
+    """`value` as JSON (tuples as lists), or a marker for anything else."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        items = [_plain(v) for v in value]
+        return None if any(v is _SKIP for v in items) else items
+    return _SKIP
+
+
+_SKIP = object()
+
+
+def hook_settings(hook) -> dict:
+    """A hook as a manifest records it: {"hook": its class name, and each constructor argument it keeps under the
+    same name (the classifier and decoder objects aside), as the hook holds it}."""
+    out = {"hook": type(hook).__name__}
+    for name in inspect.signature(type(hook).__init__).parameters:
+        if name in _NOT_SETTINGS or not hasattr(hook, name):
+            continue
+        value = _plain(getattr(hook, name))
+        if value is not _SKIP:
+            out[name] = value
+    return out
+
+
+def ran_settings(method: str, guidance_scale: float, steps: int, scheduler, hooks) -> dict:
+    """What one call ran with: the guidance method and scale, the steps, the scheduler's class and every hook
+    (`hook_settings`) in order."""
+    return {"method": method, "guidance_scale": guidance_scale, "steps": steps,
+            "scheduler": type(scheduler).__name__, "hooks": [hook_settings(h) for h in hooks]}

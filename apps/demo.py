@@ -930,12 +930,10 @@ def _apg_controls(backend: DemoBackend, tab: str):
 
 
 def _is_embedded_name(model_name: str) -> bool:
-    try:
-        from guidekit.toy import default_model_path
+    """Whether the folder `model_name` holds an embedded model's weights (`guidekit.toy.settings_for`)."""
+    from guidekit.toy.settings import embedded_name
 
-        return bool(model_name) and Path(model_name).resolve() == Path(default_model_path()).resolve()
-    except (ImportError, OSError, AttributeError):
-        return False
+    return bool(model_name) and embedded_name(model_name) is not None
 
 
 def _model_label(model_name: str) -> str:

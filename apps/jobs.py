@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from guidekit.checks import MAX_IMAGE_SIDE, check_image_memory, check_image_size
 
-from .defaults import APG_KEYS, DEFAULT_METHOD, Defaults, resolve_defaults, using_sampler
+from .defaults import APG_KEYS, DEFAULT_METHOD, Defaults, ran_settings, resolve_defaults, using_sampler
 
 __all__ = [
     "Param",
@@ -889,16 +889,13 @@ def default_size(pipe) -> int:
 
 
 def is_embedded_pipe(pipe) -> bool:
-    """Whether `pipe` was loaded from the embedded toy model's folder."""
-    path = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
-    if not path:
-        return False
-    try:
-        from guidekit.toy import default_model_path
+    """Whether `pipe` was loaded from a folder holding an embedded model's weights (`guidekit.toy.settings_for`
+    recognises it)."""
+    from guidekit.toy.settings import embedded_name
 
-        return Path(path).resolve() == Path(default_model_path()).resolve()
-    except (ImportError, OSError, AttributeError):
-        return False
+    from .defaults import model_path_of
+
+    return embedded_name(model_path_of(pipe)) is not None
 
 
 def job_defaults(params: dict, pipe=None, embedded: Optional[bool] = None, model=None) -> Defaults:
@@ -1137,12 +1134,13 @@ def style_transfer(spipe, params: dict, seeds: Iterable[int], files: dict, gener
 
 
 def generate(pipe, params: dict, seeds: Iterable[int], generator_device: str = "cpu",
-             classifiers: Optional[ClassifierCache] = None):
+             classifiers: Optional[ClassifierCache] = None, record: Optional[dict] = None):
     """One pipeline call: an image per seed, each from its own `torch.Generator` (so an image never depends
     on batch size, order or process count). Returns float numpy images (N, H, W, 3) in [0, 1].
 
     Params with a classifier add its correction hook after the guidance method's, from `classifiers` (the
-    run's cache; None: loaded for this call)."""
+    run's cache; None: loaded for this call). `record`, if given, is filled with what the call ran with
+    (`guidekit.apps.defaults.ran_settings`: method, scale, steps, the scheduler and every hook)."""
     import torch
 
     if is_style(params):
@@ -1183,7 +1181,10 @@ def generate(pipe, params: dict, seeds: Iterable[int], generator_device: str = "
         hooks.append(classifiers.hook(params))
     if hooks:
         kwargs["hooks"] = hooks
-    with using_sampler(pipe, job_sampler(params)):  # the recommended sampler, for this call only
+    with using_sampler(pipe, job_sampler(params)) as scheduler:  # the recommended sampler, for this call only
+        if record is not None:
+            record.update(ran_settings(params["guidance"], params["guidance_scale"], params["steps"], scheduler,
+                                       hooks))
         out = pipe(**kwargs)
     return out.images, getattr(out, "nsfw_content_detected", None)
 
@@ -1340,9 +1341,11 @@ def video_prompt(params: dict):
     return params["prompt"]
 
 
-def generate_video(vpipe, params: dict, seed: int, generator_device: str = "cpu", callback=None):
+def generate_video(vpipe, params: dict, seed: int, generator_device: str = "cpu", callback=None,
+                   record: Optional[dict] = None):
     """One video of resolved video `params`: float numpy frames (F, H, W, 3) in [0, 1]. `callback(step, steps)`
-    is called after each denoising step."""
+    is called after each denoising step. `record`, if given, is filled with what the call ran with
+    (`guidekit.apps.defaults.ran_settings`)."""
     import guidekit
     import torch
 
@@ -1357,6 +1360,9 @@ def generate_video(vpipe, params: dict, seed: int, generator_device: str = "cpu"
         def step_end(pipe, step, timestep, tensors):
             callback(step + 1, params["steps"])
             return tensors
+    if record is not None:
+        record.update(ran_settings(params["guidance"], params["guidance_scale"], params["steps"], vpipe.scheduler,
+                                   hooks))
     out = vpipe(video_prompt(params), num_frames=params["frames"], width=params["width"], height=params["height"],
                 num_inference_steps=params["steps"], guidance_scale=params["guidance_scale"],
                 negative_prompt=params.get("negative_prompt") or None, output_type="np", hooks=hooks,
