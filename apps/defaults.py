@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Optional
 
 __all__ = ["REQUESTS", "METHODS", "DEFAULT_METHOD", "STOCK_SCALE", "DEFAULT_STEPS", "PAPER_CLASSIFIER_SCALE",
-           "PLAIN_SHARED", "APG_KEYS", "Defaults", "resolve_defaults", "default_method", "model_settings",
+           "PLAIN_SHARED", "APG_KEYS", "FREENOISE_DEFAULTS", "Defaults", "resolve_defaults", "default_method",
+           "model_settings",
            "model_path_of", "is_embedded_classifier", "paper_apg", "scheduler_for", "using_sampler",
            "sampler_label", "hook_settings", "ran_settings"]
 
@@ -49,6 +50,10 @@ PAPER_CLASSIFIER_SCALE = 1.0
 PLAIN_SHARED = ("schedule", "input", "start", "stop")
 #: The APG arguments whose defaults depend on the model.
 APG_KEYS = ("eta", "norm_threshold", "momentum")
+#: guidekit.FreeNoise's settings in `guidekit video`, a batch video job (`freenoise: true`) and the demo's Long video
+#: tab: the official window W = 16, stride S = 4 and fusion point, with FreeNoise's noise rescheduling.
+FREENOISE_DEFAULTS = {"context_length": 16, "context_stride": 4, "weighting": "pyramid", "noise": "shuffle",
+                      "fusion": "attention", "motion_injection": None}
 
 
 @dataclass(frozen=True)

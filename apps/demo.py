@@ -28,7 +28,7 @@ import click
 
 from guidekit.checks import MAX_IMAGE_SIDE
 
-from .defaults import PAPER_CLASSIFIER_SCALE, resolve_defaults
+from .defaults import FREENOISE_DEFAULTS, PAPER_CLASSIFIER_SCALE, resolve_defaults
 from .families import family_of_pipe
 from .jobs import (COMMON, GUIDANCE, JobError, default_size, generate, is_embedded_pipe, parse_job, resolve,
                    size_multiple, to_pil, vae_factor)
@@ -1212,12 +1212,14 @@ def _video_tab(video: Optional[VideoBackend], note: str, queue: dict):
                 frames = Slider(1, lim.max_frames, value=min(32, lim.max_frames), step=1, label="Frames",
                                 info=f"Length of the video (this demo allows up to {lim.max_frames}).",
                                 elem_id="video-frames")
-                length = Slider(1, video.max_length, value=video.max_length, step=1, label="Context length W",
-                                info=f"Frames per window: the motion model's training length (at most its "
-                                     f"{video.max_length}).", elem_id="video-length")
-                stride = Slider(1, video.max_length, value=min(4, video.max_length), step=1, label="Context stride S",
-                                info="Frames between two window starts, at most W (official: 4).",
-                                elem_id="video-stride")
+                # the window of guidekit video and of a batch video job, within the motion model's length
+                window = min(FREENOISE_DEFAULTS["context_length"], video.max_length)
+                length = Slider(1, video.max_length, value=window, step=1, label="Context length W",
+                                info=f"Frames per window, at most the motion model's training length "
+                                     f"({video.max_length}). Default: {window} (official: 16).", elem_id="video-length")
+                stride = Slider(1, video.max_length, value=min(FREENOISE_DEFAULTS["context_stride"], window), step=1,
+                                label="Context stride S", info="Frames between two window starts, at most W (official: "
+                                                               "4).", elem_id="video-stride")
                 seed = Number(label="Seed", value=EXAMPLE_VIDEO_SEED, precision=0, minimum=0, maximum=2**31 - 1,
                               info="Same seed for both videos.", elem_id="video-seed")
                 scale = Slider(0.0, lim.max_scale, value=min(video.default_scale, lim.max_scale), step=0.5,
@@ -1231,7 +1233,7 @@ def _video_tab(video: Optional[VideoBackend], note: str, queue: dict):
                 size = Slider(low, max(low, lim.max_size), value=min(video.default_size, lim.max_size), step=f,
                               label="Size", info=f"Square frames, a multiple of {f}; the model's native size is "
                                                  f"{video.default_size}.", elem_id="video-size")
-                fusion = gr.Radio(choices=list(FUSION_CHOICES), value="attention", label="Fusion point",
+                fusion = gr.Radio(choices=list(FUSION_CHOICES), value=FREENOISE_DEFAULTS["fusion"], label="Fusion point",
                                   info="Where the windows' outputs are fused, in both videos.", elem_id="video-fusion")
                 injection = gr.Checkbox(value=False, label="Motion injection",
                                         info="With a prompt schedule: at the first and last denoising steps "

@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterable, Optional
 
 from guidekit.checks import MAX_IMAGE_SIDE, check_image_memory, check_image_size
 
-from .defaults import APG_KEYS, DEFAULT_METHOD, Defaults, ran_settings, resolve_defaults, using_sampler
+from .defaults import (APG_KEYS, DEFAULT_METHOD, FREENOISE_DEFAULTS, Defaults, ran_settings, resolve_defaults,
+                       using_sampler)
 
 __all__ = [
     "Param",
@@ -301,11 +302,9 @@ def kind_module(kind: Any, where: str = ""):
 #: `frames` writes one animated file per seed. `prompts` and `freenoise` are objects, checked by
 #: `_parse_prompts` and `_parse_freenoise`; their `Param` entries here are for the docs.
 MAX_FRAMES = 1024
-#: `freenoise: true`: `guidekit video`'s settings (the official W = 16, S = 4 and fusion point). A job's `freenoise`
+#: `freenoise: true`: `guidekit video`'s settings (`guidekit.apps.defaults.FREENOISE_DEFAULTS`). A job's `freenoise`
 #: object may hold any other guidekit.FreeNoise argument too; only the ones it gives are added to these (and to the
 #: parameters that name its files).
-FREENOISE_DEFAULTS = {"context_length": 16, "context_stride": 4, "weighting": "pyramid", "noise": "shuffle",
-                      "fusion": "attention", "motion_injection": None}
 VIDEO_FILE_FORMATS = ("gif", "webp", "mp4")  # mp4: with PyAV installed (pip install "guidekit[mp4]")
 VIDEO: dict[str, Param] = {p.name: p for p in [
     Param("frames", int, None,

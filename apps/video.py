@@ -19,12 +19,12 @@ from typing import Optional
 import click
 
 from .cli import FiniteFloatRange, ImageSize, check_size_option
-from .defaults import DEFAULT_STEPS, STOCK_SCALE, resolve_defaults
+from .defaults import DEFAULT_STEPS, FREENOISE_DEFAULTS, STOCK_SCALE, resolve_defaults
 
-#: Defaults of guidekit.FreeNoise's window (the official W = 16, S = 4), kept as plain numbers so `--help`
-#: imports no torch.
-DEFAULT_CONTEXT_LENGTH = 16
-DEFAULT_CONTEXT_STRIDE = 4
+#: Defaults of guidekit.FreeNoise's window (the official W = 16, S = 4; `guidekit.apps.defaults.FREENOISE_DEFAULTS`,
+#: plain numbers, so `--help` imports no torch).
+DEFAULT_CONTEXT_LENGTH = FREENOISE_DEFAULTS["context_length"]
+DEFAULT_CONTEXT_STRIDE = FREENOISE_DEFAULTS["context_stride"]
 #: Frames decoded per VAE call (GuidedAnimateDiffPipeline's decode_chunk_size default).
 DECODE_CHUNK = 16
 
@@ -249,7 +249,7 @@ def _injection_blocks(ctx, param, value: Optional[str]) -> Optional[tuple[str, .
               help="FreeNoise window W, at most the adapter's motion_max_seq_length (official: 16).")
 @click.option("--context-stride", type=click.IntRange(min=1), default=DEFAULT_CONTEXT_STRIDE,
               help="FreeNoise stride S between window starts, at most --context-length (official: 4).")
-@click.option("--fusion", type=click.Choice(["block", "attention"]), default="attention",
+@click.option("--fusion", type=click.Choice(["block", "attention"]), default=FREENOISE_DEFAULTS["fusion"],
               help="FreeNoise fusion point: attention (each temporal attention's output, the official code) or "
                    "block (each temporal transformer block, diffusers' port).")
 @click.option("--no-freenoise", is_flag=True,
