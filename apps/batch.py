@@ -425,7 +425,7 @@ def _image_family(model, pipe):
     load, so that a job whose method it cannot run is a bad line of the job file; None when unknown (loading
     the model then says what is wrong with it)."""
     from .families import family_of_pipe
-    from .generate import ModelLoadError, model_family
+    from .models import ModelLoadError, model_family
 
     if pipe is not None:
         return family_of_pipe(pipe)

@@ -14,7 +14,6 @@ prompt is "" unless --negative-prompt gives one, so that the unconditional pass 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -30,141 +29,12 @@ from .cli import FiniteFloatRange, ImageSize, check_size_option
 from .defaults import (DEFAULT_METHOD, DEFAULT_STEPS, PAPER_CLASSIFIER_SCALE, STOCK_SCALE, resolve_defaults,
                        using_sampler)
 from .families import check_scale, scale_kwargs, slot_hooks
-
-
-class ModelLoadError(click.ClickException):
-    """A model that cannot be loaded, with what was tried and what to do."""
-
-
-def _embedded_model_path() -> Optional[Path]:
-    """Where the embedded toy model belongs (it may be missing there), or None without `guidekit.toy`."""
-    try:
-        from guidekit import toy
-
-        return Path(toy.default_model_path())
-    except (ImportError, AttributeError, FileNotFoundError):
-        return None
-
-
-def default_model() -> tuple[str, float]:
-    """The embedded toy model's folder and default guidance scale.
-
-    Raises `ModelLoadError` when the model is not installed: a stand-in model would only draw noise, and
-    the user would not know why.
-    """
-    path = _embedded_model_path()
-    if path is None or not (path / "model_index.json").is_file():
-        missing = f"{path / 'model_index.json'} is missing" if path else "guidekit.toy is not installed"
-        raise ModelLoadError(
-            f"the embedded model is not installed ({missing}); reinstall guidekit, whose package ships it, "
-            "or pass --model ID_OR_PATH with a diffusers SD 1.x/2.x/SDXL folder or hub id"
-        )
-    from guidekit import toy
-
-    return str(path), float(getattr(toy, "DEFAULT_GUIDANCE_SCALE", 7.5))
-
-
-def _is_embedded(model: str) -> bool:
-    path = _embedded_model_path()
-    try:
-        return path is not None and Path(model).expanduser().resolve() == path.resolve()
-    except OSError:
-        return False
-
-
-def pipeline_class(config: dict, model: str):
-    """The hooked pipeline class for a model whose `model_index.json` is `config`, from its `_class_name`
-    (`guidekit.apps.families`): Stable Diffusion 1.x/2.x, SDXL, SD3, Flux or Qwen-Image.
-
-    Raises `ModelLoadError` for any other pipeline; a Wan text-to-video model is refused naming `guidekit video`.
-    """
-    from .families import family_of_config, hooked_class
-
-    family = family_of_config(config)
-    if family is not None and family.video:
-        raise ModelLoadError(
-            f"--model: {model} is a {config.get('_class_name')} (model_index.json), a {family.label} text-to-video "
-            f"model; accepted here: an image model. Make a video with guidekit video --model {model} (CFG, or --apg)"
-        )
-    if family is not None:
-        return hooked_class(family)
-    name = config.get("_class_name")
-    raise ModelLoadError(
-        f"--model: {model} is a {name or 'pipeline without _class_name'} (model_index.json); accepted: a "
-        "StableDiffusionPipeline (SD 1.x/2.x), StableDiffusionXLPipeline (SDXL), StableDiffusion3Pipeline (SD3), "
-        "FluxPipeline (Flux) or QwenImagePipeline (Qwen-Image) checkpoint"
-    )
-
-
-def model_family(model: Optional[str]):
-    """The family (`guidekit.apps.families.Family`) of `model` (None: the embedded model) from its
-    `model_index.json` alone, before any weights load; None when it is none of guidekit's families (loading it
-    then says what is accepted)."""
-    from .families import family_of_config
-
-    if model is None:
-        model, _ = default_model()
-    local = Path(model).expanduser()
-    if local.exists() and not (local / "model_index.json").exists():
-        return None  # load_pipeline says what is wrong with the folder
-    source = str(local) if local.exists() else model
-    hint = "" if local.exists() else " (a hub id needs network access, or the model in the local Hugging Face cache)"
-    return family_of_config(_read_model_index(source, model, hint))
-
-
-def _read_model_index(source: str, model: str, hint: str) -> dict:
-    """`model_index.json` of a local folder, or of a hub id through the Hugging Face cache (or the network,
-    unless HF_HUB_OFFLINE is set): the file alone, before any weights are fetched."""
-    try:
-        if Path(source).is_dir():
-            index = Path(source) / "model_index.json"
-        else:
-            from huggingface_hub import hf_hub_download
-
-            index = Path(hf_hub_download(source, "model_index.json"))
-        config = json.loads(index.read_text(encoding="utf-8"))
-    except Exception as exc:  # OSError, huggingface_hub's errors, bad JSON... say which model failed
-        raise ModelLoadError(f"--model: cannot load {model!r}{hint}: {exc}") from exc
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"--model: {model}: model_index.json is not a JSON object")
-    return config
-
-
-def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype=None):
-    """Load `model` (a diffusers folder or hub id; None: the embedded model) as a hooked pipeline.
-
-    The pipeline kind (SD 1.x/2.x or SDXL) comes from the model's `model_index.json`, never from its name.
-    Returns the pipeline and the model's name. Raises `ModelLoadError` with a readable message when the
-    model cannot be loaded (no such folder, no network for a hub id, not an SD/SDXL checkpoint, the
-    embedded model not installed).
-
-    The embedded model is so small that torch's thread pool costs more than it gives (0.9 s for 25 steps
-    on one thread, 10-30x that with two threads on a busy two-core machine), so on CPU this sets torch to
-    one thread when it loads the embedded model, unless OMP_NUM_THREADS says otherwise.
-    """
-    import torch
-
-    if model is None:
-        model, _ = default_model()
-    if _is_embedded(model) and str(device) == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
-    local = Path(model).expanduser()
-    if local.exists() and not (local / "model_index.json").exists():
-        raise ModelLoadError(f"--model: {model} is a folder without model_index.json; pass a diffusers pipeline folder")
-    source = str(local) if local.exists() else model
-    hint = "" if local.exists() else " (a hub id needs network access, or the model in the local Hugging Face cache)"
-    cls = pipeline_class(_read_model_index(source, model, hint), model)
-    try:
-        pipe = cls.from_pretrained(source, dtype=dtype or torch.float32)
-    except Exception as exc:  # diffusers raises OSError, ValueError, EnvironmentError... say which model failed
-        raise ModelLoadError(f"--model: cannot load {model!r}{hint}: {exc}") from exc
-    return pipe.to(device), model
+from .jobs_classifier import parse_label
+from .models import default_model, default_size, load_pipeline, model_family
 
 
 def check_size(pipe, dims: Optional[tuple[int, int]]) -> tuple[int, int]:
     """`--size` (or the model's native size) checked against the model's size rule and the free memory."""
-    from .jobs import default_size
-
     return check_size_option(pipe, dims, default_size(pipe))
 
 
@@ -179,12 +49,6 @@ def build_hook(guidance: str, eta: float, norm_threshold: Optional[float], momen
     if guidance == "cfg":
         return guidekit.CFG()
     return guidekit.APG(eta=eta, norm_threshold=norm_threshold, momentum=momentum)
-
-
-def parse_label(label: str):
-    """`--label` as given: a string of decimal digits is a class id, anything else a class name."""
-    text = label.strip()
-    return int(text) if text.isdecimal() else label
 
 
 def build_classifier_hook(path: str, label: str, settings: dict, calibration: str = "elucd"):
