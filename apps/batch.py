@@ -22,9 +22,13 @@ Examples::
 
 Layout of --out::
 
-    DIR/<name>-<key>-s<seed>.png   one finished image (written to a temporary file, then renamed)
-    DIR/<name>-<key>-s<seed>.gif   one finished video (or .webp: the job's `format`), written the same way
-    DIR/<name>-<key>-s0-mask.png   an edit job's mask, written before its image
+    DIR/<name>-<method>-<key>-s<seed>.png   one finished image (written to a temporary file, then renamed)
+    DIR/<name>-<method>-<key>-s<seed>.gif   one finished video (or .webp: the job's `format`), written the same way
+    DIR/<name>-<method>-<key>-s0-mask.png   an edit job's mask, written before its image
+
+    <name>: the job's name, or the start of its prompt; <method>: what it runs and at which scale (apg-w3,
+    cfg-w7.5-elucd2, cfg-w3-freenoise, stylessp, uam; `method_tag`); <key>: a hash of every resolved parameter
+    and the model, which makes the name unique.
     DIR/manifest.jsonl             one row per finished image, merged at the end of each run
     DIR/.parts/*.jsonl             rows written while a run is going on (merged into manifest.jsonl)
     DIR/.lock                      held by the run using DIR: a second run on DIR at the same time is refused
@@ -163,9 +167,32 @@ class Item:
 
     @property
     def file(self) -> str:
+        """`<name or prompt>-<method and scale>-<key>-s<seed>.<suffix>`: the key (a hash of the resolved params and
+        the model) makes it unique; the method tag only makes it readable, and follows from the same params."""
         prefix = self.job.params["name"] or _slug(_title(self.params))
         suffix = self.params["format"] if is_video(self.params) else "png"
-        return f"{prefix}-{self.key}-s{self.seed}.{suffix}"
+        tag = method_tag(self.params)
+        return f"{prefix}-{tag + '-' if tag else ''}{self.key}-s{self.seed}.{suffix}"
+
+
+def _number(value) -> str:
+    return f"{float(value):g}"
+
+
+def method_tag(params: dict) -> str:
+    """What a job runs, for its file names: "apg-w3", "cfg-w7.5-elucd2" (with a classifier: its calibration and
+    scale), "cfg-w3-freenoise" (a video), "stylessp" (a style transfer), the mode of an edit ("uam")."""
+    if params.get("kind") in KINDS:
+        tag = getattr(kind_module(params["kind"]), "tag", None)
+        return tag(params) if tag is not None else ""
+    if is_style(params):
+        return params["start_point"]
+    tag = f"{params['guidance']}-w{_number(params['guidance_scale'])}"
+    if is_video(params):
+        return tag + ("-freenoise" if params.get("freenoise") is not None else "-plain")
+    if params.get("classifier") is not None:
+        tag += f"-{params['calibration']}{_number(params['classifier_scale'])}"
+    return tag
 
 
 def _title(params: dict) -> str:

@@ -100,6 +100,11 @@ def title(params: dict) -> str:
     return f"{params['kind']} {Path(params['image']).stem}"
 
 
+def tag(params: dict) -> str:
+    """The method part of a job's file names (the kind is in its title): an edit's mode."""
+    return params["mode"] if params["kind"] == "edit" else ""
+
+
 def run(upipe, params: dict, files: dict) -> tuple:
     """(output PIL image, {extra file suffix: PIL image}, numbers for the manifest) of one job on `upipe`
     (`guidekit.apps.uam_image.uam_pipeline`)."""
