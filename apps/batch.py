@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
+import importlib.util
 import json
 import os
 import socket
@@ -349,9 +350,7 @@ def output_lock(out: Path):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK
-    try:
-        import fcntl  # noqa: F401
-    except ImportError:  # Windows: no flock
+    if importlib.util.find_spec("fcntl") is None:  # Windows: no flock
         _say(f"note: this platform has no file locks; do not start a second run on {out} while this one runs")
         yield path
         return

@@ -63,10 +63,11 @@ def classifier_tab_available(pipe) -> bool:
     try:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        from guidekit import EluCD  # noqa: F401
+        from guidekit import EluCD
     except ImportError:
         return False
-    return isinstance(pipe, StableDiffusionPipeline) and not isinstance(pipe, StableDiffusionXLPipeline)
+    return EluCD is not None and isinstance(pipe, StableDiffusionPipeline) and \
+        not isinstance(pipe, StableDiffusionXLPipeline)
 
 
 def _classifier_tab(backend: DemoBase, queue: dict):

@@ -21,10 +21,11 @@ def styleid_available(pipe) -> bool:
     try:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        from guidekit.pipelines import StyleIDStableDiffusionPipeline  # noqa: F401
+        from guidekit.pipelines import StyleIDStableDiffusionPipeline
     except ImportError:
         return False
-    return isinstance(pipe, StableDiffusionPipeline) and not isinstance(pipe, StableDiffusionXLPipeline)
+    return StyleIDStableDiffusionPipeline is not None and isinstance(pipe, StableDiffusionPipeline) and \
+        not isinstance(pipe, StableDiffusionXLPipeline)
 
 
 def example_styles() -> list[list[str]]:

@@ -16,10 +16,10 @@ EXAMPLE_EDITS = [
 
 def uam_available() -> bool:
     try:
-        from guidekit.pipelines import UAMStableDiffusionPipeline  # noqa: F401
+        from guidekit.pipelines import UAMStableDiffusionPipeline
     except ImportError:
         return False
-    return True
+    return UAMStableDiffusionPipeline is not None
 
 
 def example_edits() -> list[list[str]]:

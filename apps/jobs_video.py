@@ -287,11 +287,9 @@ def generate_video(vpipe, params: dict, seed: int, generator_device: str = "cpu"
         if kwargs["motion_injection"] is not None:
             kwargs["motion_injection"] = tuple(kwargs["motion_injection"])
         hooks.append(guidekit.FreeNoise(**kwargs))
-    step_end = None
-    if callback is not None:
-        def step_end(pipe, step, timestep, tensors):
-            callback(step + 1, params["steps"])
-            return tensors
+    def step_end(pipe, step, timestep, tensors):
+        callback(step + 1, params["steps"])
+        return tensors
     if record is not None:
         record.update(ran_settings(params["guidance"], params["guidance_scale"], params["steps"], vpipe.scheduler,
                                    hooks))
@@ -299,7 +297,8 @@ def generate_video(vpipe, params: dict, seed: int, generator_device: str = "cpu"
                 num_inference_steps=params["steps"], guidance_scale=params["guidance_scale"],
                 negative_prompt=params.get("negative_prompt") or None, output_type="np", hooks=hooks,
                 generator=torch.Generator(device=generator_device).manual_seed(int(seed)),
-                decode_chunk_size=DECODE_CHUNK, callback_on_step_end=step_end)
+                decode_chunk_size=DECODE_CHUNK,
+                callback_on_step_end=step_end if callback is not None else None)
     return out.frames[0]
 
 
