@@ -22,9 +22,13 @@ Examples::
 
 Layout of --out::
 
-    DIR/<name>-<key>-s<seed>.png   one finished image (written to a temporary file, then renamed)
-    DIR/<name>-<key>-s<seed>.gif   one finished video (or .webp: the job's `format`), written the same way
-    DIR/<name>-<key>-s0-mask.png   an edit job's mask, written before its image
+    DIR/<name>-<method>-<key>-s<seed>.png   one finished image (written to a temporary file, then renamed)
+    DIR/<name>-<method>-<key>-s<seed>.gif   one finished video (or .webp: the job's `format`), written the same way
+    DIR/<name>-<method>-<key>-s0-mask.png   an edit job's mask, written before its image
+
+    <name>: the job's name, or the start of its prompt; <method>: what it runs and at which scale (apg-w3,
+    cfg-w7.5-elucd2, cfg-w3-freenoise, stylessp, uam; `method_tag`); <key>: a hash of every resolved parameter
+    and the model, which makes the name unique.
     DIR/manifest.jsonl             one row per finished image, merged at the end of each run
     DIR/.parts/*.jsonl             rows written while a run is going on (merged into manifest.jsonl)
     DIR/.lock                      held by the run using DIR: a second run on DIR at the same time is refused
@@ -35,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
+import importlib.util
 import json
 import os
 import socket
@@ -46,6 +51,8 @@ from pathlib import Path
 from typing import Optional
 
 import click
+
+from guidekit.toy.settings import embedded_name
 
 from .jobs import (CLASSIFIER, GUIDANCE, KINDS, STYLE, ClassifierCache, Job, JobError, generate, generate_video,
                    is_style, is_video, job_key, kind_module, read_jobs, resolve, resolve_video, style_transfer, to_pil,
@@ -161,9 +168,32 @@ class Item:
 
     @property
     def file(self) -> str:
+        """`<name or prompt>-<method and scale>-<key>-s<seed>.<suffix>`: the key (a hash of the resolved params and
+        the model) makes it unique; the method tag only makes it readable, and follows from the same params."""
         prefix = self.job.params["name"] or _slug(_title(self.params))
         suffix = self.params["format"] if is_video(self.params) else "png"
-        return f"{prefix}-{self.key}-s{self.seed}.{suffix}"
+        tag = method_tag(self.params)
+        return f"{prefix}-{tag + '-' if tag else ''}{self.key}-s{self.seed}.{suffix}"
+
+
+def _number(value) -> str:
+    return f"{float(value):g}"
+
+
+def method_tag(params: dict) -> str:
+    """What a job runs, for its file names: "apg-w3", "cfg-w7.5-elucd2" (with a classifier: its calibration and
+    scale), "cfg-w3-freenoise" (a video), "stylessp" (a style transfer), the mode of an edit ("uam")."""
+    if params.get("kind") in KINDS:
+        tag = getattr(kind_module(params["kind"]), "tag", None)
+        return tag(params) if tag is not None else ""
+    if is_style(params):
+        return params["start_point"]
+    tag = f"{params['guidance']}-w{_number(params['guidance_scale'])}"
+    if is_video(params):
+        return tag + ("-freenoise" if params.get("freenoise") is not None else "-plain")
+    if params.get("classifier") is not None:
+        tag += f"-{params['calibration']}{_number(params['classifier_scale'])}"
+    return tag
 
 
 def _title(params: dict) -> str:
@@ -320,9 +350,7 @@ def output_lock(out: Path):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK
-    try:
-        import fcntl  # noqa: F401
-    except ImportError:  # Windows: no flock
+    if importlib.util.find_spec("fcntl") is None:  # Windows: no flock
         _say(f"note: this platform has no file locks; do not start a second run on {out} while this one runs")
         yield path
         return
@@ -423,7 +451,7 @@ def _image_family(model, pipe):
     load, so that a job whose method it cannot run is a bad line of the job file; None when unknown (loading
     the model then says what is wrong with it)."""
     from .families import family_of_pipe
-    from .generate import ModelLoadError, model_family
+    from .models import ModelLoadError, model_family
 
     if pipe is not None:
         return family_of_pipe(pipe)
@@ -507,14 +535,18 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
     device = state.device
     run_dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32,
                  "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    ident, embedded = None, False
+    ident, embedded, recommended = None, None, None
     if pipe is not None or _needs_image_model(jobs, video_model):
         pipe, ident = _image_model(pipe, model, run_dtype, device)
-        # A job that leaves APG's eta / norm_threshold / momentum out gets the embedded model's recommended
-        # setting, or the paper's values on other models; the resolved values name its files and are recorded.
-        embedded = bool(ident["path"]) and _is_embedded(ident["path"])
+        # A job that leaves a value out gets the default of `guidekit.apps.defaults`: for the embedded model (the
+        # folder holding its weights) its recommendation; the resolved values name its files and are recorded.
+        recommended = embedded_name(ident["path"])
+        embedded = True if recommended is not None else None
     # Video jobs run on the video model, loaded only when the file has one; without it they are bad lines.
     vpipe, vident, no_video = _video_model(jobs, video_model, pipe, run_dtype, device, ident)
+    # The folder whose denoiser the video jobs run: a motion adapter runs on the image model's
+    vsource = (ident or {}).get("path") if _is_adapter(_video_path(video_model)) else (vident or {}).get("path")
+    vrecommended = embedded_name(vsource)
     # Each classifier a job names is loaded once per run; its label is resolved to a class id, which (with the
     # classifier's path, scale and calibration) is recorded and names the files like any other parameter.
     classifiers = ClassifierCache()
@@ -532,7 +564,7 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
             if is_video(job.params):
                 if vpipe is None:
                     raise JobError(where + no_video)
-                params = resolve_video(job.params, vpipe, where=where)
+                params = resolve_video(job.params, vpipe, where=where, model=vsource)
             elif job.params.get("kind") in KINDS:
                 params = kind_module(job.params["kind"]).resolve(job.params, pipe, where=where)
             else:
@@ -581,6 +613,7 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
             params = chunk[0].params
             t0 = time.perf_counter()
             extra, numbers = {}, None
+            ran: dict = {}  # what the call ran with (generate and generate_video fill it)
             try:
                 if params.get("kind") in KINDS:  # a chunk of one job: its image and extra files (an edit's mask)
                     if upipe is None:
@@ -591,7 +624,7 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
                     outputs, nsfw = [_png(image, params, chunk[0].seed, ident)], None
                     extra = {_extra_name(chunk[0].file, k): png_bytes(im, {}) for k, im in extra.items()}
                 elif is_video(params):  # a chunk of one video
-                    frames = generate_video(vpipe, params, chunk[0].seed)
+                    frames = generate_video(vpipe, params, chunk[0].seed, record=ran)
                     outputs, nsfw = [video_bytes(frames, params["format"], params["fps"])], None
                 else:
                     if is_style(params):
@@ -602,7 +635,8 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
                         seeds = [it.seed for it in chunk]
                         images, nsfw = style_transfer(spipe, params, seeds, chunk[0].job.files), None
                     else:
-                        images, nsfw = generate(pipe, params, [it.seed for it in chunk], classifiers=classifiers)
+                        images, nsfw = generate(pipe, params, [it.seed for it in chunk], classifiers=classifiers,
+                                                record=ran)
                     outputs = [_png(image, params, it.seed, ident) for it, image in zip(chunk, to_pil(images))]
             except Exception as e:  # one failed call must not lose the others
                 failed += len(chunk)
@@ -625,6 +659,9 @@ def _run_jobs(state, jobs, errors, jobs_file, out: Path, model, strict, batch_si
                     "model": vident if is_video(params) else ident,
                     **({} if is_video(params) or is_style(params) or params.get("kind") in KINDS
                        else _guidance_record(pipe, params)),
+                    # the settings the call ran with, and the embedded model whose recommendation applied
+                    **({"settings": {**ran, "recommended": vrecommended if is_video(params) else recommended}}
+                       if ran else {}),
                     **({"classifier": classifier_ids[params["classifier"]]} if params.get("classifier") else {}),
                     "guidekit_version": guidekit.__version__,
                     "versions": _versions(),
@@ -768,11 +805,13 @@ def batch(jobs, out, model, strict, batch_size, dtype, video_model):
     {frame: prompt}; prompt, if given, is frame 0's), freenoise (true, false, or an object of guidekit.FreeNoise
     arguments), fps and format (gif|webp), e.g.
       {"prompts": {"0": "a red circle", "24": "a blue circle"}, "frames": 48, "freenoise": {"context_stride": 2}}
-    APG's eta / norm_threshold / momentum default to the embedded model's recommended setting
-    (guidekit.toy.RECOMMENDED_APG) with that model, else to the paper's 0 / 15 / -0.5. A job with the
-    embedded classifier on the embedded model gets guidekit.toy.RECOMMENDED_ELUCD (a classifier_scale it
-    gives wins) and samples with guidekit.toy.RECOMMENDED_ELUCD_SAMPLER (ancestral DDPM; its steps unless
-    the job gives steps); other jobs keep the model's scheduler and 25 steps.
+    Defaults are those of guidekit generate and guidekit video (guidekit.apps.defaults): guidance apg (cfg
+    in a video job); guidance_scale, steps and APG's eta / norm_threshold / momentum the embedded model's
+    (guidekit.toy.settings_for), else the model family's scale (7.5 for SD), 25 steps and the paper's
+    0 / 15 / -0.5; guidance_scale 1 for an empty prompt. A job with the embedded classifier on the embedded
+    model gets guidekit.toy.RECOMMENDED_ELUCD (a classifier_scale it gives wins) and samples with
+    guidekit.toy.RECOMMENDED_ELUCD_SAMPLER (ancestral DDPM; its steps unless the job gives steps); other jobs
+    keep the model's scheduler. The manifest records every resolved value.
 
     \b
     Examples:

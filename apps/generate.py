@@ -14,7 +14,6 @@ prompt is "" unless --negative-prompt gives one, so that the unconditional pass 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -27,167 +26,21 @@ from guidekit import toy as _toy
 from guidekit.checks import MAX_IMAGE_SIDE
 
 from .cli import FiniteFloatRange, ImageSize, check_size_option
+from .defaults import (DEFAULT_METHOD, DEFAULT_STEPS, PAPER_CLASSIFIER_SCALE, STOCK_SCALE, resolve_defaults,
+                       using_sampler)
 from .families import check_scale, scale_kwargs, slot_hooks
-
-#: Denoising steps when none are given (and no recommendation applies).
-DEFAULT_STEPS = 25
-#: Classifier scale when none is given and no recommendation applies: `guidekit.EluCD`'s default, the official
-#: classifier_scale of the EluCD DDPM script.
-PAPER_CLASSIFIER_SCALE = 1.0
-#: The keys of `guidekit.toy.RECOMMENDED_ELUCD` that plain classifier guidance takes too, so that the two differ
-#: only by the calibration.
-PLAIN_SHARED = ("schedule", "input", "start", "stop")
-
-
-class ModelLoadError(click.ClickException):
-    """A model that cannot be loaded, with what was tried and what to do."""
-
-
-def _embedded_model_path() -> Optional[Path]:
-    """Where the embedded toy model belongs (it may be missing there), or None without `guidekit.toy`."""
-    try:
-        from guidekit import toy
-
-        return Path(toy.default_model_path())
-    except (ImportError, AttributeError, FileNotFoundError):
-        return None
-
-
-def default_model() -> tuple[str, float]:
-    """The embedded toy model's folder and default guidance scale.
-
-    Raises `ModelLoadError` when the model is not installed: a stand-in model would only draw noise, and
-    the user would not know why.
-    """
-    path = _embedded_model_path()
-    if path is None or not (path / "model_index.json").is_file():
-        missing = f"{path / 'model_index.json'} is missing" if path else "guidekit.toy is not installed"
-        raise ModelLoadError(
-            f"the embedded model is not installed ({missing}); reinstall guidekit, whose package ships it, "
-            "or pass --model ID_OR_PATH with a diffusers SD 1.x/2.x/SDXL folder or hub id"
-        )
-    from guidekit import toy
-
-    return str(path), float(getattr(toy, "DEFAULT_GUIDANCE_SCALE", 7.5))
-
-
-def _is_embedded(model: str) -> bool:
-    path = _embedded_model_path()
-    try:
-        return path is not None and Path(model).expanduser().resolve() == path.resolve()
-    except OSError:
-        return False
-
-
-def pipeline_class(config: dict, model: str):
-    """The hooked pipeline class for a model whose `model_index.json` is `config`, from its `_class_name`
-    (`guidekit.apps.families`): Stable Diffusion 1.x/2.x, SDXL, SD3, Flux or Qwen-Image.
-
-    Raises `ModelLoadError` for any other pipeline; a Wan text-to-video model is refused naming `guidekit video`.
-    """
-    from .families import family_of_config, hooked_class
-
-    family = family_of_config(config)
-    if family is not None and family.video:
-        raise ModelLoadError(
-            f"--model: {model} is a {config.get('_class_name')} (model_index.json), a {family.label} text-to-video "
-            f"model; accepted here: an image model. Make a video with guidekit video --model {model} (CFG, or --apg)"
-        )
-    if family is not None:
-        return hooked_class(family)
-    name = config.get("_class_name")
-    raise ModelLoadError(
-        f"--model: {model} is a {name or 'pipeline without _class_name'} (model_index.json); accepted: a "
-        "StableDiffusionPipeline (SD 1.x/2.x), StableDiffusionXLPipeline (SDXL), StableDiffusion3Pipeline (SD3), "
-        "FluxPipeline (Flux) or QwenImagePipeline (Qwen-Image) checkpoint"
-    )
-
-
-def model_family(model: Optional[str]):
-    """The family (`guidekit.apps.families.Family`) of `model` (None: the embedded model) from its
-    `model_index.json` alone, before any weights load; None when it is none of guidekit's families (loading it
-    then says what is accepted)."""
-    from .families import family_of_config
-
-    if model is None:
-        model, _ = default_model()
-    local = Path(model).expanduser()
-    if local.exists() and not (local / "model_index.json").exists():
-        return None  # load_pipeline says what is wrong with the folder
-    source = str(local) if local.exists() else model
-    hint = "" if local.exists() else " (a hub id needs network access, or the model in the local Hugging Face cache)"
-    return family_of_config(_read_model_index(source, model, hint))
-
-
-def _read_model_index(source: str, model: str, hint: str) -> dict:
-    """`model_index.json` of a local folder, or of a hub id through the Hugging Face cache (or the network,
-    unless HF_HUB_OFFLINE is set): the file alone, before any weights are fetched."""
-    try:
-        if Path(source).is_dir():
-            index = Path(source) / "model_index.json"
-        else:
-            from huggingface_hub import hf_hub_download
-
-            index = Path(hf_hub_download(source, "model_index.json"))
-        config = json.loads(index.read_text(encoding="utf-8"))
-    except Exception as exc:  # OSError, huggingface_hub's errors, bad JSON... say which model failed
-        raise ModelLoadError(f"--model: cannot load {model!r}{hint}: {exc}") from exc
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"--model: {model}: model_index.json is not a JSON object")
-    return config
-
-
-def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype=None):
-    """Load `model` (a diffusers folder or hub id; None: the embedded model) as a hooked pipeline.
-
-    The pipeline kind (SD 1.x/2.x or SDXL) comes from the model's `model_index.json`, never from its name.
-    Returns the pipeline and the model's name. Raises `ModelLoadError` with a readable message when the
-    model cannot be loaded (no such folder, no network for a hub id, not an SD/SDXL checkpoint, the
-    embedded model not installed).
-
-    The embedded model is so small that torch's thread pool costs more than it gives (0.9 s for 25 steps
-    on one thread, 10-30x that with two threads on a busy two-core machine), so on CPU this sets torch to
-    one thread when it loads the embedded model, unless OMP_NUM_THREADS says otherwise.
-    """
-    import torch
-
-    if model is None:
-        model, _ = default_model()
-    if _is_embedded(model) and str(device) == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
-    local = Path(model).expanduser()
-    if local.exists() and not (local / "model_index.json").exists():
-        raise ModelLoadError(f"--model: {model} is a folder without model_index.json; pass a diffusers pipeline folder")
-    source = str(local) if local.exists() else model
-    hint = "" if local.exists() else " (a hub id needs network access, or the model in the local Hugging Face cache)"
-    cls = pipeline_class(_read_model_index(source, model, hint), model)
-    try:
-        pipe = cls.from_pretrained(source, dtype=dtype or torch.float32)
-    except Exception as exc:  # diffusers raises OSError, ValueError, EnvironmentError... say which model failed
-        raise ModelLoadError(f"--model: cannot load {model!r}{hint}: {exc}") from exc
-    return pipe.to(device), model
+from .jobs_classifier import parse_label
+from .models import default_model, default_size, load_pipeline, model_family
 
 
 def check_size(pipe, dims: Optional[tuple[int, int]]) -> tuple[int, int]:
     """`--size` (or the model's native size) checked against the model's size rule and the free memory."""
-    from .jobs import default_size
-
     return check_size_option(pipe, dims, default_size(pipe))
 
 
 # The APG options' default, shared by their help texts ({} is the paper's SDXL value of the option).
 APG_DEFAULT_HELP = ("Default: the embedded model's recommended setting (guidekit.toy.RECOMMENDED_APG), "
                     "else the paper's SDXL value {}.")
-
-
-def apg_settings(model: str, eta: Optional[float] = None, norm_threshold: Optional[float] = None,
-                 momentum: Optional[float] = None) -> dict:
-    """APG's `eta`, `norm_threshold`, `momentum` for `model`: each value given (not None), else the embedded
-    model's recommended setting (`guidekit.toy.RECOMMENDED_APG`) when `model` is the embedded model, else
-    the paper's SDXL values (`guidekit.APG`'s defaults)."""
-    from guidekit import toy
-
-    return toy.apg_settings(_is_embedded(model), eta=eta, norm_threshold=norm_threshold, momentum=momentum)
 
 
 def build_hook(guidance: str, eta: float, norm_threshold: Optional[float], momentum: float):
@@ -198,55 +51,10 @@ def build_hook(guidance: str, eta: float, norm_threshold: Optional[float], momen
     return guidekit.APG(eta=eta, norm_threshold=norm_threshold, momentum=momentum)
 
 
-def parse_label(label: str):
-    """`--label` as given: a string of decimal digits is a class id, anything else a class name."""
-    text = label.strip()
-    return int(text) if text.isdecimal() else label
-
-
-def is_embedded_classifier(path) -> bool:
-    """Whether `path` is the embedded classifier's folder (`guidekit.toy.default_classifier_path`)."""
-    if path is None:
-        return False
-    try:
-        return Path(str(path)).expanduser().resolve() == Path(_toy.default_classifier_path()).resolve()
-    except (AttributeError, FileNotFoundError, OSError):
-        return False
-
-
-def elucd_recommended(embedded_model: bool, classifier) -> bool:
-    """Whether the embedded model's EluCD recommendation (`guidekit.toy.RECOMMENDED_ELUCD` with
-    `RECOMMENDED_ELUCD_SAMPLER`) applies: the embedded model steered by the embedded classifier."""
-    return bool(embedded_model) and is_embedded_classifier(classifier)
-
-
-def classifier_settings(recommended: bool, calibration: str = "elucd", scale: Optional[float] = None) -> dict:
-    """Keyword arguments (other than classifier and labels) of the correction hook: `scale` when given (not
-    None) always wins. With the recommendation (`elucd_recommended`): `guidekit.toy.RECOMMENDED_ELUCD` for
-    EluCD, and its schedule, input and step window (`PLAIN_SHARED`) and scale for plain classifier guidance;
-    else the paper's defaults (only the scale, `PAPER_CLASSIFIER_SCALE` unless given)."""
-    if not recommended:
-        return {"scale": PAPER_CLASSIFIER_SCALE if scale is None else scale}
-    rec = dict(_toy.RECOMMENDED_ELUCD)
-    if calibration != "elucd":
-        rec = {k: rec[k] for k in ("scale", *PLAIN_SHARED) if k in rec}
-    if scale is not None:
-        rec["scale"] = scale
-    return rec
-
-
-def recommended_sampler(recommended: bool) -> Optional[dict]:
-    """`guidekit.toy.RECOMMENDED_ELUCD_SAMPLER` (its scheduler and steps) when the recommendation applies, else
-    None (the pipeline's own scheduler)."""
-    return dict(_toy.RECOMMENDED_ELUCD_SAMPLER) if recommended else None
-
-
-def build_classifier_hook(path: str, label: str, scale: Optional[float] = None, calibration: str = "elucd",
-                          recommended: bool = False):
+def build_classifier_hook(path: str, label: str, settings: dict, calibration: str = "elucd"):
     """The EluCD correction hook (`calibration="elucd"`) or plain classifier guidance (`"plain"`) for the
-    transformers image classifier in the folder `path`, steering toward `label` (an id or a name), with
-    `classifier_settings(recommended, calibration, scale)`: `recommended` says whether the embedded model's
-    recommendation applies (`elucd_recommended`).
+    transformers image classifier in the folder `path`, steering toward `label` (an id or a name), with the hook
+    keyword arguments `settings` (`guidekit.apps.defaults.Defaults.classifier`, its scale included).
 
     Raises `click.ClickException` naming `--classifier` when the classifier cannot be loaded, and
     `click.BadParameter` naming `--label` for a label the classifier does not have.
@@ -264,7 +72,7 @@ def build_classifier_hook(path: str, label: str, scale: Optional[float] = None, 
         raise click.ClickException(f"--classifier: cannot load {path!r}: {exc}") from exc
     cls = guidekit.EluCD if calibration == "elucd" else guidekit.ClassifierGuidance
     try:
-        return cls(classifier, parse_label(label), **classifier_settings(recommended, calibration, scale))
+        return cls(classifier, parse_label(label), **settings)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--label'") from None
 
@@ -289,10 +97,12 @@ def _default_out(prompt: str, seed: int, guidance: str) -> Path:
 @click.argument("prompt")
 @click.option("--model", default=None, metavar="ID_OR_PATH",
               help="diffusers model folder or hub id. Default: the embedded toy model (offline, CPU).")
-@click.option("--guidance", type=click.Choice(["cfg", "apg"]), default="apg", help="Guidance method.")
+@click.option("--guidance", type=click.Choice(["cfg", "apg"]), default=None,
+              help=f"Guidance method. Default: {DEFAULT_METHOD['image']}.")
 @click.option("--scale", type=FiniteFloatRange(min=0.0), default=None,
               help="Guidance scale w (SD3: guidance_scale; Flux, Qwen-Image: true_cfg_scale). Default: the embedded "
-                   "model's; SD3 7.0, Flux and Qwen-Image 4.0; 7.5 for other models.")
+                   "model's (guidekit.toy.settings_for); 1 for an empty PROMPT without --negative-prompt (nothing to "
+                   f"steer toward); SD3 7.0, Flux and Qwen-Image 4.0; {STOCK_SCALE:g} for other models.")
 @click.option("--eta", type=FiniteFloatRange(0.0, 1.0), default=None,
               help="APG: weight of the parallel component. " + APG_DEFAULT_HELP.format("0"))
 @click.option("--norm-threshold", type=FiniteFloatRange(min=0.0, min_open=True), default=None,
@@ -337,9 +147,9 @@ def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, mo
     """Generate one image from PROMPT with CFG or APG guidance (and optionally EluCD classifier guidance)."""
     import torch
     from guidekit.guidance.elucd import check_elucd_scheduler
-    from guidekit.toy.eval_elucd import using_scheduler
 
-    out = out or _default_out(prompt, seed, guidance)
+    request = "image" if classifier is None else "classifier"
+    out = out or _default_out(prompt, seed, guidance or DEFAULT_METHOD[request])
     if out.suffix.lower() != ".png":
         raise click.BadParameter(f"{out}; accepted: a path ending in .png", param_hint="--out")
     if out.exists() and not overwrite:
@@ -354,29 +164,27 @@ def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, mo
     family = model_family(model) if model is not None else None  # model_index.json only: a method the family cannot run costs no model load
     if classifier is not None:
         check_family_method(family, "elucd", "--classifier")
-    correction = None
-    # The embedded classifier on the embedded model: its recommended EluCD settings and sampler (user values win)
-    recommended = elucd_recommended(model is None or _is_embedded(model), classifier)
-    sampler = recommended_sampler(recommended)
-    if steps is None:
-        steps = sampler["steps"] if sampler else DEFAULT_STEPS
-    if classifier is not None:  # before the diffusion model: a wrong label costs no model load
-        correction = build_classifier_hook(classifier, label, classifier_scale, calibration, recommended=recommended)
-    model_scale = None
     if model is None:
-        model, model_scale = default_model()
-    if scale is None:
-        scale = model_scale or (family.default_scale if family is not None else None) or 7.5
+        model, _ = default_model()
+    # Every default of the request (method, scale, steps, sampler, APG and classifier settings) for this model:
+    # the embedded model's recommendation, its family's, or the papers'; the user's values win.
+    settings = resolve_defaults(request, model=model, family=family, prompt=prompt, negative_prompt=negative_prompt,
+                                classifier=classifier, calibration=calibration, method=guidance, guidance_scale=scale,
+                                steps=steps, eta=eta, norm_threshold=norm_threshold, momentum=momentum,
+                                classifier_scale=classifier_scale)
+    guidance, scale, steps, apg = settings.method, settings.guidance_scale, settings.steps, settings.apg
+    correction = None
+    if classifier is not None:  # before the diffusion model: a wrong label costs no model load
+        correction = build_classifier_hook(classifier, label, settings.classifier, calibration)
     try:
         check_scale(family, scale)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--scale'") from None
     pipe, name = load_pipeline(model, device=device)
     width, height = check_size(pipe, size)
-    apg = apg_settings(model, eta=eta, norm_threshold=norm_threshold, momentum=momentum)
     hook = build_hook(guidance, apg["eta"], None if no_rescale else apg["norm_threshold"], apg["momentum"])
     generator = torch.Generator(device="cpu").manual_seed(seed)  # the start noise, and DDPM's step noise
-    with using_scheduler(pipe, sampler["scheduler"] if sampler else None) as scheduler:
+    with using_sampler(pipe, settings.sampler) as scheduler:
         sampler_name = type(scheduler).__name__
         if correction is not None:  # the hook's own refusal, before any step runs
             try:
@@ -399,7 +207,7 @@ def generate(prompt, model, guidance, scale, eta, norm_threshold, no_rescale, mo
     extra = ""
     if correction is not None:
         extra = f", {type(correction).__name__} s={correction.scale:g} label {correction.labels}"
-        if recommended:
+        if settings.classifier_recommended:
             extra += f" (recommended settings, window {correction.start:g}-{correction.stop:g})"
     if family is not None and family.is_flow:
         extra += f", {family.label} {family.scale_argument}"

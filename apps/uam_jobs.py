@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import uam_image
-from .jobs import COMMON, SEED_FIELDS, Job, JobError, Param, _image_file, _NAME
+from .jobs_schema import COMMON, SEED_FIELDS, Job, JobError, Param, _image_file, _NAME
 
 KIND_FIELDS: dict[str, dict[str, Param]] = {
     "reconstruct": {p.name: p for p in [
@@ -85,7 +85,7 @@ def resolve(params: dict, pipe, where: str = "") -> dict:
     """`params` checked against the model: the image's size follows the size rule of every entry point."""
     from guidekit.checks import check_image_memory, check_image_size
 
-    from .jobs import size_multiple
+    from .models import size_multiple
 
     try:
         check_image_size(params["width"], params["height"], multiple_of=size_multiple(pipe),
@@ -98,6 +98,11 @@ def resolve(params: dict, pipe, where: str = "") -> dict:
 
 def title(params: dict) -> str:
     return f"{params['kind']} {Path(params['image']).stem}"
+
+
+def tag(params: dict) -> str:
+    """The method part of a job's file names (the kind is in its title): an edit's mode."""
+    return params["mode"] if params["kind"] == "edit" else ""
 
 
 def run(upipe, params: dict, files: dict) -> tuple:

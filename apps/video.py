@@ -19,11 +19,12 @@ from typing import Optional
 import click
 
 from .cli import FiniteFloatRange, ImageSize, check_size_option
+from .defaults import DEFAULT_STEPS, FREENOISE_DEFAULTS, STOCK_SCALE, resolve_defaults
 
-#: Defaults of guidekit.FreeNoise's window (the official W = 16, S = 4), kept as plain numbers so `--help`
-#: imports no torch.
-DEFAULT_CONTEXT_LENGTH = 16
-DEFAULT_CONTEXT_STRIDE = 4
+#: Defaults of guidekit.FreeNoise's window (the official W = 16, S = 4; `guidekit.apps.defaults.FREENOISE_DEFAULTS`,
+#: plain numbers, so `--help` imports no torch).
+DEFAULT_CONTEXT_LENGTH = FREENOISE_DEFAULTS["context_length"]
+DEFAULT_CONTEXT_STRIDE = FREENOISE_DEFAULTS["context_stride"]
 #: Frames decoded per VAE call (GuidedAnimateDiffPipeline's decode_chunk_size default).
 DECODE_CHUNK = 16
 
@@ -151,8 +152,10 @@ def _wan_video(ctx, family, prompt, model: Path, frames, steps, scale, apg, seed
                                  param_hint="'--frames'")
     # Wan's own default frame is 832x480 (stock WanPipeline); `--size` N is N x N
     width, height = check_size_option(pipe, size or (832, 480), 0, images=min(frames, DECODE_CHUNK))
-    scale = family.default_scale if scale is None else scale
-    hooks = [guidekit.APG() if apg else guidekit.CFG()]
+    settings = resolve_defaults("video", model=model, family=family, method="apg" if apg else None,
+                                guidance_scale=scale, steps=steps)
+    scale, steps = settings.guidance_scale, settings.steps
+    hooks = [guidekit.APG(**settings.apg) if settings.method == "apg" else guidekit.CFG()]
     generator = torch.Generator(device="cpu").manual_seed(seed)
     try:
         result = pipe(prompt, negative_prompt=negative_prompt, num_frames=frames, height=height, width=width,
@@ -230,10 +233,11 @@ def _injection_blocks(ctx, param, value: Optional[str]) -> Optional[tuple[str, .
                    "40:'a blue circle'; repeat for each key frame. Frames between keys blend linearly.")
 @click.option("--frames", type=click.IntRange(min=1), default=16,
               help="Frames of the video. On a Wan model: 4k + 1 frames, default 81 (stock WanPipeline's).")
-@click.option("--steps", type=click.IntRange(1, 1000), default=25, help="Denoising steps.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None,
+              help=f"Denoising steps. Default: the embedded model's (guidekit.toy.settings_for), else {DEFAULT_STEPS}.")
 @click.option("--scale", type=FiniteFloatRange(min=0.0), default=None,
-              help="Guidance scale w (CFG, or APG's). Default: 3 on the embedded model (its card's), 5 on Wan (stock "
-                   "WanPipeline's), else 7.5.")
+              help="Guidance scale w (CFG, or APG's). Default: the embedded model's (guidekit.toy.settings_for: its "
+                   f"card's), 5 on Wan (stock WanPipeline's), else {STOCK_SCALE:g}.")
 @click.option("--apg", is_flag=True, help="Guide with guidekit.APG() instead of CFG (on the embedded model with its "
                                           "recommended settings, guidekit.toy.RECOMMENDED_APG; else APG's defaults).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the start noise.")
@@ -245,7 +249,7 @@ def _injection_blocks(ctx, param, value: Optional[str]) -> Optional[tuple[str, .
               help="FreeNoise window W, at most the adapter's motion_max_seq_length (official: 16).")
 @click.option("--context-stride", type=click.IntRange(min=1), default=DEFAULT_CONTEXT_STRIDE,
               help="FreeNoise stride S between window starts, at most --context-length (official: 4).")
-@click.option("--fusion", type=click.Choice(["block", "attention"]), default="attention",
+@click.option("--fusion", type=click.Choice(["block", "attention"]), default=FREENOISE_DEFAULTS["fusion"],
               help="FreeNoise fusion point: attention (each temporal attention's output, the official code) or "
                    "block (each temporal transformer block, diffusers' port).")
 @click.option("--no-freenoise", is_flag=True,
@@ -311,9 +315,10 @@ def video(ctx, prompt, model, adapter, specs, frames, steps, scale, apg, seed, s
         missing = "--model" if model is None else "--motion-adapter"
         raise click.BadParameter("is needed with the other one; accepted: both --model and --motion-adapter, or "
                                  "neither (the embedded video model)", param_hint=f"'{missing}'")
-    if scale is None:
-        scale = guidekit.toy.DEFAULT_GUIDANCE_SCALE if embedded else 7.5
     model = _check_folder(model, "--model", "model_index.json", "diffusers pipeline")
+    # The image model's folder decides the defaults (the embedded one's recommendation, else the stock values)
+    settings = resolve_defaults("video", model=model, method="apg" if apg else None, guidance_scale=scale, steps=steps)
+    scale, steps = settings.guidance_scale, settings.steps
     adapter_dir = _check_folder(adapter, "--motion-adapter", "config.json", "diffusers MotionAdapter")
 
     start = time.perf_counter()
@@ -335,10 +340,8 @@ def video(ctx, prompt, model, adapter, specs, frames, steps, scale, apg, seed, s
     pipe = load_video_pipeline(model, motion, device)
     width, height = check_video_size(pipe, size, frames)
     hooks = []
-    if apg:
-        from guidekit.toy import apg_settings
-
-        hooks.append(guidekit.APG(**apg_settings(embedded)))
+    if settings.method == "apg":
+        hooks.append(guidekit.APG(**settings.apg))
     windowed = not no_freenoise and frames > context_length
     if not no_freenoise:
         blocks = {} if injection_blocks is None else {"injection_blocks": injection_blocks}  # else FreeNoise's default

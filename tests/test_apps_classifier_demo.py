@@ -79,8 +79,9 @@ def test_errors_are_messages(backend, classifier_dir, tmp_path, args, message):
 
 def test_without_an_embedded_classifier_the_tab_asks_for_a_folder(backend, monkeypatch):
     import guidekit.apps.demo as demo_mod
+    import guidekit.apps.demo_classifier as tab_mod
 
-    monkeypatch.setattr(demo_mod, "embedded_classifier_path", lambda: None)
+    monkeypatch.setattr(tab_mod, "embedded_classifier_path", lambda: None)
     with pytest.raises(ValueError, match="the embedded classifier is not installed; reinstall guidekit"):
         backend.classifier_labels("")
     app = demo_mod.build_demo(backend.pipe, "tiny", demo_mod.Limits(max_steps=8, max_size=64))

@@ -1,6 +1,7 @@
 """`guidekit generate --classifier` (EluCD from the command line) and the EluCD, pixel EluCD and StyleID rows of
 `guidekit bench`."""
 
+import importlib
 import json
 
 import pytest
@@ -8,8 +9,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import guidekit.apps.generate  # noqa: F401 - its help texts read guidekit.toy's values before any test patches them
 from guidekit.apps.cli import main
+
+# its help texts read guidekit.toy's values: import it before any test patches them
+importlib.import_module("guidekit.apps.generate")
 
 
 @pytest.fixture(scope="module")

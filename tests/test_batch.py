@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,13 +77,18 @@ def test_job_defaults_and_errors():
     assert job.seeds == [0, 1, 2]
     # APG's eta / norm_threshold / momentum depend on the model: `resolve` fills them once it is known
     assert job.params["eta"] is job.params["momentum"] is job.params["norm_threshold"] is None
+    # so do the scale and the steps; the method does not: APG for an image job, CFG for a video job
+    assert job.params["guidance_scale"] is job.params["steps"] is None
+    assert parse_job({"prompt": "x"}).params["guidance"] == "apg"
+    assert parse_job({"prompt": "x", "frames": 8}).params["guidance"] == "cfg"
     bad = [
         ({"seeds": "0-1"}, "line 4: prompt: required"),
         ({"prompt": "x", "steps": 0}, r"line 4: steps: expected an integer in \[1, 1000\], got 0"),
         ({"prompt": "x", "width": 100}, "width: .*multiple of 8, got 100"),
         ({"prompt": "x", "guidance": "pag"}, "guidance: expected one of 'cfg', 'apg', got 'pag'"),
         ({"prompt": "x", "guidance_scale": float("nan")}, "guidance_scale"),
-        ({"prompt": "x", "eta": 0.5}, "eta: only applies to guidance 'apg'"),
+        ({"prompt": "x", "guidance": "cfg", "eta": 0.5}, "eta: only applies to guidance 'apg'"),
+        ({"prompt": "", "guidance": "cfg"}, "prompt: required, a non-empty string"),
         ({"prompt": "x", "guidance": "apg", "momentum": 1.5}, "momentum"),
         ({"prompt": "x", "guidance-scale": 3}, "unknown field.*'guidance-scale'.*accepted: prompt"),
         ({"prompt": "x", "seed": 1, "seeds": "0-1"}, "seed and seeds"),
@@ -103,7 +109,7 @@ def test_csv_jobs(tmp_path):
                  "bad,0,many,cfg,5,\n")
     jobs, errors = read_jobs(f)
     assert [j.seeds for j in jobs] == [[0, 1], [2]]
-    assert jobs[0].params["eta"] == 0.1 and jobs[1].params["steps"] == 25
+    assert jobs[0].params["eta"] == 0.1 and jobs[1].params["steps"] is None  # None: the model's
     assert errors == [(4, "line 4: steps: expected an integer in [1, 1000], got 'many'")]
 
 
@@ -148,6 +154,41 @@ def test_bad_lines_skipped_and_strict(tmp_path, tiny_pipe, tiny_model, capsys):
     text = Image.open(out / apg_row["file"]).text
     assert json.loads(text["guidekit"])["params"] == apg_row["params"]
     assert "Seed: 3" in text["parameters"] and "a blue square" in text["parameters"]
+
+
+def test_file_names_say_the_method_and_scale(tmp_path, tiny_pipe, tiny_model, capsys):
+    """CFG and APG jobs of one prompt differ by more than their hash; names stay unique and are never reused."""
+    jobs = write_jobs(tmp_path / "jobs.jsonl",
+                      {"prompt": "a red circle on a blue background", "steps": 1, "guidance": "cfg"},
+                      {"prompt": "a red circle on a blue background", "steps": 1, "guidance": "apg"},
+                      {"prompt": "a red circle on a blue background", "steps": 1, "guidance": "apg", "eta": 0.5},
+                      {"name": "mine", "prompt": "x", "steps": 1, "guidance": "cfg", "guidance_scale": 12})
+    out = tmp_path / "out"
+    assert batch_mod.run_batch(jobs, out, model=str(tiny_model), pipe=tiny_pipe) == 0
+    names = {r["line"]: r["file"] for r in manifest(out)}
+    slug = "a-red-circle-on-a-blue-backgroun"  # the prompt's first 32 characters
+    for line, tag in ((1, "cfg-w7.5"), (2, "apg-w7.5"), (3, "apg-w7.5")):
+        assert re.fullmatch(rf"{slug}-{tag}-[0-9a-f]{{12}}-s0\.png", names[line]), names[line]
+    assert names[2] != names[3]  # the same method and scale, other settings: the hash tells them apart
+    assert re.fullmatch(r"mine-cfg-w12-[0-9a-f]{12}-s0\.png", names[4]), names[4]
+    stamps = {name: (out / name).stat().st_mtime_ns for name in names.values()}
+    capsys.readouterr()
+    assert batch_mod.run_batch(jobs, out, model=str(tiny_model), pipe=tiny_pipe) == 0
+    assert "0 generated, 4 already finished" in capsys.readouterr().err
+    assert {name: (out / name).stat().st_mtime_ns for name in names.values()} == stamps
+
+
+def test_method_tags_of_every_kind():
+    from guidekit.apps.batch import method_tag
+
+    assert method_tag({"guidance": "apg", "guidance_scale": 3.0}) == "apg-w3"
+    assert method_tag({"guidance": "cfg", "guidance_scale": 1.0, "classifier": "c", "calibration": "elucd",
+                       "classifier_scale": 2.0}) == "cfg-w1-elucd2"
+    assert method_tag({"guidance": "cfg", "guidance_scale": 3.0, "frames": 8, "freenoise": {}}) == "cfg-w3-freenoise"
+    assert method_tag({"guidance": "apg", "guidance_scale": 3.0, "frames": 8, "freenoise": None}) == "apg-w3-plain"
+    assert method_tag({"content_image": "a.png", "start_point": "stylessp"}) == "stylessp"
+    assert method_tag({"kind": "edit", "mode": "masactrl"}) == "masactrl"
+    assert method_tag({"kind": "reconstruct"}) == ""
 
 
 def test_same_seed_same_image_across_batch_sizes(tmp_path, tiny_pipe, tiny_model):

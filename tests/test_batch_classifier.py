@@ -57,6 +57,17 @@ def test_classifier_fields_parse_and_default():
         assert name in doc
 
 
+def test_an_empty_prompt_is_accepted_with_a_classifier(tiny_pipe, classifier_dir):
+    """Unconditional classifier guidance, as `guidekit generate "" --classifier` runs it: scale 1 by default."""
+    from guidekit.apps.jobs import resolve
+
+    job = parse_job({"prompt": "", "classifier": str(classifier_dir), "label": "red"})
+    params = resolve(job.params, tiny_pipe)
+    assert (params["prompt"], params["guidance_scale"], params["label"]) == ("", 1.0, 0)
+    with pytest.raises(JobError, match="line 2: prompt: required, a non-empty string"):
+        parse_job({"prompt": ""}, line=2)
+
+
 @pytest.mark.parametrize("raw, message", [
     ({"label": "red"}, "line 3: label: given without classifier"),
     ({"classifier_scale": 2}, "line 3: classifier_scale: given without classifier"),
@@ -170,17 +181,21 @@ class _StandIn:
 
 
 def test_jobs_without_a_classifier_keep_their_keys(monkeypatch):
-    """The keys (file names) such jobs had before the classifier defaults existed."""
+    """The keys such jobs had before the classifier defaults existed, when they spell out the values that were
+    the defaults then (CFG, 7.5, 25 steps): their resolved params have the same fields."""
     from guidekit.apps import jobs as jobs_mod
 
     monkeypatch.setattr(jobs_mod, "check_image_memory", lambda *a, **k: None)
-    for raw, key in (({"prompt": "a red circle", "seed": 0}, "693120d86b8e"),
-                     ({"prompt": "a red circle", "seed": 0, "steps": 2, "guidance": "apg"}, "c394f5619baa")):
+    old = {"guidance": "cfg", "guidance_scale": 7.5, "steps": 25}
+    for raw, key in (({"prompt": "a red circle", "seed": 0, **old}, "693120d86b8e"),
+                     ({"prompt": "a red circle", "seed": 0, "steps": 2, "guidance": "apg", "guidance_scale": 7.5},
+                      "c394f5619baa")):
         params = jobs_mod.resolve(parse_job(raw).params, _StandIn(), embedded=False)
         assert jobs_mod.job_key(params, "guidekit-toy-sd") == key
         assert "scheduler" not in params and "classifier_settings" not in params
     # on the embedded model too (APG aside, the same params)
-    params = jobs_mod.resolve(parse_job({"prompt": "a red circle", "seed": 0}).params, _StandIn(), embedded=True)
+    params = jobs_mod.resolve(parse_job({"prompt": "a red circle", "seed": 0, **old}).params, _StandIn(),
+                              embedded=True)
     assert jobs_mod.job_key(params, "guidekit-toy-sd") == "693120d86b8e"
 
 
@@ -210,14 +225,18 @@ def test_resolve_fills_the_recommendation_for_the_embedded_pair(embedded_pair, t
 
     # another model (embedded=False), or another classifier: the paper's defaults, and the params (so the keys)
     # such a job had before
-    old = {**parse_job({"prompt": "x", "classifier": clf, "label": 1}).params, "classifier_scale": 1.0, "steps": 25,
-           "width": 32, "height": 32}
-    other = resolve(parse_job({"prompt": "x", "classifier": clf, "label": "green"}).params, tiny_pipe, embedded=False)
+    # such a job had before (with the method and scale that were the defaults then spelled out)
+    then = {"guidance": "cfg", "guidance_scale": 7.5}
+    old = {**parse_job({"prompt": "x", "classifier": clf, "label": 1, **then}).params, "classifier_scale": 1.0,
+           "steps": 25, "width": 32, "height": 32}
+    other = resolve(parse_job({"prompt": "x", "classifier": clf, "label": "green", **then}).params, tiny_pipe,
+                    embedded=False)
     assert other == old and job_key(other, "m") == job_key(old, "m")
     import guidekit.toy
 
     monkeypatch.setattr(guidekit.toy, "default_classifier_path", lambda: Path("/nowhere/else"))
-    assert resolve(parse_job({"prompt": "x", "classifier": clf, "label": 1}).params, tiny_pipe, embedded=True) == old
+    assert resolve(parse_job({"prompt": "x", "classifier": clf, "label": 1, **then}).params, tiny_pipe,
+                   embedded=True) == old
 
 
 def test_batch_runs_the_embedded_pair_with_the_recommended_sampler(embedded_pair, tmp_path, tiny_pipe, tiny_sd_dir,
@@ -240,7 +259,8 @@ def test_batch_runs_the_embedded_pair_with_the_recommended_sampler(embedded_pair
     out = tmp_path / "out"
     assert batch_mod.run_batch(jobs, out, model=str(tiny_sd_dir), pipe=tiny_pipe) == 0
     assert "2 generated" in capsys.readouterr().err
-    assert sorted(seen) == [("DDIMScheduler", 2, []), ("DDPMScheduler", 2, ["EluCD"])]
+    # APG: the default method of image jobs, with or without a classifier
+    assert sorted(seen) == [("DDIMScheduler", 2, ["APG"]), ("DDPMScheduler", 2, ["APG", "EluCD"])]
     assert tiny_pipe.scheduler is own  # the pipeline's own scheduler is back
     rows = {r["line"]: r for r in manifest(out)}
     params = rows[1]["params"]

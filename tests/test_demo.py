@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import socket
@@ -211,9 +212,7 @@ def test_serves_no_file_outside_assets(server):
 def _browser_missing() -> str | None:
     if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
         return f"no Chromium at {CHROMIUM} (apt-get install chromium)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("playwright") is None:
         return "the playwright Python package is not installed (pip install playwright)"
     return None
 

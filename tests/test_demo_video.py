@@ -282,7 +282,7 @@ def test_cli_names_a_bad_video_model(tmp_path):
     from click.testing import CliRunner
 
     from guidekit.apps.demo import demo
-    from guidekit.apps.generate import _embedded_model_path
+    from guidekit.apps.models import _embedded_model_path
 
     if _embedded_model_path() is None or not (_embedded_model_path() / "model_index.json").is_file():
         pytest.skip("no embedded image model in this install")

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .settings import settings_for
 from .world import COLOURS, SHAPES, TEXTURES, caption, generate, generate_batch, parse_caption
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "RECOMMENDED_ELUCD_SAMPLER",
     "MODEL_WORLD_VERSION",
     "apg_settings",
+    "settings_for",
     "caption",
     "parse_caption",
     "generate",
