@@ -110,7 +110,7 @@ def classifier_markdown(rows: Sequence[dict], pick: Optional[dict], settings: st
 #----------------------------------------------------------------------------
 # Long video.
 
-def read_webp(path) -> "np.ndarray":  # noqa: F821
+def read_webp(path):
     """The frames of an animated WebP as floats in [0, 1] (F, H, W, 3): exactly the 8-bit frames written."""
     import numpy as np
     from PIL import Image, ImageSequence
@@ -145,7 +145,8 @@ def video_row(video, prompt: str, seed: int, frames: int, context: int, stride: 
         correct = frames_correct([reading.judgements[i] for i, _ in held], [c for _, c in held])
         row[f"{name}_correct"] = int(correct.sum())
         row[f"{name}_teleports"] = teleports(reading.centroids)
-        row[f"{name}_largest"] = round(frame_change(clip)[1], 2)
+        mean, largest = frame_change(clip)
+        row[f"{name}_mean"], row[f"{name}_largest"] = round(mean, 2), round(largest, 2)
     return row
 
 
@@ -213,9 +214,45 @@ def _ints(text: str, name: str) -> list[int]:
     return values
 
 
-def _write(out: Path, name: str, rows, pick, markdown: str) -> None:
+def _merged(folders: Sequence[Path], name: str) -> list[dict]:
+    """The rows of earlier runs' `<name>.json` in `folders` (the same command with other seeds or labels); the
+    commands that measured them are kept in `MERGED`."""
+    rows = []
+    for folder in folders:
+        path = Path(folder) / f"{name}.json"
+        if not path.is_file():
+            raise click.BadParameter(f"{path} does not exist; accepted: the --out folder of an earlier run",
+                                     param_hint="--merge")
+        earlier = json.loads(path.read_text())
+        rows += earlier["rows"]
+        MERGED.extend(earlier.get("merged_from", []) + ([earlier["command"]] if earlier.get("command") else []))
+    return rows
+
+
+#: The commands that measured the rows of --merge'd runs.
+MERGED: list[str] = []
+
+
+MERGE = click.option("--merge", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+                     help="The --out folder of an earlier run whose rows join this table (repeatable).")
+
+
+def _progress(out: Path, name: str, rows) -> None:
+    """Keep the rows measured so far in `out/<name>.json` (a stopped run can be --merge'd) and echo the last."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps({"rows": rows, "pick": pick}, indent=1) + "\n")
+    (out / f"{name}.json").write_text(json.dumps({"rows": rows, "pick": None}, indent=1) + "\n")
+    click.echo(json.dumps(rows[-1]), err=True)
+
+
+def _write(out: Path, name: str, rows, pick, markdown: str, settings: str) -> None:
+    import shlex
+    import sys
+
+    out.mkdir(parents=True, exist_ok=True)
+    # the command that made the file, so that the table can be measured again
+    command = shlex.join(["python", "-m", "guidekit.apps.demo_measure", *sys.argv[1:]])
+    (out / f"{name}.json").write_text(json.dumps({"settings": settings, "command": command, "merged_from": MERGED,
+                                                  "rows": rows, "pick": pick}, indent=1) + "\n")
     (out / f"{name}.md").write_text(markdown)
     click.echo(markdown)
 
@@ -233,7 +270,8 @@ def main():
               show_default=True, help="Comma-separated class names of the embedded classifier.")
 @click.option("--seeds", default="0,1,2,3", show_default=True, help="Comma-separated seeds.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for the table.")
-def classifier(labels, seeds, out):
+@MERGE
+def classifier(labels, seeds, out, merge):
     """The Classifier guidance tab's default run (recommended EluCD settings and sampler) over labels x seeds."""
     from guidekit import toy
 
@@ -243,8 +281,15 @@ def classifier(labels, seeds, out):
     pipe, name = load_pipeline(None)
     backend = DemoBackend(pipe, name)
     scale, steps = float(toy.RECOMMENDED_ELUCD["scale"]), int(toy.RECOMMENDED_ELUCD_SAMPLER["steps"])
-    rows = classifier_table(backend, [s.strip() for s in labels.split(",") if s.strip()], _ints(seeds, "--seeds"),
-                            scale, steps, log=lambda r: click.echo(json.dumps(r), err=True))
+    rows = _merged(merge, "classifier")
+    names = [s.strip() for s in labels.split(",") if s.strip()]
+    done = list(rows)
+
+    def log(row):
+        done.append(row)
+        _progress(out, "classifier", done)
+
+    rows += classifier_table(backend, names, _ints(seeds, "--seeds") if names else [], scale, steps, log=log)
     try:
         pick = pick_classifier_default(rows)
     except ValueError as e:
@@ -253,7 +298,7 @@ def classifier(labels, seeds, out):
     settings = (f"Classifier guidance tab, embedded model and classifier, scale {scale:g}, {steps} steps "
                 f"({toy.RECOMMENDED_ELUCD_SAMPLER['scheduler']}); cells: the strict toy judge's reading (bold: the "
                 "requested class).")
-    _write(out, "classifier", rows, pick, classifier_markdown(rows, pick, settings))
+    _write(out, "classifier", rows, pick, classifier_markdown(rows, pick, settings), settings)
 
 
 @main.command()
@@ -265,7 +310,8 @@ def classifier(labels, seeds, out):
 @click.option("--stride", default=4, show_default=True, help="Context stride S.")
 @click.option("--max-seconds", default=60.0, show_default=True, help="CPU-time budget of one run (both videos, one torch thread).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for the table.")
-def video(prompt, seeds, frames, context, stride, steps, max_seconds, out):
+@MERGE
+def video(prompt, seeds, frames, context, stride, steps, max_seconds, out, merge):
     """The Long video tab (sliding windows vs FreeNoise) on the embedded video model over seeds x frame counts."""
     from .demo import EXAMPLE_SCHEDULE, Limits, video_backend
     from .jobs import load_pipeline
@@ -275,13 +321,13 @@ def video(prompt, seeds, frames, context, stride, steps, max_seconds, out):
     if backend is None:
         raise click.ClickException(note)
     prompt = prompt or EXAMPLE_SCHEDULE
-    rows = []
-    for seed in _ints(seeds, "--seeds"):  # seeds outer: a stopped run still covers every setting
+    rows = _merged(merge, "video")
+    for seed in _ints(seeds, "--seeds") if seeds else []:  # seeds outer: a stopped run still covers every setting
         for n in _ints(frames, "--frames"):
             for k in _ints(steps, "--steps"):
                 rows.append(video_row(backend, prompt, seed, n, context, stride, k, backend.default_size,
                                       backend.default_scale))
-                click.echo(json.dumps(rows[-1]), err=True)
+                _progress(out, "video", rows)
     try:
         pick = pick_video_default(rows, max_seconds)
     except ValueError as e:
@@ -291,7 +337,7 @@ def video(prompt, seeds, frames, context, stride, steps, max_seconds, out):
                 f"{backend.default_size}x{backend.default_size}; the strict toy judge reads every frame (frames held "
                 "on one prompt) and tracks the shape for teleports. Budget per run: "
                 f"{max_seconds:g} CPU seconds (one torch thread).")
-    _write(out, "video", rows, pick, video_markdown(rows, pick, settings))
+    _write(out, "video", rows, pick, video_markdown(rows, pick, settings), settings)
 
 
 if __name__ == "__main__":

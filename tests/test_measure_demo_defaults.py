@@ -111,3 +111,22 @@ def test_a_video_row_reads_the_videos_the_page_shows(tiny_sd_dir, tmp_path_facto
     clip = demo_measure.read_webp(files[0][1])
     assert clip.shape == (12, 32, 32, 3) and clip.dtype == np.float32
     assert np.allclose(clip * 255.0, np.round(clip * 255.0), atol=1e-3)  # 8-bit values, exactly
+
+
+def test_merge_joins_earlier_rows_and_keeps_their_commands(tmp_path, monkeypatch):
+    import json
+
+    import click
+
+    from guidekit.apps import demo_measure
+
+    monkeypatch.setattr(demo_measure, "MERGED", [])
+    (tmp_path / "a").mkdir()
+    earlier = {"command": "python -m x video --seeds 0", "rows": [{"seed": 0}]}
+    (tmp_path / "a" / "video.json").write_text(json.dumps(earlier))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "video.json").write_text(json.dumps({"rows": [{"seed": 1}], "merged_from": ["earlier"]}))
+    assert demo_measure._merged([tmp_path / "a", tmp_path / "b"], "video") == [{"seed": 0}, {"seed": 1}]
+    assert demo_measure.MERGED == ["python -m x video --seeds 0", "earlier"]
+    with pytest.raises(click.BadParameter, match="does not exist; accepted: the --out folder"):
+        demo_measure._merged([tmp_path / "c"], "video")
