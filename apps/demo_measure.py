@@ -186,13 +186,20 @@ def pick_video_default(rows: Sequence[dict], max_seconds: float) -> dict:
 
 
 def video_markdown(rows: Sequence[dict], pick: Optional[dict], settings: str) -> str:
-    lines = [settings, "", "| seed | frames | context | stride | steps | windows: read as prompt | windows: teleports | "
-             "FreeNoise: read as prompt | FreeNoise: teleports | steadier | CPU s (both) | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [settings, "",
+             "| seed | frames | context | stride | steps | windows: read as prompt | windows: teleports | "
+             "windows: change mean / largest | FreeNoise: read as prompt | FreeNoise: teleports | "
+             "FreeNoise: change mean / largest | steadier | CPU s (both) | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def change(r, name):
+        mean = r.get(f"{name}_mean")  # rows measured before the mean was recorded have none
+        return f"{'–' if mean is None else f'{mean:.2f}'} / {r[f'{name}_largest']:.2f}"
+
     for r in rows:
         lines.append(f"| {r['seed']} | {r['frames']} | {r['context']} | {r['stride']} | {r['steps']} | "
-                     f"{r['windows_correct']}/{r['held']} | {r['windows_teleports']} | "
-                     f"{r['freenoise_correct']}/{r['held']} | {r['freenoise_teleports']} | "
+                     f"{r['windows_correct']}/{r['held']} | {r['windows_teleports']} | {change(r, 'windows')} | "
+                     f"{r['freenoise_correct']}/{r['held']} | {r['freenoise_teleports']} | {change(r, 'freenoise')} | "
                      f"{'yes' if freenoise_steadier(r) else 'no'} | {r['cpu_seconds']:.1f} | {r['seconds']:.1f} |")
     if pick:
         lines += ["", f"Pick: {pick['frames']} frames, context {pick['context']}, stride {pick['stride']}, "
@@ -308,7 +315,8 @@ def classifier(labels, seeds, out, merge):
 @click.option("--steps", default="25", show_default=True, help="Comma-separated denoising steps.")
 @click.option("--context", default=16, show_default=True, help="Context length W.")
 @click.option("--stride", default=4, show_default=True, help="Context stride S.")
-@click.option("--max-seconds", default=60.0, show_default=True, help="CPU-time budget of one run (both videos, one torch thread).")
+@click.option("--max-seconds", default=70.0, show_default=True,
+              help="CPU-time budget of one run (both videos, one torch thread): about a minute.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for the table.")
 @MERGE
 def video(prompt, seeds, frames, context, stride, steps, max_seconds, out, merge):
