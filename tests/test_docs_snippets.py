@@ -43,6 +43,9 @@ class Block:
         return f"{self.path.relative_to(ROOT)}:{self.line}"
 
 
+#: Options every command takes, documented once at the top of the page rather than in each section.
+COMMON_OPTIONS = ("--verbose",)
+
 def fenced_blocks(path: Path) -> list[Block]:
     """Every fenced code block of a Markdown file, with the not-run marker that precedes it (if any)."""
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -197,12 +200,15 @@ def _check_invocation(words: list[str], commands: dict, modules: dict, where: st
         command = commands[modules[module]]
         words = words[2:]
     else:
+        words = list(words)
+        while words and words[0] in COMMON_OPTIONS:  # group options before the command: `guidekit --verbose generate`
+            words = words[1:]
         if not words or words[0] in {"--help", "-h", "--version"} or words[0].isupper():
             return  # `guidekit --help`, or a placeholder such as `guidekit COMMAND --help`
         assert words[0] in commands, f"{where}: `guidekit {words[0]}` is not a command; accepted: {sorted(commands)}"
         command = commands[words[0]]
         words = words[1:]
-    options = {"--help", "-h"}
+    options = {"--help", "-h", *COMMON_OPTIONS}
     for param in command.params:
         options.update(getattr(param, "opts", []))
         options.update(getattr(param, "secondary_opts", []))
@@ -237,10 +243,6 @@ def _outside_fences(text: str):
             inside = None
         elif inside is None:
             yield line
-
-
-#: Options every command takes, documented once at the top of the page rather than in each section.
-COMMON_OPTIONS = ("--verbose",)
 
 
 def test_the_cli_page_lists_every_command_and_option():
