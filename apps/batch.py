@@ -828,5 +828,8 @@ def batch(jobs, out, model, strict, batch_size, dtype, video_model):
     sys.exit(code)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `accelerate launch -m ...` skips the CLI group: be as quiet as it is
+    from guidekit.apps.quiet import quiet
+
+    quiet()
     batch()

@@ -137,5 +137,8 @@ def demo(model, host, port, max_steps, max_size, max_frames, video_model, device
     launch(app, host=host, port=port)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m guidekit.apps.demo` skips the CLI group: be as quiet as it is
+    from guidekit.apps.quiet import quiet
+
+    quiet()
     demo()
