@@ -96,8 +96,6 @@ class UAMTab:
         """(original, reconstruction, edit, mask, Markdown metrics)."""
         import torch
 
-        from . import uam_image
-
         self.check_method("uam")  # before any input check: no input makes it run on this model
 
         if image is None:
@@ -109,25 +107,28 @@ class UAMTab:
         original = image.convert("RGB").resize((params["width"], params["height"]))
         uam = self.uam()
         gen = lambda: torch.Generator("cpu").manual_seed(seed)  # noqa: E731
-        # UAM as the paper sets it (uniform maps, null prompt, w = 1) and plain DDIM inversion in the same setting
-        # but normal attention: the baseline its near-exact reconstruction is measured against
-        rec = uam_image.run_reconstruct(uam, original, params["steps"], prompt=None)
+        # UAM and plain DDIM inversion in the same setting (the source prompt, w = 1), only the attention differs:
+        # the baseline UAM's near-exact reconstruction is measured against. DDIM inversion draws no noise.
+        runs = {uniform: uam.reconstruct(original, prompt=source_prompt or "", guidance_scale=1.0, uniform=uniform,
+                                         num_inference_steps=params["steps"])
+                for uniform in (False, True)}
         # MasaCtrl's mutual self-attention starts at step 4 (the paper's value), or at the last step of short runs
         edit = uam.edit(original, source_prompt or "", target_prompt, guidance_scale=params["guidance_scale"],
                         num_inference_steps=params["steps"], start_step=min(4, params["steps"]), generator=gen())
         mask = edit.masks[0] if getattr(edit, "masks", None) is not None and len(edit.masks) else None
-        return original, rec["uam"][0], _first_image(edit.images), _mask_image(mask), \
-            reconstruction_table(rec, params["steps"])
+        return original, _first_image(runs[True].images), _first_image(edit.images), _mask_image(mask), \
+            reconstruction_table(runs[False].metrics[0], runs[True].metrics[0], params["steps"], bool(source_prompt))
 
 
-def reconstruction_table(rec: dict, steps: int) -> str:
-    """Markdown: PSNR and SSIM of plain DDIM inversion and of UAM against the original, one row each.
+def reconstruction_table(plain: dict, uniform: dict, steps: int, caption: bool) -> str:
+    """Markdown: PSNR and SSIM against the original of plain DDIM inversion and of UAM, one row each.
 
     Args:
-        rec: `uam_image.run_reconstruct`'s result, with its baseline.
-        steps: the DDIM steps both ran."""
-    rows = [(f"Plain DDIM inversion ({rec['baseline_setting']})", rec["baseline"][1]),
-            ("UAM (uniform maps, null prompt, w=1)", rec["uam"][1])]
+        plain, uniform: the `metrics` (psnr, ssim) of the reconstruction with normal and with uniform attention.
+        steps: the DDIM steps both ran.
+        caption: whether both read the source prompt (else the null prompt)."""
+    setting = f"{'source' if caption else 'null'} prompt, w=1"
+    rows = [(f"Plain DDIM inversion ({setting})", plain), (f"UAM (uniform maps, {setting})", uniform)]
     lines = ["| reconstruction | PSNR (dB) | SSIM |", "|---|---|---|"]
     lines += [f"| {name} | {m['psnr']:.2f} | {m['ssim']:.3f} |" for name, m in rows]
     return (f"Reconstruction of the original after inversion, {steps} DDIM steps (higher is closer):\n\n"
