@@ -87,14 +87,15 @@ def number(cell: str) -> float:
 
 
 def broken_words(page, elem_id: str) -> list[str]:
-    """Words of the table headers in `#elem_id` that the page breaks over two lines ("tim e")."""
+    """Words of the table headers in `#elem_id` that the page breaks over two lines ("tim e"); a compound breaks
+    only after its hyphens ("frame-" / "to-frame" is a normal break, not a broken word)."""
     return page.evaluate("""(sel) => {
         const broken = [];
         for (const th of document.querySelectorAll(sel + ' th')) {
             const walker = document.createTreeWalker(th, NodeFilter.SHOW_TEXT);
             while (walker.nextNode()) {
                 const node = walker.currentNode;
-                for (const m of node.data.matchAll(/\\S+/g)) {
+                for (const m of node.data.matchAll(/[^\\s-]+-?/g)) {
                     const range = document.createRange();
                     range.setStart(node, m.index);
                     range.setEnd(node, m.index + m[0].length);
@@ -141,18 +142,17 @@ def test_generate_apg_keeps_colours_cfg_oversaturates(server):
 
 
 def sweep_rows(page) -> list[list[float]]:
-    """The Sweep table's rows as numbers: scale, CFG saturation, CFG clipped, APG saturation, APG clipped."""
+    """The Sweep table's rows as numbers: scale, CFG saturation, CFG clipped, APG saturation, APG clipped.
+
+    The table's text is one cell per line (its headers hold no numbers), so its numbers come in rows of five."""
+    from guidekit.apps.demo import SWEEP_HEADERS
+
     text = page.locator("#sweep-table").inner_text()
-    rows = []
-    for line in text.splitlines():
-        cells = line.split("\t") if "\t" in line else line.split()
-        try:
-            values = [float(c) for c in cells if c.strip()]
-        except ValueError:
-            continue
-        if len(values) == 5:
-            rows.append(values)
-    return rows
+    values = [float(line) for line in (cell.strip() for cell in text.splitlines())
+              if re.fullmatch(r"-?\d+(?:\.\d+)?", line)]
+    width = len(SWEEP_HEADERS)
+    assert values and len(values) % width == 0, f"the Sweep table does not read as rows of {width}: {text!r}"
+    return [values[i:i + width] for i in range(0, len(values), width)]
 
 
 def overlaps(a: dict, b: dict) -> bool:
