@@ -31,8 +31,8 @@ from .demo_classifier import (DEFAULT_CLASSIFIER_SCALE, GET_CLASSIFIER, MAX_CLAS
                               judge_reading)
 from .demo_generate import COMPARE_SCALE, GenerateTab, generate_tab
 from .demo_style import EXAMPLE_STYLES, StyleTab, _style_tab, example_styles, styleid_available
-from .demo_sweep import (SWEEP_HEADERS, SWEEP_SCALES, SweepTab, compose_grid, default_sweep_scales, parse_scales,
-                         sweep_tab)
+from .demo_sweep import (GRID_HEADER_PX, SWEEP_HEADERS, SWEEP_SCALES, SweepTab, compose_grid, default_sweep_scales,
+                         parse_scales, sweep_tab)
 from .demo_uam import EXAMPLE_EDITS, UAMTab, _uam_tab, example_edits, uam_available
 from .demo_video import (EXAMPLE_SCHEDULE, EXAMPLE_VIDEO_SEED, FUSION_CHOICES, JUDGE_VIDEO_NOTE, VIDEO_FPS, VIDEO_RUNS,
                          VIDEO_SUFFIX, VideoBackend, _video_tab, parse_prompt_text, video_backend,
@@ -44,7 +44,7 @@ __all__ = ["DemoBackend", "Limits", "build_demo", "launch", "demo", "VideoBacken
            "ASSETS", "CSS", "EXAMPLE_PROMPTS", "apg_start_values", "DEFAULT_CLASSIFIER_SCALE", "GET_CLASSIFIER",
            "MAX_CLASSIFIER_SCALE", "classifier_reading", "classifier_tab_available", "embedded_classifier_path",
            "judge_reading", "COMPARE_SCALE", "EXAMPLE_STYLES", "example_styles", "styleid_available",
-           "SWEEP_HEADERS", "SWEEP_SCALES", "compose_grid", "default_sweep_scales", "parse_scales", "EXAMPLE_EDITS",
+           "SWEEP_HEADERS", "GRID_HEADER_PX", "SWEEP_SCALES", "compose_grid", "default_sweep_scales", "parse_scales", "EXAMPLE_EDITS",
            "example_edits", "uam_available", "EXAMPLE_SCHEDULE", "EXAMPLE_VIDEO_SEED", "FUSION_CHOICES",
            "JUDGE_VIDEO_NOTE", "VIDEO_FPS", "VIDEO_RUNS", "VIDEO_SUFFIX", "parse_prompt_text",
            "video_judge_reading"]

@@ -27,7 +27,15 @@ EXAMPLE_PROMPTS = [
 # Small models make small images: show them large, with crisp pixels.
 OUTPUT_IMAGE = dict(height=320, elem_classes=["gk-out"])
 
-CSS = ".gk-out img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
+CSS = """
+.gk-out img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+/* Table headers wrap between words, never inside one ("tim e"). */
+.prose th, .prose td { word-break: normal; overflow-wrap: normal; }
+/* A table wider than its column scrolls instead of being cut off at the page's edge. */
+.prose table { display: block; max-width: 100%; overflow-x: auto; }
+/* The Sweep grid's column headers ("w = 1") start below the image's label and buttons, not under them. */
+#sweep-grid .image-frame { padding-top: 2.5rem; }
+"""
 
 
 @dataclass(frozen=True)

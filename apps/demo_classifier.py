@@ -50,7 +50,24 @@ def judge_reading(image) -> str:
     from guidekit.toy.judge import judge
 
     j = judge(image)
-    return "no shape" if j.colour is None else f"{j.colour}, {j.shape}"
+    if j.colour is None:
+        return "no shape"
+    # the strict judge may find a colour but no shape it trusts (shape None)
+    return f"{j.colour}, {j.shape or 'no shape'}"
+
+
+def classifier_start(choices: list[str], embedded_classifier: bool) -> tuple[Optional[str], int]:
+    """Where the tab's class and seed start: with the embedded classifier, the measured pick
+    (demo_measure.CLASSIFIER_DEFAULT); with any other, its first class and seed 0.
+
+    Args:
+        choices: the classifier's class names in id order (empty when none is loaded).
+        embedded_classifier: whether `choices` are the embedded classifier's."""
+    from .demo_measure import CLASSIFIER_DEFAULT
+
+    if embedded_classifier and CLASSIFIER_DEFAULT["label"] in choices:
+        return CLASSIFIER_DEFAULT["label"], CLASSIFIER_DEFAULT["seed"]
+    return (choices[0] if choices else None), 0
 
 
 def _class_name(clf, index: int) -> str:
@@ -84,6 +101,7 @@ def _classifier_tab(backend: DemoBase, queue: dict):
             default = None
     # The sliders start at the request's defaults: on the embedded model with the embedded classifier, its
     # recommended settings and sampler
+    start_label, start_seed = classifier_start(choices, default is not None)
     resolved = backend.defaults("classifier", prompt="", classifier=str(default) if default is not None else "")
     default_scale = float(resolved.classifier["scale"])
     default_steps = min(resolved.steps, lim.max_steps)
@@ -113,15 +131,18 @@ def _classifier_tab(backend: DemoBase, queue: dict):
                                        "preprocessor_config.json. Empty: the embedded classifier"
                                        + ("." if default else " (not installed here).") +
                                        " Press Enter to load its classes.", elem_id="clf-path")
-                label = gr.Dropdown(choices=choices, value=choices[0] if choices else None, label="Class",
+                label = gr.Dropdown(choices=choices, value=start_label, label="Class",
                                     allow_custom_value=True, elem_id="clf-label",
                                     info="The class to steer toward (a name from the classifier's id2label, or an id).")
                 scale = Slider(0.0, MAX_CLASSIFIER_SCALE, value=default_scale, step=0.5,
                                label=f"Classifier scale s, default {default_scale:g}",
                                info="Strength of both corrections; 0 gives the unguided image. Default: "
                                     + scale_origin, elem_id="clf-scale")
-                seed = Number(label="Seed", value=0, precision=0, minimum=0, maximum=2**31 - 1,
-                              info="Same seed, same start noise for all three images.", elem_id="clf-seed")
+                seed = Number(label="Seed", value=start_seed, precision=0, minimum=0, maximum=2**31 - 1,
+                              info="Same seed, same start noise for all three images."
+                                   + (f" Default with the embedded classifier: {start_label}, seed {start_seed}, "
+                                      "where a measured table shows EluCD reading right and the unguided image "
+                                      "not." if start_seed else ""), elem_id="clf-seed")
                 steps = Slider(1, lim.max_steps, value=default_steps, step=1, label="Steps",
                                info=f"Denoising steps (this demo allows up to {lim.max_steps})." + steps_origin,
                                elem_id="clf-steps")

@@ -22,6 +22,16 @@ import click
 #: The three images of the Classifier guidance tab, in its order.
 CLASSIFIER_RUNS = ("unguided", "naive", "elucd")
 
+#: The Classifier guidance tab's default with the embedded classifier: the pick of pick_classifier_default on the
+#: table in docs/demo-defaults/classifier.json (EluCD reads right on seeds 1-3 of 0-3 by the strict judge; the
+#: unguided image reads no shape on every seed, naive guidance never the class). The package ships no docs/, so
+#: the pick is copied here; a test checks it still equals the table's.
+CLASSIFIER_DEFAULT = {"label": "red circle", "seed": 1}
+
+#: The Long video tab's default on the embedded video model: the pick of pick_video_default on the table in
+#: docs/demo-defaults/video.json (context 16 and stride 4 are FREENOISE_DEFAULTS'); copied here as above.
+VIDEO_DEFAULT = {"frames": 64, "steps": 15, "seed": 1}
+
 
 #----------------------------------------------------------------------------
 # Classifier guidance.

@@ -35,6 +35,11 @@ def parse_scales(text, limits: Limits) -> list[float]:
     return values
 
 
+#: Height in pixels of the Sweep grid's top band, where compose_grid writes the column headers ("w = 1"); the
+#: browser test checks nothing the page draws covers it.
+GRID_HEADER_PX = 24
+
+
 def compose_grid(cells: dict, scales: list[float]):
     """One labelled picture: rows CFG / APG, a column per scale, saturation and clipped fraction under each
     image. `cells[name, scale]` is (image, saturation, clipped fraction)."""
@@ -46,7 +51,7 @@ def compose_grid(cells: dict, scales: list[float]):
     w, h = first.size
     tile = max(128, min(256, w))  # small models get upscaled so the labels stay readable
     th = round(tile * h / w)
-    gap, left, top, cap = 6, 48, 24, 40
+    gap, left, top, cap = 6, 48, GRID_HEADER_PX, 40
     try:
         font = ImageFont.load_default(size=15)
     except TypeError:  # Pillow < 10.1

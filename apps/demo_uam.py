@@ -40,8 +40,10 @@ def _uam_tab(backend: DemoBase, queue: dict):
                     "with a prompt; the mask shows where the edit acted.")
         with gr.Row():
             with gr.Column(scale=2):
-                image = gr.Image(label="Image", type="pil", sources=["upload"], elem_id="uam-image", height=256)
                 edits = example_edits()
+                # preloaded with the first example, so the tab's button works as it starts
+                image = gr.Image(value=edits[0][0] if edits else None, label="Image", type="pil", sources=["upload"],
+                                 elem_id="uam-image", height=256)
                 source = gr.Textbox(label="Source prompt", info="Describes the image as it is.",
                                     value=edits[0][1] if edits else "")
                 target = gr.Textbox(label="Target prompt", info="Describes the image after the edit.",
@@ -61,9 +63,11 @@ def _uam_tab(backend: DemoBase, queue: dict):
                 button = gr.Button("Reconstruct and edit", variant="primary", elem_id="uam-button")
             with gr.Column(scale=3):
                 with gr.Row():
-                    outs = [gr.Image(label=name, type="pil", format="png", interactive=False, **OUTPUT_IMAGE)
-                            for name in ("Original", "Reconstruction", "Edit", "Mask")]
-                metrics = gr.Markdown()
+                    outs = [gr.Image(label=name, type="pil", format="png", interactive=False, elem_id=f"uam-{key}",
+                                     **OUTPUT_IMAGE)
+                            for key, name in (("original", "Original"), ("reconstruction", "Reconstruction (UAM)"),
+                                              ("edit", "Edit"), ("mask", "Mask"))]
+                metrics = gr.Markdown(elem_id="uam-metrics")
         button.click(_ui_errors(backend.reconstruct_edit), [image, source, target, seed, steps, size, scale],
                      [*outs, metrics], api_name="reconstruct_edit", **queue)
 
@@ -103,13 +107,29 @@ class UAMTab:
         original = image.convert("RGB").resize((params["width"], params["height"]))
         uam = self.uam()
         gen = lambda: torch.Generator("cpu").manual_seed(seed)  # noqa: E731
-        rec = uam.reconstruct(original, prompt=source_prompt or "", guidance_scale=1.0, uniform=True,
-                              num_inference_steps=params["steps"], generator=gen())
+        # UAM and plain DDIM inversion in the same setting (the source prompt, w = 1), only the attention differs:
+        # the baseline UAM's near-exact reconstruction is measured against. DDIM inversion draws no noise.
+        runs = {uniform: uam.reconstruct(original, prompt=source_prompt or "", guidance_scale=1.0, uniform=uniform,
+                                         num_inference_steps=params["steps"])
+                for uniform in (False, True)}
         # MasaCtrl's mutual self-attention starts at step 4 (the paper's value), or at the last step of short runs
         edit = uam.edit(original, source_prompt or "", target_prompt, guidance_scale=params["guidance_scale"],
                         num_inference_steps=params["steps"], start_step=min(4, params["steps"]), generator=gen())
-        m = rec.metrics[0] if getattr(rec, "metrics", None) else {}
-        metrics = " · ".join(f"{k.upper()} {v:.4g}" for k, v in m.items() if isinstance(v, (int, float)))
         mask = edit.masks[0] if getattr(edit, "masks", None) is not None and len(edit.masks) else None
-        return original, _first_image(rec.images), _first_image(edit.images), _mask_image(mask), \
-            f"Reconstruction: {metrics or 'no metrics'}"
+        return original, _first_image(runs[True].images), _first_image(edit.images), _mask_image(mask), \
+            reconstruction_table(runs[False].metrics[0], runs[True].metrics[0], params["steps"], bool(source_prompt))
+
+
+def reconstruction_table(plain: dict, uniform: dict, steps: int, caption: bool) -> str:
+    """Markdown: PSNR and SSIM against the original of plain DDIM inversion and of UAM, one row each.
+
+    Args:
+        plain, uniform: the `metrics` (psnr, ssim) of the reconstruction with normal and with uniform attention.
+        steps: the DDIM steps both ran.
+        caption: whether both read the source prompt (else the null prompt)."""
+    setting = f"{'source' if caption else 'null'} prompt, w=1"
+    rows = [(f"Plain DDIM inversion ({setting})", plain), (f"UAM (uniform maps, {setting})", uniform)]
+    lines = ["| reconstruction | PSNR (dB) | SSIM |", "|---|---|---|"]
+    lines += [f"| {name} | {m['psnr']:.2f} | {m['ssim']:.3f} |" for name, m in rows]
+    return (f"Reconstruction of the original after inversion, {steps} DDIM steps (higher is closer):\n\n"
+            + "\n".join(lines))

@@ -207,3 +207,41 @@ def test_a_multistep_scheduler_is_refused_before_any_run(pipe, classifier_dir, m
     with pytest.raises(ValueError, match=r"scheduler: PNDMScheduler .*accepted by EluCD: .*recommended: DDPMScheduler"):
         backend.classifier_guidance(str(classifier_dir), "red", 1.0, 0, 2)
     assert not called
+
+
+@pytest.mark.parametrize("embedded", [True, False])
+def test_the_class_and_seed_start_at_the_measured_pick_with_the_embedded_classifier(pipe, embedded):
+    from guidekit.apps.demo import Limits, build_demo, embedded_classifier_path
+    from guidekit.apps.demo_measure import CLASSIFIER_DEFAULT
+
+    if embedded_classifier_path() is None:
+        pytest.skip("the embedded classifier is not installed")
+    app = build_demo(pipe, "tiny", Limits(max_steps=8, max_size=64), embedded=embedded)
+    label, seed = _component(app, "clf-label"), _component(app, "clf-seed")
+    # the pick belongs to the embedded classifier, whatever the model: another classifier keeps its first class
+    assert (label.value, seed.value) == (CLASSIFIER_DEFAULT["label"], CLASSIFIER_DEFAULT["seed"])
+    app.close()
+
+
+def test_the_start_of_another_classifier_is_its_first_class_and_seed_0():
+    from guidekit.apps.demo_classifier import classifier_start
+
+    assert classifier_start(["cat", "dog"], embedded_classifier=False) == ("cat", 0)
+    assert classifier_start([], embedded_classifier=False) == (None, 0)
+    # a classifier without the picked class (another build of the embedded one) keeps its first class too
+    assert classifier_start(["cat", "red circle"], embedded_classifier=True) == ("red circle", 1)
+    assert classifier_start(["cat"], embedded_classifier=True) == ("cat", 0)
+
+
+def test_judge_reading_says_no_shape_where_the_strict_judge_finds_only_a_colour(monkeypatch):
+    import guidekit.toy.judge as judge_module
+    from guidekit.apps.demo_classifier import judge_reading
+
+    class Reading:
+        def __init__(self, colour, shape):
+            self.colour, self.shape = colour, shape
+
+    for found, text in (((None, None), "no shape"), (("blue", None), "blue, no shape"),
+                        (("red", "circle"), "red, circle")):
+        monkeypatch.setattr(judge_module, "judge", lambda image, found=found: Reading(*found))
+        assert judge_reading(None) == text

@@ -193,6 +193,40 @@ def test_api_reconstruct_edit(client):
     assert "PSNR" in metrics
 
 
+def test_reconstruct_shows_uam_beside_plain_inversion(backend):
+    """The Reconstruct / Edit table prints plain DDIM inversion and UAM, each row the numbers of its own run."""
+    import re
+
+    from guidekit.apps.demo import uam_available
+    from guidekit.metrics import fidelity
+    from PIL import Image
+
+    if not uam_available():
+        pytest.skip("UAM pipeline not in this build")
+    img = Image.new("RGB", (32, 32), (200, 30, 30))
+    img.paste((240, 220, 20), (8, 8, 24, 24))
+    original, rec, _, _, table = backend.reconstruct_edit(img, "a yellow square", "a blue square", 0, 2, 32, 5.0)
+    rows = {line.split("|")[1].strip(): [float(c) for c in line.split("|")[2:4]]
+            for line in table.splitlines() if re.match(r"\| (Plain|UAM)", line)}
+    assert len(rows) == 2 and any(k.startswith("Plain DDIM inversion") for k in rows), table
+    psnr, ssim = next(v for k, v in rows.items() if k.startswith("UAM"))
+    # the UAM row measures the reconstruction the tab shows (PNG rounding aside)
+    shown = fidelity([rec], [original], with_lpips=False)[0]
+    assert abs(shown["psnr"] - psnr) <= 0.02 * psnr and abs(shown["ssim"] - ssim) <= 0.02, (shown, table)
+
+
+def test_reconstruct_edit_starts_with_the_first_example(pipe):
+    from guidekit.apps.demo import Limits, build_demo, example_edits, uam_available
+
+    if not uam_available() or not example_edits():
+        pytest.skip("UAM pipeline or its examples not in this build")
+    app = build_demo(pipe, "tiny", Limits(max_steps=8, max_size=64))
+    blocks = {b.elem_id: b for b in app.blocks.values() if getattr(b, "elem_id", None)}
+    assert blocks["uam-image"].value is not None, "the image input starts empty: Run would show errors"
+    assert {"uam-original", "uam-reconstruction", "uam-edit", "uam-mask", "uam-metrics"} <= set(blocks)
+    app.close()
+
+
 def test_serves_no_file_outside_assets(server):
     import httpx
 

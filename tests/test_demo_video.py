@@ -303,3 +303,26 @@ def test_the_embedded_video_model_is_the_default(pipe, tiny_video_dir, tmp_path,
     monkeypatch.setattr(jobs, "embedded_video_model_path", lambda: tmp_path)
     backend, note = video_backend(pipe, None, Limits(**LIMITS))
     assert backend is None and "the embedded video model cannot be loaded" in note
+
+
+@pytest.mark.parametrize("embedded", [True, False])
+def test_the_tab_starts_longer_than_one_window(pipe, tiny_video_dir, embedded):
+    """On the embedded video model the frames and steps start at the measured pick (several windows), elsewhere at
+    the tab's own example length and the resolver's steps."""
+    import gradio as gr
+
+    from guidekit.apps.defaults import FREENOISE_DEFAULTS
+    from guidekit.apps.demo import Limits, VideoBackend, _video_tab, video_backend
+    from guidekit.apps.demo_measure import VIDEO_DEFAULT
+    from guidekit.apps.demo_video import EXAMPLE_FRAMES, EXAMPLE_VIDEO_SEED
+
+    limits = Limits(max_steps=100, max_size=64, max_frames=64)
+    backend, _ = video_backend(pipe, str(tiny_video_dir), limits)
+    backend = VideoBackend(backend.pipe, limits, embedded=embedded)
+    with gr.Blocks() as app:
+        _video_tab(backend, "", {})
+    start = {b.elem_id: b.value for b in app.blocks.values() if getattr(b, "elem_id", None)}
+    frames = VIDEO_DEFAULT["frames"] if embedded else EXAMPLE_FRAMES
+    steps = VIDEO_DEFAULT["steps"] if embedded else backend.defaults().steps
+    assert (start["video-frames"], start["video-steps"], start["video-seed"]) == (frames, steps, EXAMPLE_VIDEO_SEED)
+    assert start["video-frames"] > FREENOISE_DEFAULTS["context_length"], "the default video is one window"

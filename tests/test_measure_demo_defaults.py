@@ -130,3 +130,34 @@ def test_merge_joins_earlier_rows_and_keeps_their_commands(tmp_path, monkeypatch
     assert demo_measure.MERGED == ["python -m x video --seeds 0", "earlier"]
     with pytest.raises(click.BadParameter, match="does not exist; accepted: the --out folder"):
         demo_measure._merged([tmp_path / "c"], "video")
+
+
+def _measured(name):
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(__file__).resolve().parent.parent / "docs" / "demo-defaults" / f"{name}.json").read_text())
+
+
+def test_the_classifier_tab_default_is_the_measured_pick():
+    from guidekit.apps.demo_measure import CLASSIFIER_DEFAULT, pick_classifier_default
+
+    table = _measured("classifier")
+    # the pick stored with the table is the rule's pick on its rows, and the tab's default copies it
+    assert pick_classifier_default(table["rows"]) == table["pick"]
+    assert CLASSIFIER_DEFAULT == {"label": table["pick"]["label"], "seed": table["pick"]["seed"]}
+
+
+def test_the_video_tab_default_is_the_measured_pick_and_longer_than_one_window():
+    from guidekit.apps.defaults import FREENOISE_DEFAULTS
+    from guidekit.apps.demo_measure import VIDEO_DEFAULT, pick_video_default
+
+    table = _measured("video")
+    budget = float(table["command"].split("--max-seconds ")[1].split()[0])
+    assert pick_video_default(table["rows"], budget) == table["pick"]
+    pick = table["pick"]
+    assert VIDEO_DEFAULT == {"frames": pick["frames"], "steps": pick["steps"], "seed": pick["seed"]}
+    # the tab's context and stride come from FREENOISE_DEFAULTS: the table must have measured those
+    assert (pick["context"], pick["stride"]) == (FREENOISE_DEFAULTS["context_length"],
+                                                 FREENOISE_DEFAULTS["context_stride"])
+    assert VIDEO_DEFAULT["frames"] > FREENOISE_DEFAULTS["context_length"], "the default video is one window"
