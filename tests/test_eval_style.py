@@ -199,3 +199,22 @@ def test_cli_registers_eval_style_and_parses_methods():
         "StyleID", "StyleSSP, frequency only, AdaIN then frequency", "reconstruction")
     res = CliRunner().invoke(main, ["eval-style", "--out", "x", "--methods", "StyleID,nope"])
     assert res.exit_code == 2 and "--methods" in res.output
+
+
+def test_pick_example_takes_the_first_pair_where_every_row_succeeds():
+    def row(shape_kept, colour_kept, adopted, leaked):
+        return {"shape_kept": shape_kept, "colour_kept": colour_kept, "adopted": adopted, "leaked": leaked}
+
+    #                 pair:    0    1    2    3
+    styleid = row(shape_kept=[1.0, 1.0, 1.0, 1.0], colour_kept=[1.0, 1.0, 1.0, 1.0],
+                  adopted=[0.0, 1.0, 1.0, 1.0], leaked=[0.0, 0.0, 0.0, 0.0])
+    stylessp = row(shape_kept=[1.0, 0.0, 1.0, 1.0], colour_kept=[1.0, 1.0, 1.0, 1.0],
+                   adopted=[1.0, 1.0, 1.0, 1.0], leaked=[0.0, 0.0, 1.0, 0.0])
+    result = {"pairs": 4, "per_pair": {"StyleID": styleid, "StyleID + StyleSSP": stylessp}}
+    assert ev.pick_example(result) == 3
+    assert ev.pick_example(result, ("StyleID",)) == 1
+    with pytest.raises(ValueError, match="methods"):
+        ev.pick_example(result, ("StyleID", "nope"))
+    styleid["colour_kept"] = [0.0] * 4
+    with pytest.raises(ValueError, match="no pair"):
+        ev.pick_example(result)

@@ -36,6 +36,7 @@ __all__ = [
     "run",
     "markdown",
     "save",
+    "pick_example",
 ]
 
 NOISE_SEED = 7000
@@ -233,3 +234,22 @@ def save(result: dict, out) -> Path:
     (out / "eval_style.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     (out / "eval_style.md").write_text(markdown(result) + "\n")
     return out
+
+
+def pick_example(result: dict, methods: Sequence[str] = (BASELINE, "StyleID + StyleSSP")) -> int:
+    """The example pair: the first pair on which every row of `methods` keeps the content's shape (its kind and
+    colour), adopts the style (background colour and texture) and does not leak the style's shape.
+
+    Args:
+        result (`dict`): a `run` result holding those rows (its ``per_pair`` values).
+        methods: the rows that must all succeed.
+    """
+    per_pair = result["per_pair"]
+    missing = [m for m in methods if m not in per_pair]
+    if missing:
+        raise ValueError(f"methods: {missing[0]!r} is not in the result; accepted: {', '.join(per_pair)}")
+    for i in range(result["pairs"]):
+        if all(per_pair[m]["shape_kept"][i] == 1 and per_pair[m]["colour_kept"][i] == 1
+               and per_pair[m]["adopted"][i] == 1 and per_pair[m]["leaked"][i] == 0 for m in methods):
+            return i
+    raise ValueError("result: no pair on which every method succeeds; accepted: a result with one")
