@@ -38,7 +38,7 @@ def _methods(value: str):
 @click.command("eval-style", context_settings={"show_default": True})
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for eval_style.json and eval_style.md.")
 @click.option("--model", default=None, help="Pipeline folder (default: the embedded toy model).")
-@click.option("--pairs", type=click.IntRange(1, 1000), default=32, help="Content/style pairs of the task.")
+@click.option("--pairs", type=click.IntRange(1, 1000), default=48, help="Content/style pairs of the task.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=25, help="DDIM steps (each inversion and the sampling).")
 @click.option("--methods", default=None, metavar="NAMES",
               help="Comma-separated rows (see guidekit.toy.eval_style.METHODS), or 'all'. Default: reconstruction, "

@@ -189,8 +189,8 @@ def format_numbers(name: str, numbers: dict) -> str:
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of StyleSSP's start-point noise.")
 @click.option("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps.")
 @click.option("--side-by-side", "strip", is_flag=True,
-              help="Write content | style | StyleID | StyleID+StyleSSP as one strip (both transfers run, whatever "
-                   "--stylessp says) and print the layout and colour numbers of each.")
+              help="Write content | style | StyleID | StyleID + StyleSSP as one strip, each panel labelled (both "
+                   "transfers run, whatever --stylessp says), and print the layout and colour numbers of each.")
 def style(content, style_path, out, overwrite, model, steps, gamma, temperature, stylessp, alpha, negative_scale,
           style_prompt, seed, device, strip):
     """Transfer the style of STYLE onto CONTENT (image files) with StyleID, optionally plus StyleSSP.

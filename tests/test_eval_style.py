@@ -123,6 +123,8 @@ def test_bootstrap_intervals():
     assert ev.bootstrap_ci(np.array([half, half])) == (0.0, 0.0)  # a paired difference of equal rows
     shifted = ev.bootstrap_ci(np.array([half + 0.1, half]))
     assert shifted == pytest.approx((0.1, 0.1))
+    assert np.isnan(ev.bootstrap_ci(np.full(5, np.nan))).all()  # undefined everywhere: no interval, no warning
+    assert ev.bootstrap_ci(np.array([1.0, np.nan, 1.0])) == (1.0, 1.0)  # undefined pairs are left out
     with pytest.raises(ValueError, match="level"):
         ev.bootstrap_ci(half, level=1.5)
     with pytest.raises(ValueError, match="values"):

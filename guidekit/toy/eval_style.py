@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, Sequence
 
@@ -105,10 +106,19 @@ def bootstrap_ci(values, resamples: int = BOOTSTRAP, seed: int = 0, level: float
         raise ValueError(f"values: shape {np.shape(values)}; accepted: (n,) or (2, n) with n >= 1")
     if not 0 < level < 1:
         raise ValueError(f"level: got {level!r}; accepted: a number in (0, 1)")
+    if np.isnan(v).all():  # a measure undefined on every pair (leakage of a style without a shape)
+        return float("nan"), float("nan")
     idx = np.random.default_rng(seed).integers(0, v.size, size=(resamples, v.size))
-    means = np.nanmean(v[idx], axis=1)
+    with warnings.catch_warnings():  # resamples drawing only undefined pairs are left out of the percentiles
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.nanmean(v[idx], axis=1)
     low, high = np.nanpercentile(means, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return float(low), float(high)
+
+
+def _mean(v: np.ndarray) -> float:
+    """The mean over the pairs where `v` is defined (nan when it is nowhere)."""
+    return float(np.nanmean(v)) if not np.isnan(v).all() else float("nan")
 
 
 def summarise(values: Dict[str, list]) -> dict:
@@ -117,7 +127,7 @@ def summarise(values: Dict[str, list]) -> dict:
     for m in MEASURES:
         v = np.asarray(values[m], dtype=np.float64)
         low, high = bootstrap_ci(v)
-        out[m] = {"mean": float(np.nanmean(v)), "low": low, "high": high}
+        out[m] = {"mean": _mean(v), "low": low, "high": high}
     return out
 
 
@@ -126,11 +136,11 @@ def _difference(a: Dict[str, list], b: Dict[str, list]) -> dict:
     for m in ("layout_iou", "shape_kept", "adopted", "leaked"):
         pair = np.asarray([a[m], b[m]], dtype=np.float64)
         low, high = bootstrap_ci(pair)
-        out[m] = {"mean": float(np.nanmean(pair[0] - pair[1])), "low": low, "high": high}
+        out[m] = {"mean": _mean(pair[0] - pair[1]), "low": low, "high": high}
     return out
 
 
-def run(pipe, pairs: int = 32, steps: int = 25, methods: Sequence[str] = TABLE_METHODS,
+def run(pipe, pairs: int = 48, steps: int = 25, methods: Sequence[str] = TABLE_METHODS,
         log: Callable[[str], None] = print, style_shape: str = "content colour") -> dict:
     """Every method on the first `pairs` pairs of the task.
 
@@ -190,6 +200,8 @@ def _grid(items: Sequence[Pair], outputs: Dict[str, list]) -> np.ndarray:
 
 
 def _rate(s: dict) -> str:
+    if np.isnan(s["mean"]):
+        return "n/a"
     return f"{s['mean']:.0%} [{s['low']:.0%}, {s['high']:.0%}]"
 
 
@@ -198,6 +210,8 @@ def _value(s: dict) -> str:
 
 
 def _signed(s: dict, percent: bool) -> str:
+    if np.isnan(s["mean"]):
+        return "n/a"
     if percent:
         return f"{100 * s['mean']:+.0f} [{100 * s['low']:+.0f}, {100 * s['high']:+.0f}] pts"
     return f"{s['mean']:+.3f} [{s['low']:+.3f}, {s['high']:+.3f}]"
