@@ -1,12 +1,18 @@
 """`guidekit style`: StyleID style transfer of one content image, optionally with StyleSSP's start point.
 
 Examples:
+    guidekit style --out strip.png --side-by-side      # the example pair (guidekit.toy.style_example)
     guidekit style content.png style.png --out styled.png
     guidekit style content.png style.png --out strip.png --side-by-side --style-prompt "a yellow circle"
     guidekit style photo.png painting.png --out out.png --model runwayml/stable-diffusion-v1-5 --device cuda
 
-The functions below (`load_image`, `style_pipeline`, `run_transfer`, `style_numbers`, `side_by_side`) are
-shared with the demo's Style tab, so the command and the tab compute the same images and numbers.
+Without CONTENT and STYLE the command runs the example pair of the embedded model's style task
+(`guidekit.toy.style_example.STYLE_EXAMPLE`, two PNGs in assets/examples: the content gives the layout, the style
+the background's colour and texture), with its style prompt (`STYLE_EXAMPLE_PROMPT`) unless one is given.
+
+The functions below (`load_image`, `style_pipeline`, `run_transfer`, `style_numbers`) are shared with the demo's
+Style tab, so the command and the tab compute the same images and numbers. The side-by-side strip is
+`guidekit.apps.uam_image.labelled_strip`, as `guidekit reconstruct` and `guidekit edit` write theirs.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ DEFAULT_GAMMA = 0.75
 DEFAULT_TEMPERATURE = 1.5
 DEFAULT_ALPHA = 0.7
 DEFAULT_NEGATIVE_SCALE = 0.5
+
+
+#: The panels of the --side-by-side strip, left to right.
+STRIP_LABELS = ("content", "style", "StyleID", "StyleID + StyleSSP")
 
 
 class StyleError(click.ClickException):
@@ -147,24 +157,12 @@ def format_numbers(name: str, numbers: dict) -> str:
             f"colour distance to style {numbers['colour_dist']:.4f}")
 
 
-def side_by_side(images):
-    """PIL images pasted left to right, each resized to the first one's size."""
-    from PIL import Image
-
-    w, h = images[0].size
-    strip = Image.new("RGB", (w * len(images), h))
-    for i, im in enumerate(images):
-        im = im.convert("RGB")
-        strip.paste(im if im.size == (w, h) else im.resize((w, h), Image.BICUBIC), (i * w, 0))
-    return strip
-
-
 #----------------------------------------------------------------------------
 # Command line.
 
 @click.command(context_settings={"show_default": True})
-@click.argument("content", type=click.Path(path_type=Path))
-@click.argument("style_path", metavar="STYLE", type=click.Path(path_type=Path))
+@click.argument("content", type=click.Path(path_type=Path), required=False)
+@click.argument("style_path", metavar="[STYLE]", type=click.Path(path_type=Path), required=False)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output PNG.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (refused otherwise).")
 @click.option("--model", default=None, metavar="ID_OR_PATH",
@@ -191,16 +189,26 @@ def side_by_side(images):
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of StyleSSP's start-point noise.")
 @click.option("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps.")
 @click.option("--side-by-side", "strip", is_flag=True,
-              help="Write content | style | StyleID | StyleID+StyleSSP as one strip (both transfers run, whatever "
-                   "--stylessp says) and print the layout and colour numbers of each.")
+              help="Write content | style | StyleID | StyleID + StyleSSP as one strip, each panel labelled (both "
+                   "transfers run, whatever --stylessp says), and print the layout and colour numbers of each.")
 def style(content, style_path, out, overwrite, model, steps, gamma, temperature, stylessp, alpha, negative_scale,
           style_prompt, seed, device, strip):
     """Transfer the style of STYLE onto CONTENT (image files) with StyleID, optionally plus StyleSSP.
 
-    The output has CONTENT's size; both sizes must be multiples of the model's VAE factor (8 for SD).
+    The output has CONTENT's size; both sizes must be multiples of the model's VAE factor (8 for SD). Without
+    CONTENT and STYLE: the example pair shipped in assets/examples (a toy-world content and style).
     """
     from .generate import check_family_method, load_pipeline, model_family
+    from .uam_image import labelled_strip
 
+    if (content is None) != (style_path is None):
+        raise click.UsageError("CONTENT and STYLE: give both image files, or neither for the example pair")
+    if content is None:
+        from guidekit.toy.style_example import STYLE_EXAMPLE_PROMPT, style_example_paths
+
+        content, style_path = style_example_paths()
+        if style_prompt is None:
+            style_prompt = STYLE_EXAMPLE_PROMPT
     if out.suffix.lower() != ".png":
         raise click.BadParameter(f"{out}; accepted: a path ending in .png", param_hint="--out")
     if out.exists() and not overwrite:
@@ -227,7 +235,7 @@ def style(content, style_path, out, overwrite, model, steps, gamma, temperature,
         if strip:
             plain = run_transfer(spipe, content_img, style_img, stylessp=False, **settings)
             ssp = run_transfer(spipe, content_img, style_img, stylessp=True, **settings)
-            image = side_by_side([content_img, style_img, plain, ssp])
+            image = labelled_strip([content_img, style_img, plain, ssp], STRIP_LABELS)
         else:
             image = run_transfer(spipe, content_img, style_img, stylessp=stylessp, **settings)
     except ValueError as e:

@@ -65,16 +65,42 @@ def test_cli_writes_png_and_refuses_overwrite(tiny_sd_dir, images, tmp_path):
     assert run(args + ["--overwrite", "--no-stylessp"]).exit_code == 0
 
 
-def test_cli_side_by_side(tiny_sd_dir, images, tmp_path):
+def test_cli_side_by_side_has_labelled_panels(tiny_sd_dir, images, tmp_path):
+    import numpy as np
     from PIL import Image
+
+    from guidekit.apps.style import STRIP_LABELS
 
     content, style_path = images
     out = tmp_path / "strip.png"
     result = run([content, style_path, "--out", out, "--model", tiny_sd_dir, "--steps", 2, "--side-by-side",
                   "--style-prompt", "a red circle on a blue background", "--alpha", 0.5])
     assert result.exit_code == 0, result.output
-    assert Image.open(out).size == (4 * SIZE, SIZE)
+    assert STRIP_LABELS == ("content", "style", "StyleID", "StyleID + StyleSSP")
+    # guidekit.apps.uam_image.labelled_strip: panels scaled to 128 px, a 16 px white band of labels above them
+    strip = np.asarray(Image.open(out).convert("L"))
+    assert strip.shape == (128 + 16, 4 * 128)
+    band, panels = strip[:16], strip[16:]
+    for i in range(4):
+        label = band[:, i * 128 : (i + 1) * 128]
+        assert (label < 100).sum() > 10 * len(STRIP_LABELS[i]) // 2  # dark text on white, longer labels ink more
+        assert (label > 250).mean() > 0.5
+    content_panel = np.asarray(Image.open(content).convert("L").resize((128, 128), Image.NEAREST))
+    assert np.array_equal(panels[:, :128], content_panel)
     assert "StyleID: SSIM vs content" in result.output and "StyleID+StyleSSP: SSIM vs content" in result.output
+
+
+def test_cli_runs_the_example_pair_without_images(tiny_sd_dir, tmp_path):
+    from PIL import Image
+
+    from guidekit.toy.style_example import style_example_paths
+
+    out = tmp_path / "example.png"
+    result = run(["--out", out, "--model", tiny_sd_dir, "--steps", 1])
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == Image.open(style_example_paths()[0]).size
+    one = run([style_example_paths()[0], "--out", tmp_path / "one.png", "--model", tiny_sd_dir])
+    assert one.exit_code == 2 and "CONTENT and STYLE" in one.output
 
 
 def test_cli_errors(tiny_sd_dir, images, tmp_path):

@@ -277,7 +277,7 @@ def test_recorded_features_are_the_projections_the_attention_saw(pipe, images, m
 def test_stylessp_runs_with_one_batched_call_per_guided_step(pipe, images):
     """StyleSSP's negative-guided inversion on SDXL: each step is one UNet call of 2 rows (c⁺, c⁻), equal to
     ε(c⁺) + s·(ε(c⁺) − ε(c⁻)) from two separate calls with stock SDXL's prompt embeddings; the start point
-    is AdaIN(freq(z_T^{c,NG}), z_T^s)."""
+    is freq(AdaIN(z_T^{c,NG}, z_T^s))."""
     content, style, _ = images
     batches, rec = _Batches(pipe.unet), _Recorder()
     try:
@@ -301,7 +301,7 @@ def test_stylessp_runs_with_one_batched_call_per_guided_step(pipe, images):
     assert_close_to_scale(ex["content_start_zT"], guided, 1e-5)
     assert (ex["content_start_zT"] - ex["content_zT"]).abs().max() > 1e-3  # the guidance did something
     noise = torch.randn(ex["content_zT"].shape, generator=torch.Generator().manual_seed(3))
-    expected = adain_latents(frequency_start_point(ex["content_start_zT"], noise), ex["style_zT"])
+    expected = frequency_start_point(adain_latents(ex["content_start_zT"], ex["style_zT"]), noise)
     assert torch.equal(out.start_latents, expected) and torch.equal(rec.seen, expected)
     assert torch.isfinite(out.images).all()
 

@@ -69,31 +69,45 @@ def test_exports():
     assert guidekit.StyleSSP is StyleSSP and guidekit.latents.StyleSSP is StyleSSP
 
 
-def test_start_point_filters_the_inverted_content_latent_before_adain(pipe, images):
+def test_start_point_filters_the_adain_start_by_default(pipe, images):
     hook = StyleSSP(negative_inversion=False)
+    assert hook.order == "adain_first"
     out, rec = _run(pipe, images, hooks=[hook])
     ex = rec.extras
     assert torch.equal(ex["content_start_zT"], ex["content_zT"])  # no guided inversion at scale 0
-    expected = adain_latents(frequency_start_point(ex["content_zT"], _noise()), ex["style_zT"])
+    adain = adain_latents(ex["content_zT"], ex["style_zT"])
+    expected = frequency_start_point(adain, _noise())
     assert torch.equal(out.start_latents, expected) and torch.equal(rec.seen, expected)
     # it changed the start point: not StyleID's, and another seed gives another one
-    assert not torch.allclose(expected, adain_latents(ex["content_zT"], ex["style_zT"]), atol=1e-3)
+    assert not torch.allclose(expected, adain, atol=1e-3)
     other, _ = _run(pipe, images, hooks=[hook], seed=4)
     assert not torch.allclose(other.start_latents, expected, atol=1e-3)
-    # AdaIN last keeps the style's per-channel statistics
-    for stat in (lambda z: z.mean(dim=(2, 3)), lambda z: z.std(dim=(2, 3))):
-        torch.testing.assert_close(stat(expected).double(), stat(ex["style_zT"]).double(), atol=1e-4, rtol=1e-4)
 
-    # the other order filters the AdaIN start; without AdaIN both filter the content's z_T
-    out, rec = _run(pipe, images, hooks=[StyleSSP(negative_inversion=False, order="adain_first")])
-    assert torch.equal(out.start_latents, frequency_start_point(adain_latents(ex["content_zT"], ex["style_zT"]), _noise()))
+
+def test_adain_after_the_frequency_step_undoes_its_lowering_of_the_means(pipe, images):
+    """The frequency step scales a constant offset by α (its mask is 1 at every channel's spatial mean), so the
+    filtered AdaIN start keeps the lowering; AdaIN after the step ("frequency_first") sets the style's means
+    and standard deviations back exactly."""
+    _, rec = _run(pipe, images, hooks=[StyleSSP(negative_inversion=False)])
+    z_c, z_s = rec.extras["content_zT"], rec.extras["style_zT"]
+    adain = adain_latents(z_c, z_s)
+    alpha = StyleSSP().alpha
+    shifted = frequency_start_point(adain + 0.5, _noise()) - frequency_start_point(adain, _noise())
+    torch.testing.assert_close(shifted, torch.full_like(shifted, alpha * 0.5), atol=1e-5, rtol=0)
+
+    first, _ = _run(pipe, images, hooks=[StyleSSP(negative_inversion=False, order="frequency_first")])
+    expected = adain_latents(frequency_start_point(z_c, _noise()), z_s)
+    assert torch.equal(first.start_latents, expected)
+    for stat in (lambda z: z.mean(dim=(2, 3)), lambda z: z.std(dim=(2, 3))):
+        torch.testing.assert_close(stat(expected).double(), stat(z_s).double(), atol=1e-4, rtol=1e-4)
+    # without AdaIN both orders filter the content's z_T
     for order in ("frequency_first", "adain_first"):
         out, _ = _run(pipe, images, hooks=[StyleSSP(negative_inversion=False, order=order)], init_adain=False)
-        assert torch.equal(out.start_latents, frequency_start_point(ex["content_zT"], _noise()))
+        assert torch.equal(out.start_latents, frequency_start_point(z_c, _noise()))
     # non-default parameters reach frequency_start_point
     params = dict(alpha=0.4, d_s=0.5, d_t=0.7, d_l=0.6, range_over="batch")
     out, _ = _run(pipe, images, hooks=[StyleSSP(negative_inversion=False, **params)], init_adain=False)
-    assert torch.equal(out.start_latents, frequency_start_point(ex["content_zT"], _noise(), **params))
+    assert torch.equal(out.start_latents, frequency_start_point(z_c, _noise(), **params))
 
 
 def test_alpha_one_and_frequency_off_are_exactly_styleid(pipe, images):
@@ -284,7 +298,7 @@ def test_earlier_hooks_start_latents_are_kept_in_both_orders(pipe, images):
     z_c, z_s = rec.extras["content_zT"], rec.extras["style_zT"]
     adain = adain_latents(z_c, z_s)
     # frequency_first: StyleSSP's change of the AdaIN start, AdaIN(freq(z_c)) − AdaIN(z_c), on top of what it got
-    out, _ = _run(pipe, images, hooks=[_Shift(100.0), StyleSSP(negative_inversion=False)])
+    out, _ = _run(pipe, images, hooks=[_Shift(100.0), StyleSSP(negative_inversion=False, order="frequency_first")])
     expected = adain + 100.0 + (adain_latents(frequency_start_point(z_c, _noise()), z_s) - adain)
     torch.testing.assert_close(out.start_latents, expected, atol=1e-5 * 100, rtol=0)
     # adain_first filters the latent it receives

@@ -106,11 +106,14 @@ class StyleSSP(SamplerHook):
        s = w_inv − 1, c⁺ the pipeline's ``content_prompt`` ("" when None) and c⁻ its ``style_prompt``. The
        official w_inv = 1.5 (s = 0.5). The plain inversions still supply StyleID's injected features; only the
        start point comes from the guided one.
-    2. Frequency manipulation (`frequency_start_point`) of the latent the official code filters: the content's
-       inverted latent z_T (the negative-guided one), *before* StyleID's AdaIN. The official code has no AdaIN
-       (it is built on InstantStyle-Plus), so ``order="frequency_first"`` (default) keeps its input and puts
-       StyleID's AdaIN last: z_start = AdaIN(freq(z_T^c), z_T^s), which keeps AdaIN's style statistics.
-       ``order="adain_first"`` filters the AdaIN start instead: z_start = freq(AdaIN(z_T^c, z_T^s)).
+    2. Frequency manipulation (`frequency_start_point`) of the latent sampling starts from. StyleSSP samples
+       from the filtered latent z' (METHODS.md §5.2 step 3, §5.4); in StyleID that start point is the AdaIN of
+       the content's z_T to the style's statistics (STYLEID.md §4), so ``order="adain_first"`` (default)
+       filters it: z_start = freq(AdaIN(z_T^c, z_T^s)), z_T^c the negative-guided inversion's when it runs.
+       ``order="frequency_first"`` filters the content's z_T before the AdaIN instead,
+       z_start = AdaIN(freq(z_T^c), z_T^s); the AdaIN then undoes the step's lowering of the lowest
+       frequencies: the mask is 1 at every channel's spatial mean, so freq scales each channel's mean by α, and
+       the AdaIN sets it back to the style's (and renormalises the standard deviation the α scaling lowered).
        With ``init_adain=False`` in `transfer` both orders give freq(z_T^c). Start latents changed by earlier
        hooks are composed with, not dropped: ``"adain_first"`` (and no AdaIN) filters the latent it receives;
        ``"frequency_first"`` adds its change AdaIN(freq(z_T^c)) − AdaIN(z_T^c) to it (see `init_latents`).
@@ -140,7 +143,7 @@ class StyleSSP(SamplerHook):
         filter_type (`str`, defaults to ``"gaussian_b"``): the mask (the official one; the only one implemented).
         range_over (`str`, defaults to ``"sample"``): the noise's range is matched per sample; ``"batch"`` over
             the whole batch, as the official code (the same for a batch of one).
-        order (`str`, defaults to ``"frequency_first"``): see 2. above (StyleID's AdaIN only; `start_point` has
+        order (`str`, defaults to ``"adain_first"``): see 2. above (StyleID's AdaIN only; `start_point` has
             no AdaIN).
         negative_guidance (`float`, *optional*): deprecated, s = w_inv − 1 ≥ 0 (0 turned the inversion off);
             use ``inversion_guidance_scale=1 + s`` (and ``negative_inversion=False`` for 0). Emits a
@@ -165,7 +168,7 @@ class StyleSSP(SamplerHook):
         d_l: float = 0.3,
         filter_type: str = "gaussian_b",
         range_over: str = "sample",
-        order: str = "frequency_first",
+        order: str = "adain_first",
         negative_guidance: Optional[float] = None,
     ):
         self.alpha = check_number("alpha", alpha, 0.0, 1.0)
