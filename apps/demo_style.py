@@ -6,10 +6,14 @@ import time
 
 from .demo_base import DemoBase, ASSETS, OUTPUT_IMAGE, Number, Slider, _ui_errors
 from .jobs import JobError
+from guidekit.toy.style_example import STYLE_EXAMPLE, STYLE_EXAMPLE_PROMPT
 
 
-# Example style transfers: (content image, style image in assets/examples, what the style image shows).
+# Example style transfers: (content image, style image in assets/examples, what the style image shows). The first,
+# the tab's default, is the style task's measured example (guidekit.toy.style_example, docs/style-task.md): a
+# style image whose shape takes the content's colour, which this model can transfer without losing the layout.
 EXAMPLE_STYLES = [
+    (*STYLE_EXAMPLE, STYLE_EXAMPLE_PROMPT),
     ("yellow-circle-on-red.png", "green-triangle-on-yellow.png", "a green triangle on a yellow background"),
     ("blue-square-on-magenta.png", "yellow-circle-on-red.png", "a yellow circle on a red background"),
     ("green-triangle-on-yellow.png", "blue-square-on-magenta.png", "a blue square on a magenta background"),

@@ -201,7 +201,7 @@ def test_reconstruct_edit_starts_with_an_image_and_uam_beats_plain_inversion(ser
         keep_shot(page, "Reconstruct / Edit")
 
 
-def check_style_example_as_shown_today(rows: dict[str, list[str]], content_to_style: float) -> None:
+def check_style_transfer_shows(rows: dict[str, list[str]], content_to_style: float) -> None:
     """What the Style tab's numbers must show for its current default example (StyleID and StyleSSP rows, no
     baseline row of its own).
 
@@ -229,7 +229,7 @@ def test_style_transfers_visibly(server):
         assert len(rows) == 2, rows
         size = int(page.locator("#style-size input[type=number]").input_value())
         content, style = (Image.open(p).convert("RGB").resize((size, size)) for p in example_styles()[0][:2])
-        check_style_example_as_shown_today({k.strip("*"): v for k, v in rows.items()},
+        check_style_transfer_shows({k.strip("*"): v for k, v in rows.items()},
                            style_numbers(content, content, style)["colour_dist"])
         assert_tables_readable(page, "style-summary")
         keep_shot(page, "Style")
