@@ -34,10 +34,10 @@ def _scales(ctx, param, value):
               help="Held-out check prompts (captions and seeds the selection does not use; at most 270 minus "
                    "--num-prompts).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=25, help="DDIM steps.")
-@click.option("--scales", default="3,10,15,20", callback=_scales,
-              help="Selection scales (the rule's saturation condition holds at each; 3 is added if missing).")
+@click.option("--scales", default="10,15,20", callback=_scales,
+              help="Scales of the rule's saturation condition; the selection is measured at these and at 3.")
 @click.option("--check-scales", default="3,5,7.5,10,15,20", callback=_scales,
-              help="Check scales (the selection's are added if missing).")
+              help="Check scales (the rule's are added if missing).")
 @click.option("--check-top", type=click.IntRange(1), default=3, help="Best-ranked settings measured on the check.")
 @click.option("--saturation-tolerance", type=click.FloatRange(0, 1), default=0.03,
               help="Largest |saturation - world's| the rule allows at every selection scale.")
@@ -58,7 +58,8 @@ def eval_apg(out, model, num_prompts, check_prompts, steps, scales, check_scales
     torch.set_num_threads(threads)
     if device == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("cuda was asked for but torch sees no CUDA device", param_hint="--device")
-    rule = apg_grid.Rule(saturation_tolerance=saturation_tolerance, texture_margin=texture_margin)
+    rule = apg_grid.Rule(saturation_tolerance=saturation_tolerance, saturation_scales=scales,
+                         texture_margin=texture_margin)
     click.echo("Rule: " + rule.text())
     checkpoint = Path(out) / "rows.jsonl"
     if fresh and checkpoint.exists():
@@ -69,7 +70,7 @@ def eval_apg(out, model, num_prompts, check_prompts, steps, scales, check_scales
         check = apg_grid.check_set(check_prompts, exclude=selection.prompts)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--check-prompts")
-    result = apg_grid.select_and_check(pipe, selection, check, scales=scales, check_scales=check_scales,
+    result = apg_grid.select_and_check(pipe, selection, check, check_scales=check_scales,
                                        check_top=check_top, rule=rule, steps=steps, model=str(model or "embedded"),
                                        checkpoint=checkpoint, log=click.echo)
     apg_grid.save(result, out, rule)

@@ -9,6 +9,8 @@ from guidekit.toy import apg_grid
 from guidekit.toy.apg_grid import Rule, check_set, largest_clean_scale, pick_recommended, rank_settings, selection_set
 
 WORLD_SATURATION = 0.72
+# the small tables below hold w = 3 and 15 only; the rule reads the saturation at both
+RULE = Rule(saturation_scales=(3.0, 15.0))
 
 
 def _row(r, b, e, scale, all3, saturation, texture=0.9, invented=0.0, fidelity=0.8):
@@ -40,15 +42,16 @@ ROWS = [
 
 
 def test_the_most_accurate_setting_that_meets_the_rule_wins():
-    assert pick_recommended(_result(ROWS)) == _setting(4.0, -0.5, 0.0)
+    assert pick_recommended(_result(ROWS), RULE) == _setting(4.0, -0.5, 0.0)
     # a tolerance wide enough for A's 0.05 gap lets the most accurate one in
-    assert pick_recommended(_result(ROWS), Rule(saturation_tolerance=0.06)) == _setting(1.0, -0.5, 0.0)
+    assert pick_recommended(_result(ROWS), Rule(0.06, (3.0, 15.0))) == _setting(1.0, -0.5, 0.0)
 
 
 def test_a_texture_more_than_the_margin_below_cfg_is_refused():
     # CFG reads 94% of the textures: B's 87% is 7 points below, C's 90% only 4
-    assert pick_recommended(_result(ROWS, cfg_texture=0.94)) == _setting(8.0, 0.0, 0.0)
-    assert pick_recommended(_result(ROWS, cfg_texture=0.94), Rule(texture_margin=0.08)) == _setting(4.0, -0.5, 0.0)
+    assert pick_recommended(_result(ROWS, cfg_texture=0.94), RULE) == _setting(8.0, 0.0, 0.0)
+    assert pick_recommended(_result(ROWS, cfg_texture=0.94), Rule(saturation_scales=(3.0, 15.0), texture_margin=0.08)) \
+        == _setting(4.0, -0.5, 0.0)
 
 
 def test_the_saturation_condition_covers_only_the_scales_named():
@@ -56,10 +59,19 @@ def test_the_saturation_condition_covers_only_the_scales_named():
     assert pick_recommended(_result(ROWS), Rule(saturation_scales=(3.0,))) == _setting(1.0, -0.5, 0.0)
 
 
+def test_by_default_the_saturation_is_read_at_the_high_scales_only():
+    # 0.04 below the world's at w = 3, where every setting is alike, and close to it at 10, 15 and 20
+    rows = [_row(4.0, -0.5, 0.0, w, 0.9, 0.68 if w == 3.0 else 0.71) for w in (3.0, 10.0, 15.0, 20.0)]
+    result = _result(rows, scales=(3.0, 10.0, 15.0, 20.0))
+    assert Rule().scales() == [3.0, 10.0, 15.0, 20.0]
+    assert rank_settings(result)[0]["meets_rule"]
+    assert not rank_settings(result, Rule(saturation_scales=(3.0, 10.0, 15.0, 20.0)))[0]["meets_rule"]
+
+
 def test_a_setting_missing_a_scale_of_the_rule_does_not_meet_it():
     rows = [_row(4.0, -0.5, 0.0, 3.0, 0.99, 0.72), _row(8.0, 0.0, 0.0, 3.0, 0.90, 0.72),
             _row(8.0, 0.0, 0.0, 15.0, 0.85, 0.73)]
-    assert pick_recommended(_result(rows)) == _setting(8.0, 0.0, 0.0)
+    assert pick_recommended(_result(rows), RULE) == _setting(8.0, 0.0, 0.0)
 
 
 def test_without_a_setting_that_meets_the_rule_the_smallest_gap_among_texture_keepers_wins():
@@ -71,7 +83,7 @@ def test_without_a_setting_that_meets_the_rule_the_smallest_gap_among_texture_ke
         # keeps the texture, 0.10 off, most accurate
         _row(1.0, 0.0, 0.0, 3.0, 1.00, 0.72), _row(1.0, 0.0, 0.0, 15.0, 1.00, 0.62),
     ]
-    ranked = rank_settings(_result(rows))
+    ranked = rank_settings(_result(rows), RULE)
     assert not any(v["meets_rule"] for v in ranked)
     assert [v["norm_threshold"] for v in ranked] == [4.0, 1.0, 2.0]
     assert ranked[0]["worst_gap"] == pytest.approx(0.06, abs=1e-9)
@@ -81,7 +93,7 @@ def test_the_rule_needs_a_cfg_row_at_its_texture_scale():
     result = _result(ROWS)
     result["rows"] = [r for r in result["rows"] if not (r["method"] == "cfg" and r["scale"] == 3.0)]
     with pytest.raises(ValueError, match="no CFG row at w = 3"):
-        pick_recommended(result)
+        pick_recommended(result, RULE)
 
 
 def test_largest_clean_scale_stops_at_the_first_invented_texture():

@@ -27,12 +27,14 @@ from . import world
 from .judge import fidelity_summary, judge_batch, score
 from .world import parse_caption
 
-__all__ = ["GRID_SCALES", "CHECK_SCALES", "PromptSet", "selection_set", "check_set", "default_grid", "render",
+__all__ = ["SATURATION_SCALES", "CHECK_SCALES", "PromptSet", "selection_set", "check_set", "default_grid", "render",
            "measure", "world_reference", "run_grid", "Rule", "rank_settings", "pick_recommended", "verdicts",
            "largest_clean_scale", "select_and_check"]
 
-#: Selection scales: the default scale (the texture condition's) and the high scales APG is for.
-GRID_SCALES = (3.0, 10.0, 15.0, 20.0)
+#: The scales of the rule's saturation condition: the high ones APG is for. Not the default scale 3: there APG's
+#: rescaling hardly acts, every setting of the grid gives the same saturation (within 0.001 on the selection
+#: prompts), so the condition would say nothing about the setting and only judge the prompt set's sampling noise.
+SATURATION_SCALES = (10.0, 15.0, 20.0)
 #: Check scales: the selection's plus the ones between, so the check also says where textures start to be invented.
 CHECK_SCALES = (3.0, 5.0, 7.5, 10.0, 15.0, 20.0)
 #: Draws of each caption in the world's reference. One draw per prompt leaves the reference's mean saturation
@@ -214,20 +216,23 @@ class Rule:
 
     Args:
         saturation_tolerance: largest |saturation − the world's| allowed at every scale of ``saturation_scales``.
-        saturation_scales: the scales the saturation condition covers; `None`: every scale of the grid.
+        saturation_scales: the scales the saturation condition covers (see `SATURATION_SCALES` for why not 3).
         texture_margin: the most the setting's texture accuracy (every prompt counted) may fall below CFG's at
             ``texture_scale``.
         texture_scale: the default guidance scale, where the texture condition is read.
     """
 
     saturation_tolerance: float = 0.03
-    saturation_scales: Optional[tuple] = None
+    saturation_scales: tuple = SATURATION_SCALES
     texture_margin: float = 0.05
     texture_scale: float = 3.0
 
+    def scales(self) -> list[float]:
+        """The scales the rule reads: the saturation condition's and the texture condition's."""
+        return sorted({float(s) for s in self.saturation_scales} | {float(self.texture_scale)})
+
     def text(self) -> str:
-        scales = "every scale of the grid" if self.saturation_scales is None else \
-            "w = " + ", ".join(f"{s:g}" for s in self.saturation_scales)
+        scales = "each of w = " + ", ".join(f"{s:g}" for s in self.saturation_scales)
         return (f"mean saturation within {self.saturation_tolerance:g} of the world's images of the same captions at "
                 f"{scales}, and texture accuracy (every prompt counted, so an invented texture is wrong) at most "
                 f"{self.texture_margin * 100:g} points below CFG's at w = {self.texture_scale:g}; among the settings "
@@ -252,7 +257,7 @@ def verdicts(result: dict, rule: Rule = Rule()) -> list[dict]:
     for row in result["rows"]:
         if row["method"] == "apg":
             by_setting.setdefault(_setting(row), []).append(row)
-    wanted = [float(s) for s in (rule.saturation_scales or result["scales"])]
+    wanted = [float(s) for s in rule.saturation_scales]
     out = []
     for key, rows in by_setting.items():
         at = {float(r["scale"]): r for r in rows}
@@ -309,7 +314,7 @@ def largest_clean_scale(result: dict, setting: Optional[dict], allowed: float = 
 
 
 def select_and_check(pipe, selection: PromptSet, check: PromptSet, grid: Optional[list[dict]] = None,
-                     scales: Sequence[float] = GRID_SCALES, check_scales: Sequence[float] = CHECK_SCALES,
+                     check_scales: Sequence[float] = CHECK_SCALES,
                      check_top: int = 3, rule: Rule = Rule(), steps: int = 25, model: str = "embedded",
                      checkpoint: Optional[str | Path] = None, log: Callable[[str], None] = print) -> dict:
     """Measure the grid on the selection prompts, pick by ``rule``, then measure on the check prompts the
@@ -320,10 +325,9 @@ def select_and_check(pipe, selection: PromptSet, check: PromptSet, grid: Optiona
         selection: the prompts the choice is made on.
         check: prompts sharing no caption or seed with ``selection``.
         grid: APG settings (`default_grid()` if `None`).
-        scales: selection scales; the rule's texture scale is added if missing.
-        check_scales: check scales; the selection's scales are added if missing, so the rule can be read there.
+        check_scales: check scales; the rule's are added if missing, so that it can be read there too.
         check_top: how many of the best-ranked settings go to the check.
-        rule: the `Rule`.
+        rule: the `Rule`; the selection is measured at its scales.
         steps: DDIM steps.
         model: the model's name (see `run_grid`).
         checkpoint: JSON-lines file of measured rows (see `run_grid`).
@@ -336,7 +340,7 @@ def select_and_check(pipe, selection: PromptSet, check: PromptSet, grid: Optiona
     if check_top < 1:
         raise ValueError(f"check_top: got {check_top}; accepted: 1 or more")
     grid = default_grid() if grid is None else list(grid)
-    scales = sorted({float(s) for s in scales} | {float(rule.texture_scale)})
+    scales = rule.scales()
     check_scales = sorted({float(s) for s in check_scales} | set(scales))
     sel = run_grid(pipe, selection, [None] + grid, scales, steps, model, checkpoint, log)
     ranked = rank_settings(sel, rule)
@@ -345,18 +349,15 @@ def select_and_check(pipe, selection: PromptSet, check: PromptSet, grid: Optiona
     shipped = {k: float(v) for k, v in RECOMMENDED_APG.items()}
     if shipped not in to_check:
         to_check.append(shipped)
-    # the check reads the rule at the selection's scales only, so it asks the same question of new prompts
     chk = run_grid(pipe, check, [None] + to_check, check_scales, steps, model, checkpoint, log)
-    chk_rule = Rule(rule.saturation_tolerance, tuple(scales) if rule.saturation_scales is None
-                    else rule.saturation_scales, rule.texture_margin, rule.texture_scale)
     key = (recommended["norm_threshold"], recommended["momentum"], recommended["eta"])
-    chk_verdict = next(v for v in verdicts(chk, chk_rule) if (v["norm_threshold"], v["momentum"], v["eta"]) == key)
+    chk_verdict = next(v for v in verdicts(chk, rule) if (v["norm_threshold"], v["momentum"], v["eta"]) == key)
     clean = {"CFG": largest_clean_scale(chk, None)}
     clean.update({f"APG(r={s['norm_threshold']:g}, β={s['momentum']:g}, η={s['eta']:g})": largest_clean_scale(chk, s)
                   for s in to_check})
     return {"selection": sel, "check": chk, "ranking": ranked, "recommended": recommended,
             "fallback": not ranked[0]["meets_rule"], "check_verdict": chk_verdict,
-            "check_meets_rule": chk_verdict["meets_rule"], "clean_scales": clean, "check_rule": asdict(chk_rule)}
+            "check_meets_rule": chk_verdict["meets_rule"], "clean_scales": clean}
 
 
 def _cell(row: Optional[dict]) -> str:
@@ -392,11 +393,14 @@ def markdown(result: dict, rule: Rule = Rule(), scales: Optional[Sequence[float]
 
 
 def report(result: dict, rule: Rule = Rule()) -> str:
-    """The whole of a `select_and_check` result as Markdown: the rule, the selection table, the check table (read
-    with the rule at the selection's scales), the pick and where textures start to be invented."""
+    """The whole of a `select_and_check` result as Markdown: the rule, the selection table, the check table, the
+    pick and where textures start to be invented."""
     sel, chk = result["selection"], result["check"]
     parts = [
         "Rule: " + rule.text(),
+        "",
+        "The saturation is not read at the default scale w = 3: APG's rescaling hardly acts there, every setting "
+        "gives the same saturation, so the condition would judge the prompt set's sampling noise, not the setting.",
         "",
         "Cells: all three / texture (every prompt) / invented texture (of the prompts asking for none) / mean "
         "saturation / clipped fraction. Worst gap: the largest |saturation − world's| over the rule's scales.",
@@ -408,7 +412,7 @@ def report(result: dict, rule: Rule = Rule()) -> str:
         f"## Check: {len(chk['prompts'])} prompts never used for selection (shuffle {chk['shuffle']} without the "
         f"selection's captions, noise seeds {chk['seed']} + i)",
         "",
-        markdown(chk, Rule(**result["check_rule"])),
+        markdown(chk, rule),
         "",
         f"Recommended: {json.dumps(result['recommended'])}"
         + (" (fallback: no setting met the rule on the selection prompts)" if result["fallback"] else ""),
