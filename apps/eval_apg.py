@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 
+from guidekit.apps.cli import FiniteFloatRange
+
 
 def _scales(ctx, param, value):
     try:
@@ -39,9 +41,9 @@ def _scales(ctx, param, value):
 @click.option("--check-scales", default="3,5,7.5,10,15,20", callback=_scales,
               help="Check scales (the rule's are added if missing).")
 @click.option("--check-top", type=click.IntRange(1), default=3, help="Best-ranked settings measured on the check.")
-@click.option("--saturation-tolerance", type=click.FloatRange(0, 1), default=0.03,
+@click.option("--saturation-tolerance", type=FiniteFloatRange(0, 1), default=0.03,
               help="Largest |saturation - world's| the rule allows at every selection scale.")
-@click.option("--texture-margin", type=click.FloatRange(0, 1), default=0.05,
+@click.option("--texture-margin", type=FiniteFloatRange(0, 1), default=0.05,
               help="Most the texture accuracy may fall below CFG's at w = 3.")
 @click.option("--fresh", is_flag=True, help="Ignore OUT/rows.jsonl and measure every row again.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
